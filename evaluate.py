@@ -1,0 +1,19 @@
+"""Evaluate a trained run and write a report: ``python evaluate.py run_id=<mlflow run id>``,
+``python evaluate.py ckpt_path=<file> experiment=<name>`` or
+``python evaluate.py 'run_ids=[<id1>,<id2>]'`` for a comparison."""
+
+import hydra
+
+import zoo.config  # noqa: F401  (registers the config resolvers)
+from zoo.cli import entry
+from zoo.pipeline import evaluate
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@entry
+def main(cfg):
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

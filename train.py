@@ -1,0 +1,17 @@
+"""Train a zoo model: ``python train.py [experiment=<name>] [hydra overrides]``."""
+
+import hydra
+
+import zoo.config  # noqa: F401  (registers the config resolvers)
+from zoo.cli import entry
+from zoo.pipeline import train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@entry
+def main(cfg):
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

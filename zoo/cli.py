@@ -1,0 +1,84 @@
+"""Entry-point glue: validate the composed config, and turn user errors into a short message
+and a non-zero exit instead of a wall of traceback."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig
+
+from zoo.config import check_override_types, resolve
+from zoo.errors import ConfigError, ZooError
+
+log = logging.getLogger("zoo")
+
+EXIT_USER_ERROR = 2
+
+
+def _defaults_without_value_overrides(cfg: DictConfig) -> DictConfig | None:
+    """The config composed with the command line's group choices but none of its key=value
+    overrides: the reference for the type check of those overrides."""
+    try:
+        from hydra import compose
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+
+        hc = HydraConfig.get()
+        keep = []
+        for line in hc.overrides.task:
+            key = line.split("=", 1)[0].lstrip("+~")
+            if isinstance(OmegaConf.select(cfg, key, default=None, throw_on_missing=False), DictConfig) or "@" in key:
+                keep.append(line)
+            elif OmegaConf.select(cfg, key, default=None, throw_on_missing=False) is None and "." not in key:
+                keep.append(line)  # e.g. experiment=..., debug=... (groups that only merge)
+        return compose(config_name=hc.job.config_name, overrides=keep)
+    except Exception as exc:  # the check is a courtesy; never block a run because of it
+        log.debug("override type check skipped: %s", exc)
+        return None
+
+
+def prepare(cfg: DictConfig) -> DictConfig:
+    """Check the command-line overrides' types, then resolve every interpolation."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not inside a Hydra app (tests compose configs directly)
+        overrides = []
+    if overrides:
+        check_override_types(overrides, cfg, _defaults_without_value_overrides(cfg))
+    resolve(cfg)
+    return cfg
+
+
+def friendly_message(exc: BaseException) -> str:
+    if isinstance(exc, InstantiationException):
+        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        return f"could not build an object from the config: {text}"
+    return str(exc)
+
+
+def entry(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Wrap a Hydra task: user errors print one paragraph and exit with status 2."""
+
+    @functools.wraps(task)
+    def wrapped(cfg: DictConfig):
+        try:
+            prepare(cfg)
+            return task(cfg)
+        except (ZooError, InstantiationException) as exc:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            msg = friendly_message(exc)
+            kind = "config error" if isinstance(exc, (ConfigError, InstantiationException)) else "error"
+            print(f"\n{kind}: {msg}\n(set HYDRA_FULL_ERROR=1 to see the traceback)", file=sys.stderr)
+            log.debug("user error", exc_info=exc)
+            sys.exit(EXIT_USER_ERROR)
+
+    return wrapped

@@ -1,0 +1,129 @@
+"""Config helpers: OmegaConf resolvers, validation of command-line overrides, flattening."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from zoo.errors import ConfigError
+
+
+def _deap_channels(spec: Any) -> list[str]:
+    from zoo.data.deap import resolve_channels
+
+    return resolve_channels(spec)
+
+
+def _deap_classes(target: str) -> list[str]:
+    from zoo.data.deap import target_class_names
+
+    return target_class_names(target)
+
+
+_RESOLVERS = {
+    "len": lambda x: len(x),
+    "zoo_deap_channels": _deap_channels,
+    "zoo_deap_classes": _deap_classes,
+}
+
+
+def register_resolvers() -> None:
+    """Register the resolvers our configs use (idempotent)."""
+    for name, fn in _RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+register_resolvers()
+
+
+def resolve(cfg: DictConfig) -> None:
+    """Resolve every interpolation in place, turning failures into a ConfigError naming the key.
+
+    (OmegaConf.resolve cannot store list-valued resolver results in a leaf, hence the copy.)
+    """
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        raise ConfigError(
+            f"config key '{key}' must be set (it is '???' in the config); e.g. python train.py {key}=<value>"
+        ) from None
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"config key '{key}' could not be resolved: {msg}") from None
+    except (ValueError, KeyError, TypeError) as exc:  # raised inside our resolvers
+        raise ConfigError(f"a config value could not be resolved: {exc}") from None
+    with open_dict(cfg):
+        for key, value in resolved.items():
+            cfg[key] = value
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, (list, tuple, ListConfig)):
+        return "list"
+    if isinstance(value, (dict, DictConfig)):
+        return "dict"
+    if value is None:
+        return "none"
+    return "str"
+
+
+_EXPECTED = {"bool": "true or false", "number": "a number", "list": "a list", "dict": "a mapping"}
+
+
+def check_override_types(
+    overrides: list[str], cfg: DictConfig, defaults: DictConfig | None
+) -> None:
+    """Refuse `key=value` overrides whose value has the wrong kind for the key's default.
+
+    Hydra accepts `trainer.max_epochs=abc` (the config has no schema), and the string then fails
+    deep inside Lightning. Here the value is compared with the key's value in `defaults` (the
+    config composed without the value overrides): a number must stay a number, a bool a bool,
+    a list a list. `null` defaults accept anything, and numbers may replace strings
+    (e.g. `trainer.devices=2` where the default is "auto").
+    """
+    if defaults is None:
+        return
+    for line in overrides:
+        if "=" not in line or line.startswith(("+", "~")):
+            continue
+        key = line.split("=", 1)[0].strip()
+        if "@" in key or key.startswith("hydra."):
+            continue
+        new = OmegaConf.select(cfg, key, throw_on_missing=False, default=None)
+        if isinstance(new, (DictConfig,)):  # a config group choice, e.g. model=eeg_cnn_gru
+            continue
+        try:
+            old = OmegaConf.select(defaults, key, throw_on_missing=False, default=None)
+        except OmegaConfBaseException:
+            continue
+        old_kind, new_kind = _kind(old), _kind(new)
+        if old_kind in ("none", "str") or new_kind == "none" or old_kind == new_kind:
+            continue
+        value = line.split("=", 1)[1]
+        raise ConfigError(
+            f"bad value for '{key}': got {value!r}, expected {_EXPECTED[old_kind]} "
+            f"(its default is {OmegaConf.to_yaml(old).strip() if isinstance(old, (DictConfig, ListConfig)) else old!r})."
+        )
+
+
+def iter_flat(cfg: Any, prefix: str = "", sep: str = ".") -> Iterator[tuple[str, Any]]:
+    """Yield (dotted.key, leaf value) pairs of a nested config or mapping."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, Mapping):
+        if not cfg and prefix:
+            yield prefix, {}
+        for k, v in cfg.items():
+            yield from iter_flat(v, f"{prefix}{sep}{k}" if prefix else str(k), sep)
+    else:
+        yield prefix, cfg

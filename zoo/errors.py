@@ -1,0 +1,13 @@
+"""User-facing errors: raised for bad input, printed as one paragraph by the entry points."""
+
+
+class ZooError(Exception):
+    """An error caused by the user's input (config, files, arguments), not by a bug."""
+
+
+class ConfigError(ZooError):
+    """A bad config key or value."""
+
+
+class DataError(ZooError):
+    """A missing, malformed or unsafe data file."""

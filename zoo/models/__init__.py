@@ -1,0 +1,1 @@
+"""Lightning modules, one module per model family; networks live in zoo.models.components."""

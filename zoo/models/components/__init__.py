@@ -1,0 +1,1 @@
+"""Plain nn.Module networks used by the Lightning modules."""

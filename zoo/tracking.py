@@ -1,0 +1,282 @@
+"""mlflow helpers: the run of a training job, params without truncation, tags, artifacts,
+figures, and run lookup for evaluate.py. All writes go through MlflowClient with an explicit
+run id (no global "active run"), so multirun jobs cannot leak into each other."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+import zoo
+from zoo.config import iter_flat
+from zoo.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # mlflow's own default store
+CONFIG_ARTIFACT = "config/config.yaml"
+TAG_KIND = "zoo.kind"
+TAG_BEST_CKPT = "zoo.best_checkpoint"
+
+
+def resolve_tracking_uri(cfg_value: str | None = None) -> str:
+    """Config key beats MLFLOW_TRACKING_URI beats mlflow's default sqlite store."""
+    return cfg_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def client(uri: str | None = None):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(resolve_tracking_uri(uri))
+
+
+def max_param_length() -> int:
+    try:
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+        return int(MAX_PARAM_VAL_LENGTH)
+    except ImportError:  # pragma: no cover - very old mlflow
+        return 500
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_param_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{}" if not value else str(value)
+    return str(value)
+
+
+def flatten_params(cfg: DictConfig | dict, artifact: str = CONFIG_ARTIFACT) -> dict[str, str]:
+    """Flatten a config into mlflow params. Values longer than mlflow allows are not cut:
+    the param says where the whole value is (the config artifact)."""
+    limit = max_param_length()
+    out: dict[str, str] = {}
+    for key, value in iter_flat(cfg):
+        text = _param_value(value)
+        if len(text) > limit:
+            text = f"<{len(text)} characters: too long for an mlflow param; see artifact {artifact}>"
+        out[key[:250]] = text
+    return out
+
+
+def git_commit() -> str:
+    here = Path(zoo.__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if sha.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+        return sha.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def count_parameters(model) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    out = {"model/params/total": total, "model/params/trainable": trainable,
+           "model/params/non_trainable": total - trainable}  # fmt: skip
+    extra = getattr(model, "parameter_groups", None)
+    if callable(extra):
+        for name, module in extra().items():
+            out[f"model/params/{name}"] = sum(p.numel() for p in module.parameters())
+    return out
+
+
+class ZooMLFlowLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger, with hyper-parameters logged without silent truncation
+    (Lightning cuts every value to 250 characters)."""
+
+    def __init__(self, *args, tracking_uri: str | None = None, **kwargs):
+        super().__init__(*args, tracking_uri=resolve_tracking_uri(tracking_uri), **kwargs)
+
+    @rank_zero_only
+    def log_hyperparams(self, params) -> None:
+        params = params if isinstance(params, dict) else vars(params)
+        log_params(self.experiment, self.run_id, flatten_params(params))
+
+
+def log_params(mlflow_client, run_id: str, params: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """Log params in batches; keys already logged with another value (a resumed run whose
+    config changed) are not re-logged but returned as {key: (old, new)}."""
+    from mlflow.entities import Param
+
+    existing = mlflow_client.get_run(run_id).data.params
+    changed = {k: (existing[k], v) for k, v in params.items() if k in existing and existing[k] != v}
+    todo = [Param(k, v) for k, v in params.items() if k not in existing]
+    for i in range(0, len(todo), 100):
+        mlflow_client.log_batch(run_id, params=todo[i : i + 100])
+    return changed
+
+
+def find_mlflow_logger(trainer) -> MLFlowLogger | None:
+    for lg in getattr(trainer, "loggers", []) or []:
+        if isinstance(lg, MLFlowLogger):
+            return lg
+    return None
+
+
+def log_figure(trainer, fig, artifact_file: str) -> None:
+    """Log a matplotlib figure to the trainer's mlflow run (rank 0 only); always closes it."""
+    from zoo.plotting import close
+
+    try:
+        mlf = find_mlflow_logger(trainer)
+        if mlf is not None and trainer.is_global_zero:
+            mlf.experiment.log_figure(mlf.run_id, fig, artifact_file)
+    finally:
+        close(fig)
+
+
+class TrainingRun:
+    """The mlflow side of one training job: tags, params, config and checkpoint artifacts, and
+    the run's final status. A no-op without an mlflow logger and on non-zero ranks."""
+
+    def __init__(self, logger: MLFlowLogger | None):
+        self.logger = logger if rank_zero_only.rank == 0 else None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.logger.run_id if self.logger is not None else None
+
+    @property
+    def client(self):
+        return self.logger.experiment if self.logger is not None else None
+
+    def start(self, cfg: DictConfig, model, resumed: bool = False) -> None:
+        if self.logger is None:
+            return
+        c, run_id = self.client, self.run_id
+        if resumed:
+            c.update_run(run_id, status="RUNNING")
+        choices = _hydra_choices()
+        tags = {
+            "zoo.model": choices.get("model") or str(OmegaConf.select(cfg, "model._target_")),
+            "zoo.data": choices.get("data") or str(OmegaConf.select(cfg, "data._target_")),
+            "zoo.experiment": str(cfg.get("name") or choices.get("experiment")),
+            "zoo.version": zoo.__version__,
+            "zoo.command": " ".join(shlex.quote(a) for a in sys.argv),
+            TAG_KIND: "train",
+            "mlflow.source.git.commit": git_commit(),
+            "zoo.git_commit": git_commit(),
+        }
+        tags.update({f"zoo.tag.{k}": str(v) for k, v in (cfg.get("tags") or {}).items()})
+        for k, v in tags.items():
+            c.set_tag(run_id, k, v)
+        yaml_text = OmegaConf.to_yaml(cfg, resolve=True)
+        if resumed:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            c.log_text(run_id, yaml_text, f"config/config-resume-{stamp}.yaml")
+            c.set_tag(run_id, "zoo.resumed_from", str(cfg.get("ckpt_path")))
+        else:
+            c.log_text(run_id, yaml_text, CONFIG_ARTIFACT)
+        overrides = _hydra_overrides()
+        if overrides is not None:
+            c.log_text(run_id, "\n".join(overrides) + "\n", "config/overrides.txt")
+        changed = log_params(c, run_id, flatten_params(cfg))
+        if changed:
+            log.warning("Resumed run %s: %d config value(s) changed since the first attempt (kept the "
+                        "original params; see config/config-resume-*.yaml): %s", run_id, len(changed),
+                        ", ".join(sorted(changed)))  # fmt: skip
+        counts = count_parameters(model)
+        log_params(c, run_id, {k: str(v) for k, v in counts.items()})
+
+    def log_artifact(self, path: str | Path, artifact_dir: str) -> str | None:
+        if self.logger is None or not path or not Path(path).is_file():
+            return None
+        self.client.log_artifact(self.run_id, str(path), artifact_dir)
+        return f"{artifact_dir}/{Path(path).name}"
+
+    def log_best_checkpoint(self, path: str | Path) -> str | None:
+        artifact = self.log_artifact(path, "checkpoints")
+        if artifact:
+            self.client.set_tag(self.run_id, TAG_BEST_CKPT, artifact)
+        return artifact
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.logger is not None and self.logger._initialized:
+            self.client.set_terminated(self.run_id, status)
+
+    @contextmanager
+    def guard(self) -> Iterator[None]:
+        """Mark the run FAILED (or KILLED) if the job dies; what was logged stays."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self._safe_finish("KILLED")
+            raise
+        except BaseException:
+            self._safe_finish("FAILED")
+            raise
+
+    def _safe_finish(self, status: str) -> None:
+        try:
+            self.finish(status)
+        except Exception as exc:  # never hide the original error
+            log.warning("could not mark mlflow run %s as %s: %s", self.run_id, status, exc)
+
+
+def _hydra_choices() -> dict[str, str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items() if v is not None}
+    except (ValueError, ImportError):
+        return {}
+
+
+def _hydra_overrides() -> list[str] | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except (ValueError, ImportError):
+        return None
+
+
+# --------------------------------------------------------------------------- run lookup
+
+
+def get_run(run_id: str, uri: str | None = None):
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        return c, c.get_run(run_id)
+    except MlflowException as exc:
+        raise ConfigError(
+            f"run_id={run_id}: no such mlflow run in tracking store {resolve_tracking_uri(uri)} "
+            f"({str(exc).splitlines()[0]})"
+        ) from None
+
+
+def download_artifact(run_id: str, artifact_path: str, uri: str | None = None, dst: str | None = None) -> Path:
+    import mlflow.artifacts
+
+    dst = dst or tempfile.mkdtemp(prefix="zoo-artifacts-")
+    try:
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                        dst_path=dst, tracking_uri=resolve_tracking_uri(uri)))  # fmt: skip
+    except Exception as exc:
+        raise ConfigError(f"run {run_id}: could not download artifact '{artifact_path}' ({str(exc).splitlines()[0]})") from None
+
+
+def load_run_config(run_id: str, uri: str | None = None) -> DictConfig:
+    """The resolved config a training run logged (config/config.yaml)."""
+    path = download_artifact(run_id, CONFIG_ARTIFACT, uri)
+    return OmegaConf.load(path)
