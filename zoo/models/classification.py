@@ -133,8 +133,9 @@ class ClassificationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer),
                                                           "interval": "epoch"}}  # fmt: skip
 
-    def add_report_sections(self, report, outputs: dict[str, torch.Tensor] | None = None) -> None:
-        """Per-class precision/recall/F1 and the confusion matrix of the last test run."""
+    def add_report_sections(self, report, outputs: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """Per-class precision/recall/F1 and the confusion matrix of the last test run; returns
+        the per-class metrics (``test/f1/<class>``, ...) for metrics.json."""
         from zoo.reports.classification import add_classification_sections
 
-        add_classification_sections(report, outputs or self.test_outputs, self.class_names)
+        return add_classification_sections(report, outputs or self.test_outputs, self.class_names)

@@ -1,0 +1,70 @@
+"""Shared fixtures: composed configs pointing at a per-session demo dataset and mlflow store."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+import zoo.config  # noqa: F401  (resolvers)
+from zoo.cli import prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+_COUNTER = itertools.count()
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One demo data folder for the whole session (generated once, on first use)."""
+    path = tmp_path_factory.mktemp("zoo-data")
+    os.environ["ZOO_DATA_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def compose_cfg(config_name: str, overrides: list[str], out: Path, data_dir: Path, tracking_uri: str) -> DictConfig:
+    """Compose like the command line would, with paths and mlflow store under the test's dirs."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+            cfg.paths.root_dir = str(out)
+            cfg.paths.data_dir = str(data_dir)
+            cfg.paths.log_dir = str(out / "logs")
+            if not any(o.startswith("paths.output_dir=") for o in overrides):
+                cfg.paths.output_dir = str(out / f"output-{next(_COUNTER)}")
+            cfg.tracking.tracking_uri = tracking_uri
+        prepare(cfg)
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path, data_dir, tracking_uri):
+    def _make(overrides: list[str] = (), config_name: str = "train") -> DictConfig:
+        return compose_cfg(config_name, list(overrides), tmp_path, data_dir, tracking_uri)
+
+    yield _make
+    GlobalHydra.instance().clear()
+
+
+def run_cli(script: str, args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 300):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip

@@ -1,0 +1,149 @@
+"""End-to-end: debug runs of every experiment, mlflow contents, resume, train -> evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import EXPERIMENTS
+from zoo import tracking
+from zoo.pipeline import evaluate, train
+
+
+def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    out = set()
+    for item in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
+def _runs(client: MlflowClient, experiment: str = "zoo"):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_fast_run_logs_everything_to_mlflow(make_cfg, tracking_uri, experiment):
+    cfg = make_cfg([f"experiment={experiment}", "debug=fast", "tracking.experiment_name=fast-" + experiment])
+    best = train(cfg)
+    client = MlflowClient(tracking_uri)
+    (run,) = _runs(client, "fast-" + experiment)
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name.startswith(experiment + "-")
+    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
+    # the resolved config, flattened
+    assert params["model.net.rnn"] == cfg.model.net.rnn
+    assert params["trainer.max_epochs"] == "1"
+    assert params["data.channels"] == "eeg" and params["model.net.conv_channels"] == "[32, 64, 64]"
+    assert int(params["model/params/total"]) > 10_000
+    assert params["model/params/trainable"] == params["model/params/total"]
+    for key in ("zoo.model", "zoo.data", "zoo.experiment", "zoo.git_commit", "zoo.version", "zoo.command"):
+        assert tags.get(key), key
+    assert tags["zoo.experiment"] == experiment and tags["zoo.model"] == cfg.model.net.rnn.join(["eeg_cnn_", ""])
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "val/f1_macro_best",
+                "test/loss", "test/acc", "test/f1_macro"):  # fmt: skip
+        assert key in metrics, key
+    assert best == pytest.approx(metrics["val/f1_macro_best"])
+    arts = _artifacts(client, run.info.run_id)
+    assert "config/config.yaml" in arts and "figures/test/confusion_matrix.png" in arts
+    assert "figures/val/confusion_matrix_epoch000.png" in arts
+    assert tags[tracking.TAG_BEST_CKPT] in arts and tags[tracking.TAG_BEST_CKPT].endswith(".ckpt")
+    logged = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config/config.yaml")).read_text())
+    assert logged["model"]["net"]["rnn"] == cfg.model.net.rnn and logged["data"]["num_classes"] == 4
+
+
+def test_long_param_values_point_to_the_artifact():
+    params = tracking.flatten_params({"a": {"b": "x" * 10_000, "c": [1, 2]}, "d": None})
+    assert params["a.b"].startswith("<10000 characters") and "config/config.yaml" in params["a.b"]
+    assert params["a.c"] == "[1, 2]" and params["d"] == "None"
+
+
+def test_tracking_uri_precedence(monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.resolve_tracking_uri(None) == "sqlite:///mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking.resolve_tracking_uri(None) == "http://127.0.0.1:5999"
+    assert tracking.resolve_tracking_uri("sqlite:///other.db") == "sqlite:///other.db"
+
+
+def test_resume_continues_the_same_run(make_cfg, tracking_uri, tmp_path):
+    name = "resume"
+    first = make_cfg(["debug=fast", f"tracking.experiment_name={name}", "test=false"])
+    train(first)
+    client = MlflowClient(tracking_uri)
+    (run,) = _runs(client, name)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    second = make_cfg(["debug=fast", f"tracking.experiment_name={name}", f"ckpt_path={last}",
+                       "trainer.max_epochs=2", "paths.output_dir=" + str(tmp_path / "second")])  # fmt: skip
+    train(second)
+    runs = _runs(client, name)
+    assert [r.info.run_id for r in runs] == [run.info.run_id]  # no second run
+    history = client.get_metric_history(run.info.run_id, "val/loss")
+    assert len(history) == 2  # epoch 0 from the first job, epoch 1 from the resumed one
+    assert runs[0].info.status == "FINISHED" and "test/acc" in runs[0].data.metrics
+    assert runs[0].data.tags["zoo.resumed_from"] == str(last)
+    assert any(a.startswith("config/config-resume-") for a in _artifacts(client, run.info.run_id))
+
+
+def test_train_then_evaluate_round_trip(make_cfg, tracking_uri, tmp_path):
+    name = "roundtrip"
+    cfg = make_cfg(["debug=fast", f"tracking.experiment_name={name}", "trainer.limit_test_batches=3"])
+    train(cfg)
+    client = MlflowClient(tracking_uri)
+    (run,) = _runs(client, name)
+    run_id = run.info.run_id
+    out = tmp_path / "report"
+    metrics = evaluate(make_cfg([f"run_id={run_id}", f"output_dir={out}"], config_name="evaluate"))
+    for key in ("test/acc", "test/f1_macro", "test/loss"):
+        assert metrics[key] == pytest.approx(run.data.metrics[key], abs=1e-6), key
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["test/acc"] == pytest.approx(metrics["test/acc"])
+    assert {"test/precision/HVHA", "test/recall/LVLA", "test/f1/HVLA"} <= set(saved)
+    md = (out / "report.md").read_text()
+    for text in ("Test metrics", "Per-class precision", "Confusion matrix", "Dataset", "Config digest", "HVHA"):
+        assert text in md, text
+    assert (out / "images" / "confusion_matrix.png").stat().st_size > 1000
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
+    arts = _artifacts(client, run_id)
+    assert {"report/report.md", "report/report.html", "report/metrics.json"} <= arts
+
+    # the same checkpoint, evaluated from the file (its config travels inside it)
+    ckpt = client.download_artifacts(run_id, run.data.tags[tracking.TAG_BEST_CKPT], str(tmp_path))
+    again = evaluate(make_cfg([f"ckpt_path={ckpt}", "experiment=eeg_cnn_lstm", f"output_dir={tmp_path / 'r2'}"],
+                              config_name="evaluate"))  # fmt: skip
+    assert again["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+
+
+def test_comparison_report(make_cfg, tracking_uri, tmp_path):
+    name = "compare"
+    for exp in ("eeg_cnn_lstm", "eeg_cnn_gru"):
+        train(make_cfg([f"experiment={exp}", "debug=fast", f"tracking.experiment_name={name}"]))
+    client = MlflowClient(tracking_uri)
+    ids = [r.info.run_id for r in _runs(client, name)]
+    out = tmp_path / "cmp"
+    result = evaluate(make_cfg([f"run_ids=[{ids[0]},{ids[1]}]", f"output_dir={out}",
+                                f"tracking.experiment_name={name}"], config_name="evaluate"))  # fmt: skip
+    new = client.get_run(result["comparison_run_id"])
+    assert new.data.tags["zoo.kind"] == "comparison" and new.data.tags["zoo.compared_runs"] == ",".join(ids)
+    md = (out / "report.md").read_text()
+    assert "Final metrics" in md and "Learning curves" in md and "model.net.rnn" in md
+    assert ids[0][:8] in md and ids[1][:8] in md
+    assert (out / "images" / "learning_curves.png").is_file()
+    assert "report/report.html" in _artifacts(client, new.info.run_id)
+
+
+def test_evaluate_errors(make_cfg, tmp_path):
+    from zoo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs run_id"):
+        evaluate(make_cfg([], config_name="evaluate"))
+    with pytest.raises(ConfigError, match="run_id=deadbeef: no such mlflow run"):
+        evaluate(make_cfg(["run_id=deadbeef"], config_name="evaluate"))
+    with pytest.raises(ConfigError, match="checkpoint file not found"):
+        evaluate(make_cfg([f"ckpt_path={tmp_path / 'none.ckpt'}"], config_name="evaluate"))
