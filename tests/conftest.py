@@ -36,7 +36,9 @@ def tracking_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
-def compose_cfg(config_name: str, overrides: list[str], out: Path, data_dir: Path, tracking_uri: str) -> DictConfig:
+def compose_cfg(
+    config_name: str, overrides: list[str], out: Path, data_dir: Path, tracking_uri: str
+) -> DictConfig:
     """Compose like the command line would, with paths and mlflow store under the test's dirs."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
@@ -63,7 +65,9 @@ def make_cfg(tmp_path, data_dir, tracking_uri):
     GlobalHydra.instance().clear()
 
 
-def run_cli(script: str, args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 300):
+def run_cli(
+    script: str, args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 300
+):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,

@@ -41,7 +41,11 @@ def test_derived_data_keys(make_cfg):
 
 def test_debug_fast_shrinks_the_run(make_cfg):
     cfg = make_cfg(["debug=fast"])
-    assert cfg.trainer.max_epochs == 1 and cfg.trainer.limit_train_batches == 2 and cfg.data.subset == 1
+    assert (
+        cfg.trainer.max_epochs == 1
+        and cfg.trainer.limit_train_batches == 2
+        and cfg.data.subset == 1
+    )
 
 
 def test_evaluate_config_composes(make_cfg):

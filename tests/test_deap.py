@@ -32,7 +32,12 @@ def test_demo_files_have_deap_format(deap_dir):
     data, ratings = load_subject(deap_dir / "s01.dat")
     assert data.shape == (12, 40, N_SAMPLES) and data.dtype == np.float64
     assert ratings.shape == (12, 4) and ratings.min() >= 1 and ratings.max() <= 9
-    assert len(EEG_CHANNELS) == 32 and len(ALL_CHANNELS) == 40 and ALL_CHANNELS[:3] == ["Fp1", "AF3", "F3"] and ALL_CHANNELS[31] == "O2"
+    assert (
+        len(EEG_CHANNELS) == 32
+        and len(ALL_CHANNELS) == 40
+        and ALL_CHANNELS[:3] == ["Fp1", "AF3", "F3"]
+        and ALL_CHANNELS[31] == "O2"
+    )
     with open(deap_dir / "s01.dat", "rb") as fh:  # a plain dict of arrays, as DEAP ships
         raw = pickle.load(fh, encoding="latin1")
     assert set(raw) == {"data", "labels"}
@@ -49,7 +54,9 @@ def test_demo_generation_is_cached_and_deterministic(tmp_path):
 
 
 def test_labels_quadrants_and_threshold():
-    r = np.array([[7, 7, 1, 1], [7, 3, 1, 1], [3, 7, 1, 1], [3, 3, 1, 1], [5, 5, 1, 1]], dtype=float)
+    r = np.array(
+        [[7, 7, 1, 1], [7, 3, 1, 1], [3, 7, 1, 1], [3, 3, 1, 1], [5, 5, 1, 1]], dtype=float
+    )
     assert make_labels(r, "quadrant").tolist() == [0, 1, 2, 3, 3]  # 5 is not high with threshold 5
     assert make_labels(r, "quadrant", threshold=4).tolist() == [0, 1, 2, 3, 0]
     assert make_labels(r, "valence").tolist() == [1, 1, 0, 0, 0]
@@ -82,8 +89,14 @@ def test_builtins_eval_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "obj, match",
     [
-        ({"data": np.zeros((2, 40, 8064)), "labels": np.zeros((3, 4))}, r"'labels' has shape \(3, 4\)"),
-        ({"data": np.zeros((2, 32, 8064)), "labels": np.zeros((2, 4))}, r"'data' has shape \(2, 32, 8064\)"),
+        (
+            {"data": np.zeros((2, 40, 8064)), "labels": np.zeros((3, 4))},
+            r"'labels' has shape \(3, 4\)",
+        ),
+        (
+            {"data": np.zeros((2, 32, 8064)), "labels": np.zeros((2, 4))},
+            r"'data' has shape \(2, 32, 8064\)",
+        ),
         ({"data": np.zeros((2, 40, 8064))}, "keys 'data' and 'labels'"),
         ([1, 2, 3], "expected a dict"),
     ],
@@ -149,7 +162,9 @@ def test_leaky_split_needs_explicit_flag(deap_dir):
 
 
 def test_windows_preprocessing_and_train_only_normalisation(deap_dir):
-    dm = DeapDataModule(str(deap_dir), subset=2, window_seconds=1.0, overlap=0.5, channels=["Fz", "Cz", "Pz"])
+    dm = DeapDataModule(
+        str(deap_dir), subset=2, window_seconds=1.0, overlap=0.5, channels=["Fz", "Cz", "Pz"]
+    )
     dm.setup()
     x, y = dm.datasets["train"][0]
     assert tuple(x.shape) == (3, 128) and x.dtype == torch.float32

@@ -28,7 +28,9 @@ def _runs(client: MlflowClient, experiment: str = "zoo"):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_fast_run_logs_everything_to_mlflow(make_cfg, tracking_uri, experiment):
-    cfg = make_cfg([f"experiment={experiment}", "debug=fast", "tracking.experiment_name=fast-" + experiment])
+    cfg = make_cfg(
+        [f"experiment={experiment}", "debug=fast", "tracking.experiment_name=fast-" + experiment]
+    )
     best = train(cfg)
     client = MlflowClient(tracking_uri)
     (run,) = _runs(client, "fast-" + experiment)
@@ -41,9 +43,18 @@ def test_fast_run_logs_everything_to_mlflow(make_cfg, tracking_uri, experiment):
     assert params["data.channels"] == "eeg" and params["model.net.conv_channels"] == "[32, 64, 64]"
     assert int(params["model/params/total"]) > 10_000
     assert params["model/params/trainable"] == params["model/params/total"]
-    for key in ("zoo.model", "zoo.data", "zoo.experiment", "zoo.git_commit", "zoo.version", "zoo.command"):
+    for key in (
+        "zoo.model",
+        "zoo.data",
+        "zoo.experiment",
+        "zoo.git_commit",
+        "zoo.version",
+        "zoo.command",
+    ):
         assert tags.get(key), key
-    assert tags["zoo.experiment"] == experiment and tags["zoo.model"] == cfg.model.net.rnn.join(["eeg_cnn_", ""])
+    assert tags["zoo.experiment"] == experiment and tags["zoo.model"] == cfg.model.net.rnn.join(
+        ["eeg_cnn_", ""]
+    )
     for key in ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "val/f1_macro_best",
                 "test/loss", "test/acc", "test/f1_macro"):  # fmt: skip
         assert key in metrics, key
@@ -52,7 +63,9 @@ def test_fast_run_logs_everything_to_mlflow(make_cfg, tracking_uri, experiment):
     assert "config/config.yaml" in arts and "figures/test/confusion_matrix.png" in arts
     assert "figures/val/confusion_matrix_epoch000.png" in arts
     assert tags[tracking.TAG_BEST_CKPT] in arts and tags[tracking.TAG_BEST_CKPT].endswith(".ckpt")
-    logged = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config/config.yaml")).read_text())
+    logged = yaml.safe_load(
+        Path(client.download_artifacts(run.info.run_id, "config/config.yaml")).read_text()
+    )
     assert logged["model"]["net"]["rnn"] == cfg.model.net.rnn and logged["data"]["num_classes"] == 4
 
 
@@ -92,7 +105,9 @@ def test_resume_continues_the_same_run(make_cfg, tracking_uri, tmp_path):
 
 def test_train_then_evaluate_round_trip(make_cfg, tracking_uri, tmp_path):
     name = "roundtrip"
-    cfg = make_cfg(["debug=fast", f"tracking.experiment_name={name}", "trainer.limit_test_batches=3"])
+    cfg = make_cfg(
+        ["debug=fast", f"tracking.experiment_name={name}", "trainer.limit_test_batches=3"]
+    )
     train(cfg)
     client = MlflowClient(tracking_uri)
     (run,) = _runs(client, name)
@@ -105,7 +120,14 @@ def test_train_then_evaluate_round_trip(make_cfg, tracking_uri, tmp_path):
     assert saved["test/acc"] == pytest.approx(metrics["test/acc"])
     assert {"test/precision/HVHA", "test/recall/LVLA", "test/f1/HVLA"} <= set(saved)
     md = (out / "report.md").read_text()
-    for text in ("Test metrics", "Per-class precision", "Confusion matrix", "Dataset", "Config digest", "HVHA"):
+    for text in (
+        "Test metrics",
+        "Per-class precision",
+        "Confusion matrix",
+        "Dataset",
+        "Config digest",
+        "HVHA",
+    ):
         assert text in md, text
     assert (out / "images" / "confusion_matrix.png").stat().st_size > 1000
     html = (out / "report.html").read_text()
@@ -130,7 +152,9 @@ def test_comparison_report(make_cfg, tracking_uri, tmp_path):
     result = evaluate(make_cfg([f"run_ids=[{ids[0]},{ids[1]}]", f"output_dir={out}",
                                 f"tracking.experiment_name={name}"], config_name="evaluate"))  # fmt: skip
     new = client.get_run(result["comparison_run_id"])
-    assert new.data.tags["zoo.kind"] == "comparison" and new.data.tags["zoo.compared_runs"] == ",".join(ids)
+    assert new.data.tags["zoo.kind"] == "comparison" and new.data.tags[
+        "zoo.compared_runs"
+    ] == ",".join(ids)
     md = (out / "report.md").read_text()
     assert "Final metrics" in md and "Learning curves" in md and "model.net.rnn" in md
     assert ids[0][:8] in md and ids[1][:8] in md

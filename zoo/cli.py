@@ -33,9 +33,17 @@ def _defaults_without_value_overrides(cfg: DictConfig) -> DictConfig | None:
         keep = []
         for line in hc.overrides.task:
             key = line.split("=", 1)[0].lstrip("+~")
-            if isinstance(OmegaConf.select(cfg, key, default=None, throw_on_missing=False), DictConfig) or "@" in key:
+            if (
+                isinstance(
+                    OmegaConf.select(cfg, key, default=None, throw_on_missing=False), DictConfig
+                )
+                or "@" in key
+            ):
                 keep.append(line)
-            elif OmegaConf.select(cfg, key, default=None, throw_on_missing=False) is None and "." not in key:
+            elif (
+                OmegaConf.select(cfg, key, default=None, throw_on_missing=False) is None
+                and "." not in key
+            ):
                 keep.append(line)  # e.g. experiment=..., debug=... (groups that only merge)
         return compose(config_name=hc.job.config_name, overrides=keep)
     except Exception as exc:  # the check is a courtesy; never block a run because of it
@@ -76,8 +84,14 @@ def entry(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             msg = friendly_message(exc)
-            kind = "config error" if isinstance(exc, (ConfigError, InstantiationException)) else "error"
-            print(f"\n{kind}: {msg}\n(set HYDRA_FULL_ERROR=1 to see the traceback)", file=sys.stderr)
+            kind = (
+                "config error"
+                if isinstance(exc, (ConfigError, InstantiationException))
+                else "error"
+            )
+            print(
+                f"\n{kind}: {msg}\n(set HYDRA_FULL_ERROR=1 to see the traceback)", file=sys.stderr
+            )
             log.debug("user error", exc_info=exc)
             sys.exit(EXIT_USER_ERROR)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -25,6 +26,7 @@ def _deap_classes(target: str) -> list[str]:
 
 _RESOLVERS = {
     "len": lambda x: len(x),
+    "zoo_cwd": lambda: os.getcwd(),
     "zoo_deap_channels": _deap_channels,
     "zoo_deap_classes": _deap_classes,
 }

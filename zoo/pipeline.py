@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from pathlib import Path
@@ -50,7 +49,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConfigError(f"ckpt_path={path}: not a loadable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise ConfigError(
+            f"ckpt_path={path}: not a loadable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        ) from None
 
 
 class RunInfo(L.Callback):
@@ -103,16 +104,22 @@ def train(cfg: DictConfig) -> float | None:
     model = build(cfg.model, "model")
     loggers = []
     for name, node in (cfg.get("logger") or {}).items():
-        extra = {"run_id": _run_id_for(cfg, ckpt)} if "MLFlow" in str(node.get("_target_", "")) else {}
+        extra = (
+            {"run_id": _run_id_for(cfg, ckpt)} if "MLFlow" in str(node.get("_target_", "")) else {}
+        )
         loggers.append(build(node, f"logger.{name}", **extra))
-    run = tracking.TrainingRun(next((lg for lg in loggers if isinstance(lg, tracking.MLFlowLogger)), None))
+    run = tracking.TrainingRun(
+        next((lg for lg in loggers if isinstance(lg, tracking.MLFlowLogger)), None)
+    )
     callbacks = build_all(cfg.get("callbacks"), "callbacks") + [RunInfo(cfg, run)]
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
 
     with run.guard():
         run.start(cfg, model, resumed=ckpt is not None)
         if cfg.get("train", True):
-            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+            trainer.fit(
+                model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
+            )
         ckpt_cb = trainer.checkpoint_callback
         best_path = getattr(ckpt_cb, "best_model_path", "") or ""
         best_score = getattr(ckpt_cb, "best_model_score", None)
@@ -122,8 +129,12 @@ def train(cfg: DictConfig) -> float | None:
         if cfg.get("test", True):
             if not best_path:
                 log.warning("No best checkpoint (checkpointing off?): testing the current weights.")
-            trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
-            test_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+            trainer.test(
+                model, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True
+            )
+            test_metrics = {
+                k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")
+            }
     run.finish()
 
     monitor = getattr(ckpt_cb, "monitor", None) or "-"
@@ -134,7 +145,9 @@ def train(cfg: DictConfig) -> float | None:
     summary["output dir"] = cfg.paths.output_dir
     if run.run_id:
         uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
-        summary["look at it"] = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else uri
+        summary["look at it"] = (
+            f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else uri
+        )
         summary["report"] = f"python evaluate.py run_id={run.run_id}"
     print_summary(summary)
     return float(best_score) if best_score is not None else None
@@ -170,7 +183,9 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         elif cfg.get("model") and cfg.get("data"):
             train_cfg = cfg
         else:
-            raise ConfigError(f"ckpt_path={ckpt_path} carries no config: also give experiment=<name> it was trained with")
+            raise ConfigError(
+                f"ckpt_path={ckpt_path} carries no config: also give experiment=<name> it was trained with"
+            )
         target_run = meta.get("mlflow_run_id")
         if target_run:
             try:
@@ -185,7 +200,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     model = build(train_cfg.model, "model")
     state = read_checkpoint(ckpt_path)
     model.load_state_dict(state["state_dict"])
-    limit = cfg.get("limit_test_batches") or OmegaConf.select(train_cfg, "trainer.limit_test_batches") or 1.0
+    limit = (
+        cfg.get("limit_test_batches")
+        or OmegaConf.select(train_cfg, "trainer.limit_test_batches")
+        or 1.0
+    )
     trainer = L.Trainer(accelerator=cfg.get("accelerator", "auto"), devices=1, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, limit_test_batches=limit,
                         callbacks=build_all(cfg.get("callbacks"), "callbacks"))  # fmt: skip
@@ -212,7 +231,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
                           if OmegaConf.select(train_cfg, k) is not None}}, ("", ""))  # fmt: skip
     report.code(yaml_text, "full resolved config")
 
-    out_dir = Path(cfg.get("output_dir") or Path(cfg.paths.log_dir) / "reports" / f"{target_run or Path(ckpt_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir = Path(
+        cfg.get("output_dir")
+        or Path(cfg.paths.log_dir)
+        / "reports"
+        / f"{target_run or Path(ckpt_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     files = report.write(out_dir, metrics)
     if target_run:
         tracking.client(uri).log_artifacts(target_run, str(out_dir), "report")
@@ -232,10 +256,17 @@ def compare(cfg: DictConfig) -> dict[str, float]:
     client = tracking.client(uri)
     runs = [tracking.get_run(i, uri)[1] for i in ids]
     report, flat = comparison_report(client, runs)
-    out_dir = Path(cfg.get("output_dir") or Path(cfg.paths.log_dir) / "reports" / f"comparison-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir = Path(
+        cfg.get("output_dir")
+        or Path(cfg.paths.log_dir) / "reports" / f"comparison-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     files = report.write(out_dir, flat)
     exp = client.get_experiment_by_name(cfg.tracking.experiment_name)
-    exp_id = exp.experiment_id if exp is not None else client.create_experiment(cfg.tracking.experiment_name)
+    exp_id = (
+        exp.experiment_id
+        if exp is not None
+        else client.create_experiment(cfg.tracking.experiment_name)
+    )
     new = client.create_run(exp_id, run_name=f"comparison-{time.strftime('%Y%m%d-%H%M%S')}",
                             tags={tracking.TAG_KIND: "comparison", "zoo.compared_runs": ",".join(ids)})  # fmt: skip
     client.log_artifacts(new.info.run_id, str(out_dir), "report")

@@ -11,7 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def confusion_matrix_figure(cm: np.ndarray, class_names: Sequence[str], title: str = "Confusion matrix"):
+def confusion_matrix_figure(
+    cm: np.ndarray, class_names: Sequence[str], title: str = "Confusion matrix"
+):
     """Counts in each cell, colour = row-normalised rate (recall per true class)."""
     cm = np.asarray(cm, dtype=np.int64)
     rates = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
@@ -32,7 +34,10 @@ def confusion_matrix_figure(cm: np.ndarray, class_names: Sequence[str], title: s
     return fig
 
 
-def learning_curves_figure(histories: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], title: str = "Learning curves"):
+def learning_curves_figure(
+    histories: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]],
+    title: str = "Learning curves",
+):
     """histories: metric name -> run label -> [(step, value), ...]; one panel per metric."""
     metrics = list(histories)
     cols = min(2, max(1, len(metrics)))

@@ -68,7 +68,9 @@ def flatten_params(cfg: DictConfig | dict, artifact: str = CONFIG_ARTIFACT) -> d
     for key, value in iter_flat(cfg):
         text = _param_value(value)
         if len(text) > limit:
-            text = f"<{len(text)} characters: too long for an mlflow param; see artifact {artifact}>"
+            text = (
+                f"<{len(text)} characters: too long for an mlflow param; see artifact {artifact}>"
+            )
         out[key[:250]] = text
     return out
 
@@ -76,7 +78,9 @@ def flatten_params(cfg: DictConfig | dict, artifact: str = CONFIG_ARTIFACT) -> d
 def git_commit() -> str:
     here = Path(zoo.__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
         if sha.returncode != 0:
             return "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
@@ -265,7 +269,9 @@ def get_run(run_id: str, uri: str | None = None):
         ) from None
 
 
-def download_artifact(run_id: str, artifact_path: str, uri: str | None = None, dst: str | None = None) -> Path:
+def download_artifact(
+    run_id: str, artifact_path: str, uri: str | None = None, dst: str | None = None
+) -> Path:
     import mlflow.artifacts
 
     dst = dst or tempfile.mkdtemp(prefix="zoo-artifacts-")
@@ -273,7 +279,9 @@ def download_artifact(run_id: str, artifact_path: str, uri: str | None = None, d
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
                                                         dst_path=dst, tracking_uri=resolve_tracking_uri(uri)))  # fmt: skip
     except Exception as exc:
-        raise ConfigError(f"run {run_id}: could not download artifact '{artifact_path}' ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(
+            f"run {run_id}: could not download artifact '{artifact_path}' ({str(exc).splitlines()[0]})"
+        ) from None
 
 
 def load_run_config(run_id: str, uri: str | None = None) -> DictConfig:

@@ -10,7 +10,11 @@ import lightning as L
 import torch
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+)
 
 from zoo.tracking import log_figure
 
@@ -115,8 +119,16 @@ class ClassificationModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         cm = self.test_cm.compute()
         self.test_cm.reset()
-        probs = torch.cat([p for p, _ in self._test_parts]) if self._test_parts else torch.empty(0, len(self.class_names))
-        target = torch.cat([t for _, t in self._test_parts]) if self._test_parts else torch.empty(0, dtype=torch.long)
+        probs = (
+            torch.cat([p for p, _ in self._test_parts])
+            if self._test_parts
+            else torch.empty(0, len(self.class_names))
+        )
+        target = (
+            torch.cat([t for _, t in self._test_parts])
+            if self._test_parts
+            else torch.empty(0, dtype=torch.long)
+        )
         self.test_outputs = {"probs": probs, "target": target, "confusion_matrix": cm.cpu()}
         self._log_confusion(cm, "figures/test/confusion_matrix.png", "test confusion matrix")
 
@@ -124,7 +136,11 @@ class ClassificationModule(L.LightningModule):
         if self.trainer.is_global_zero and self.logger is not None:
             from zoo.plotting import confusion_matrix_figure
 
-            log_figure(self.trainer, confusion_matrix_figure(cm.cpu().numpy(), self.class_names, title), path)
+            log_figure(
+                self.trainer,
+                confusion_matrix_figure(cm.cpu().numpy(), self.class_names, title),
+                path,
+            )
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.parameters())
@@ -133,7 +149,9 @@ class ClassificationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer),
                                                           "interval": "epoch"}}  # fmt: skip
 
-    def add_report_sections(self, report, outputs: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    def add_report_sections(
+        self, report, outputs: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, float]:
         """Per-class precision/recall/F1 and the confusion matrix of the last test run; returns
         the per-class metrics (``test/f1/<class>``, ...) for metrics.json."""
         from zoo.reports.classification import add_classification_sections

@@ -17,4 +17,6 @@ class EEGEmotionClassifier(ClassificationModule):
         dm = getattr(self.trainer, "datamodule", None)
         names = getattr(dm, "class_names", None)
         if names is not None and list(names) != self.class_names:
-            raise ValueError(f"model.class_names={self.class_names} but the data module yields {list(names)}")
+            raise ValueError(
+                f"model.class_names={self.class_names} but the data module yields {list(names)}"
+            )

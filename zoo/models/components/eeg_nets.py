@@ -36,7 +36,9 @@ class CNNRecurrentNet(nn.Module):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not conv_channels or any(int(c) < 1 for c in conv_channels):
-            raise ValueError(f"conv_channels must be a non-empty list of positive ints, got {list(conv_channels)}")
+            raise ValueError(
+                f"conv_channels must be a non-empty list of positive ints, got {list(conv_channels)}"
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         layers: list[nn.Module] = []
@@ -57,7 +59,9 @@ class CNNRecurrentNet(nn.Module):
             bidirectional=bidirectional, dropout=dropout if num_layers > 1 else 0.0,
         )  # fmt: skip
         self.num_directions = 2 if bidirectional else 1
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden_size * self.num_directions, num_classes))
+        self.head = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(hidden_size * self.num_directions, num_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 3:

@@ -1,0 +1,119 @@
+"""The command line as users run it: multirun, DDP, optuna sweeps, a real mlflow server."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import run_cli
+
+
+def _runs(uri: str, experiment: str = "zoo"):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, (client.search_runs([exp.experiment_id]) if exp else [])
+
+
+@pytest.mark.slow
+def test_multirun_gives_one_mlflow_run_per_job(tmp_path, data_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli("train.py", ["-m", "experiment=eeg_cnn_lstm,eeg_cnn_gru", "debug=fast"], tmp_path,
+                   {"MLFLOW_TRACKING_URI": uri})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, runs = _runs(uri)
+    assert sorted(r.data.tags["zoo.experiment"] for r in runs) == ["eeg_cnn_gru", "eeg_cnn_lstm"]
+    assert all(r.info.status == "FINISHED" and "test/acc" in r.data.metrics for r in runs)
+    assert "zoo run summary" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_log_one_run(tmp_path, data_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli("train.py", ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "debug=fast"],
+                   tmp_path, {"MLFLOW_TRACKING_URI": uri})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, runs = _runs(uri)
+    assert len(runs) == 1
+    (run,) = runs
+    assert (
+        run.data.params["trainer.strategy"] == "ddp" and run.data.params["trainer.devices"] == "2"
+    )
+    assert run.info.status == "FINISHED" and {"val/loss", "test/acc"} <= set(run.data.metrics)
+    assert "ddp" in (proc.stdout + proc.stderr).lower()  # really launched the distributed strategy
+
+
+@pytest.mark.slow
+def test_optuna_sweep(tmp_path, data_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli("train.py", ["hparams_search=eeg_optuna", "debug=fast", "hydra.sweeper.n_trials=2",
+                                "hydra.sweeper.sampler.n_startup_trials=2"], tmp_path, {"MLFLOW_TRACKING_URI": uri})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, runs = _runs(uri)
+    assert len(runs) == 2
+    lrs = {r.data.params["model.optimizer.lr"] for r in runs}
+    assert len(lrs) == 2 and all(lr != "0.001" for lr in lrs)  # sampled, not the default
+    best = next(
+        Path(tmp_path, "logs", "train", "multiruns").rglob("optimization_results.yaml")
+    ).read_text()
+    assert "best_value" in best
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "server-artifacts")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start within 60 s")
+        yield url, tmp_path / "server-artifacts"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_http_tracking_server_train_and_evaluate(tmp_path, data_dir, mlflow_server):
+    url, artifact_root = mlflow_server
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = run_cli("train.py", ["debug=fast"], work, {"MLFLOW_TRACKING_URI": url})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (work / "mlflow.db").exists()  # nothing went to the local default store
+    client, (run,) = _runs(url)
+    assert "test/acc" in run.data.metrics
+    assert list(artifact_root.rglob("config.yaml")), "artifacts were not uploaded to the server"
+    out = tmp_path / "report"
+    proc = run_cli(
+        "evaluate.py",
+        [f"run_id={run.info.run_id}", f"output_dir={out}"],
+        work,
+        {"MLFLOW_TRACKING_URI": url},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert str(out) in proc.stdout and (out / "report.html").is_file()
+    assert any(a.path == "report" for a in client.list_artifacts(run.info.run_id))

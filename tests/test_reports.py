@@ -1,0 +1,92 @@
+"""Report rendering: Markdown + self-contained HTML, checked in a real headless browser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from zoo.plotting import confusion_matrix_figure
+from zoo.reports import Report
+from zoo.reports.classification import per_class_metrics
+
+
+def _report() -> Report:
+    r = Report("Demo <report>")
+    r.key_values({"run": "abc|def"})
+    r.heading("Metrics")
+    r.table(["metric", "value"], [["test/acc", 0.5], ["test/loss", 1.25]])
+    r.image(
+        confusion_matrix_figure(np.array([[5, 1], [2, 7]]), ["a", "b"]), "confusion matrix", "cm"
+    )
+    r.code("a: 1\n", "config")
+    return r
+
+
+def test_markdown_and_html(tmp_path):
+    files = _report().write(tmp_path, {"test/acc": 0.5})
+    md = files["markdown"].read_text()
+    assert (
+        "| test/acc | 0.5000 |" in md
+        and "abc\\|def" in md
+        and "![confusion matrix](images/cm.png)" in md
+    )
+    assert (tmp_path / "images" / "cm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = files["html"].read_text()
+    assert "Demo &lt;report&gt;" in html and "<details><summary>config</summary>" in html
+    assert html.count("data:image/png;base64,") == 1 and 'src="images/' not in html
+    assert files["metrics"].read_text().strip().startswith("{")
+
+
+def test_per_class_metrics_by_hand():
+    cm = np.array([[5, 1], [2, 7]])  # rows: true, cols: predicted
+    m = per_class_metrics(cm, ["a", "b"])
+    assert m["a"]["precision"] == pytest.approx(5 / 7) and m["a"]["recall"] == pytest.approx(5 / 6)
+    assert (
+        m["b"]["f1"] == pytest.approx(2 * (7 / 8) * (7 / 9) / (7 / 8 + 7 / 9))
+        and m["b"]["support"] == 9
+    )
+    empty = per_class_metrics(np.zeros((2, 2)), ["a", "b"])
+    assert empty["a"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def test_html_report_renders_in_headless_chromium(tmp_path):
+    if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("ZOO_REQUIRE_BROWSER") == "1":  # set by .ci/run, which installs them
+            pytest.fail("chromium/chromedriver not found but ZOO_REQUIRE_BROWSER=1")
+        pytest.skip(
+            "needs Debian's chromium + chromium-driver (apt-get install chromium chromium-driver)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    files = _report().write(tmp_path)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--no-first-run",
+                 f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    try:
+        driver.get(files["html"].as_uri())
+        assert driver.title == "Demo <report>"
+        images = driver.execute_script(
+            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
+        )
+        assert images and all(ok and w > 100 and h > 100 for ok, w, h in images), images
+        rows = driver.execute_script("return document.querySelectorAll('table tr').length")
+        assert rows >= 4
+        # self-contained: the page made no request other than for itself
+        urls = driver.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+        )
+        assert [u for u in urls if not u.startswith("data:")] == []
+    finally:
+        driver.quit()
