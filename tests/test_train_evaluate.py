@@ -171,3 +171,22 @@ def test_evaluate_errors(make_cfg, tmp_path):
         evaluate(make_cfg(["run_id=deadbeef"], config_name="evaluate"))
     with pytest.raises(ConfigError, match="checkpoint file not found"):
         evaluate(make_cfg([f"ckpt_path={tmp_path / 'none.ckpt'}"], config_name="evaluate"))
+
+
+def test_explicit_run_id_and_failed_job(make_cfg, tracking_uri, tmp_path):
+    from zoo.errors import DataError
+
+    name = "failing"
+    cfg = make_cfg(["debug=fast", f"tracking.experiment_name={name}", "data=deap", f"data.data_dir={tmp_path / 'nope'}"])
+    with pytest.raises(DataError, match="nope: directory not found"):
+        train(cfg)
+    client = MlflowClient(tracking_uri)
+    (run,) = _runs(client, name)
+    assert run.info.status == "FAILED"
+    assert run.data.params["data.data_dir"] == str(tmp_path / "nope")  # what was logged stays
+    assert "config/config.yaml" in _artifacts(client, run.info.run_id)
+    # re-run the job into the same run with run_id=
+    train(make_cfg(["debug=fast", f"tracking.experiment_name={name}", f"run_id={run.info.run_id}", "test=false"]))
+    runs = _runs(client, name)
+    assert [r.info.run_id for r in runs] == [run.info.run_id] and runs[0].info.status == "FINISHED"
+    assert "val/loss" in runs[0].data.metrics

@@ -115,7 +115,7 @@ def train(cfg: DictConfig) -> float | None:
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
 
     with run.guard():
-        run.start(cfg, model, resumed=ckpt is not None)
+        run.start(cfg, model, resumed=ckpt is not None or bool(cfg.get("run_id")))
         if cfg.get("train", True):
             trainer.fit(
                 model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True

@@ -186,7 +186,8 @@ class TrainingRun:
         if resumed:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             c.log_text(run_id, yaml_text, f"config/config-resume-{stamp}.yaml")
-            c.set_tag(run_id, "zoo.resumed_from", str(cfg.get("ckpt_path")))
+            if cfg.get("ckpt_path"):
+                c.set_tag(run_id, "zoo.resumed_from", str(cfg.ckpt_path))
         else:
             c.log_text(run_id, yaml_text, CONFIG_ARTIFACT)
         overrides = _hydra_overrides()
