@@ -177,7 +177,14 @@ def test_explicit_run_id_and_failed_job(make_cfg, tracking_uri, tmp_path):
     from zoo.errors import DataError
 
     name = "failing"
-    cfg = make_cfg(["debug=fast", f"tracking.experiment_name={name}", "data=deap", f"data.data_dir={tmp_path / 'nope'}"])
+    cfg = make_cfg(
+        [
+            "debug=fast",
+            f"tracking.experiment_name={name}",
+            "data=deap",
+            f"data.data_dir={tmp_path / 'nope'}",
+        ]
+    )
     with pytest.raises(DataError, match="nope: directory not found"):
         train(cfg)
     client = MlflowClient(tracking_uri)
@@ -186,7 +193,16 @@ def test_explicit_run_id_and_failed_job(make_cfg, tracking_uri, tmp_path):
     assert run.data.params["data.data_dir"] == str(tmp_path / "nope")  # what was logged stays
     assert "config/config.yaml" in _artifacts(client, run.info.run_id)
     # re-run the job into the same run with run_id=
-    train(make_cfg(["debug=fast", f"tracking.experiment_name={name}", f"run_id={run.info.run_id}", "test=false"]))
+    train(
+        make_cfg(
+            [
+                "debug=fast",
+                f"tracking.experiment_name={name}",
+                f"run_id={run.info.run_id}",
+                "test=false",
+            ]
+        )
+    )
     runs = _runs(client, name)
     assert [r.info.run_id for r in runs] == [run.info.run_id] and runs[0].info.status == "FINISHED"
     assert "val/loss" in runs[0].data.metrics

@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+import zoo
 from zoo import tracking
 from zoo.errors import ConfigError
 from zoo.reports import Report
@@ -64,7 +65,7 @@ class RunInfo(L.Callback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint["zoo"] = {"mlflow_run_id": self.run.run_id, "config": self.config_yaml,
-                             "version": __import__("zoo").__version__}  # fmt: skip
+                             "version": zoo.__version__}  # fmt: skip
 
 
 def _run_id_for(cfg: DictConfig, ckpt: dict | None) -> str | None:

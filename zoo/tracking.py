@@ -169,6 +169,7 @@ class TrainingRun:
         if resumed:
             c.update_run(run_id, status="RUNNING")
         choices = _hydra_choices()
+        commit = git_commit()
         tags = {
             "zoo.model": choices.get("model") or str(OmegaConf.select(cfg, "model._target_")),
             "zoo.data": choices.get("data") or str(OmegaConf.select(cfg, "data._target_")),
@@ -176,8 +177,8 @@ class TrainingRun:
             "zoo.version": zoo.__version__,
             "zoo.command": " ".join(shlex.quote(a) for a in sys.argv),
             TAG_KIND: "train",
-            "mlflow.source.git.commit": git_commit(),
-            "zoo.git_commit": git_commit(),
+            "mlflow.source.git.commit": commit,
+            "zoo.git_commit": commit,
         }
         tags.update({f"zoo.tag.{k}": str(v) for k, v in (cfg.get("tags") or {}).items()})
         for k, v in tags.items():
