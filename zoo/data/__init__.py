@@ -1,0 +1,1 @@
+"""Data modules, one module per dataset family; offline demo builders live in zoo.data.demo."""

@@ -1,0 +1,518 @@
+"""DEAP EEG emotion dataset: safe loading, preprocessing, leak-free splits, Lightning data module.
+
+DEAP (Koelstra et al., 2012) ships ``data_preprocessed_python/sXX.dat``: one Python pickle per
+subject holding a dict with ``data`` (40 trials x 40 channels x 8064 samples at 128 Hz; the first
+384 samples are a 3 s pre-trial baseline; channels 0-31 EEG, 32-39 peripheral) and ``labels``
+(40 x 4: valence, arousal, dominance, liking, floats in 1-9).
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from scipy import signal
+from torch.utils.data import DataLoader, Dataset
+
+from zoo.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SFREQ = 128
+N_CHANNELS = 40
+N_SAMPLES = 8064
+BASELINE_SAMPLES = 3 * SFREQ
+N_LABELS = 4
+EEG_CHANNELS = [
+    "Fp1", "AF3", "F3", "F7", "FC5", "FC1", "C3", "T7", "CP5", "CP1", "P3", "P7", "PO3", "O1",
+    "Oz", "Pz", "Fp2", "AF4", "Fz", "F4", "F8", "FC6", "FC2", "Cz", "C4", "T8", "CP6", "CP2",
+    "P4", "P8", "PO4", "O2",
+]  # fmt: skip
+PERIPHERAL_CHANNELS = ["hEOG", "vEOG", "zEMG", "tEMG", "GSR", "Respiration", "Plethysmograph", "Temperature"]  # fmt: skip
+ALL_CHANNELS = EEG_CHANNELS + PERIPHERAL_CHANNELS
+LABEL_COLUMNS = ["valence", "arousal", "dominance", "liking"]
+CLASS_NAMES = {
+    "quadrant": ["HVHA", "HVLA", "LVHA", "LVLA"],
+    "valence": ["LV", "HV"],
+    "arousal": ["LA", "HA"],
+}
+PROTOCOLS = ("trial_kfold", "loso", "cross_subject", "random_windows")
+
+
+def resolve_channels(spec: Any) -> list[str]:
+    """Channel names for a preset ('eeg', 'peripheral', 'all') or an explicit list of names."""
+    presets = {"eeg": EEG_CHANNELS, "peripheral": PERIPHERAL_CHANNELS, "all": ALL_CHANNELS}
+    if isinstance(spec, str):
+        if spec not in presets:
+            raise ConfigError(f"data.channels={spec!r}: expected one of {sorted(presets)} or a list of channel names")
+        return list(presets[spec])
+    names = [str(c) for c in spec]
+    unknown = [c for c in names if c not in ALL_CHANNELS]
+    if unknown:
+        raise ConfigError(f"data.channels: unknown DEAP channel(s) {unknown}; known: {ALL_CHANNELS}")
+    if not names or len(set(names)) != len(names):
+        raise ConfigError(f"data.channels must be a non-empty list without repeats, got {names}")
+    return names
+
+
+def target_class_names(target: str) -> list[str]:
+    if target not in CLASS_NAMES:
+        raise ConfigError(f"data.target={target!r}: expected one of {sorted(CLASS_NAMES)}")
+    return list(CLASS_NAMES[target])
+
+
+def make_labels(ratings: np.ndarray, target: str, threshold: float = 5.0) -> np.ndarray:
+    """Class ids from (trials, 4) ratings: high = rating > threshold.
+
+    quadrant: 0 HVHA, 1 HVLA, 2 LVHA, 3 LVLA; valence/arousal: 0 low, 1 high.
+    """
+    high_v = ratings[:, 0] > threshold
+    high_a = ratings[:, 1] > threshold
+    if target == "quadrant":
+        return np.where(high_v, np.where(high_a, 0, 1), np.where(high_a, 2, 3)).astype(np.int64)
+    if target == "valence":
+        return high_v.astype(np.int64)
+    if target == "arousal":
+        return high_a.astype(np.int64)
+    raise ConfigError(f"data.target={target!r}: expected one of {sorted(CLASS_NAMES)}")
+
+
+# --------------------------------------------------------------------------- safe loading
+
+
+class _DeapUnpickler(pickle.Unpickler):
+    """Unpickler that only rebuilds numpy arrays (plus dicts/lists/str/numbers, which need no
+    globals). Any other global, e.g. ``os.system``, is refused before anything runs."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
+
+    def __init__(self, file, path: Path):
+        super().__init__(file, encoding="latin1")  # DEAP was pickled by Python 2
+        self._path = path
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("_codecs", "encode"):
+            return self._latin1_encode  # how protocol-2 pickles from Python 3 store raw bytes
+        if (module, name) not in self._ALLOWED:
+            raise DataError(
+                f"{self._path}: refusing to unpickle '{module}.{name}'. DEAP files hold only "
+                "dicts and numpy arrays; this file is not a DEAP file or may be malicious."
+            )
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):
+            module = "numpy._core." + module.split(".", 2)[2]  # numpy>=2 renamed numpy.core
+        return super().find_class(module, name)
+
+    def _latin1_encode(self, text: str, encoding: str = "utf-8") -> bytes:
+        if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+            raise DataError(f"{self._path}: refusing to unpickle '_codecs.encode' with encoding {encoding!r}")
+        return text.encode("latin1")
+
+    def persistent_load(self, pid):
+        raise DataError(f"{self._path}: unexpected persistent id in pickle; refusing to load")
+
+
+def load_subject(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Load one DEAP ``sXX.dat`` file safely and validate it; returns (data, ratings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: DEAP subject file not found")
+    try:
+        with path.open("rb") as fh:
+            obj = _DeapUnpickler(fh, path).load()
+    except DataError:
+        raise
+    except Exception as exc:  # truncated/corrupt pickle, wrong file type
+        raise DataError(f"{path}: not a readable DEAP pickle ({type(exc).__name__}: {exc})") from None
+    if not isinstance(obj, dict) or not {"data", "labels"} <= set(obj):
+        keys = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise DataError(f"{path}: expected a dict with keys 'data' and 'labels', got {keys}")
+    data, ratings = obj["data"], obj["labels"]
+    for key, arr in (("data", data), ("labels", ratings)):
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiu":
+            raise DataError(f"{path}: '{key}' must be a numeric numpy array, got {type(arr).__name__}")
+    if data.ndim != 3 or data.shape[1] != N_CHANNELS or data.shape[2] <= BASELINE_SAMPLES:
+        raise DataError(
+            f"{path}: 'data' has shape {data.shape}, expected (trials, {N_CHANNELS}, {N_SAMPLES})"
+        )
+    if ratings.shape != (data.shape[0], N_LABELS):
+        raise DataError(
+            f"{path}: 'labels' has shape {ratings.shape}, expected ({data.shape[0]}, {N_LABELS})"
+        )
+    for key, arr in (("data", data), ("labels", ratings)):
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise DataError(f"{path}: '{key}' contains {int(bad.sum())} NaN/inf values (first at index {where})")
+    return data, ratings.astype(np.float64)
+
+
+def subject_path(data_dir: Path, subject: int) -> Path:
+    return Path(data_dir) / f"s{subject:02d}.dat"
+
+
+def discover_subjects(data_dir: Path) -> list[int]:
+    found = []
+    for p in sorted(Path(data_dir).glob("s[0-9][0-9].dat")):
+        found.append(int(p.stem[1:]))
+    return found
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def preprocess_trials(
+    data: np.ndarray,
+    channel_idx: list[int],
+    baseline: str = "subtract_mean",
+    bandpass: tuple[float, float] | None = (4.0, 45.0),
+    filter_order: int = 4,
+) -> np.ndarray:
+    """(trials, 40, samples) raw -> (trials, C, samples - baseline) float32."""
+    x = data[:, channel_idx, :].astype(np.float64)
+    if baseline == "subtract_mean":
+        x = x - x[:, :, :BASELINE_SAMPLES].mean(axis=-1, keepdims=True)
+    elif baseline != "none":
+        raise ConfigError(f"data.baseline={baseline!r}: expected 'subtract_mean' or 'none'")
+    x = x[:, :, BASELINE_SAMPLES:]
+    if bandpass is not None:
+        lo, hi = float(bandpass[0]), float(bandpass[1])
+        if not 0 < lo < hi < SFREQ / 2:
+            raise ConfigError(f"data.bandpass={[lo, hi]}: need 0 < low < high < {SFREQ / 2} Hz")
+        sos = signal.butter(filter_order, [lo, hi], btype="bandpass", fs=SFREQ, output="sos")
+        x = signal.sosfiltfilt(sos, x, axis=-1)
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+@dataclass
+class Trials:
+    """All loaded trials, one row per (subject, trial)."""
+
+    signals: np.ndarray  # (n, C, S) float32
+    subject: np.ndarray  # (n,)
+    trial: np.ndarray  # (n,) trial index within its subject file
+    label: np.ndarray  # (n,)
+
+
+def _stratified_folds(labels: np.ndarray, n_folds: int, rng: np.random.Generator) -> np.ndarray:
+    """Fold id per item, balanced per class."""
+    folds = np.empty(len(labels), dtype=np.int64)
+    offset = 0
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        folds[idx] = (np.arange(len(idx)) + offset) % n_folds
+        offset += len(idx)
+    return folds
+
+
+def split_trials(
+    trials: Trials,
+    protocol: str,
+    *,
+    n_folds: int = 5,
+    fold: int = 0,
+    test_subject: int | None = None,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> np.ndarray:
+    """Assign every trial to a split: returns an array of 'train' / 'val' / 'test'.
+
+    Every protocol splits whole trials, so no window of a trial can land in two splits.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(trials.label)
+    split = np.full(n, "train", dtype=object)
+    subjects = np.unique(trials.subject)
+    if protocol == "trial_kfold":
+        if not 3 <= n_folds or not 0 <= fold < n_folds:
+            raise ConfigError(f"data.n_folds={n_folds}, data.fold={fold}: need n_folds >= 3 and 0 <= fold < n_folds")
+        for s in subjects:
+            rows = np.flatnonzero(trials.subject == s)
+            folds = _stratified_folds(trials.label[rows], n_folds, rng)
+            split[rows[folds == fold]] = "test"
+            split[rows[folds == (fold + 1) % n_folds]] = "val"
+    elif protocol == "loso":
+        if len(subjects) < 2:
+            raise ConfigError(f"data.protocol=loso needs at least 2 subjects, got {subjects.tolist()}")
+        test_subject = int(subjects[0]) if test_subject is None else int(test_subject)
+        if test_subject not in subjects:
+            raise ConfigError(f"data.test_subject={test_subject} is not among the loaded subjects {subjects.tolist()}")
+        split[trials.subject == test_subject] = "test"
+        for s in subjects[subjects != test_subject]:
+            rows = np.flatnonzero(trials.subject == s)
+            n_val = max(1, round(val_fraction * len(rows)))
+            split[rng.permutation(rows)[:n_val]] = "val"
+    elif protocol == "cross_subject":
+        if len(subjects) < 3:
+            raise ConfigError(f"data.protocol=cross_subject needs at least 3 subjects, got {subjects.tolist()}")
+        order = rng.permutation(subjects)
+        n_test = max(1, round(test_fraction * len(order)))
+        n_val = max(1, round(val_fraction * len(order)))
+        split[np.isin(trials.subject, order[:n_test])] = "test"
+        split[np.isin(trials.subject, order[n_test : n_test + n_val])] = "val"
+    else:
+        raise ConfigError(f"data.protocol={protocol!r}: expected one of {list(PROTOCOLS)}")
+    for name in ("train", "val", "test"):
+        if not (split == name).any():
+            raise ConfigError(f"data.protocol={protocol}: the '{name}' split is empty with these settings")
+    return split
+
+
+class EEGWindows(Dataset):
+    """Fixed-length windows cut on the fly from whole preprocessed trials."""
+
+    def __init__(self, trials: Trials, rows: np.ndarray, window: int, step: int):
+        self.trials = trials
+        n_samples = trials.signals.shape[-1]
+        starts = np.arange(0, n_samples - window + 1, step)
+        self.rows = np.repeat(rows, len(starts))
+        self.starts = np.tile(starts, len(rows))
+        self.window = window
+        self._signals = torch.from_numpy(trials.signals)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        r, s = self.rows[i], self.starts[i]
+        return self._signals[r, :, s : s + self.window], int(self.trials.label[r])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.trials.label[self.rows]
+
+    @property
+    def trial_keys(self) -> set[tuple[int, int]]:
+        """(subject, trial) of every window: used to prove splits do not leak."""
+        return set(zip(self.trials.subject[self.rows].tolist(), self.trials.trial[self.rows].tolist()))
+
+
+class _RandomWindowSubset(Dataset):
+    def __init__(self, base: EEGWindows, index: np.ndarray):
+        self.base, self.index = base, index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        return self.base[int(self.index[i])]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.base.labels[self.index]
+
+    @property
+    def trial_keys(self) -> set[tuple[int, int]]:
+        rows = self.base.rows[self.index]
+        t = self.base.trials
+        return set(zip(t.subject[rows].tolist(), t.trial[rows].tolist()))
+
+
+# --------------------------------------------------------------------------- data module
+
+
+class DeapDataModule(L.LightningDataModule):
+    """DEAP windows for emotion classification with leak-free evaluation protocols.
+
+    ``demo`` (a dict of generator options) writes DEAP-format files into ``data_dir`` first, so
+    the demo goes through exactly the loader used for the real dataset.
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        subjects: list[int] | None = None,
+        channels: str | list[str] = "eeg",
+        target: str = "quadrant",
+        threshold: float = 5.0,
+        baseline: str = "subtract_mean",
+        bandpass: list[float] | None = (4.0, 45.0),
+        filter_order: int = 4,
+        window_seconds: float = 2.0,
+        overlap: float = 0.5,
+        normalize: bool = True,
+        protocol: str = "trial_kfold",
+        n_folds: int = 5,
+        fold: int = 0,
+        test_subject: int | None = None,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        allow_leaky_split: bool = False,
+        split_seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        subset: int | None = None,
+        demo: dict | None = None,
+        class_names: list[str] | None = None,
+        num_classes: int | None = None,
+        num_channels: int | None = None,
+    ):
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.channel_names = resolve_channels(channels)
+        self.class_names = target_class_names(target)
+        for key, given, derived in (
+            ("class_names", class_names, self.class_names),
+            ("num_classes", num_classes, len(self.class_names)),
+            ("num_channels", num_channels, len(self.channel_names)),
+        ):
+            if given is not None and (list(given) if key == "class_names" else given) != derived:
+                raise ConfigError(f"data.{key}={given!r} does not match data.target/channels (expected {derived!r})")
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"data.protocol={protocol!r}: expected one of {list(PROTOCOLS)}")
+        if protocol == "random_windows" and not allow_leaky_split:
+            raise ConfigError(
+                "data.protocol=random_windows splits windows of the same trial across train and test "
+                "(overlapping windows leak); set data.allow_leaky_split=true to use it anyway."
+            )
+        if not 0 <= overlap < 1:
+            raise ConfigError(f"data.overlap={overlap}: must be in [0, 1)")
+        self.window = int(round(window_seconds * SFREQ))
+        self.step = max(1, int(round(self.window * (1 - overlap))))
+        if not 8 <= self.window <= N_SAMPLES - BASELINE_SAMPLES:
+            raise ConfigError(f"data.window_seconds={window_seconds}: window must be 8..{N_SAMPLES - BASELINE_SAMPLES} samples")
+        self.subjects, self.subset, self.target, self.threshold = subjects, subset, target, threshold
+        self.baseline, self.filter_order, self.normalize = baseline, filter_order, normalize
+        self.bandpass = tuple(bandpass) if bandpass is not None else None
+        self.protocol, self.allow_leaky_split = protocol, allow_leaky_split
+        self.split_kwargs = dict(
+            n_folds=n_folds, fold=fold, test_subject=test_subject, val_fraction=val_fraction,
+            test_fraction=test_fraction, seed=split_seed,
+        )  # fmt: skip
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.demo = dict(demo) if demo else None
+        self.datasets: dict[str, Dataset] = {}
+        self.norm_stats: tuple[np.ndarray, np.ndarray] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def _subject_list(self) -> list[int]:
+        if self.subjects is not None:
+            subjects = [int(s) for s in self.subjects]
+        else:
+            subjects = discover_subjects(self.data_dir)
+            if not subjects:
+                raise DataError(f"{self.data_dir}: no DEAP subject files (s01.dat ... s32.dat) found")
+        if self.subset is not None:
+            subjects = subjects[: int(self.subset)]
+        return subjects
+
+    def prepare_data(self) -> None:
+        if self.demo is not None:
+            from zoo.data.demo.deap import write_demo_deap
+
+            opts = dict(self.demo)
+            if self.subset is not None:  # only build what will be read
+                opts["n_subjects"] = min(int(opts.get("n_subjects", 4)), int(self.subset))
+            write_demo_deap(self.data_dir, **opts)
+        if not self.data_dir.is_dir():
+            raise DataError(f"data.data_dir={self.data_dir}: directory not found (expected DEAP's data_preprocessed_python folder)")
+        missing = [str(subject_path(self.data_dir, s)) for s in self._subject_list() if not subject_path(self.data_dir, s).is_file()]
+        if missing:
+            raise DataError(f"missing DEAP subject file(s): {', '.join(missing)}")
+
+    def load_trials(self) -> Trials:
+        channel_idx = [ALL_CHANNELS.index(c) for c in self.channel_names]
+        parts = {k: [] for k in ("signals", "subject", "trial", "label")}
+        for s in self._subject_list():
+            data, ratings = load_subject(subject_path(self.data_dir, s))
+            x = preprocess_trials(data, channel_idx, self.baseline, self.bandpass, self.filter_order)
+            parts["signals"].append(x)
+            parts["subject"].append(np.full(len(x), s))
+            parts["trial"].append(np.arange(len(x)))
+            parts["label"].append(make_labels(ratings, self.target, self.threshold))
+        return Trials(**{k: np.concatenate(v) for k, v in parts.items()})
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if not self.data_dir.is_dir():
+            self.prepare_data()  # e.g. setup() called directly, outside a Trainer
+        trials = self.load_trials()
+        if self.protocol == "random_windows":
+            warnings.warn(
+                "data.protocol=random_windows: windows of one trial are spread over train/val/test; "
+                "test scores will be optimistic (leaky split).",
+                stacklevel=2,
+            )
+            all_windows = EEGWindows(trials, np.arange(len(trials.label)), self.window, self.step)
+            perm = np.random.default_rng(self.split_kwargs["seed"]).permutation(len(all_windows))
+            n_test = int(len(perm) * self.split_kwargs["test_fraction"])
+            n_val = int(len(perm) * self.split_kwargs["val_fraction"])
+            index = {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
+            train_rows = np.unique(all_windows.rows[index["train"]])
+            self._normalise(trials, train_rows)
+            self.datasets = {k: _RandomWindowSubset(all_windows, v) for k, v in index.items()}
+        else:
+            split = split_trials(trials, self.protocol, **self.split_kwargs)
+            self._normalise(trials, np.flatnonzero(split == "train"))
+            self.datasets = {
+                k: EEGWindows(trials, np.flatnonzero(split == k), self.window, self.step)
+                for k in ("train", "val", "test")
+            }
+        self.trials = trials
+
+    def _normalise(self, trials: Trials, train_rows: np.ndarray) -> None:
+        """Per-channel z-score with statistics of the training trials only."""
+        if not self.normalize:
+            return
+        train = trials.signals[train_rows]
+        mean = train.mean(axis=(0, 2), dtype=np.float64)
+        std = train.std(axis=(0, 2), dtype=np.float64) + 1e-6
+        trials.signals -= mean[None, :, None].astype(np.float32)
+        trials.signals /= std[None, :, None].astype(np.float32)
+        self.norm_stats = (mean, std)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def summary(self) -> dict[str, Any]:
+        """What a report needs to describe the data: sizes, class balance, protocol."""
+        self.setup()
+        out: dict[str, Any] = {
+            "dataset": "DEAP (demo, generated in DEAP format)" if self.demo else "DEAP",
+            "data_dir": str(self.data_dir),
+            "subjects": [int(s) for s in np.unique(self.trials.subject)],
+            "channels": f"{len(self.channel_names)} ({', '.join(self.channel_names[:4])}, ...)",
+            "target": self.target,
+            "window": f"{self.window} samples ({self.window / SFREQ:g} s), step {self.step}",
+            "protocol": self.protocol,
+        }
+        for split, ds in self.datasets.items():
+            counts = Counter(ds.labels.tolist())
+            per_class = ", ".join(f"{n}={counts.get(i, 0)}" for i, n in enumerate(self.class_names))
+            out[f"{split} windows"] = f"{len(ds)} from {len(ds.trial_keys)} trials ({per_class})"
+        return out

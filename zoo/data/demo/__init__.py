@@ -1,0 +1,1 @@
+"""Builders for the offline demo datasets (written in the real datasets' on-disk formats)."""
