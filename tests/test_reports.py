@@ -90,3 +90,21 @@ def test_html_report_renders_in_headless_chromium(tmp_path):
         assert [u for u in urls if not u.startswith("data:")] == []
     finally:
         driver.quit()
+
+
+def test_report_macro_f1_matches_torchmetrics():
+    import torch
+    from torchmetrics.functional.classification import multiclass_f1_score
+
+    from zoo.reports.classification import add_classification_sections
+
+    target = torch.tensor([1, 1, 1, 2, 2, 3, 3, 3, 3])  # class 0 never appears nor is predicted
+    preds = torch.tensor([1, 3, 1, 3, 2, 3, 1, 3, 3])
+    cm = torch.zeros(4, 4, dtype=torch.long)
+    for t, p in zip(target, preds):
+        cm[t, p] += 1
+    report = Report("r")
+    add_classification_sections(report, {"confusion_matrix": cm}, ["a", "b", "c", "d"])
+    table = next(data for kind, data in report.blocks if kind == "table")
+    macro_f1 = table[1][-1][3]
+    assert macro_f1 == pytest.approx(multiclass_f1_score(preds, target, 4, average="macro").item())

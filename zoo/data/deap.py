@@ -52,12 +52,16 @@ def resolve_channels(spec: Any) -> list[str]:
     presets = {"eeg": EEG_CHANNELS, "peripheral": PERIPHERAL_CHANNELS, "all": ALL_CHANNELS}
     if isinstance(spec, str):
         if spec not in presets:
-            raise ConfigError(f"data.channels={spec!r}: expected one of {sorted(presets)} or a list of channel names")
+            raise ConfigError(
+                f"data.channels={spec!r}: expected one of {sorted(presets)} or a list of channel names"
+            )
         return list(presets[spec])
     names = [str(c) for c in spec]
     unknown = [c for c in names if c not in ALL_CHANNELS]
     if unknown:
-        raise ConfigError(f"data.channels: unknown DEAP channel(s) {unknown}; known: {ALL_CHANNELS}")
+        raise ConfigError(
+            f"data.channels: unknown DEAP channel(s) {unknown}; known: {ALL_CHANNELS}"
+        )
     if not names or len(set(names)) != len(names):
         raise ConfigError(f"data.channels must be a non-empty list without repeats, got {names}")
     return names
@@ -119,7 +123,9 @@ class _DeapUnpickler(pickle.Unpickler):
 
     def _latin1_encode(self, text: str, encoding: str = "utf-8") -> bytes:
         if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
-            raise DataError(f"{self._path}: refusing to unpickle '_codecs.encode' with encoding {encoding!r}")
+            raise DataError(
+                f"{self._path}: refusing to unpickle '_codecs.encode' with encoding {encoding!r}"
+            )
         return text.encode("latin1")
 
     def persistent_load(self, pid):
@@ -137,14 +143,18 @@ def load_subject(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     except DataError:
         raise
     except Exception as exc:  # truncated/corrupt pickle, wrong file type
-        raise DataError(f"{path}: not a readable DEAP pickle ({type(exc).__name__}: {exc})") from None
+        raise DataError(
+            f"{path}: not a readable DEAP pickle ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(obj, dict) or not {"data", "labels"} <= set(obj):
         keys = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
         raise DataError(f"{path}: expected a dict with keys 'data' and 'labels', got {keys}")
     data, ratings = obj["data"], obj["labels"]
     for key, arr in (("data", data), ("labels", ratings)):
         if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "fiu":
-            raise DataError(f"{path}: '{key}' must be a numeric numpy array, got {type(arr).__name__}")
+            raise DataError(
+                f"{path}: '{key}' must be a numeric numpy array, got {type(arr).__name__}"
+            )
     if data.ndim != 3 or data.shape[1] != N_CHANNELS or data.shape[2] <= BASELINE_SAMPLES:
         raise DataError(
             f"{path}: 'data' has shape {data.shape}, expected (trials, {N_CHANNELS}, {N_SAMPLES})"
@@ -157,7 +167,9 @@ def load_subject(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         bad = ~np.isfinite(arr)
         if bad.any():
             where = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise DataError(f"{path}: '{key}' contains {int(bad.sum())} NaN/inf values (first at index {where})")
+            raise DataError(
+                f"{path}: '{key}' contains {int(bad.sum())} NaN/inf values (first at index {where})"
+            )
     return data, ratings.astype(np.float64)
 
 
@@ -244,7 +256,9 @@ def split_trials(
     subjects = np.unique(trials.subject)
     if protocol == "trial_kfold":
         if not 3 <= n_folds or not 0 <= fold < n_folds:
-            raise ConfigError(f"data.n_folds={n_folds}, data.fold={fold}: need n_folds >= 3 and 0 <= fold < n_folds")
+            raise ConfigError(
+                f"data.n_folds={n_folds}, data.fold={fold}: need n_folds >= 3 and 0 <= fold < n_folds"
+            )
         for s in subjects:
             rows = np.flatnonzero(trials.subject == s)
             folds = _stratified_folds(trials.label[rows], n_folds, rng)
@@ -252,10 +266,14 @@ def split_trials(
             split[rows[folds == (fold + 1) % n_folds]] = "val"
     elif protocol == "loso":
         if len(subjects) < 2:
-            raise ConfigError(f"data.protocol=loso needs at least 2 subjects, got {subjects.tolist()}")
+            raise ConfigError(
+                f"data.protocol=loso needs at least 2 subjects, got {subjects.tolist()}"
+            )
         test_subject = int(subjects[0]) if test_subject is None else int(test_subject)
         if test_subject not in subjects:
-            raise ConfigError(f"data.test_subject={test_subject} is not among the loaded subjects {subjects.tolist()}")
+            raise ConfigError(
+                f"data.test_subject={test_subject} is not among the loaded subjects {subjects.tolist()}"
+            )
         split[trials.subject == test_subject] = "test"
         for s in subjects[subjects != test_subject]:
             rows = np.flatnonzero(trials.subject == s)
@@ -263,7 +281,9 @@ def split_trials(
             split[rng.permutation(rows)[:n_val]] = "val"
     elif protocol == "cross_subject":
         if len(subjects) < 3:
-            raise ConfigError(f"data.protocol=cross_subject needs at least 3 subjects, got {subjects.tolist()}")
+            raise ConfigError(
+                f"data.protocol=cross_subject needs at least 3 subjects, got {subjects.tolist()}"
+            )
         order = rng.permutation(subjects)
         n_test = max(1, round(test_fraction * len(order)))
         n_val = max(1, round(val_fraction * len(order)))
@@ -273,7 +293,9 @@ def split_trials(
         raise ConfigError(f"data.protocol={protocol!r}: expected one of {list(PROTOCOLS)}")
     for name in ("train", "val", "test"):
         if not (split == name).any():
-            raise ConfigError(f"data.protocol={protocol}: the '{name}' split is empty with these settings")
+            raise ConfigError(
+                f"data.protocol={protocol}: the '{name}' split is empty with these settings"
+            )
     return split
 
 
@@ -303,7 +325,9 @@ class EEGWindows(Dataset):
     @property
     def trial_keys(self) -> set[tuple[int, int]]:
         """(subject, trial) of every window: used to prove splits do not leak."""
-        return set(zip(self.trials.subject[self.rows].tolist(), self.trials.trial[self.rows].tolist()))
+        return set(
+            zip(self.trials.subject[self.rows].tolist(), self.trials.trial[self.rows].tolist())
+        )
 
 
 class _RandomWindowSubset(Dataset):
@@ -376,7 +400,9 @@ class DeapDataModule(L.LightningDataModule):
             ("num_channels", num_channels, len(self.channel_names)),
         ):
             if given is not None and (list(given) if key == "class_names" else given) != derived:
-                raise ConfigError(f"data.{key}={given!r} does not match data.target/channels (expected {derived!r})")
+                raise ConfigError(
+                    f"data.{key}={given!r} does not match data.target/channels (expected {derived!r})"
+                )
         if protocol not in PROTOCOLS:
             raise ConfigError(f"data.protocol={protocol!r}: expected one of {list(PROTOCOLS)}")
         if protocol == "random_windows" and not allow_leaky_split:
@@ -389,8 +415,15 @@ class DeapDataModule(L.LightningDataModule):
         self.window = int(round(window_seconds * SFREQ))
         self.step = max(1, int(round(self.window * (1 - overlap))))
         if not 8 <= self.window <= N_SAMPLES - BASELINE_SAMPLES:
-            raise ConfigError(f"data.window_seconds={window_seconds}: window must be 8..{N_SAMPLES - BASELINE_SAMPLES} samples")
-        self.subjects, self.subset, self.target, self.threshold = subjects, subset, target, threshold
+            raise ConfigError(
+                f"data.window_seconds={window_seconds}: window must be 8..{N_SAMPLES - BASELINE_SAMPLES} samples"
+            )
+        self.subjects, self.subset, self.target, self.threshold = (
+            subjects,
+            subset,
+            target,
+            threshold,
+        )
         self.baseline, self.filter_order, self.normalize = baseline, filter_order, normalize
         self.bandpass = tuple(bandpass) if bandpass is not None else None
         self.protocol, self.allow_leaky_split = protocol, allow_leaky_split
@@ -413,7 +446,9 @@ class DeapDataModule(L.LightningDataModule):
         else:
             subjects = discover_subjects(self.data_dir)
             if not subjects:
-                raise DataError(f"{self.data_dir}: no DEAP subject files (s01.dat ... s32.dat) found")
+                raise DataError(
+                    f"{self.data_dir}: no DEAP subject files (s01.dat ... s32.dat) found"
+                )
         if self.subset is not None:
             subjects = subjects[: int(self.subset)]
         return subjects
@@ -427,8 +462,14 @@ class DeapDataModule(L.LightningDataModule):
                 opts["n_subjects"] = min(int(opts.get("n_subjects", 4)), int(self.subset))
             write_demo_deap(self.data_dir, **opts)
         if not self.data_dir.is_dir():
-            raise DataError(f"data.data_dir={self.data_dir}: directory not found (expected DEAP's data_preprocessed_python folder)")
-        missing = [str(subject_path(self.data_dir, s)) for s in self._subject_list() if not subject_path(self.data_dir, s).is_file()]
+            raise DataError(
+                f"data.data_dir={self.data_dir}: directory not found (expected DEAP's data_preprocessed_python folder)"
+            )
+        missing = [
+            str(subject_path(self.data_dir, s))
+            for s in self._subject_list()
+            if not subject_path(self.data_dir, s).is_file()
+        ]
         if missing:
             raise DataError(f"missing DEAP subject file(s): {', '.join(missing)}")
 
@@ -437,7 +478,9 @@ class DeapDataModule(L.LightningDataModule):
         parts = {k: [] for k in ("signals", "subject", "trial", "label")}
         for s in self._subject_list():
             data, ratings = load_subject(subject_path(self.data_dir, s))
-            x = preprocess_trials(data, channel_idx, self.baseline, self.bandpass, self.filter_order)
+            x = preprocess_trials(
+                data, channel_idx, self.baseline, self.bandpass, self.filter_order
+            )
             parts["signals"].append(x)
             parts["subject"].append(np.full(len(x), s))
             parts["trial"].append(np.arange(len(x)))
@@ -460,7 +503,11 @@ class DeapDataModule(L.LightningDataModule):
             perm = np.random.default_rng(self.split_kwargs["seed"]).permutation(len(all_windows))
             n_test = int(len(perm) * self.split_kwargs["test_fraction"])
             n_val = int(len(perm) * self.split_kwargs["val_fraction"])
-            index = {"test": perm[:n_test], "val": perm[n_test : n_test + n_val], "train": perm[n_test + n_val :]}
+            index = {
+                "test": perm[:n_test],
+                "val": perm[n_test : n_test + n_val],
+                "train": perm[n_test + n_val :],
+            }
             train_rows = np.unique(all_windows.rows[index["train"]])
             self._normalise(trials, train_rows)
             self.datasets = {k: _RandomWindowSubset(all_windows, v) for k, v in index.items()}

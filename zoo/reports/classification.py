@@ -21,19 +21,32 @@ def per_class_metrics(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, d
                    "support": int(actual[i])} for i, name in enumerate(class_names)}  # fmt: skip
 
 
-def add_classification_sections(report: Report, outputs: dict, class_names: Sequence[str], split: str = "test") -> dict[str, float]:
+def add_classification_sections(
+    report: Report, outputs: dict, class_names: Sequence[str], split: str = "test"
+) -> dict[str, float]:
     """Adds the sections; returns flat per-class metrics (``test/precision/HVHA``, ...)."""
     from zoo.plotting import confusion_matrix_figure
 
     cm = np.asarray(outputs["confusion_matrix"])
     per_class = per_class_metrics(cm, class_names)
     report.heading("Per-class precision, recall and F1")
-    rows = [[name, m["precision"], m["recall"], m["f1"], m["support"]] for name, m in per_class.items()]
-    macro = [float(np.mean([m[k] for m in per_class.values()])) for k in ("precision", "recall", "f1")]
+    rows = [
+        [name, m["precision"], m["recall"], m["f1"], m["support"]] for name, m in per_class.items()
+    ]
+    # like torchmetrics' macro average: classes never seen nor predicted do not count
+    present = [m for i, m in enumerate(per_class.values()) if cm[i, :].sum() + cm[:, i].sum() > 0]
+    macro = [
+        float(np.mean([m[k] for m in present])) if present else 0.0
+        for k in ("precision", "recall", "f1")
+    ]
     rows.append(["macro average", *macro, int(cm.sum())])
     report.table(["class", "precision", "recall", "F1", "support"], rows)
     report.heading("Confusion matrix")
-    report.image(confusion_matrix_figure(cm, class_names, f"{split} confusion matrix"), f"{split} confusion matrix (counts; colour = fraction of the true class)", "confusion_matrix")
+    report.image(
+        confusion_matrix_figure(cm, class_names, f"{split} confusion matrix"),
+        f"{split} confusion matrix (counts; colour = fraction of the true class)",
+        "confusion_matrix",
+    )
     flat = {}
     for name, m in per_class.items():
         for k in ("precision", "recall", "f1"):

@@ -12,7 +12,9 @@ def run_label(run) -> str:
     return f"{name} ({run.info.run_id[:8]})"
 
 
-def comparison_report(client, runs: list, curve_metrics=CURVE_METRICS) -> tuple[Report, dict[str, float]]:
+def comparison_report(
+    client, runs: list, curve_metrics=CURVE_METRICS
+) -> tuple[Report, dict[str, float]]:
     from zoo.plotting import learning_curves_figure
 
     labels = [run_label(r) for r in runs]
@@ -52,7 +54,11 @@ def comparison_report(client, runs: list, curve_metrics=CURVE_METRICS) -> tuple[
             histories[metric] = per_run
     report.heading("Learning curves")
     if histories:
-        report.image(learning_curves_figure(histories, "Learning curves (from mlflow metric history)"), "learning curves", "learning_curves")
+        report.image(
+            learning_curves_figure(histories, "Learning curves (from mlflow metric history)"),
+            "learning curves",
+            "learning_curves",
+        )
     else:
         report.paragraph(f"None of the runs logged any of {', '.join(curve_metrics)}.")
     return report, flat

@@ -108,11 +108,17 @@ class Report:
                 headers, rows = data
                 out.append("<table>")
                 if any(headers):
-                    out.append("<thead><tr>" + "".join(f"<th>{e(str(h))}</th>" for h in headers) + "</tr></thead>")
+                    out.append(
+                        "<thead><tr>"
+                        + "".join(f"<th>{e(str(h))}</th>" for h in headers)
+                        + "</tr></thead>"
+                    )
                 out.append("<tbody>")
                 for r in rows:
                     cells = "".join(
-                        f'<td class="num">{e(fmt(v))}</td>' if isinstance(v, (int, float)) else f"<td>{e(fmt(v))}</td>"
+                        f'<td class="num">{e(fmt(v))}</td>'
+                        if isinstance(v, (int, float))
+                        else f"<td>{e(fmt(v))}</td>"
                         for v in r
                     )
                     out.append(f"<tr>{cells}</tr>")
@@ -125,11 +131,15 @@ class Report:
             elif kind == "code":
                 text, summary = data
                 pre = f"<pre>{e(text)}</pre>"
-                out.append(f"<details><summary>{e(summary)}</summary>{pre}</details>" if summary else pre)
+                out.append(
+                    f"<details><summary>{e(summary)}</summary>{pre}</details>" if summary else pre
+                )
         out.append("</body></html>")
         return "\n".join(out)
 
-    def write(self, out_dir: str | Path, metrics: dict[str, float] | None = None) -> dict[str, Path]:
+    def write(
+        self, out_dir: str | Path, metrics: dict[str, float] | None = None
+    ) -> dict[str, Path]:
         """Write report.md (+ images/), report.html and, if given, metrics.json."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -142,5 +152,7 @@ class Report:
         files["html"].write_text(self.to_html(), encoding="utf-8")
         if metrics is not None:
             files["metrics"] = out / "metrics.json"
-            files["metrics"].write_text(json.dumps(metrics, indent=2, sort_keys=True), encoding="utf-8")
+            files["metrics"].write_text(
+                json.dumps(metrics, indent=2, sort_keys=True), encoding="utf-8"
+            )
         return files

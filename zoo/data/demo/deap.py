@@ -27,7 +27,9 @@ _FRONTAL = {"Fp1", "AF3", "F3", "F7", "FC5", "FC1", "Fp2", "AF4", "Fz", "F4", "F
 _CENTRO_PARIETAL = {"C3", "CP5", "CP1", "P3", "P7", "Pz", "Cz", "C4", "CP6", "CP2", "P4", "P8"}
 
 
-def _band_noise(rng: np.random.Generator, shape: tuple[int, ...], lo: float, hi: float) -> np.ndarray:
+def _band_noise(
+    rng: np.random.Generator, shape: tuple[int, ...], lo: float, hi: float
+) -> np.ndarray:
     """Unit-variance noise restricted to [lo, hi] Hz (random-phase narrow-band oscillation)."""
     spec = np.fft.rfft(rng.standard_normal(shape), axis=-1)
     freqs = np.fft.rfftfreq(shape[-1], 1 / SFREQ)
@@ -52,8 +54,12 @@ def make_subject(subject: int, seed: int = 0, n_trials: int = 40, effect: float 
     high_v = np.isin(quadrant, (0, 1))
     high_a = np.isin(quadrant, (0, 2))
     ratings = np.empty((n_trials, 4))
-    ratings[:, 0] = np.where(high_v, rng.uniform(5.2, 9.0, n_trials), rng.uniform(1.0, 4.8, n_trials))
-    ratings[:, 1] = np.where(high_a, rng.uniform(5.2, 9.0, n_trials), rng.uniform(1.0, 4.8, n_trials))
+    ratings[:, 0] = np.where(
+        high_v, rng.uniform(5.2, 9.0, n_trials), rng.uniform(1.0, 4.8, n_trials)
+    )
+    ratings[:, 1] = np.where(
+        high_a, rng.uniform(5.2, 9.0, n_trials), rng.uniform(1.0, 4.8, n_trials)
+    )
     ratings[:, 2:] = rng.uniform(1.0, 9.0, (n_trials, 2))
     ratings = np.round(ratings, 2)
 
@@ -80,19 +86,31 @@ def make_subject(subject: int, seed: int = 0, n_trials: int = 40, effect: float 
     resp_f = rng.uniform(0.2, 0.35, (n_trials, 1))
     periph[:, 5] = 1000 * np.sin(2 * np.pi * resp_f * t) + rng.normal(0, 20, (n_trials, N_SAMPLES))
     pulse_f = rng.uniform(1.0, 1.5, (n_trials, 1))
-    periph[:, 6] = 500 * np.sin(2 * np.pi * pulse_f * t) ** 8 + rng.normal(0, 10, (n_trials, N_SAMPLES))
-    periph[:, 7] = rng.uniform(28, 34, (n_trials, 1)) + 0.001 * np.cumsum(rng.normal(0, 1, (n_trials, N_SAMPLES)), axis=-1)
+    periph[:, 6] = 500 * np.sin(2 * np.pi * pulse_f * t) ** 8 + rng.normal(
+        0, 10, (n_trials, N_SAMPLES)
+    )
+    periph[:, 7] = rng.uniform(28, 34, (n_trials, 1)) + 0.001 * np.cumsum(
+        rng.normal(0, 1, (n_trials, N_SAMPLES)), axis=-1
+    )
 
     data = np.concatenate([eeg, periph], axis=1).astype(np.float64)
     assert data.shape == (n_trials, len(ALL_CHANNELS), N_SAMPLES)
     return {"labels": ratings, "data": data}
 
 
-def write_demo_deap(out_dir: str | Path, n_subjects: int = 4, seed: int = 0, n_trials: int = 40, effect: float = 0.6) -> list[Path]:
+def write_demo_deap(
+    out_dir: str | Path, n_subjects: int = 4, seed: int = 0, n_trials: int = 40, effect: float = 0.6
+) -> list[Path]:
     """Write ``s01.dat`` ... into ``out_dir`` (skipped when an identical set is already there)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    spec = {"generator": "zoo.data.demo.deap", "version": GENERATOR_VERSION, "seed": seed, "n_trials": n_trials, "effect": effect}
+    spec = {
+        "generator": "zoo.data.demo.deap",
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "n_trials": n_trials,
+        "effect": effect,
+    }
     manifest = out_dir / "demo.json"
     paths = [out_dir / f"s{s:02d}.dat" for s in range(1, n_subjects + 1)]
     done: list[int] = []
@@ -111,7 +129,9 @@ def write_demo_deap(out_dir: str | Path, n_subjects: int = 4, seed: int = 0, n_t
     for s in tqdm(todo, desc="demo DEAP subjects", unit="subject", leave=False):
         tmp = out_dir / f".s{s:02d}.dat.{os.getpid()}.tmp"
         with tmp.open("wb") as fh:
-            pickle.dump(make_subject(s, seed, n_trials, effect), fh, protocol=2)  # as DEAP (Python 2)
+            pickle.dump(
+                make_subject(s, seed, n_trials, effect), fh, protocol=2
+            )  # as DEAP (Python 2)
         tmp.replace(paths[s - 1])
         done = sorted(set(done) | {s})
         manifest.write_text(json.dumps({**spec, "subjects": done}, indent=1))
