@@ -14,7 +14,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from zoo.config import check_override_types, resolve
-from zoo.errors import ConfigError, ZooError
+from zoo.errors import ConfigError, ZooError, one_line
 
 log = logging.getLogger("zoo")
 
@@ -33,18 +33,14 @@ def _defaults_without_value_overrides(cfg: DictConfig) -> DictConfig | None:
         keep = []
         for line in hc.overrides.task:
             key = line.split("=", 1)[0].lstrip("+~")
+            current = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+            # group choices: model=..., data@x=..., and groups that only merge (experiment=, debug=)
             if (
-                isinstance(
-                    OmegaConf.select(cfg, key, default=None, throw_on_missing=False), DictConfig
-                )
-                or "@" in key
+                "@" in key
+                or isinstance(current, DictConfig)
+                or (current is None and "." not in key)
             ):
                 keep.append(line)
-            elif (
-                OmegaConf.select(cfg, key, default=None, throw_on_missing=False) is None
-                and "." not in key
-            ):
-                keep.append(line)  # e.g. experiment=..., debug=... (groups that only merge)
         return compose(config_name=hc.job.config_name, overrides=keep)
     except Exception as exc:  # the check is a courtesy; never block a run because of it
         log.debug("override type check skipped: %s", exc)
@@ -67,8 +63,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
 
 def friendly_message(exc: BaseException) -> str:
     if isinstance(exc, InstantiationException):
-        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        return f"could not build an object from the config: {text}"
+        return f"could not build an object from the config: {one_line(str(exc))}"
     return str(exc)
 
 

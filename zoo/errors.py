@@ -11,3 +11,8 @@ class ConfigError(ZooError):
 
 class DataError(ZooError):
     """A missing, malformed or unsafe data file."""
+
+
+def one_line(text: str) -> str:
+    """Join a multi-line message (e.g. Hydra's InstantiationException) into one line."""
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())

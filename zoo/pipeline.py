@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import zoo
 from zoo import tracking
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, one_line
 from zoo.reports import Report
 
 log = logging.getLogger(__name__)
@@ -31,8 +31,7 @@ def build(node: DictConfig, key: str, **kwargs) -> Any:
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as exc:
-        text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        raise ConfigError(f"could not build '{key}': {text}") from exc
+        raise ConfigError(f"could not build '{key}': {one_line(str(exc))}") from exc
 
 
 def build_all(group: DictConfig | None, key: str, **kwargs) -> list[Any]:
