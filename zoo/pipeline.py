@@ -167,17 +167,19 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         return compare(cfg)
     uri = cfg.tracking.tracking_uri
     if cfg.get("run_id"):
-        client, run = tracking.get_run(cfg.run_id, uri)
+        _, run = tracking.get_run(cfg.run_id, uri)
         train_cfg = tracking.load_run_config(cfg.run_id, uri)
         artifact = run.data.tags.get(tracking.TAG_BEST_CKPT)
         if not artifact:
             raise ConfigError(f"run_id={cfg.run_id}: the run logged no best checkpoint (tag {tracking.TAG_BEST_CKPT}); "
                               "was it trained with logger=mlflow to the end?")  # fmt: skip
         ckpt_path = tracking.download_artifact(cfg.run_id, artifact, uri)
+        state = read_checkpoint(ckpt_path)
         target_run, source = cfg.run_id, f"mlflow run {cfg.run_id} ({artifact})"
     elif cfg.get("ckpt_path"):
         ckpt_path, source = Path(cfg.ckpt_path), f"checkpoint {cfg.ckpt_path}"
-        meta = read_checkpoint(ckpt_path).get("zoo", {})
+        state = read_checkpoint(ckpt_path)
+        meta = state.get("zoo", {})
         if meta.get("config"):
             train_cfg = OmegaConf.create(meta["config"])
         elif cfg.get("model") and cfg.get("data"):
@@ -198,7 +200,6 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
     datamodule = build(train_cfg.data, "data")
     model = build(train_cfg.model, "model")
-    state = read_checkpoint(ckpt_path)
     model.load_state_dict(state["state_dict"])
     limit = (
         cfg.get("limit_test_batches")
