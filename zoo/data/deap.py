@@ -178,10 +178,7 @@ def subject_path(data_dir: Path, subject: int) -> Path:
 
 
 def discover_subjects(data_dir: Path) -> list[int]:
-    found = []
-    for p in sorted(Path(data_dir).glob("s[0-9][0-9].dat")):
-        found.append(int(p.stem[1:]))
-    return found
+    return [int(p.stem[1:]) for p in sorted(Path(data_dir).glob("s[0-9][0-9].dat"))]
 
 
 # --------------------------------------------------------------------------- preprocessing

@@ -121,8 +121,6 @@ def write_demo_deap(
     todo = [s for s in range(1, n_subjects + 1) if s not in done or not paths[s - 1].is_file()]
     if not todo:
         return paths
-    if not done:
-        done = []
     log.info("Writing %d demo DEAP subject file(s) to %s", len(todo), out_dir)
     from tqdm.auto import tqdm
 
