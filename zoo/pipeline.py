@@ -47,7 +47,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"ckpt_path={path}: checkpoint file not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: reading the run id of a resumed checkpoint must not read all its tensors
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
         raise ConfigError(
             f"ckpt_path={path}: not a loadable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})"
@@ -123,8 +124,7 @@ def train(cfg: DictConfig) -> float | None:
         ckpt_cb = trainer.checkpoint_callback
         best_path = getattr(ckpt_cb, "best_model_path", "") or ""
         best_score = getattr(ckpt_cb, "best_model_score", None)
-        if trainer.is_global_zero:
-            run.log_best_checkpoint(best_path)
+        run.log_best_checkpoint(best_path)  # a no-op on ranks other than 0
         test_metrics = {}
         if cfg.get("test", True):
             if not best_path:
