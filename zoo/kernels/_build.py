@@ -1,0 +1,178 @@
+"""Build and load the compiled kernel library.
+
+The C++ (and, where torch has CUDA and a GPU is present, CUDA) sources in ``csrc/`` are
+compiled on first use with ``torch.utils.cpp_extension.load`` (ninja) into a per-user cache and
+loaded as a torch op library (``torch.ops.zoo.*``). The cache key hashes the sources, the
+compiler flags and the torch/CUDA/Python versions, so editing a source or upgrading torch
+rebuilds, and several torch installs can share one cache. Concurrent first uses (DDP ranks,
+parallel tests) are serialised by cpp_extension's lock file in the build directory.
+
+Environment:
+  ZOO_KERNELS_CACHE        cache root (default: $XDG_CACHE_HOME/zoo/kernels or ~/.cache/zoo/kernels)
+  ZOO_KERNELS_EXTRA_CFLAGS extra C++ compiler flags (e.g. for debugging)
+  ZOO_KERNELS_VERBOSE=1    show the compiler output
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import torch
+
+CSRC = Path(__file__).parent / "csrc"
+CPU_SOURCES = ["ops.cpp", "cpu/group_softmax.cpp", "cpu/gumbel.cpp", "cpu/attention.cpp"]
+CUDA_SOURCES = ["cuda/group_softmax.cu", "cuda/gumbel.cu", "cuda/attention.cu"]
+
+# what ATen itself compiles each capability's kernels with; never -march=native, so a cached
+# build runs on every machine torch itself picks that capability on
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mbmi", "-mbmi2"],
+}
+
+
+class KernelBuildError(RuntimeError):
+    """The compiled kernels could not be built or loaded."""
+
+
+def cpu_capability() -> str:
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def cpu_flags() -> list[str]:
+    cap = cpu_capability()
+    flags = _CAPABILITY_FLAGS.get(cap)
+    if flags is None:  # DEFAULT (and non-x86 capabilities): portable at::vec code
+        return ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
+    return [f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}", *flags]
+
+
+def cflags() -> list[str]:
+    extra = shlex.split(os.environ.get("ZOO_KERNELS_EXTRA_CFLAGS", ""))
+    return ["-O3", "-fopenmp", "-DNDEBUG", *cpu_flags(), *extra]
+
+
+def cuda_wanted() -> bool:
+    """CUDA sources are built only where they can run: torch with CUDA, a GPU and nvcc."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return bool(torch.version.cuda) and torch.cuda.is_available() and CUDA_HOME is not None
+
+
+def sources(with_cuda: bool) -> list[Path]:
+    names = CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])
+    return [CSRC / name for name in names]
+
+
+def build_key(with_cuda: bool) -> str:
+    h = hashlib.sha256()
+    for path in sorted(CSRC.rglob("*")):
+        if path.is_file():
+            h.update(str(path.relative_to(CSRC)).encode())
+            h.update(path.read_bytes())
+    for part in (
+        torch.__version__,
+        str(torch.version.cuda),
+        sys.version,
+        sysconfig.get_platform(),
+        " ".join(cflags()),
+        str(with_cuda),
+    ):
+        h.update(part.encode())
+    return h.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    if os.environ.get("ZOO_KERNELS_CACHE"):
+        return Path(os.environ["ZOO_KERNELS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "zoo" / "kernels"
+
+
+def _ninja_on_path() -> None:
+    """cpp_extension calls `ninja`; a pip-installed ninja lives next to the interpreter, which
+    is not on PATH when the venv is not activated."""
+    bindir = str(Path(sys.executable).parent)
+    if shutil.which("ninja") is None and (Path(bindir) / "ninja").exists():
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+
+
+def load_library() -> Path:
+    """Build (if needed) and load the op library; returns the build directory.
+
+    Raises KernelBuildError with the tail of the compiler output on failure."""
+    from torch.utils import cpp_extension
+
+    with_cuda = cuda_wanted()
+    key = build_key(with_cuda)
+    name = f"zoo_kernels_{key}"
+    build_dir = cache_root() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    _ninja_on_path()
+    verbose = os.environ.get("ZOO_KERNELS_VERBOSE", "") not in ("", "0")
+    try:
+        cpp_extension.load(
+            name=name,
+            sources=[str(p) for p in sources(with_cuda)],
+            extra_cflags=cflags(),
+            extra_cuda_cflags=["-O3", "--use_fast_math"] if with_cuda else None,
+            extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(CSRC)],
+            build_directory=str(build_dir),
+            with_cuda=with_cuda,
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except Exception as exc:  # compiler errors arrive as RuntimeError/CalledProcessError
+        detail = str(exc).strip().splitlines()
+        tail = "\n".join(detail[-15:])
+        raise KernelBuildError(
+            f"building the zoo kernels in {build_dir} failed ({type(exc).__name__}):\n{tail}"
+        ) from exc
+    return build_dir
+
+
+# --------------------------------------------------------------------------- CUDA compile check
+
+
+def compile_cuda_only(out_dir: Path, arch: str = "80") -> list[Path]:
+    """Compile every CUDA source to an object file with nvcc (no GPU needed, nothing loaded),
+    with the flags torch's own extension builder uses. Used by the test suite so the CUDA
+    sources cannot rot on machines without a GPU."""
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        raise KernelBuildError("nvcc not found (set CUDA_HOME)")
+    nvcc = str(Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc")
+    includes = [*cpp_extension.include_paths(), str(CSRC)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    objects = []
+    for src in sources(with_cuda=True)[len(CPU_SOURCES) :]:
+        obj = out_dir / (src.stem + ".o")
+        cmd = [
+            nvcc, "-c", str(src), "-o", str(obj),
+            f"-std=c++{_cxx_standard()}", "-O2", "-Xcompiler", "-fPIC",
+            f"-gencode=arch=compute_{arch},code=sm_{arch}",
+            *cpp_extension.COMMON_NVCC_FLAGS,
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+            *[f"-I{p}" for p in includes],
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise KernelBuildError(f"nvcc failed on {src.name}:\n{proc.stderr[-4000:]}")
+        objects.append(obj)
+    return objects
+
+
+def _cxx_standard() -> int:
+    """The C++ standard torch's extension builder uses for this torch version."""
+    from torch.utils import cpp_extension
+
+    return 20 if "-std=c++20" in Path(cpp_extension.__file__).read_text() else 17

@@ -1,0 +1,388 @@
+// Flash-style masked attention, CPU.
+//
+// Forward: for each (batch, head, block of kBQ queries) stream over blocks of kBK keys with an
+// online softmax (running max m, running sum l, rescaled accumulator), so no [Lq, Lk] matrix
+// exists; memory is O(L * D) per head. Tiles the keep mask removes entirely are skipped
+// (tile_occupancy), tiles it keeps entirely skip the element-wise mask. Rows with no allowed key
+// give zeros and lse = -inf. Backward recomputes P = exp(S - lse) tile by tile (FlashAttention-2
+// style) with D_i = <dO_i, O_i>; heads run in parallel so dQ accumulates without atomics.
+// The small matrix products use a register-blocked at::vec micro-kernel.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "../ops.h"
+#include "vec_utils.h"
+
+namespace zoo::cpu {
+namespace {
+
+constexpr int64_t kBQ = 64;  // query rows per tile
+constexpr int64_t kBK = 64;  // keys per tile
+constexpr int kMR = 4;       // rows of C per micro-kernel call
+
+// vectors of C per row: 4 x 4 accumulators with 512-bit vectors, 4 x 2 with 256-bit (fits the
+// register file)
+template <typename T>
+constexpr int nv_max() {
+  return VecT<T>::size() * sizeof(T) >= 64 ? 4 : 2;
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// C[mr x nv*VS] (+)= A(m, k) * B[k, :], A(m, k) = a[m * sm + k * sk] (so A may be transposed),
+// B row-major with leading dimension ldb.
+template <typename T, int MR, int NV>
+inline void micro_kernel(int64_t K, const T* a, int64_t sm, int64_t sk, const T* b,
+                         int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+  using Vec = VecT<T>;
+  constexpr int64_t VS = Vec::size();
+  Vec acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j] = accumulate ? Vec::loadu(c + i * ldc + j * VS) : Vec(T(0));
+  for (int64_t k = 0; k < K; ++k) {
+    Vec bv[NV];
+    for (int j = 0; j < NV; ++j) bv[j] = Vec::loadu(b + k * ldb + j * VS);
+    for (int i = 0; i < MR; ++i) {
+      const Vec av(a[i * sm + k * sk]);
+      for (int j = 0; j < NV; ++j) acc[i][j] = at::vec::fmadd(av, bv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NV; ++j) acc[i][j].store(c + i * ldc + j * VS);
+}
+
+template <typename T, int MR>
+inline void micro_dispatch_nv(int nv, int64_t K, const T* a, int64_t sm, int64_t sk, const T* b,
+                              int64_t ldb, T* c, int64_t ldc, bool acc) {
+  switch (nv) {
+    case 1: micro_kernel<T, MR, 1>(K, a, sm, sk, b, ldb, c, ldc, acc); break;
+    case 2: micro_kernel<T, MR, 2>(K, a, sm, sk, b, ldb, c, ldc, acc); break;
+    case 3:
+      if constexpr (nv_max<T>() >= 3) micro_kernel<T, MR, 3>(K, a, sm, sk, b, ldb, c, ldc, acc);
+      break;
+    default:
+      if constexpr (nv_max<T>() >= 4) micro_kernel<T, MR, 4>(K, a, sm, sk, b, ldb, c, ldc, acc);
+      break;
+  }
+}
+
+// C[M x N] (+)= A[M x K] B[K x N]; N must be a multiple of the vector size (buffers are padded).
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t sm, int64_t sk, const T* b,
+          int64_t ldb, T* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t VS = VecT<T>::size();
+  constexpr int NV = nv_max<T>();
+  for (int64_t m0 = 0; m0 < M; m0 += kMR) {
+    const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
+    for (int64_t n0 = 0; n0 < N; n0 += NV * VS) {
+      const int nv = static_cast<int>(std::min<int64_t>(NV, (N - n0) / VS));
+      const T* ap = a + m0 * sm;
+      T* cp = c + m0 * ldc + n0;
+      switch (mr) {
+        case 1: micro_dispatch_nv<T, 1>(nv, K, ap, sm, sk, b + n0, ldb, cp, ldc, accumulate); break;
+        case 2: micro_dispatch_nv<T, 2>(nv, K, ap, sm, sk, b + n0, ldb, cp, ldc, accumulate); break;
+        case 3: micro_dispatch_nv<T, 3>(nv, K, ap, sm, sk, b + n0, ldb, cp, ldc, accumulate); break;
+        default: micro_dispatch_nv<T, 4>(nv, K, ap, sm, sk, b + n0, ldb, cp, ldc, accumulate); break;
+      }
+    }
+  }
+}
+
+struct Problem {
+  int64_t B, H, Lq, Lk, D, Dv, nq, nk;
+  double scale;
+  const bool* mask = nullptr;  // [B, H, Lq, Lk] via strides (0 for broadcast dims)
+  int64_t ms[4] = {0, 0, 0, 0};
+  at::Tensor occ;  // int8 [Bm, Hm, nq, nk]
+  const int8_t* occ_p = nullptr;
+  int64_t Bm = 1, Hm = 1;
+
+  int8_t occupancy(int64_t b, int64_t h, int64_t qb, int64_t kb) const {
+    if (!mask) return kTileFull;
+    return occ_p[(((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h)) * nq + qb) * nk + kb];
+  }
+  const bool* mask_row(int64_t b, int64_t h, int64_t i) const {
+    return mask + b * ms[0] + h * ms[1] + i * ms[2];
+  }
+};
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const std::optional<at::Tensor>& keep_mask, double scale,
+                     at::Tensor& mask_holder) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
+              "masked_attention: q, k, v must be [B, H, L, D]");
+  Problem p;
+  p.B = q.size(0); p.H = q.size(1); p.Lq = q.size(2); p.D = q.size(3);
+  p.Lk = k.size(2); p.Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == p.B && k.size(1) == p.H && k.size(3) == p.D,
+              "k must be [B, H, Lk, D] matching q ", q.sizes(), ", got ", k.sizes());
+  TORCH_CHECK(v.size(0) == p.B && v.size(1) == p.H && v.size(2) == p.Lk,
+              "v must be [B, H, Lk, Dv] matching k ", k.sizes(), ", got ", v.sizes());
+  p.nq = (p.Lq + kBQ - 1) / kBQ;
+  p.nk = (p.Lk + kBK - 1) / kBK;
+  p.scale = scale;
+  if (keep_mask.has_value()) {
+    TORCH_CHECK(keep_mask->scalar_type() == at::kBool, "keep_mask must be bool (True = keep)");
+    mask_holder = keep_mask->expand({p.B, p.H, p.Lq, p.Lk});
+    p.mask = mask_holder.data_ptr<bool>();
+    for (int d = 0; d < 4; ++d) p.ms[d] = mask_holder.size(d) == 1 ? 0 : mask_holder.stride(d);
+    p.occ = tile_occupancy(mask_holder, kBQ, kBK);
+    p.occ_p = p.occ.data_ptr<int8_t>();
+    p.Bm = p.occ.size(0);
+    p.Hm = p.occ.size(1);
+  }
+  return p;
+}
+
+// S[i, j] = -inf where the mask forbids (i, j) or j is padding.
+template <typename T>
+inline void apply_mask(const Problem& p, int8_t occ, int64_t b, int64_t h, int64_t q0,
+                       int64_t bq, int64_t k0, int64_t bk, int64_t bkp, T* S) {
+  constexpr T kNegInf = neg_inf<T>();
+  for (int64_t i = 0; i < bq; ++i) {
+    T* s = S + i * bkp;
+    if (occ == kTilePartial) {
+      const bool* mrow = p.mask_row(b, h, q0 + i);
+      for (int64_t j = 0; j < bk; ++j) {
+        if (!mrow[(k0 + j) * p.ms[3]]) s[j] = kNegInf;
+      }
+    }
+    for (int64_t j = bk; j < bkp; ++j) s[j] = kNegInf;
+  }
+}
+
+template <typename scalar_t, typename T = at::opmath_type<scalar_t>>
+void attention_forward(const Problem& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                       scalar_t* out, T* lse) {
+  using Vec = VecT<T>;
+  constexpr int64_t VS = Vec::size();
+  constexpr T kNegInf = neg_inf<T>();
+  const int64_t BKp = round_up(kBK, VS);
+  const struct { int64_t Dp, Dvp; } pd{round_up(std::max<int64_t>(p.D, 1), VS),
+                                     round_up(std::max<int64_t>(p.Dv, 1), VS)};
+  const T scale = static_cast<T>(p.scale);
+  at::parallel_for(0, p.B * p.H * p.nq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> Qs(kBQ * pd.Dp), Kt(pd.Dp * BKp), Vn(BKp * pd.Dvp), S(kBQ * BKp),
+        O(kBQ * pd.Dvp), m(kBQ), l(kBQ);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t qb = t % p.nq, bh = t / p.nq, b = bh / p.H, h = bh % p.H;
+      const int64_t q0 = qb * kBQ, bq = std::min(kBQ, p.Lq - q0);
+      const scalar_t* qh = q + (bh * p.Lq) * p.D;
+      const scalar_t* kh = k + (bh * p.Lk) * p.D;
+      const scalar_t* vh = v + (bh * p.Lk) * p.Dv;
+      std::fill(Qs.begin(), Qs.end(), 0.f);
+      for (int64_t i = 0; i < bq; ++i)
+        for (int64_t d = 0; d < p.D; ++d)
+          Qs[i * pd.Dp + d] = static_cast<T>(qh[(q0 + i) * p.D + d]) * scale;
+      std::fill(O.begin(), O.end(), T(0));
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), T(0));
+      for (int64_t kb = 0; kb < p.nk; ++kb) {
+        const int8_t occ = p.occupancy(b, h, qb, kb);
+        if (occ == kTileEmpty) continue;
+        const int64_t k0 = kb * kBK, bk = std::min(kBK, p.Lk - k0), bkp = round_up(bk, VS);
+        // K^T tile [Dp x bkp] and V tile [bkp x Dvp], zero padded
+        std::fill(Kt.begin(), Kt.begin() + pd.Dp * bkp, T(0));
+        for (int64_t j = 0; j < bk; ++j)
+          for (int64_t d = 0; d < p.D; ++d)
+            Kt[d * bkp + j] = static_cast<T>(kh[(k0 + j) * p.D + d]);
+        std::fill(Vn.begin(), Vn.begin() + bkp * pd.Dvp, T(0));
+        for (int64_t j = 0; j < bk; ++j)
+          for (int64_t d = 0; d < p.Dv; ++d)
+            Vn[j * pd.Dvp + d] = static_cast<T>(vh[(k0 + j) * p.Dv + d]);
+        gemm(bq, bkp, pd.Dp, Qs.data(), pd.Dp, 1, Kt.data(), bkp, S.data(), bkp, false);
+        apply_mask(p, occ, b, h, q0, bq, k0, bk, bkp, S.data());
+        // online softmax update; S becomes P
+        for (int64_t i = 0; i < bq; ++i) {
+          T* s = S.data() + i * bkp;
+          Vec vmax(kNegInf);
+          for (int64_t j = 0; j < bkp; j += VS) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
+          const T mnew = std::max(m[i], hmax<T>(vmax));
+          if (mnew == kNegInf) {  // nothing allowed yet in this row
+            std::fill(s, s + bkp, T(0));
+            continue;
+          }
+          const Vec vm(mnew);
+          Vec vsum(T(0));
+          for (int64_t j = 0; j < bkp; j += VS) {
+            Vec e = vexp(Vec::loadu(s + j) - vm);
+            e.store(s + j);
+            vsum = vsum + e;
+          }
+          const T alpha = std::exp(m[i] - mnew);  // 0 when m was -inf
+          l[i] = l[i] * alpha + hsum<T>(vsum);
+          m[i] = mnew;
+          if (alpha != T(1)) {
+            T* o = O.data() + i * pd.Dvp;
+            const Vec va(alpha);
+            for (int64_t d = 0; d < pd.Dvp; d += VS) (Vec::loadu(o + d) * va).store(o + d);
+          }
+        }
+        gemm(bq, pd.Dvp, bkp, S.data(), bkp, 1, Vn.data(), pd.Dvp, O.data(), pd.Dvp, true);
+      }
+      scalar_t* oh = out + (bh * p.Lq + q0) * p.Dv;
+      T* lh = lse + bh * p.Lq + q0;
+      for (int64_t i = 0; i < bq; ++i) {
+        const T inv = l[i] > T(0) ? T(1) / l[i] : T(0);
+        for (int64_t d = 0; d < p.Dv; ++d)
+          oh[i * p.Dv + d] = static_cast<scalar_t>(O[i * pd.Dvp + d] * inv);
+        lh[i] = l[i] > T(0) ? m[i] + std::log(l[i]) : kNegInf;
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename T = at::opmath_type<scalar_t>>
+void attention_backward(const Problem& p, const scalar_t* q, const scalar_t* k,
+                        const scalar_t* v, const scalar_t* out, const scalar_t* dout,
+                        const T* lse, scalar_t* dq, scalar_t* dk, scalar_t* dv) {
+  using Vec = VecT<T>;
+  constexpr int64_t VS = Vec::size();
+  constexpr T kNegInf = neg_inf<T>();
+  const int64_t BKp = round_up(kBK, VS);
+  const struct { int64_t Dp, Dvp; } pd{round_up(std::max<int64_t>(p.D, 1), VS),
+                                     round_up(std::max<int64_t>(p.Dv, 1), VS)};
+  const T scale = static_cast<T>(p.scale);
+  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> Qs(p.Lq * pd.Dp), dO(p.Lq * pd.Dvp), Drow(p.Lq), dQ(p.Lq * pd.Dp),
+        Kt(pd.Dp * BKp), Kn(BKp * pd.Dp), Vt(pd.Dvp * BKp), dK(BKp * pd.Dp), dV(BKp * pd.Dvp),
+        P(kBQ * BKp), dS(kBQ * BKp);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.H, h = bh % p.H;
+      const scalar_t* qh = q + bh * p.Lq * p.D;
+      const scalar_t* kh = k + bh * p.Lk * p.D;
+      const scalar_t* vh = v + bh * p.Lk * p.Dv;
+      const scalar_t* oh = out + bh * p.Lq * p.Dv;
+      const scalar_t* doh = dout + bh * p.Lq * p.Dv;
+      const T* lh = lse + bh * p.Lq;
+      std::fill(Qs.begin(), Qs.end(), T(0));
+      std::fill(dO.begin(), dO.end(), T(0));
+      std::fill(dQ.begin(), dQ.end(), T(0));
+      for (int64_t i = 0; i < p.Lq; ++i) {
+        for (int64_t d = 0; d < p.D; ++d)
+          Qs[i * pd.Dp + d] = static_cast<T>(qh[i * p.D + d]) * scale;
+        T acc = T(0);
+        for (int64_t d = 0; d < p.Dv; ++d) {
+          const T g = static_cast<T>(doh[i * p.Dv + d]);
+          dO[i * pd.Dvp + d] = g;
+          acc += g * static_cast<T>(oh[i * p.Dv + d]);
+        }
+        Drow[i] = acc;
+      }
+      for (int64_t kb = 0; kb < p.nk; ++kb) {
+        const int64_t k0 = kb * kBK, bk = std::min(kBK, p.Lk - k0), bkp = round_up(bk, VS);
+        std::fill(Kt.begin(), Kt.begin() + pd.Dp * bkp, T(0));
+        std::fill(Kn.begin(), Kn.begin() + bkp * pd.Dp, T(0));
+        std::fill(Vt.begin(), Vt.begin() + pd.Dvp * bkp, T(0));
+        for (int64_t j = 0; j < bk; ++j) {
+          for (int64_t d = 0; d < p.D; ++d) {
+            const T x = static_cast<T>(kh[(k0 + j) * p.D + d]);
+            Kt[d * bkp + j] = x;
+            Kn[j * pd.Dp + d] = x;
+          }
+          for (int64_t d = 0; d < p.Dv; ++d)
+            Vt[d * bkp + j] = static_cast<T>(vh[(k0 + j) * p.Dv + d]);
+        }
+        std::fill(dK.begin(), dK.begin() + bkp * pd.Dp, T(0));
+        std::fill(dV.begin(), dV.begin() + bkp * pd.Dvp, T(0));
+        for (int64_t qb = 0; qb < p.nq; ++qb) {
+          const int8_t occ = p.occupancy(b, h, qb, kb);
+          if (occ == kTileEmpty) continue;
+          const int64_t q0 = qb * kBQ, bq = std::min(kBQ, p.Lq - q0);
+          const T* Qb = Qs.data() + q0 * pd.Dp;
+          const T* dOb = dO.data() + q0 * pd.Dvp;
+          gemm(bq, bkp, pd.Dp, Qb, pd.Dp, 1, Kt.data(), bkp, P.data(), bkp, false);
+          apply_mask(p, occ, b, h, q0, bq, k0, bk, bkp, P.data());
+          for (int64_t i = 0; i < bq; ++i) {
+            T* pr = P.data() + i * bkp;
+            const T li = lh[q0 + i];
+            if (li == kNegInf) {
+              std::fill(pr, pr + bkp, T(0));
+              continue;
+            }
+            const Vec vl(li);
+            for (int64_t j = 0; j < bkp; j += VS) vexp(Vec::loadu(pr + j) - vl).store(pr + j);
+          }
+          // dV += P^T dO ; dP = dO V^T ; dS = P * (dP - D) ; dK += dS^T Qs ; dQ += dS K
+          gemm(bkp, pd.Dvp, bq, P.data(), 1, bkp, dOb, pd.Dvp, dV.data(), pd.Dvp, true);
+          gemm(bq, bkp, pd.Dvp, dOb, pd.Dvp, 1, Vt.data(), bkp, dS.data(), bkp, false);
+          for (int64_t i = 0; i < bq; ++i) {
+            T* ds = dS.data() + i * bkp;
+            const T* pr = P.data() + i * bkp;
+            const Vec vd(Drow[q0 + i]);
+            for (int64_t j = 0; j < bkp; j += VS)
+              (Vec::loadu(pr + j) * (Vec::loadu(ds + j) - vd)).store(ds + j);
+          }
+          gemm(bkp, pd.Dp, bq, dS.data(), 1, bkp, Qb, pd.Dp, dK.data(), pd.Dp, true);
+          gemm(bq, pd.Dp, bkp, dS.data(), bkp, 1, Kn.data(), pd.Dp, dQ.data() + q0 * pd.Dp, pd.Dp,
+               true);
+        }
+        scalar_t* dkh = dk + (bh * p.Lk + k0) * p.D;
+        scalar_t* dvh = dv + (bh * p.Lk + k0) * p.Dv;
+        for (int64_t j = 0; j < bk; ++j) {
+          for (int64_t d = 0; d < p.D; ++d) dkh[j * p.D + d] = static_cast<scalar_t>(dK[j * pd.Dp + d]);
+          for (int64_t d = 0; d < p.Dv; ++d) dvh[j * p.Dv + d] = static_cast<scalar_t>(dV[j * pd.Dvp + d]);
+        }
+      }
+      scalar_t* dqh = dq + bh * p.Lq * p.D;
+      for (int64_t i = 0; i < p.Lq; ++i)
+        for (int64_t d = 0; d < p.D; ++d)
+          dqh[i * p.D + d] = static_cast<scalar_t>(dQ[i * pd.Dp + d] * scale);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_attention_cpu(const at::Tensor& q_, const at::Tensor& k_,
+                                                        const at::Tensor& v_,
+                                                        const std::optional<at::Tensor>& keep_mask,
+                                                        double scale) {
+  TORCH_CHECK(q_.scalar_type() == k_.scalar_type() && q_.scalar_type() == v_.scalar_type(),
+              "q, k, v must have one dtype");
+  at::Tensor mask_holder;
+  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  Problem p = make_problem(q, k, v, keep_mask, scale, mask_holder);
+  auto out = at::empty({p.B, p.H, p.Lq, p.Dv}, q.options());
+  auto lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(acc_dtype(q.scalar_type())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "masked_attention_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    attention_forward<scalar_t>(p, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                                v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                lse.data_ptr<acc_t>());
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const std::optional<at::Tensor>& keep_mask, const at::Tensor& out_, const at::Tensor& lse_,
+    double scale) {
+  at::Tensor mask_holder;
+  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  Problem p = make_problem(q, k, v, keep_mask, scale, mask_holder);
+  auto out = out_.to(q.scalar_type()).contiguous();
+  auto dout = grad_out.to(q.scalar_type()).contiguous();
+  auto lse = lse_.to(acc_dtype(q.scalar_type())).contiguous();
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "masked_attention_backward_cpu", [&] {
+    attention_backward<scalar_t>(p, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                                 v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                 dout.data_ptr<scalar_t>(), lse.data_ptr<at::opmath_type<scalar_t>>(),
+                                 dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(),
+                                 dv.data_ptr<scalar_t>());
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace zoo::cpu
+
+TORCH_LIBRARY_IMPL(zoo, CPU, m) {
+  m.impl("masked_attention", &zoo::cpu::masked_attention_cpu);
+  m.impl("masked_attention_backward", &zoo::cpu::masked_attention_backward_cpu);
+}
