@@ -79,22 +79,36 @@ inline void forward_row(const T* z, const T* trow, int64_t C, int64_t y, T& lse,
     lse_g = mg;
     return;
   }
-  // the group's sum uses the group's own max, so a group far below the row max (extreme
-  // logits) does not underflow to zero
+  // one exp per element: the group's sum reuses exp(z - m). If the group sits so far below the
+  // row max that this sum is tiny (extreme logits), redo it relative to the group's own max.
   Vec vs(zero), vsg(zero);
-  const Vec vm(m), vmg(mg);
+  const Vec vm(m);
   for (c = 0; c + VS <= C; c += VS) {
-    Vec x = Vec::loadu(z + c);
-    vs = vs + vexp(x - vm);
-    Vec eg = vexp(at::vec::minimum(x - vmg, zero));
-    vsg = vsg + Vec::blendv(zero, eg, Vec::loadu(trow + c) == vgy);
+    Vec e = vexp(Vec::loadu(z + c) - vm);
+    vs = vs + e;
+    vsg = vsg + Vec::blendv(zero, e, Vec::loadu(trow + c) == vgy);
   }
   T s = hsum<T>(vs), sg = hsum<T>(vsg);
   for (; c < C; ++c) {
-    s += std::exp(z[c] - m);
-    if (trow[c] == gy) sg += std::exp(z[c] - mg);
+    const T e = std::exp(z[c] - m);
+    s += e;
+    if (trow[c] == gy) sg += e;
   }
   lse = m + std::log(s);
+  if (sg > T(1e-30)) {
+    lse_g = m + std::log(sg);
+    return;
+  }
+  const Vec vmg(mg);
+  vsg = zero;
+  for (c = 0; c + VS <= C; c += VS) {
+    Vec eg = vexp(at::vec::minimum(Vec::loadu(z + c) - vmg, zero));
+    vsg = vsg + Vec::blendv(zero, eg, Vec::loadu(trow + c) == vgy);
+  }
+  sg = hsum<T>(vsg);
+  for (; c < C; ++c) {
+    if (trow[c] == gy) sg += std::exp(z[c] - mg);
+  }
   lse_g = mg + std::log(sg);
 }
 
