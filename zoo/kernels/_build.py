@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -153,8 +154,8 @@ def compile_cuda_only(out_dir: Path, arch: str = "80") -> list[Path]:
     nvcc = str(Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc")
     includes = [*cpp_extension.include_paths(), str(CSRC)]
     out_dir.mkdir(parents=True, exist_ok=True)
-    objects = []
-    for src in sources(with_cuda=True)[len(CPU_SOURCES) :]:
+
+    def compile_one(src: Path) -> Path:
         obj = out_dir / (src.stem + ".o")
         cmd = [
             nvcc, "-c", str(src), "-o", str(obj),
@@ -167,8 +168,10 @@ def compile_cuda_only(out_dir: Path, arch: str = "80") -> list[Path]:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise KernelBuildError(f"nvcc failed on {src.name}:\n{proc.stderr[-4000:]}")
-        objects.append(obj)
-    return objects
+        return obj
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return list(pool.map(compile_one, sources(with_cuda=True)[len(CPU_SOURCES) :]))
 
 
 def _cxx_standard() -> int:
