@@ -135,23 +135,29 @@ def bench_attention(device: str, quick: bool) -> None:
     print(f"\n== masked_attention  B={b} H={h} D={d}, fwd+bwd, float32")
     for length in lengths:
         g = torch.Generator().manual_seed(length)
-        q, k, v = (torch.randn(b, h, length, d, generator=g).to(device).requires_grad_() for _ in range(3))
+        q, k, v = (
+            torch.randn(b, h, length, d, generator=g).to(device).requires_grad_() for _ in range(3)
+        )
         band = band_mask(length, 0.85, device)
         sparsity = 1 - band.float().mean().item()
         for label, mask in ((f"band {sparsity:.1%} sparse", band), ("dense", None)):
-            scale = 1 / math.sqrt(d)
-            times = {
-                "compiled": timeit(fwd_bwd(lambda m=mask: K.masked_attention(q, k, v, m), q, k, v), device),
-                "sdpa": timeit(
-                    fwd_bwd(lambda m=mask: F.scaled_dot_product_attention(q, k, v, attn_mask=m), q, k, v),
-                    device,
-                ),
-            }
-            if length <= 1024:
-                times["eager"] = timeit(
-                    fwd_bwd(lambda m=mask: R.masked_attention(q, k, v, m, scale), q, k, v), device, min_time=0.2
-                )
-            row(f"L={length} {label}", times)
+            row(f"L={length} {label}", attention_times(q, k, v, mask, device, eager=length <= 1024))
+
+
+def attention_times(q, k, v, mask, device: str, eager: bool) -> dict[str, float]:
+    scale = 1 / math.sqrt(q.shape[-1])
+    times = {
+        "compiled": timeit(fwd_bwd(lambda: K.masked_attention(q, k, v, mask), q, k, v), device),
+        "sdpa": timeit(
+            fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), q, k, v),
+            device,
+        ),
+    }
+    if eager:  # the reference materialises [B, H, L, L]: slow and memory-hungry beyond 1024
+        times["eager"] = timeit(
+            fwd_bwd(lambda: R.masked_attention(q, k, v, mask, scale), q, k, v), device, min_time=0.2
+        )
+    return times
 
 
 def bench_gumbel(device: str, quick: bool) -> None:
@@ -159,14 +165,18 @@ def bench_gumbel(device: str, quick: bool) -> None:
     print(f"\n== gumbel_softmax hard  {list(shape)}, fwd+bwd, float32")
     logits = torch.randn(*shape, device=device).requires_grad_()
     times = {
-        "compiled": timeit(fwd_bwd(lambda: K.gumbel_softmax(logits, 0.5, hard=True), logits), device),
+        "compiled": timeit(
+            fwd_bwd(lambda: K.gumbel_softmax(logits, 0.5, hard=True), logits), device
+        ),
         "F.gumbel_softmax": timeit(
             fwd_bwd(lambda: F.gumbel_softmax(logits, 0.5, hard=True), logits), device
         ),
     }
     row("hard, fwd+bwd", times)
     times = {
-        "compiled": timeit(fwd_bwd(lambda: K.gumbel_sigmoid(logits, 0.5, hard=True), logits), device),
+        "compiled": timeit(
+            fwd_bwd(lambda: K.gumbel_sigmoid(logits, 0.5, hard=True), logits), device
+        ),
         "eager reference": timeit(
             fwd_bwd(lambda: R.gumbel_sigmoid(logits, 0.5, True, 1), logits), device
         ),

@@ -57,7 +57,9 @@ def both_gsce(logits, target, table, row_group, **kw):
     return results
 
 
-@pytest.mark.parametrize("n,c,g", [(1, 1, 1), (7, 3, 2), (33, 17, 3), (130, 101, 2), (64, 1231, 2), (0, 5, 2)])
+@pytest.mark.parametrize(
+    "n,c,g", [(1, 1, 1), (7, 3, 2), (33, 17, 3), (130, 101, 2), (64, 1231, 2), (0, 5, 2)]
+)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_group_softmax_matches_reference(n, c, g, reduction):
     logits, target, table, row_group = gsce_inputs(n, c, g, seed=n + c)
@@ -153,7 +155,9 @@ def test_group_softmax_rejects_bad_input():
         K.group_softmax_cross_entropy(logits, target, table, row_group, reduction="avg")
     # the C++ kernel checks too (for callers of torch.ops.zoo directly)
     with pytest.raises(RuntimeError, match=r"target\[2\] = 7"):
-        torch.ops.zoo.group_softmax_ce(logits, torch.tensor([0, 1, 7, 2, 3]), table, row_group, -100)
+        torch.ops.zoo.group_softmax_ce(
+            logits, torch.tensor([0, 1, 7, 2, 3]), table, row_group, -100
+        )
 
 
 def test_group_softmax_gradcheck():
@@ -162,7 +166,9 @@ def test_group_softmax_gradcheck():
     z = logits.requires_grad_()
     for reduction in ("mean", "none"):
         assert torch.autograd.gradcheck(
-            lambda x, r=reduction: K.group_softmax_cross_entropy(x, target, table, row_group, reduction=r),
+            lambda x, r=reduction: K.group_softmax_cross_entropy(
+                x, target, table, row_group, reduction=r
+            ),
             (z,),
         )
 
@@ -309,9 +315,13 @@ def both_attention(q, k, v, mask, scale=None):
 MASKS = {
     "dense": lambda b, h, lq, lk: None,
     "band": lambda b, h, lq, lk: band(lq, lk, 5),
-    "toeplitz_per_head": lambda b, h, lq, lk: torch.stack([band(lq, lk, w) for w in range(h)])[None],
+    "toeplitz_per_head": lambda b, h, lq, lk: torch.stack([band(lq, lk, w) for w in range(h)])[
+        None
+    ],
     "random": lambda b, h, lq, lk: torch.rand(b, h, lq, lk, generator=gen(1)) > 0.6,
-    "key_padding": lambda b, h, lq, lk: (torch.arange(lk) < max(1, lk - 7))[None, None, None, :].expand(b, 1, 1, lk),
+    "key_padding": lambda b, h, lq, lk: (torch.arange(lk) < max(1, lk - 7))[
+        None, None, None, :
+    ].expand(b, 1, 1, lk),
     "causal_empty_rows": lambda b, h, lq, lk: torch.ones(lq, lk, dtype=torch.bool).tril(-3),
 }
 
@@ -319,7 +329,13 @@ MASKS = {
 @pytest.mark.parametrize("mask_name", list(MASKS))
 @pytest.mark.parametrize(
     "b,h,lq,lk,d,dv",
-    [(1, 1, 1, 1, 4, 4), (2, 3, 37, 37, 16, 16), (1, 2, 130, 130, 64, 64), (2, 2, 65, 97, 24, 40), (1, 4, 200, 70, 8, 8)],
+    [
+        (1, 1, 1, 1, 4, 4),
+        (2, 3, 37, 37, 16, 16),
+        (1, 2, 130, 130, 64, 64),
+        (2, 2, 65, 97, 24, 40),
+        (1, 4, 200, 70, 8, 8),
+    ],
 )
 def test_attention_matches_reference(mask_name, b, h, lq, lk, d, dv):
     q, k, v = qkv(b, h, lq, lk, d, dv, seed=lq + lk)
@@ -355,9 +371,13 @@ def test_attention_dense_equals_sdpa_and_all_true_mask():
     q, k, v = qkv(2, 3, 50, 50, 16)
     dense = K.masked_attention(q, k, v)
     torch.testing.assert_close(dense, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dense, K.masked_attention(q, k, v, torch.ones(50, 50, dtype=torch.bool)))
+    torch.testing.assert_close(
+        dense, K.masked_attention(q, k, v, torch.ones(50, 50, dtype=torch.bool))
+    )
     scaled = K.masked_attention(q, k, v, scale=0.3)
-    torch.testing.assert_close(scaled, F.scaled_dot_product_attention(q, k, v, scale=0.3), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        scaled, F.scaled_dot_product_attention(q, k, v, scale=0.3), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_attention_rejects_bad_input():
@@ -377,7 +397,9 @@ def test_attention_gradcheck():
     mask = torch.rand(1, 2, 9, 11, generator=gen(4)) > 0.5
     mask[0, 0, 2] = False
     for m in (None, mask):
-        assert torch.autograd.gradcheck(lambda a, b, c, m=m: K.masked_attention(a, b, c, m), (q, k, v))
+        assert torch.autograd.gradcheck(
+            lambda a, b, c, m=m: K.masked_attention(a, b, c, m), (q, k, v)
+        )
 
 
 # --------------------------------------------------------------------------- op registration
@@ -391,7 +413,10 @@ def test_opcheck_every_op():
     target[1] = -100
     opcheck(ops.group_softmax_ce, (logits.requires_grad_(), target, table, rows, -100))
     loss, lse, lse_g = ops.group_softmax_ce(logits, target, table, rows, -100)
-    opcheck(ops.group_softmax_ce_backward, (torch.ones(6), logits.detach(), target, table, rows, lse, lse_g, -100))
+    opcheck(
+        ops.group_softmax_ce_backward,
+        (torch.ones(6), logits.detach(), target, table, rows, lse, lse_g, -100),
+    )
     x = torch.randn(4, 7, requires_grad=True)
     for hard in (False, True):
         opcheck(ops.gumbel_softmax, (x, 0.5, hard, 123))
@@ -403,7 +428,19 @@ def test_opcheck_every_op():
     for mask in (None, band(20, 20, 3)[None, None]):
         opcheck(ops.masked_attention, (q, k, v, mask, 0.35))
         out, lse = ops.masked_attention(q, k, v, mask, 0.35)
-        opcheck(ops.masked_attention_backward, (torch.randn(1, 2, 20, 8), q.detach(), k.detach(), v.detach(), mask, out.detach(), lse, 0.35))
+        opcheck(
+            ops.masked_attention_backward,
+            (
+                torch.randn(1, 2, 20, 8),
+                q.detach(),
+                k.detach(),
+                v.detach(),
+                mask,
+                out.detach(),
+                lse,
+                0.35,
+            ),
+        )
 
 
 def test_torch_compile_matches_eager():
@@ -412,7 +449,9 @@ def test_torch_compile_matches_eager():
     logits, target, table, rows = gsce_inputs(12, 6, 2)
 
     def fn(q, k, v, logits):
-        return K.masked_attention(q, k, v, mask).sum() + K.group_softmax_cross_entropy(logits, target, table, rows)
+        return K.masked_attention(q, k, v, mask).sum() + K.group_softmax_cross_entropy(
+            logits, target, table, rows
+        )
 
     eager = fn(q, k, v, logits)
     compiled = torch.compile(fn)(q, k, v, logits)
@@ -433,7 +472,10 @@ def test_backend_selection(monkeypatch):
         K.set_backend("gpu")
     K.set_backend("reference")
     x = torch.randn(3, 4)
-    assert torch.equal(K.gumbel_softmax(x, generator=gen(0)), R.gumbel_softmax(x, 1.0, False, 1, K._draw_seed(gen(0))))
+    assert torch.equal(
+        K.gumbel_softmax(x, generator=gen(0)),
+        R.gumbel_softmax(x, 1.0, False, 1, K._draw_seed(gen(0))),
+    )
     K.set_backend("compiled")
     assert K.backend() == "compiled"
 
@@ -448,7 +490,9 @@ def test_build_key_tracks_sources_flags_and_torch(tmp_path, monkeypatch):
     shutil.copytree(_build.CSRC, copy)
     monkeypatch.setattr(_build, "CSRC", copy)
     assert _build.build_key(False) == base
-    (copy / "cpu" / "gumbel.cpp").write_text((copy / "cpu" / "gumbel.cpp").read_text() + "\n// edit\n")
+    (copy / "cpu" / "gumbel.cpp").write_text(
+        (copy / "cpu" / "gumbel.cpp").read_text() + "\n// edit\n"
+    )
     edited = _build.build_key(False)
     assert edited != base
     monkeypatch.setattr(torch, "__version__", "0.0.0")
@@ -482,7 +526,13 @@ def test_forced_build_failure_falls_back_with_one_warning(tmp_path):
         "PYTHONPATH": str(ROOT),
     }
     env.pop("ZOO_KERNELS_BACKEND", None)
-    proc = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", FALLBACK_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert "backend reference" in lines

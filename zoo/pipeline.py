@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 import zoo
-from zoo import tracking
+from zoo import kernels, tracking
 from zoo.errors import ConfigError, one_line
 from zoo.reports import Report
 
@@ -94,9 +94,21 @@ def print_summary(lines: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- train
 
 
+def configure_kernels(cfg: DictConfig) -> None:
+    """kernels.backend (auto | compiled | reference) selects the zoo.kernels implementation."""
+    name = OmegaConf.select(cfg, "kernels.backend")
+    if name is None:
+        return
+    try:
+        kernels.set_backend(name)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit, test with the best checkpoint, log everything to mlflow; returns the best monitored
     value (what hyper-parameter sweeps optimise)."""
+    configure_kernels(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     ckpt = read_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
@@ -135,6 +147,7 @@ def train(cfg: DictConfig) -> float | None:
             test_metrics = {
                 k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")
             }
+        run.set_tag("zoo.kernels", kernels.used_backend())
     run.finish()
 
     monitor = getattr(ckpt_cb, "monitor", None) or "-"
@@ -163,6 +176,7 @@ def _config_digest(cfg: DictConfig) -> tuple[str, str]:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Rebuild data + model from a run (or a checkpoint), test, and write/log a report."""
+    configure_kernels(cfg)
     if cfg.get("run_ids"):
         return compare(cfg)
     uri = cfg.tracking.tracking_uri

@@ -214,6 +214,10 @@ class TrainingRun:
             self.client.set_tag(self.run_id, TAG_BEST_CKPT, artifact)
         return artifact
 
+    def set_tag(self, key: str, value: str | None) -> None:
+        if self.logger is not None and value is not None:
+            self.client.set_tag(self.run_id, key, value)
+
     def finish(self, status: str = "FINISHED") -> None:
         if self.logger is not None and self.logger._initialized:
             self.client.set_terminated(self.run_id, status)

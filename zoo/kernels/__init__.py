@@ -34,6 +34,7 @@ __all__ = [
     "gumbel_softmax",
     "masked_attention",
     "set_backend",
+    "used_backend",
 ]
 
 BACKENDS = ("auto", "compiled", "reference")
@@ -51,6 +52,7 @@ class _State:
         self.error: KernelBuildError | None = None
         self.devices: set[str] = set()
         self.warned = False
+        self.used = False  # an op has been called in this process
         self.lock = threading.Lock()
 
 
@@ -60,7 +62,9 @@ _state = _State()
 def _validate(name: str, source: str) -> str:
     name = str(name).strip().lower()
     if name not in BACKENDS:
-        raise ValueError(f"{source}: unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        raise ValueError(
+            f"{source}: unknown kernel backend {name!r}; choose one of {', '.join(BACKENDS)}"
+        )
     return name
 
 
@@ -109,7 +113,13 @@ def backend() -> str:
     return "reference"
 
 
+def used_backend() -> str | None:
+    """The backend the ops called so far ran on, or None if no op has been called."""
+    return backend() if _state.used else None
+
+
 def _compiled(*tensors: torch.Tensor) -> bool:
+    _state.used = True
     if backend() != "compiled":
         return False
     return all(t.device.type in _state.devices for t in tensors)
@@ -143,11 +153,15 @@ def group_softmax_cross_entropy(
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if logits.dim() != 2 or not logits.is_floating_point():
-        raise ValueError(f"logits must be a floating [N, C] tensor, got {tuple(logits.shape)} {logits.dtype}")
+        raise ValueError(
+            f"logits must be a floating [N, C] tensor, got {tuple(logits.shape)} {logits.dtype}"
+        )
     n, c = logits.shape
     for name, t, shape in (("target", target, (n,)), ("row_group", row_group, (n,))):
         if t.shape != shape or t.is_floating_point():
-            raise ValueError(f"{name} must be an integer tensor of shape {shape}, got {tuple(t.shape)} {t.dtype}")
+            raise ValueError(
+                f"{name} must be an integer tensor of shape {shape}, got {tuple(t.shape)} {t.dtype}"
+            )
     if group_table.dim() != 2 or group_table.shape[1] != c or group_table.is_floating_point():
         raise ValueError(
             f"group_table must be an integer [G, C={c}] tensor, got {tuple(group_table.shape)} {group_table.dtype}"
@@ -159,7 +173,9 @@ def group_softmax_cross_entropy(
         return reference.group_softmax_cross_entropy(
             logits, target, group_table, row_group, ignore_index, reduction
         )
-    loss, _, _ = torch.ops.zoo.group_softmax_ce(logits, target, group_table, row_group, ignore_index)
+    loss, _, _ = torch.ops.zoo.group_softmax_ce(
+        logits, target, group_table, row_group, ignore_index
+    )
     return reference._reduce(loss, target != ignore_index, reduction).to(logits.dtype)
 
 
@@ -271,10 +287,14 @@ def masked_attention(
             "(need k [B, H, Lk, D] and v [B, H, Lk, Dv])"
         )
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(
+            f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if keep_mask is not None:
         if keep_mask.dtype != torch.bool:
-            raise ValueError(f"keep_mask must be a bool tensor (True = may attend), got {keep_mask.dtype}")
+            raise ValueError(
+                f"keep_mask must be a bool tensor (True = may attend), got {keep_mask.dtype}"
+            )
         try:
             if torch.broadcast_shapes(keep_mask.shape, (b, h, lq, lk)) != (b, h, lq, lk):
                 raise RuntimeError

@@ -100,10 +100,14 @@ def _register_autograd() -> None:
         return backward
 
     torch.library.register_autograd(
-        "zoo::gumbel_softmax", make_backward(ops.gumbel_softmax_backward), setup_context=gumbel_setup
+        "zoo::gumbel_softmax",
+        make_backward(ops.gumbel_softmax_backward),
+        setup_context=gumbel_setup,
     )
     torch.library.register_autograd(
-        "zoo::gumbel_sigmoid", make_backward(ops.gumbel_sigmoid_backward), setup_context=gumbel_setup
+        "zoo::gumbel_sigmoid",
+        make_backward(ops.gumbel_sigmoid_backward),
+        setup_context=gumbel_setup,
     )
 
     # masked attention: outputs (out, lse); lse is an implementation detail (no gradient)
@@ -115,7 +119,9 @@ def _register_autograd() -> None:
 
     def attn_backward(ctx, grad_out, _grad_lse):
         q, k, v, keep_mask, out, lse = ctx.saved_tensors
-        dq, dk, dv = ops.masked_attention_backward(grad_out, q, k, v, keep_mask, out, lse, ctx.scale)
+        dq, dk, dv = ops.masked_attention_backward(
+            grad_out, q, k, v, keep_mask, out, lse, ctx.scale
+        )
         return dq, dk, dv, None, None
 
     torch.library.register_autograd(
