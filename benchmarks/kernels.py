@@ -16,14 +16,17 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import zoo.kernels as K
-from zoo.kernels import reference as R
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+import zoo.kernels as K  # noqa: E402
+from zoo.kernels import reference as R  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -121,6 +124,11 @@ def bench_group_softmax(device: str, quick: bool) -> None:
         f"({bound * 1e3:.2f} ms), {times['compiled'] / alloc_floor:.2f}x the floor with the "
         f"gradient's allocation ({alloc_floor * 1e3:.2f} ms)"
     )
+    if device == "cpu":
+        print(
+            f"{'':<44} (fresh large tensors page-fault on first touch; MALLOC_MMAP_THRESHOLD_="
+            "1073741824 MALLOC_TRIM_THRESHOLD_=1073741824 makes glibc reuse them)"
+        )
 
 
 def band_mask(length: int, sparsity: float, device: str) -> torch.Tensor:
