@@ -42,6 +42,20 @@ struct Dims {
   int64_t B, H, Lq, Lk, D, Dv, nq, nk;
 };
 
+// Stage keys/values k0 .. k0 + kBK of head bh in shared memory (zeros past Lk).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_kv_tile(const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
+                                             const Dims& dims, int64_t bh, int64_t k0, acc_t* Ks, acc_t* Vs) {
+  for (int64_t idx = threadIdx.x; idx < kBK * dims.D; idx += blockDim.x) {
+    const int64_t j = idx / dims.D, d = idx % dims.D;
+    Ks[idx] = k0 + j < dims.Lk ? static_cast<acc_t>(k[(bh * dims.Lk + k0 + j) * dims.D + d]) : acc_t(0);
+  }
+  for (int64_t idx = threadIdx.x; idx < kBK * dims.Dv; idx += blockDim.x) {
+    const int64_t j = idx / dims.Dv, d = idx % dims.Dv;
+    Vs[idx] = k0 + j < dims.Lk ? static_cast<acc_t>(v[(bh * dims.Lk + k0 + j) * dims.Dv + d]) : acc_t(0);
+  }
+}
+
 template <typename scalar_t, typename acc_t, int DMAX>
 __global__ void attn_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
                                     const scalar_t* __restrict__ v, MaskView mask, Dims dims,
@@ -61,14 +75,7 @@ __global__ void attn_forward_kernel(const scalar_t* __restrict__ q, const scalar
     if (code == kTileEmpty) continue;  // uniform across the block
     const int64_t k0 = kb * kBK;
     __syncthreads();
-    for (int64_t idx = threadIdx.x; idx < kBK * dims.D; idx += blockDim.x) {
-      const int64_t j = idx / dims.D, d = idx % dims.D;
-      Ks[idx] = k0 + j < dims.Lk ? static_cast<acc_t>(k[(bh * dims.Lk + k0 + j) * dims.D + d]) : acc_t(0);
-    }
-    for (int64_t idx = threadIdx.x; idx < kBK * dims.Dv; idx += blockDim.x) {
-      const int64_t j = idx / dims.Dv, d = idx % dims.Dv;
-      Vs[idx] = k0 + j < dims.Lk ? static_cast<acc_t>(v[(bh * dims.Lk + k0 + j) * dims.Dv + d]) : acc_t(0);
-    }
+    load_kv_tile(k, v, dims, bh, k0, Ks, Vs);
     __syncthreads();
     if (!valid) continue;
     acc_t s[kBK];
@@ -139,14 +146,7 @@ __global__ void attn_dq_kernel(const scalar_t* __restrict__ q, const scalar_t* _
     if (code == kTileEmpty) continue;
     const int64_t k0 = kb * kBK;
     __syncthreads();
-    for (int64_t idx = threadIdx.x; idx < kBK * dims.D; idx += blockDim.x) {
-      const int64_t j = idx / dims.D, d = idx % dims.D;
-      Ks[idx] = k0 + j < dims.Lk ? static_cast<acc_t>(k[(bh * dims.Lk + k0 + j) * dims.D + d]) : acc_t(0);
-    }
-    for (int64_t idx = threadIdx.x; idx < kBK * dims.Dv; idx += blockDim.x) {
-      const int64_t j = idx / dims.Dv, d = idx % dims.Dv;
-      Vs[idx] = k0 + j < dims.Lk ? static_cast<acc_t>(v[(bh * dims.Lk + k0 + j) * dims.Dv + d]) : acc_t(0);
-    }
+    load_kv_tile(k, v, dims, bh, k0, Ks, Vs);
     __syncthreads();
     if (!valid || li == -INFINITY) continue;
     for (int j = 0; j < kBK; ++j) {

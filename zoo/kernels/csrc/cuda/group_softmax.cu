@@ -96,25 +96,30 @@ __global__ void gsce_backward_kernel(const acc_t* __restrict__ grad_loss,
 
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-void check(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& group_table,
-           const at::Tensor& row_group) {
+struct Inputs {
+  at::Tensor logits, target, table, row_group;
+  int64_t N, C, G;
+};
+
+Inputs prepare(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& group_table,
+               const at::Tensor& row_group) {
   TORCH_CHECK(logits.dim() == 2, "logits must be [N, C]");
   TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "target must be [N]");
   TORCH_CHECK(row_group.dim() == 1 && row_group.size(0) == logits.size(0), "row_group must be [N]");
   TORCH_CHECK(group_table.dim() == 2 && group_table.size(1) == logits.size(1),
               "group_table must be [G, C]");
+  return {logits.contiguous(), target.to(at::kLong).contiguous(),
+          group_table.to(at::kLong).contiguous(), row_group.to(at::kLong).contiguous(),
+          logits.size(0), logits.size(1), group_table.size(0)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_softmax_ce_cuda(
     const at::Tensor& logits_, const at::Tensor& target_, const at::Tensor& group_table_,
     const at::Tensor& row_group_, int64_t ignore_index) {
-  check(logits_, target_, group_table_, row_group_);
   c10::cuda::CUDAGuard guard(logits_.device());
-  auto logits = logits_.contiguous();
-  auto target = target_.to(at::kLong).contiguous();
-  auto table = group_table_.to(at::kLong).contiguous();
-  auto row_group = row_group_.to(at::kLong).contiguous();
-  const int64_t N = logits.size(0), C = logits.size(1), G = table.size(0);
+  const Inputs in = prepare(logits_, target_, group_table_, row_group_);
+  const int64_t N = in.N, C = in.C, G = in.G;
+  const at::Tensor &logits = in.logits, &target = in.target, &table = in.table, &row_group = in.row_group;
   auto opts = logits.options().dtype(acc_dtype(logits.scalar_type()));
   auto loss = at::empty({N}, opts), lse = at::empty({N}, opts), lse_g = at::empty({N}, opts);
   if (N == 0) return {loss, lse, lse_g};
@@ -134,13 +139,10 @@ at::Tensor group_softmax_ce_backward_cuda(const at::Tensor& grad_loss, const at:
                                           const at::Tensor& target_, const at::Tensor& group_table_,
                                           const at::Tensor& row_group_, const at::Tensor& lse_,
                                           const at::Tensor& lse_g_, int64_t ignore_index) {
-  check(logits_, target_, group_table_, row_group_);
   c10::cuda::CUDAGuard guard(logits_.device());
-  auto logits = logits_.contiguous();
-  auto target = target_.to(at::kLong).contiguous();
-  auto table = group_table_.to(at::kLong).contiguous();
-  auto row_group = row_group_.to(at::kLong).contiguous();
-  const int64_t N = logits.size(0), C = logits.size(1);
+  const Inputs in = prepare(logits_, target_, group_table_, row_group_);
+  const int64_t N = in.N, C = in.C;
+  const at::Tensor &logits = in.logits, &target = in.target, &table = in.table, &row_group = in.row_group;
   const auto acc = acc_dtype(logits.scalar_type());
   auto go = grad_loss.to(acc).expand({N}).contiguous();
   auto lse = lse_.to(acc).contiguous(), lse_g = lse_g_.to(acc).contiguous();
