@@ -9,7 +9,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import EXPERIMENTS
+from tests.conftest import EEG_EXPERIMENTS
 from zoo import tracking
 from zoo.pipeline import evaluate, train
 
@@ -26,7 +26,7 @@ def _runs(client: MlflowClient, experiment: str = "zoo"):
     return client.search_runs([exp.experiment_id]) if exp else []
 
 
-@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("experiment", EEG_EXPERIMENTS)
 def test_fast_run_logs_everything_to_mlflow(make_cfg, tracking_uri, experiment):
     cfg = make_cfg(
         [f"experiment={experiment}", "debug=fast", "tracking.experiment_name=fast-" + experiment]

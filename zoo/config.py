@@ -27,6 +27,7 @@ def _deap_classes(target: str) -> list[str]:
 _RESOLVERS = {
     "len": lambda x: len(x),
     "zoo_cwd": lambda: os.getcwd(),
+    "zoo_add": lambda *xs: sum(int(x) for x in xs),
     "zoo_deap_channels": _deap_channels,
     "zoo_deap_classes": _deap_classes,
 }

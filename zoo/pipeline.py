@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -125,6 +126,8 @@ def train(cfg: DictConfig) -> float | None:
         next((lg for lg in loggers if isinstance(lg, tracking.MLFlowLogger)), None)
     )
     callbacks = build_all(cfg.get("callbacks"), "callbacks") + [RunInfo(cfg, run)]
+    if not loggers:  # logger=none: Lightning's LR monitor refuses to run without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
 
     with run.guard():

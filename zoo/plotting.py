@@ -59,5 +59,35 @@ def learning_curves_figure(
     return fig
 
 
+def image_grid_figure(
+    rows: Sequence[Sequence[np.ndarray]],
+    column_titles: Sequence[str],
+    title: str = "",
+    row_labels: Sequence[str] | None = None,
+):
+    """A grid of images (H x W x 3 floats in [0, 1], or H x W grayscale): one row per sample,
+    one column per kind (e.g. input | generated | target)."""
+    n_rows, n_cols = max(1, len(rows)), len(column_titles)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.2 * n_cols, 2.2 * n_rows + 0.4), dpi=100,
+                             squeeze=False)  # fmt: skip
+    for r, images in enumerate(rows):
+        for c, img in enumerate(images):
+            ax = axes[r, c]
+            img = np.clip(np.asarray(img), 0, 1)
+            ax.imshow(
+                img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest"
+            )
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(column_titles[c], fontsize=9)
+            if c == 0 and row_labels is not None:
+                ax.set_ylabel(row_labels[r], fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def close(fig) -> None:
     plt.close(fig)

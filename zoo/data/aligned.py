@@ -52,7 +52,9 @@ def check_aligned_image(path: Path) -> tuple[int, int]:
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
     if w % 2:
-        raise DataError(f"{path}: width {w} is odd; an aligned image is A|B side by side (width = 2 x A's width)")
+        raise DataError(
+            f"{path}: width {w} is odd; an aligned image is A|B side by side (width = 2 x A's width)"
+        )
     return w, h
 
 
@@ -108,7 +110,10 @@ class AlignedDataset(Dataset):
                 f"after data.preprocess={self.preprocess} (data.load_size={self.load_size})"
             )
         if crop and self.train:
-            x, y = random.randint(0, new_w - self.crop_size), random.randint(0, new_h - self.crop_size)
+            x, y = (
+                random.randint(0, new_w - self.crop_size),
+                random.randint(0, new_h - self.crop_size),
+            )
         elif crop:
             x, y = (new_w - self.crop_size) // 2, (new_h - self.crop_size) // 2
         else:

@@ -51,7 +51,9 @@ def make_input(photo: np.ndarray, task: str, sigma: float = 1.2) -> np.ndarray:
     return np.repeat(np.where(edges, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
 
 
-def _crops(photo: np.ndarray, band: tuple[float, float], n: int, size: int, rng: np.random.Generator):
+def _crops(
+    photo: np.ndarray, band: tuple[float, float], n: int, size: int, rng: np.random.Generator
+):
     h, w = photo.shape[:2]
     x0, x1 = int(band[0] * w), int(band[1] * w)
     hi = min(x1 - x0, h, 4 * size)

@@ -62,7 +62,15 @@ class UnetBlock(nn.Module):
             layers = [downrelu, downconv, uprelu, upconv, norm_fn(outer_nc)]
         else:
             upconv = nn.ConvTranspose2d(inner_nc * 2, outer_nc, 4, 2, 1, bias=bias)
-            layers = [downrelu, downconv, norm_fn(inner_nc), submodule, uprelu, upconv, norm_fn(outer_nc)]
+            layers = [
+                downrelu,
+                downconv,
+                norm_fn(inner_nc),
+                submodule,
+                uprelu,
+                upconv,
+                norm_fn(outer_nc),
+            ]
             if use_dropout:
                 layers.append(nn.Dropout(0.5))
         self.model = nn.Sequential(*layers)
@@ -97,7 +105,9 @@ class UnetGenerator(nn.Module):
         block = UnetBlock(ngf * 4, ngf * 8, submodule=block, norm=norm)
         block = UnetBlock(ngf * 2, ngf * 4, submodule=block, norm=norm)
         block = UnetBlock(ngf, ngf * 2, submodule=block, norm=norm)
-        self.model = UnetBlock(output_nc, ngf, input_nc=input_nc, submodule=block, outermost=True, norm=norm)
+        self.model = UnetBlock(
+            output_nc, ngf, input_nc=input_nc, submodule=block, outermost=True, norm=norm
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = 2**self.num_downs
@@ -116,7 +126,12 @@ class ResnetBlock(nn.Module):
     def __init__(self, dim: int, norm: str, use_dropout: bool):
         super().__init__()
         norm_fn, bias = norm_layer(norm), _uses_bias(norm)
-        layers = [nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=bias), norm_fn(dim), nn.ReLU(True)]
+        layers = [
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(dim, dim, 3, bias=bias),
+            norm_fn(dim),
+            nn.ReLU(True),
+        ]
         if use_dropout:
             layers.append(nn.Dropout(0.5))
         layers += [nn.ReflectionPad2d(1), nn.Conv2d(dim, dim, 3, bias=bias), norm_fn(dim)]
@@ -140,7 +155,12 @@ class ResnetGenerator(nn.Module):
     ):
         super().__init__()
         norm_fn, bias = norm_layer(norm), _uses_bias(norm)
-        layers = [nn.ReflectionPad2d(3), nn.Conv2d(input_nc, ngf, 7, bias=bias), norm_fn(ngf), nn.ReLU(True)]
+        layers = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(input_nc, ngf, 7, bias=bias),
+            norm_fn(ngf),
+            nn.ReLU(True),
+        ]
         for i in range(2):
             mult = 2**i
             layers += [nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=bias),
@@ -168,7 +188,10 @@ class NLayerDiscriminator(nn.Module):
     def __init__(self, input_nc: int, ndf: int = 64, n_layers: int = 3, norm: str = "batch"):
         super().__init__()
         norm_fn, bias = norm_layer(norm), _uses_bias(norm)
-        layers: list[nn.Module] = [nn.Conv2d(input_nc, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        layers: list[nn.Module] = [
+            nn.Conv2d(input_nc, ndf, 4, stride=2, padding=1),
+            nn.LeakyReLU(0.2, True),
+        ]
         mult = 1
         for n in range(1, n_layers):
             prev, mult = mult, min(2**n, 8)
@@ -211,7 +234,9 @@ class PixelDiscriminator(nn.Module):
 # --------------------------------------------------------------------------- factories
 
 
-def define_generator(netG: str, input_nc: int, output_nc: int, ngf: int, norm: str, use_dropout: bool) -> nn.Module:
+def define_generator(
+    netG: str, input_nc: int, output_nc: int, ngf: int, norm: str, use_dropout: bool
+) -> nn.Module:
     """`unet_256`, `unet_128` (any `unet_<2**k>`, e.g. unet_64 for small demos),
     `resnet_9blocks`, `resnet_6blocks`."""
     if m := re.fullmatch(r"unet_(\d+)", netG):
@@ -220,18 +245,26 @@ def define_generator(netG: str, input_nc: int, output_nc: int, ngf: int, norm: s
             raise ValueError(f"netG={netG}: the U-Net size must be a power of two >= 32")
         return UnetGenerator(input_nc, output_nc, int(math.log2(size)), ngf, norm, use_dropout)
     if m := re.fullmatch(r"resnet_(\d+)blocks", netG):
-        return ResnetGenerator(input_nc, output_nc, ngf, norm, use_dropout, n_blocks=int(m.group(1)))
-    raise ValueError(f"netG={netG!r}: choose unet_256, unet_128 (unet_<2**k>) or resnet_9blocks / resnet_6blocks")
+        return ResnetGenerator(
+            input_nc, output_nc, ngf, norm, use_dropout, n_blocks=int(m.group(1))
+        )
+    raise ValueError(
+        f"netG={netG!r}: choose unet_256, unet_128 (unet_<2**k>) or resnet_9blocks / resnet_6blocks"
+    )
 
 
-def define_discriminator(netD: str, input_nc: int, ndf: int, n_layers_D: int, norm: str) -> nn.Module:
+def define_discriminator(
+    netD: str, input_nc: int, ndf: int, n_layers_D: int, norm: str
+) -> nn.Module:
     if netD == "basic":
         return NLayerDiscriminator(input_nc, ndf, n_layers=3, norm=norm)
     if netD == "n_layers":
         return NLayerDiscriminator(input_nc, ndf, n_layers=n_layers_D, norm=norm)
     if netD == "pixel":
         return PixelDiscriminator(input_nc, ndf, norm=norm)
-    raise ValueError(f"netD={netD!r}: choose basic (70x70 PatchGAN), n_layers (uses n_layers_D) or pixel")
+    raise ValueError(
+        f"netD={netD!r}: choose basic (70x70 PatchGAN), n_layers (uses n_layers_D) or pixel"
+    )
 
 
 def init_weights(net: nn.Module, gain: float = 0.02) -> nn.Module:

@@ -1,0 +1,309 @@
+"""pix2pix (Isola et al. 2017, "Image-to-Image Translation with Conditional Adversarial
+Networks"): a U-Net (or ResNet) generator G trained against a PatchGAN discriminator D that sees
+the input concatenated with the real or generated output, with an L1 term.
+
+Lightning manual optimisation, one D step then one G step per batch, as the authors' code:
+    L_D = ½ [GAN(D(A, G(A)), fake) + GAN(D(A, B), real)]  (+ λ_gp · gradient penalty for wgangp)
+    L_G = GAN(D(A, G(A)), real) + λ_L1 · |G(A) − B|₁
+Adam (lr 2e-4, β = (0.5, 0.999)) for both; learning rate constant for ``n_epochs`` epochs, then
+linearly to zero over ``n_epochs_decay`` (the reference's ``linear`` policy). Both optimisers and
+both schedulers live in Lightning checkpoints, so a resumed run continues with exactly the same
+learning rate and Adam moments.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from zoo.models.components.pix2pix_nets import define_discriminator, define_generator, init_weights
+from zoo.tracking import find_mlflow_logger, log_figure
+
+log = logging.getLogger(__name__)
+
+GAN_MODES = ("vanilla", "lsgan", "wgangp")
+INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID weights
+
+
+class GANLoss(nn.Module):
+    """`vanilla`: BCE on logits; `lsgan`: least squares; `wgangp`: Wasserstein critic (−mean
+    for real, +mean for fake; use with the gradient penalty)."""
+
+    def __init__(self, gan_mode: str):
+        super().__init__()
+        if gan_mode not in GAN_MODES:
+            raise ValueError(f"gan_mode={gan_mode!r}: choose one of {GAN_MODES}")
+        self.gan_mode = gan_mode
+        self.loss = {"vanilla": nn.BCEWithLogitsLoss(), "lsgan": nn.MSELoss(), "wgangp": None}[
+            gan_mode
+        ]
+
+    def forward(self, prediction: torch.Tensor, target_is_real: bool) -> torch.Tensor:
+        if self.gan_mode == "wgangp":
+            return -prediction.mean() if target_is_real else prediction.mean()
+        target = torch.ones_like(prediction) if target_is_real else torch.zeros_like(prediction)
+        return self.loss(prediction, target)
+
+
+def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """WGAN-GP (Gulrajani et al.): E[(‖∇D(x̂)‖₂ − 1)²] on random interpolates x̂ of real and fake."""
+    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
+    interpolates = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+    out = critic(interpolates)
+    (grads,) = torch.autograd.grad(out, interpolates, torch.ones_like(out), create_graph=True)
+    return ((grads.flatten(1).norm(2, dim=1) - 1.0) ** 2).mean()
+
+
+def linear_decay(n_epochs: int, n_epochs_decay: int, epoch_count: int = 1):
+    """The reference's `linear` LR policy as a LambdaLR factor of the epoch index."""
+
+    def factor(epoch: int) -> float:
+        return 1.0 - max(0, epoch + epoch_count - n_epochs) / float(n_epochs_decay + 1)
+
+    return factor
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] (the range PSNR/SSIM and pictures use)."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+class Pix2Pix(L.LightningModule):
+    """pix2pix with the reference's option names (`netG`, `netD`, `n_layers_D`, `ngf`, `ndf`,
+    `norm`, `gan_mode`, `lambda_L1`, `n_epochs`, `n_epochs_decay`, ...). The networks are
+    ``self.generator`` and ``self.discriminator``.
+
+    Logs ``train/loss_D``, ``train/loss_G``, ``train/loss_G_GAN``, ``train/loss_G_L1``,
+    ``train/D_real``, ``train/D_fake`` (mean discriminator outputs), ``val/l1``, ``val/psnr``,
+    ``val/ssim`` (+ ``val/fid`` when Inception weights are available locally), the same under
+    ``test/``, and an input | generated | target image grid per validation epoch and for test.
+    """
+
+    def __init__(
+        self,
+        netG: str = "unet_256",
+        netD: str = "basic",
+        input_nc: int = 3,
+        output_nc: int = 3,
+        ngf: int = 64,
+        ndf: int = 64,
+        n_layers_D: int = 3,
+        norm: str = "batch",
+        no_dropout: bool = False,
+        init_gain: float = 0.02,
+        gan_mode: str = "vanilla",
+        lambda_L1: float = 100.0,
+        lambda_gp: float = 10.0,
+        lr: float = 2e-4,
+        beta1: float = 0.5,
+        n_epochs: int = 100,
+        n_epochs_decay: int = 100,
+        epoch_count: int = 1,
+        grid_images: int = 6,
+        grid_every_n_epochs: int = 1,
+        fid: str | bool = "auto",
+    ):
+        super().__init__()
+        self.save_hyperparameters(logger=False)  # plain values only: weights_only checkpoints
+        self.automatic_optimization = False
+        self.generator = init_weights(
+            define_generator(netG, input_nc, output_nc, ngf, norm, not no_dropout), init_gain
+        )
+        self.discriminator = init_weights(
+            define_discriminator(netD, input_nc + output_nc, ndf, n_layers_D, norm), init_gain
+        )
+        self.criterion_gan = GANLoss(gan_mode)
+        self.criterion_l1 = nn.L1Loss()
+        self.train_means = nn.ModuleDict(
+            {
+                k: MeanMetric()
+                for k in ("loss_D", "loss_G", "loss_G_GAN", "loss_G_L1", "D_real", "D_fake")
+            }
+        )
+        image_metrics = MetricCollection({"psnr": PeakSignalNoiseRatio(data_range=1.0),
+                                          "ssim": StructuralSimilarityIndexMeasure(data_range=1.0)})  # fmt: skip
+        self.val_metrics = image_metrics.clone(prefix="val/")
+        self.test_metrics = image_metrics.clone(prefix="test/")
+        self.val_l1, self.test_l1 = MeanMetric(), MeanMetric()
+        self.fid, self.fid_note = self._make_fid(fid)
+        self._grid: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]] = []
+        self.test_outputs: dict = {}
+
+    # ------------------------------------------------------------------ setup
+
+    def _make_fid(self, fid: str | bool):
+        if fid is False or fid == "off":
+            return None, "off"
+        reason = None
+        try:
+            import torch_fidelity  # noqa: F401
+        except ImportError:
+            reason = "torch-fidelity is not installed"
+        if reason is None:
+            weights = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS
+            if not weights.is_file():
+                reason = f"Inception weights not found at {weights}"
+        if reason is None:
+            from torchmetrics.image.fid import FrechetInceptionDistance
+
+            return FrechetInceptionDistance(feature=2048, normalize=True), "on"
+        if fid is True or fid == "on":
+            raise ValueError(f"model.fid=on but FID is unavailable: {reason}")
+        return None, f"skipped: {reason}"
+
+    def parameter_groups(self) -> dict[str, nn.Module]:
+        """Logged as model/params/generator and model/params/discriminator."""
+        return {"generator": self.generator, "discriminator": self.discriminator}
+
+    def on_fit_start(self) -> None:
+        mlf = find_mlflow_logger(self.trainer)
+        if mlf is not None and self.trainer.is_global_zero:
+            mlf.experiment.set_tag(mlf.run_id, "zoo.fid", self.fid_note)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opts = [torch.optim.Adam(net.parameters(), lr=hp.lr, betas=(hp.beta1, 0.999))
+                for net in (self.generator, self.discriminator)]  # fmt: skip
+        rule = linear_decay(hp.n_epochs, hp.n_epochs_decay, hp.epoch_count)
+        scheds = [
+            {"scheduler": torch.optim.lr_scheduler.LambdaLR(o, rule), "interval": "epoch"}
+            for o in opts
+        ]
+        return opts, scheds
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return self.generator(a)
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        opt_g, opt_d = self.optimizers()
+        real_a, real_b = batch["A"], batch["B"]
+        fake_b = self.generator(real_a)
+
+        # D: real pairs -> real, generated pairs -> fake
+        self.toggle_optimizer(opt_d)
+        fake_ab = torch.cat([real_a, fake_b.detach()], 1)
+        real_ab = torch.cat([real_a, real_b], 1)
+        pred_fake, pred_real = self.discriminator(fake_ab), self.discriminator(real_ab)
+        loss_d = 0.5 * (self.criterion_gan(pred_fake, False) + self.criterion_gan(pred_real, True))
+        if self.hparams.gan_mode == "wgangp":
+            loss_d = loss_d + self.hparams.lambda_gp * gradient_penalty(
+                self.discriminator, real_ab, fake_ab
+            )
+        opt_d.zero_grad(set_to_none=True)
+        self.manual_backward(loss_d)
+        opt_d.step()
+        self.untoggle_optimizer(opt_d)
+
+        # G: fool D (D's weights frozen by the toggle) and stay close to B
+        self.toggle_optimizer(opt_g)
+        loss_g_gan = self.criterion_gan(self.discriminator(torch.cat([real_a, fake_b], 1)), True)
+        loss_g_l1 = self.criterion_l1(fake_b, real_b) * self.hparams.lambda_L1
+        loss_g = loss_g_gan + loss_g_l1
+        opt_g.zero_grad(set_to_none=True)
+        self.manual_backward(loss_g)
+        opt_g.step()
+        self.untoggle_optimizer(opt_g)
+
+        values = {"loss_D": loss_d, "loss_G": loss_g, "loss_G_GAN": loss_g_gan, "loss_G_L1": loss_g_l1,
+                  "D_real": pred_real.mean(), "D_fake": pred_fake.mean()}  # fmt: skip
+        for name, value in values.items():
+            self.train_means[name](value.detach())
+            self.log(f"train/{name}", self.train_means[name], on_step=False, on_epoch=True,
+                     prog_bar=name in ("loss_D", "loss_G"))  # fmt: skip
+
+    def on_train_epoch_end(self) -> None:
+        # manual optimisation: the epoch-wise LR schedules are stepped here
+        for scheduler in self.lr_schedulers():
+            scheduler.step()
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _eval_step(self, batch, metrics: MetricCollection, l1: MeanMetric) -> None:
+        real_a, real_b = batch["A"], batch["B"]
+        fake_b = self.generator(real_a)
+        l1(self.criterion_l1(fake_b, real_b), weight=real_a.shape[0])
+        fake_u, real_u = to_unit(fake_b), to_unit(real_b)
+        metrics.update(fake_u, real_u)
+        if self.fid is not None and fake_u.shape[1] == 3:
+            self.fid.update(real_u, real=True)
+            self.fid.update(fake_u, real=False)
+        take = self.hparams.grid_images - len(self._grid)
+        for i in range(min(max(take, 0), real_a.shape[0])):
+            self._grid.append((to_unit(real_a[i]).cpu(), fake_u[i].cpu(), real_u[i].cpu(),
+                               Path(batch["path"][i]).name))  # fmt: skip
+
+    def on_validation_epoch_start(self) -> None:
+        self._grid = []
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, self.val_l1)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val", self.val_metrics, self.val_l1)
+        if (
+            not self.trainer.sanity_checking
+            and self.current_epoch % max(1, self.hparams.grid_every_n_epochs) == 0
+        ):
+            self._log_grid(f"figures/val/grid_epoch{self.current_epoch:03d}.png",
+                           f"validation, epoch {self.current_epoch}")  # fmt: skip
+
+    def on_test_epoch_start(self) -> None:
+        self._grid = []
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, self.test_l1)
+
+    def on_test_epoch_end(self) -> None:
+        values = self._log_epoch_metrics("test", self.test_metrics, self.test_l1)
+        self.test_outputs = {"grid": list(self._grid), "metrics": values}
+        self._log_grid("figures/test/grid.png", "test")
+
+    def _log_epoch_metrics(
+        self, split: str, metrics: MetricCollection, l1: MeanMetric
+    ) -> dict[str, float]:
+        values = {**metrics.compute(), f"{split}/l1": l1.compute()}
+        if self.fid is not None:
+            values[f"{split}/fid"] = self.fid.compute()
+            self.fid.reset()
+        metrics.reset()
+        l1.reset()
+        for name, value in values.items():
+            self.log(name, value, prog_bar=True, sync_dist=True)
+        return {k: float(v) for k, v in values.items()}
+
+    def grid_figure(self, title: str):
+        from zoo.plotting import image_grid_figure
+
+        rows = [
+            [t.permute(1, 2, 0).squeeze(-1).numpy() for t in sample[:3]] for sample in self._grid
+        ]
+        return image_grid_figure(rows, ["input (A)", "generated G(A)", "target (B)"], title,
+                                 row_labels=[s[3] for s in self._grid])  # fmt: skip
+
+    def _log_grid(self, path: str, title: str) -> None:
+        if self._grid and self.trainer.is_global_zero and self.logger is not None:
+            log_figure(self.trainer, self.grid_figure(title), path)
+
+    # ------------------------------------------------------------------ report
+
+    def add_report_sections(self, report) -> dict[str, float]:
+        """evaluate.py: the test grid (metrics are already in the report's table)."""
+        grid = self.test_outputs.get("grid") or []
+        report.heading("Test results")
+        report.paragraph(
+            f"{len(grid)} test images: input | generated | target. L1 in [-1, 1] pixel units; "
+            f"PSNR and SSIM on [0, 1] images. FID: {self.fid_note}."
+        )
+        if grid:
+            self._grid = grid
+            report.image(self.grid_figure("test results"), "test results: input | generated | target",
+                         name="test_grid")  # fmt: skip
+        return {}
