@@ -15,12 +15,12 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from zoo.data.base import SplitDataModule
 from zoo.errors import ConfigError, DataError
 
 IMG_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".tif", ".tiff", ".webp"}
@@ -147,7 +147,7 @@ class AlignedDataset(Dataset):
                 "path": str(path)}  # fmt: skip
 
 
-class AlignedDataModule(L.LightningDataModule):
+class AlignedDataModule(SplitDataModule):
     """Aligned A|B image pairs from ``data_dir/{train,val,test}``.
 
     ``demo`` (options of ``zoo.data.demo.pix2pix.write_demo_aligned``) first writes an offline
@@ -213,20 +213,6 @@ class AlignedDataModule(L.LightningDataModule):
             self.datasets["val"] = self._dataset(self.val_split, train=False)
         if stage in (None, "test") and "test" not in self.datasets:
             self.datasets["test"] = self._dataset("test", train=False)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          drop_last=False)  # fmt: skip
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
 
     def summary(self) -> dict[str, str]:
         out = {"data_dir": str(self.data_dir), "direction": self.direction,

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from scipy import signal
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from zoo.data.base import SplitDataModule
 from zoo.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -351,7 +351,7 @@ class _RandomWindowSubset(Dataset):
 # --------------------------------------------------------------------------- data module
 
 
-class DeapDataModule(L.LightningDataModule):
+class DeapDataModule(SplitDataModule):
     """DEAP windows for emotion classification with leak-free evaluation protocols.
 
     ``demo`` (a dict of generator options) writes DEAP-format files into ``data_dir`` first, so
@@ -527,21 +527,6 @@ class DeapDataModule(L.LightningDataModule):
         trials.signals -= mean[None, :, None].astype(np.float32)
         trials.signals /= std[None, :, None].astype(np.float32)
         self.norm_stats = (mean, std)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-        )  # fmt: skip
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
 
     def summary(self) -> dict[str, Any]:
         """What a report needs to describe the data: sizes, class balance, protocol."""
