@@ -24,12 +24,21 @@ def _deap_classes(target: str) -> list[str]:
     return target_class_names(target)
 
 
+def _glue_labels(task: str) -> list[str]:
+    from zoo.data.text import GLUE_TASKS
+
+    if task not in GLUE_TASKS:
+        raise ValueError(f"data.task={task!r}: expected one of {list(GLUE_TASKS)}")
+    return list(GLUE_TASKS[task].labels)
+
+
 _RESOLVERS = {
     "len": lambda x: len(x),
     "zoo_cwd": lambda: os.getcwd(),
     "zoo_add": lambda *xs: sum(int(x) for x in xs),
     "zoo_deap_channels": _deap_channels,
     "zoo_deap_classes": _deap_classes,
+    "zoo_glue_labels": _glue_labels,
 }
 
 

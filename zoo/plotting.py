@@ -89,5 +89,25 @@ def image_grid_figure(
     return fig
 
 
+def mask_heatmaps_figure(masks: np.ndarray, title: str = "", row_label: str = "layer"):
+    """masks [S, H, L, L] in [0, 1]: one heatmap per (set, head); white = attend, black = dropped."""
+    masks = np.asarray(masks, dtype=np.float32)
+    s, h = masks.shape[:2]
+    fig, axes = plt.subplots(s, h, figsize=(2.0 * h + 0.6, 2.0 * s + 0.6), dpi=100, squeeze=False)
+    for i in range(s):
+        for j in range(h):
+            ax = axes[i, j]
+            ax.imshow(masks[i, j], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"head {j}: {masks[i, j].mean():.0%} kept", fontsize=8)
+            if j == 0:
+                ax.set_ylabel(f"{row_label} {i}" if s > 1 else "all layers", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def close(fig) -> None:
     plt.close(fig)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
@@ -13,11 +15,13 @@ class SplitDataModule(L.LightningDataModule):
     batch_size: int
     num_workers: int
     datasets: dict[str, Dataset]
+    collate_fn: Callable | None = None  # e.g. padding to the longest sequence of a batch
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
             self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn,
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:

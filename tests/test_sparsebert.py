@@ -1,0 +1,291 @@
+"""SparseBERT: HF parity, differentiable attention masks, GLUE data, two-stage runs in mlflow."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from zoo import tracking
+from zoo.data.demo.pydoc import write_demo_glue
+from zoo.data.text import GLUE_TASKS, GlueDataModule, read_glue_tsv
+from zoo.errors import DataError
+from zoo.models.sparsebert import DifferentiableAttentionMask, SparseBert, from_pretrained
+from zoo.pipeline import evaluate, train
+
+TINY = {"vocab_size": 120, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 64, "max_position_embeddings": 40, "hidden_dropout_prob": 0.0}  # fmt: skip
+
+
+def batch(n=3, length=17, vocab=120, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (n, length), generator=g)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[1, 11:] = 0  # padding
+    ids[1, 11:] = 0
+    types = torch.zeros_like(ids)
+    types[:, 9:] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "token_type_ids": types,
+        "labels": torch.tensor([0, 1, 2][:n]),
+    }
+
+
+# --------------------------------------------------------------------------- HF parity
+
+
+@pytest.mark.parametrize("safe", [True, False])
+def test_outputs_match_huggingface(tmp_path, safe):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        **{k: v for k, v in TINY.items() if k != "hidden_dropout_prob"}, num_labels=3
+    )
+    hf = transformers.BertForSequenceClassification(cfg).eval()
+    hf.save_pretrained(tmp_path, safe_serialization=safe)
+    (tmp_path / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(115)])
+    )
+    ours = from_pretrained(tmp_path, num_labels=3)
+    b = batch()
+    with torch.no_grad():
+        ref = hf.bert(
+            input_ids=b["input_ids"],
+            attention_mask=b["attention_mask"],
+            token_type_ids=b["token_type_ids"],
+        )
+        seq, pooled = ours.net.bert(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        keep = b["attention_mask"].bool()
+        torch.testing.assert_close(seq[keep], ref.last_hidden_state[keep], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pooled, ref.pooler_output, atol=1e-5, rtol=1e-5)
+        logits = hf(
+            input_ids=b["input_ids"],
+            attention_mask=b["attention_mask"],
+            token_type_ids=b["token_type_ids"],
+        ).logits
+        torch.testing.assert_close(ours(b), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_all_ones_mask_equals_dense(tmp_path):
+    torch.manual_seed(0)
+    dense = SparseBert(["a", "b", "c"], bert=TINY).eval()
+    torch.save({"mask": torch.ones(1, 4, 40, 40, dtype=torch.bool)}, tmp_path / "ones.pt")
+    fixed = SparseBert(
+        ["a", "b", "c"], bert=TINY, mask={"mode": "fixed", "file": str(tmp_path / "ones.pt")}
+    ).eval()
+    fixed.net.load_state_dict(dense.net.state_dict())
+    b = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(fixed(b), dense(b))
+        # and a mask that drops positions changes the output
+        torch.save(
+            {"mask": torch.eye(40, dtype=torch.bool).expand(1, 4, 40, 40)}, tmp_path / "eye.pt"
+        )
+        diag = SparseBert(
+            ["a", "b", "c"], bert=TINY, mask={"mode": "fixed", "file": str(tmp_path / "eye.pt")}
+        ).eval()
+        diag.net.load_state_dict(dense.net.state_dict())
+        assert not torch.allclose(diag(b), dense(b))
+
+
+# --------------------------------------------------------------------------- DAM
+
+
+@pytest.mark.parametrize(
+    "kind,sampler",
+    [("dam_u", "sigmoid"), ("dam_s", "sigmoid"), ("dam_u", "softmax"), ("dam_s", "softmax")],
+)
+def test_hard_masks_are_binary_with_straight_through_gradient(kind, sampler):
+    torch.manual_seed(0)
+    dam = DifferentiableAttentionMask(
+        kind, num_layers=2, num_heads=3, max_len=12, sampler=sampler, init_keep_logit=0.0
+    )
+    m = dam.sample(10)
+    assert m.shape == (1, 3, 10, 10)
+    assert set(m.unique().tolist()) <= {0.0, 1.0} and 0 < m.mean() < 1
+    (m * torch.randn_like(m)).sum().backward()
+    assert dam.alpha.grad is not None and dam.alpha.grad.abs().sum() > 0
+
+
+def test_gradient_reaches_alpha_through_the_model():
+    torch.manual_seed(0)
+    model = SparseBert(
+        ["a", "b", "c"], bert=TINY, mask={"mode": "dam_u", "init_keep_logit": 0.0}
+    ).train()
+    loss, _, _ = model._step(batch())
+    loss.backward()
+    assert model.dam.alpha.grad.abs().sum() > 0
+    assert model.net.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
+def test_toeplitz_and_symmetric_structure():
+    torch.manual_seed(0)
+    dam_s = DifferentiableAttentionMask("dam_s", 2, 3, 16, init_keep_logit=0.0)
+    with torch.no_grad():
+        dam_s.alpha.normal_()
+    for m in (dam_s.sample(16), dam_s.binary(16).float(), dam_s.sample(9)):
+        assert torch.equal(m[..., 1:, 1:], m[..., :-1, :-1])  # constant along diagonals
+        assert torch.equal(m, m.transpose(-1, -2))  # depends on |i - j| only
+    dam_u = DifferentiableAttentionMask("dam_u", 2, 3, 16, symmetric=True, init_keep_logit=0.0)
+    m = dam_u.sample(16)
+    assert torch.equal(m, m.transpose(-1, -2)) and not torch.equal(m[..., 1:, 1:], m[..., :-1, :-1])
+    per_layer = DifferentiableAttentionMask("dam_s", 3, 2, 8, share_layers=False)
+    assert per_layer.sample(8).shape == (3, 2, 8, 8)
+
+
+def test_sparsity_penalty_drives_density_down():
+    torch.manual_seed(0)
+    model = SparseBert(
+        ["a", "b", "c"],
+        bert=TINY,
+        mask={"mode": "dam_u", "lambda_sparsity": 1.0, "init_keep_logit": 1.0},
+    )
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    start = model.dam.binary(17).float().mean().item()
+    for step in range(40):
+        opt.zero_grad()
+        loss, _, _ = model._step(batch(seed=step))
+        loss.backward()
+        opt.step()
+    end = model.dam.binary(17).float().mean().item()
+    assert start == 1.0 and end < 0.5, (start, end)
+
+
+# --------------------------------------------------------------------------- data
+
+
+GLUE_SAMPLES = {
+    "sst2": "sentence\tlabel\na fine film\t1\nboring\t0\n",
+    "cola": "gj04\t1\t\tThe cat sat.\ngj04\t0\t*\tCat the sat.\n",
+    "mrpc": "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tHe said so.\tSo he said.\n0\t3\t4\tA\tB\n",
+    "qnli": "index\tquestion\tsentence\tlabel\n0\tWho?\tHim.\tentailment\n1\tWhy?\tNo.\tnot_entailment\n",
+    "rte": "index\tsentence1\tsentence2\tlabel\n0\tA dog runs.\tAn animal moves.\tentailment\n1\tX\tY\tnot_entailment\n",
+}
+
+
+@pytest.mark.parametrize("task", list(GLUE_SAMPLES))
+def test_glue_formats(tmp_path, task):
+    path = tmp_path / "train.tsv"
+    path.write_text(GLUE_SAMPLES[task])
+    texts, labels = read_glue_tsv(path, GLUE_TASKS[task])
+    assert len(texts) == 2 and labels == [1, 0]
+    assert len(texts[0]) == len(GLUE_TASKS[task].text)
+
+
+def test_glue_errors_name_file_and_line(tmp_path):
+    path = tmp_path / "dev.tsv"
+    path.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\tonly two\n")
+    with pytest.raises(DataError, match=r"dev\.tsv:3: expected at least 4"):
+        read_glue_tsv(path, GLUE_TASKS["rte"])
+    path.write_text("index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
+    with pytest.raises(DataError, match=r"dev\.tsv:2: label 'maybe'"):
+        read_glue_tsv(path, GLUE_TASKS["rte"])
+    path.write_text("idx\ttext\n0\ta\n")
+    with pytest.raises(DataError, match=r"dev\.tsv:1: header"):
+        read_glue_tsv(path, GLUE_TASKS["sst2"])
+    # GLUE test sets have no labels: allowed where labels are optional
+    path.write_text("index\tsentence\n0\ta b c\n")
+    assert read_glue_tsv(path, GLUE_TASKS["sst2"], require_labels=False)[1] is None
+
+
+def test_pydoc_demo_and_tokenizer(tmp_path):
+    out = write_demo_glue(tmp_path / "pydoc", n_train=400, n_dev=60, n_test=60)
+    train_rows = (out / "train.tsv").read_text().splitlines()
+    test_rows = (out / "test.tsv").read_text().splitlines()
+    assert train_rows[0] == "index\tsentence1\tsentence2\tlabel"
+    train_sents = {r.split("\t")[1] for r in train_rows[1:]}
+    assert not train_sents & {r.split("\t")[1] for r in test_rows[1:]}  # pages split, no overlap
+    dm = GlueDataModule(
+        str(out), task="pydoc_continuity", max_length=32, tokenizer={"vocab_size": 800}
+    )
+    dm.setup()
+    assert (out / "tokenizer" / "vocab.txt").is_file()
+    b = next(iter(dm.train_dataloader()))
+    assert b["input_ids"].shape[1] <= 32 and set(b["labels"].tolist()) <= {0, 1}
+    assert (b["token_type_ids"] == 1).any()  # sentence pairs
+    # a vocab.txt can be given instead of training one
+    dm2 = GlueDataModule(
+        str(out), task="pydoc_continuity", tokenizer={"vocab": str(out / "tokenizer" / "vocab.txt")}
+    )
+    dm2.setup()
+    assert dm2.tokenizer.get_vocab_size() == dm.tokenizer.get_vocab_size()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _artifacts(client, run_id, path=""):
+    out = set()
+    for item in client.list_artifacts(run_id, path):
+        out |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
+def _run(client, name):
+    (run,) = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    return run
+
+
+def test_two_stages_and_dense_baseline(make_cfg, tracking_uri, tmp_path):
+    client = MlflowClient(tracking_uri)
+    # stage 1: mask search
+    train(
+        make_cfg(
+            [
+                "experiment=sparsebert_dam_search_demo",
+                "debug=fast",
+                "tracking.experiment_name=sb-search",
+            ]
+        )
+    )
+    search = _run(client, "sb-search")
+    m = search.data.metrics
+    for key in ("train/loss", "train/mask_density", "train/loss_sparsity", "val/acc", "val/f1_macro",
+                "val/mask_density", "val/mask_sparsity", "test/acc"):  # fmt: skip
+        assert key in m, key
+    assert m["val/mask_density"] + m["val/mask_sparsity"] == pytest.approx(1.0)
+    arts = _artifacts(client, search.info.run_id)
+    assert {
+        "figures/val/attention_masks_epoch000.png",
+        "masks/attention_mask.pt",
+        "tokenizer/vocab.txt",
+    } <= arts
+    logged = torch.load(tracking.download_artifact(search.info.run_id, "masks/attention_mask.pt", tracking_uri),
+                        weights_only=True)  # fmt: skip
+    mask = logged["mask"]
+    assert mask.dtype == torch.bool and mask.shape[:2] == (1, 4)
+    assert torch.equal(mask[..., 1:, 1:], mask[..., :-1, :-1])  # dam_s: Toeplitz
+
+    # stage 2 reads that mask from the run
+    cfg = make_cfg(["experiment=sparsebert_finetune_demo", "debug=fast", f"model.mask.from_run={search.info.run_id}",
+                    "tracking.experiment_name=sb-finetune"])  # fmt: skip
+    train(cfg)
+    fine = _run(client, "sb-finetune")
+    assert fine.data.metrics["val/mask_density"] == pytest.approx(
+        mask.float().mean().item(), abs=1e-6
+    )
+    assert "figures/val/attention_masks_epoch000.png" in _artifacts(client, fine.info.run_id)
+    module = SparseBert(["a", "b"], bert={**TINY, "max_position_embeddings": 64},
+                        mask={"mode": "fixed", "from_run": search.info.run_id}, tracking_uri=tracking_uri)  # fmt: skip
+    assert torch.equal(module.fixed_mask, mask)
+
+    # the dense baseline, and the report of the search run
+    train(
+        make_cfg(
+            ["experiment=sparsebert_dense_demo", "debug=fast", "tracking.experiment_name=sb-dense"]
+        )
+    )
+    assert _run(client, "sb-dense").data.metrics["val/mask_density"] == 1.0
+    out = tmp_path / "report"
+    metrics = evaluate(
+        make_cfg([f"run_id={search.info.run_id}", f"output_dir={out}"], config_name="evaluate")
+    )
+    assert metrics["test/mask_density"] == pytest.approx(mask.float().mean().item(), abs=1e-6)
+    html = (out / "report.html").read_text()
+    assert "Attention masks" in html and "test/f1_macro" in html
+    assert json.loads((out / "metrics.json").read_text())["test/mask_density"] >= 0

@@ -1,0 +1,380 @@
+"""SparseBERT (Shi et al., ICML 2021): learn which attention positions matter with a
+Differentiable Attention Mask (DAM), then fine-tune with the learned, fixed sparse mask.
+
+Mask modes (``model.mask.mode``):
+- ``dense``: ordinary BERT (the baseline);
+- ``dam_u``: per head an L x L logit pair (keep, drop) (optionally symmetric);
+- ``dam_s``: per head one logit pair per diagonal offset |i - j| (a Toeplitz mask, the released
+  code's structured variant);
+- ``fixed``: a binary mask read from a stage-1 mlflow run (``mask.from_run``) or a file
+  (``mask.file``), used through ``zoo.kernels.masked_attention``.
+
+While searching (training steps of dam_u / dam_s), masks are hard samples of a 2-class
+Gumbel-Softmax (``zoo.kernels.gumbel_sigmoid`` of α_keep − α_drop, or ``gumbel_softmax`` over the
+pair; both straight-through) at temperature τ (annealed from ``tau_start`` to ``tau_end``), and
+the loss adds λ · mean(M). Evaluation uses the binarised mask (keep iff α_keep > α_drop), which
+is also what stage 2 loads. Masks are shared by all layers (per head) by default, as in the
+reference, or one per layer (``share_layers: false``); any head count and max length work, and
+padding composes with the learned mask.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from zoo import kernels
+from zoo.errors import ConfigError
+from zoo.models.classification import ClassificationModule
+from zoo.models.components.bert import BertConfig, BertMLMHead, BertModel
+from zoo.tracking import find_mlflow_logger, log_figure
+
+log = logging.getLogger(__name__)
+
+MASK_ARTIFACT = "masks/attention_mask.pt"
+MASK_MODES = ("dense", "dam_u", "dam_s", "fixed")
+DEFAULT_MASK = {"mode": "dense", "share_layers": True, "symmetric": False, "sampler": "sigmoid",
+                "init_keep_logit": 3.0, "lambda_sparsity": 1e-4, "tau_start": 1.0, "tau_end": 0.1,
+                "from_run": None, "file": None, "max_len": None}  # fmt: skip
+
+
+class DifferentiableAttentionMask(nn.Module):
+    """Learnable keep/drop logit pairs α[..., 0] (keep), α[..., 1] (drop) for every head (and
+    layer, unless shared) and every position pair (dam_u) or diagonal offset (dam_s)."""
+
+    def __init__(self, kind: str, num_layers: int, num_heads: int, max_len: int, share_layers: bool = True,
+                 symmetric: bool = False, sampler: str = "sigmoid", init_keep_logit: float = 3.0):  # fmt: skip
+        super().__init__()
+        if kind not in ("dam_u", "dam_s"):
+            raise ConfigError(f"model.mask.mode={kind!r}: a learned mask is dam_u or dam_s")
+        if sampler not in ("sigmoid", "softmax"):
+            raise ConfigError(f"model.mask.sampler={sampler!r}: expected sigmoid or softmax")
+        self.kind, self.sampler, self.symmetric = kind, sampler, symmetric
+        self.num_layers, self.max_len = num_layers, max_len
+        sets = 1 if share_layers else num_layers
+        shape = (
+            (sets, num_heads, max_len, max_len, 2)
+            if kind == "dam_u"
+            else (sets, num_heads, max_len, 2)
+        )
+        alpha = torch.zeros(shape)
+        alpha[..., 0] = init_keep_logit  # start (almost) dense: P(keep) = sigmoid(init_keep_logit)
+        self.alpha = nn.Parameter(alpha)
+        self.tau = 1.0
+
+    def _offsets(self, length: int) -> torch.Tensor:
+        i = torch.arange(length, device=self.alpha.device)
+        return (i[:, None] - i[None, :]).abs()
+
+    def _expand(self, m: torch.Tensor, length: int) -> torch.Tensor:
+        """Per-offset values [S, H, L] -> Toeplitz [S, H, L, L] (dam_s); dam_u: crop/symmetrise."""
+        if self.kind == "dam_s":
+            return m[..., :length][..., self._offsets(length)]
+        m = m[..., :length, :length]
+        if self.symmetric:
+            m = torch.triu(m) + torch.triu(m, 1).transpose(-1, -2)
+        return m
+
+    def keep_logits(self, length: int) -> torch.Tensor:
+        """α_keep − α_drop as [S, H, L, L]."""
+        return self._expand(self.alpha[..., 0] - self.alpha[..., 1], length)
+
+    def sample(self, length: int) -> torch.Tensor:
+        """A hard 0/1 sample [S, H, L, L] with straight-through gradients to α. Sampling happens
+        per free parameter (per offset for dam_s, per upper-triangle entry when symmetric), so the
+        structure holds exactly in every sample."""
+        if self.sampler == "sigmoid":
+            m = kernels.gumbel_sigmoid(
+                self.alpha[..., 0] - self.alpha[..., 1], tau=self.tau, hard=True
+            )
+        else:
+            m = kernels.gumbel_softmax(self.alpha, tau=self.tau, hard=True, dim=-1)[..., 0]
+        return self._expand(m, length)
+
+    def binary(self, length: int) -> torch.Tensor:
+        """The binarised mask (keep iff α_keep > α_drop), bool [S, H, L, L]."""
+        return self.keep_logits(length) > 0
+
+
+class BertClassifier(nn.Module):
+    """BertModel + dropout + linear head on the pooled output (HF's BertForSequenceClassification),
+    with an optional MLM head (HF's cls.predictions) when a checkpoint has one."""
+
+    def __init__(self, cfg: BertConfig, num_labels: int, mlm_head: bool = False):
+        super().__init__()
+        self.bert = BertModel(cfg)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.classifier = nn.Linear(cfg.hidden_size, num_labels)
+        nn.init.normal_(self.classifier.weight, 0.0, 0.02)
+        nn.init.zeros_(self.classifier.bias)
+        self.mlm = BertMLMHead(cfg, self.bert.embeddings.word_embeddings) if mlm_head else None
+
+    def forward(
+        self, input_ids, attention_mask=None, token_type_ids=None, layer_masks=None
+    ) -> torch.Tensor:
+        _, pooled = self.bert(input_ids, attention_mask, token_type_ids, layer_masks)
+        return self.classifier(self.dropout(pooled))
+
+
+class SparseBert(ClassificationModule):
+    """Sequence classification with a BERT encoder and an optional learned sparse attention
+    mask. Logs the classifier metrics (``val/acc``, ``val/f1_macro``, ...) plus
+    ``val/mask_density`` and ``val/mask_sparsity``, ``train/mask_density`` and
+    ``train/loss_sparsity`` while searching, a heatmap of each head's mask per validation epoch
+    (``figures/val/attention_masks_epochNNN.png``) and the binarised mask as the artifact
+    ``masks/attention_mask.pt`` (what stage 2 reads with ``mask.from_run``)."""
+
+    def __init__(
+        self,
+        class_names: list[str],
+        bert: dict | None = None,
+        pretrained: str | None = None,
+        mask: dict | None = None,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        heatmap_every_n_epochs: int = 1,
+        tracking_uri: str | None = None,
+    ):
+        cfg_dict = dict(bert or {})
+        state = None
+        if pretrained:
+            cfg_dict, state = load_hf_checkpoint(pretrained)
+        cfg = BertConfig.from_dict(cfg_dict)
+        net = BertClassifier(
+            cfg,
+            len(class_names),
+            mlm_head=state is not None and any(k.startswith("mlm.") for k in state),
+        )
+        if state is not None:
+            load_into(net, state)
+        super().__init__(net=net, class_names=class_names,
+                         optimizer=optimizer or partial(torch.optim.AdamW, lr=5e-5, weight_decay=0.01),
+                         scheduler=scheduler)  # fmt: skip
+        self.bert_config = cfg
+        m = {**DEFAULT_MASK, **(mask or {})}
+        if m["mode"] not in MASK_MODES:
+            raise ConfigError(f"model.mask.mode={m['mode']!r}: expected one of {MASK_MODES}")
+        self.mask_cfg = m
+        self.max_len = int(m["max_len"] or cfg.max_position_embeddings)
+        self.heatmap_every = heatmap_every_n_epochs
+        self.dam: DifferentiableAttentionMask | None = None
+        if m["mode"] in ("dam_u", "dam_s"):
+            self.dam = DifferentiableAttentionMask(m["mode"], cfg.num_hidden_layers, cfg.num_attention_heads,
+                                                   self.max_len, m["share_layers"], m["symmetric"], m["sampler"],
+                                                   float(m["init_keep_logit"]))  # fmt: skip
+        self.register_buffer("fixed_mask", None, persistent=True)
+        if m["mode"] == "fixed":
+            self.fixed_mask = load_mask(m, tracking_uri)
+            self._check_fixed(self.fixed_mask)
+
+    # ------------------------------------------------------------------ masks
+
+    def _check_fixed(self, mask: torch.Tensor) -> None:
+        cfg = self.bert_config
+        if (
+            mask.dim() != 4
+            or mask.shape[1] != cfg.num_attention_heads
+            or mask.shape[0] not in (1, cfg.num_hidden_layers)
+        ):
+            raise ConfigError(
+                f"model.mask: the loaded mask has shape {tuple(mask.shape)}; this model needs [1 or "
+                f"{cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads, L, L]"
+            )
+        self.max_len = mask.shape[-1]
+
+    def current_masks(self, length: int, sample: bool) -> torch.Tensor | None:
+        """[S, H, L, L]: a float hard sample (searching) or a bool mask; None for dense."""
+        if length > self.max_len and self.mask_cfg["mode"] != "dense":
+            raise ValueError(f"sequence length {length} exceeds the mask's max_len {self.max_len}")
+        if self.dam is not None:
+            return self.dam.sample(length) if sample else self.dam.binary(length)
+        if self.fixed_mask is not None:
+            return self.fixed_mask[..., :length, :length]
+        return None
+
+    def _layer_masks(self, masks: torch.Tensor | None) -> list[torch.Tensor | None] | None:
+        if masks is None:
+            return None
+        n = self.bert_config.num_hidden_layers
+        return [masks[0 if masks.shape[0] == 1 else i][None] for i in range(n)]
+
+    # ------------------------------------------------------------------ steps
+
+    def forward(
+        self, batch: dict[str, torch.Tensor], masks: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if masks is None:
+            masks = self.current_masks(batch["input_ids"].shape[1], sample=False)
+        return self.net(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"),
+                        self._layer_masks(masks))  # fmt: skip
+
+    def _step(self, batch):
+        searching = self.training and self.dam is not None
+        masks = self.current_masks(batch["input_ids"].shape[1], sample=searching)
+        logits = self(batch, masks)
+        loss = self.criterion(logits, batch["labels"])
+        if searching:
+            density = masks.mean()
+            penalty = float(self.mask_cfg["lambda_sparsity"]) * density
+            self.log("train/mask_density", density.detach(), on_step=False, on_epoch=True)
+            self.log("train/loss_sparsity", penalty.detach(), on_step=False, on_epoch=True)
+            self.log("train/tau", float(self.dam.tau), on_step=False, on_epoch=True)
+            loss = loss + penalty
+        return loss, logits, batch["labels"]
+
+    def on_train_epoch_start(self) -> None:
+        if self.dam is not None:  # exponential annealing from tau_start to tau_end
+            start, end = float(self.mask_cfg["tau_start"]), float(self.mask_cfg["tau_end"])
+            span = max(1, (self.trainer.max_epochs or 1) - 1)
+            self.dam.tau = start * (end / start) ** (min(self.current_epoch, span) / span)
+
+    def mask_for_logging(self) -> torch.Tensor:
+        masks = self.current_masks(self.max_len, sample=False)
+        if masks is None:
+            h = self.bert_config.num_attention_heads
+            masks = torch.ones(1, h, self.max_len, self.max_len, dtype=torch.bool)
+        return masks
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        density = float(self.mask_for_logging().float().mean())
+        self.log("val/mask_density", density)
+        self.log("val/mask_sparsity", 1.0 - density)
+        if (
+            not self.trainer.sanity_checking
+            and self.current_epoch % max(1, self.heatmap_every) == 0
+        ):
+            self._log_heatmap(f"figures/val/attention_masks_epoch{self.current_epoch:03d}.png",
+                              f"attention masks ({self.mask_cfg['mode']}), epoch {self.current_epoch}")  # fmt: skip
+
+    def _log_heatmap(self, path: str, title: str) -> None:
+        if self.trainer.is_global_zero and self.logger is not None:
+            from zoo.plotting import mask_heatmaps_figure
+
+            log_figure(
+                self.trainer,
+                mask_heatmaps_figure(self.mask_for_logging().float().cpu().numpy(), title),
+                path,
+            )
+
+    def on_fit_end(self) -> None:
+        """Save the binarised mask (and the tokenizer vocab) to the run for stage 2 / reuse."""
+        mlf = find_mlflow_logger(self.trainer)
+        if mlf is None or not self.trainer.is_global_zero:
+            return
+        out = Path(self.trainer.default_root_dir) / "masks"
+        out.mkdir(parents=True, exist_ok=True)
+        mask = self.mask_for_logging().bool().cpu()
+        torch.save({"mask": mask, "mode": self.mask_cfg["mode"], "density": float(mask.float().mean())},
+                   out / "attention_mask.pt")  # fmt: skip
+        mlf.experiment.log_artifact(mlf.run_id, str(out / "attention_mask.pt"), "masks")
+        vocab = getattr(self.trainer.datamodule, "vocab_file", None)
+        if vocab is not None and Path(vocab).is_file():
+            mlf.experiment.log_artifact(mlf.run_id, str(vocab), "tokenizer")
+
+    def add_report_sections(self, report, outputs=None) -> dict[str, float]:
+        flat = super().add_report_sections(report, outputs)
+        from zoo.plotting import mask_heatmaps_figure
+
+        masks = self.mask_for_logging().float().cpu()
+        report.heading("Attention masks")
+        report.paragraph(f"mode {self.mask_cfg['mode']}: {masks.mean():.1%} of attention positions kept "
+                         f"(max length {self.max_len}; white = attend).")  # fmt: skip
+        report.image(mask_heatmaps_figure(masks.numpy(), "final attention masks"), "final attention masks",
+                     name="attention_masks")  # fmt: skip
+        return {**flat, "test/mask_density": float(masks.mean())}
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_mask(m: dict, tracking_uri: str | None) -> torch.Tensor:
+    if m.get("from_run"):
+        from zoo import tracking
+
+        path = tracking.download_artifact(
+            str(m["from_run"]), MASK_ARTIFACT, tracking.resolve_tracking_uri(tracking_uri)
+        )
+    elif m.get("file"):
+        path = Path(m["file"])
+        if not path.is_file():
+            raise ConfigError(f"model.mask.file={path}: file not found")
+    else:
+        raise ConfigError("model.mask.mode=fixed needs model.mask.from_run=<stage-1 mlflow run id> "
+                          "or model.mask.file=<attention_mask.pt>")  # fmt: skip
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    mask = data["mask"] if isinstance(data, dict) else data
+    return mask.bool()
+
+
+def load_hf_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """config.json and weights (model.safetensors or pytorch_model.bin) of a HuggingFace BERT
+    checkpoint directory, with keys renamed to ours."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path}: not a HuggingFace checkpoint directory (no config.json)")
+    cfg = json.loads((path / "config.json").read_text())
+    if cfg.get("model_type", "bert") != "bert":
+        raise ConfigError(f"{path}/config.json: model_type {cfg.get('model_type')!r} is not bert")
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        raw = load_file(str(path / "model.safetensors"))
+    elif (path / "pytorch_model.bin").is_file():
+        raw = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise ConfigError(f"{path}: no model.safetensors or pytorch_model.bin")
+    state = {}
+    for k, v in raw.items():
+        k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace(
+            "LayerNorm.beta", "LayerNorm.bias"
+        )
+        if k.startswith("bert."):
+            k = k[len("bert.") :]
+        if k.startswith("cls.predictions."):
+            k = "mlm." + k[len("cls.predictions.") :]
+            if k in ("mlm.decoder.weight", "mlm.decoder.bias"):
+                continue  # tied to the word embeddings / same as mlm.bias
+        elif k.startswith("classifier."):
+            pass
+        elif k.startswith("cls.") or k.endswith("position_ids"):
+            continue  # next-sentence head, buffers
+        else:
+            k = "bert." + k
+        state[k] = v
+    return cfg, state
+
+
+def load_into(net: BertClassifier, state: dict[str, torch.Tensor]) -> None:
+    own = net.state_dict()
+    missing = [k for k in own if k not in state and not k.startswith(("classifier.", "mlm."))]
+    if missing:
+        raise ConfigError(f"checkpoint lacks {len(missing)} BERT weights, e.g. {missing[:3]}")
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(set(state) - set(usable))
+    if skipped:
+        log.info("not loaded from the checkpoint (absent here or another shape): %s", skipped[:5])
+    net.load_state_dict(usable, strict=False)
+
+
+def from_pretrained(path: str | Path, num_labels: int | None = None, **kwargs) -> SparseBert:
+    """Our module from a local HuggingFace BERT directory (config.json, model.safetensors or
+    pytorch_model.bin, vocab.txt). ``module.net.bert(...)`` matches ``transformers.BertModel``
+    and ``module(batch)`` matches ``BertForSequenceClassification`` (the classifier is loaded
+    when the checkpoint has one)."""
+    cfg = (
+        json.loads((Path(path) / "config.json").read_text())
+        if (Path(path) / "config.json").is_file()
+        else {}
+    )
+    if num_labels is None:
+        num_labels = len(cfg.get("id2label") or {}) or 2
+    names = kwargs.pop("class_names", None) or [str(i) for i in range(num_labels)]
+    module = SparseBert(class_names=names, pretrained=str(path), **kwargs)
+    return module.eval()
