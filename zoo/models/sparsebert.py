@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 MASK_ARTIFACT = "masks/attention_mask.pt"
 MASK_MODES = ("dense", "dam_u", "dam_s", "fixed")
 DEFAULT_MASK = {"mode": "dense", "share_layers": True, "symmetric": False, "sampler": "sigmoid",
-                "init_keep_logit": 3.0, "lambda_sparsity": 1e-4, "tau_start": 1.0, "tau_end": 0.1,
+                "init_keep_logit": 3.0, "lambda_sparsity": 1e-4, "tau_start": 1.0, "tau_end": 0.1, "lr": 0.05,
                 "from_run": None, "file": None, "max_len": None}  # fmt: skip
 
 
@@ -203,6 +203,21 @@ class SparseBert(ClassificationModule):
             return None
         n = self.bert_config.num_hidden_layers
         return [masks[0 if masks.shape[0] == 1 else i][None] for i in range(n)]
+
+    def configure_optimizers(self):
+        """The mask logits get their own learning rate (mask.lr) and no weight decay: they must
+        move by whole units within a short search, the network weights by small steps."""
+        if self.dam is None:
+            return super().configure_optimizers()
+        weights = [p for n, p in self.named_parameters() if not n.startswith("dam.")]
+        optimizer = self.optimizer_factory(params=[
+            {"params": weights},
+            {"params": list(self.dam.parameters()), "lr": float(self.mask_cfg["lr"]), "weight_decay": 0.0},
+        ])  # fmt: skip
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "epoch"}}  # fmt: skip
 
     # ------------------------------------------------------------------ steps
 
