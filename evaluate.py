@@ -2,10 +2,13 @@
 ``python evaluate.py ckpt_path=<file> experiment=<name>`` or
 ``python evaluate.py 'run_ids=[<id1>,<id2>]'`` for a comparison."""
 
+import sys
+from pathlib import Path
+
 import hydra
 
 import zoo.config  # noqa: F401  (registers the config resolvers)
-from zoo.cli import entry
+from zoo.cli import check_group_choices, entry
 from zoo.pipeline import evaluate
 
 
@@ -16,4 +19,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    check_group_choices(sys.argv[1:], Path(__file__).resolve().parent / "conf")
     main()

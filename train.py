@@ -1,9 +1,12 @@
 """Train a zoo model: ``python train.py [experiment=<name>] [hydra overrides]``."""
 
+import sys
+from pathlib import Path
+
 import hydra
 
 import zoo.config  # noqa: F401  (registers the config resolvers)
-from zoo.cli import entry
+from zoo.cli import check_group_choices, entry
 from zoo.pipeline import train
 
 
@@ -14,4 +17,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    check_group_choices(sys.argv[1:], Path(__file__).resolve().parent / "conf")
     main()

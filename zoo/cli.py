@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -91,3 +92,23 @@ def entry(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             sys.exit(EXIT_USER_ERROR)
 
     return wrapped
+
+
+def check_group_choices(argv: list[str], conf_dir: Path) -> None:
+    """Before Hydra composes: a `group=option` override naming an option that does not exist in
+    conf/<group>/ exits with status 2 and one paragraph listing the available options (Hydra's
+    own message lists them one per line with its search path, which grows with the zoo)."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+").partition("=")
+        if not sep or "/" in key or "." in key or key.startswith(("~", "-")) or "(" in value:
+            continue
+        group = conf_dir / key
+        if not group.is_dir():
+            continue
+        available = sorted(p.stem for p in group.glob("*.yaml"))
+        for option in value.split(","):
+            option = option.strip()
+            if option and option != "null" and option not in available:
+                print(f"config error: {key}={option!r} is not an option of '{key}' "
+                      f"(conf/{key}/): choose one of {', '.join(available)}.", file=sys.stderr)  # fmt: skip
+                raise SystemExit(2)
