@@ -142,8 +142,12 @@ class ClassificationModule(L.LightningModule):
                 path,
             )
 
+    def optimizer_params(self):
+        """What the optimizer gets: all parameters (subclasses may return param groups)."""
+        return self.parameters()
+
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(params=self.parameters())
+        optimizer = self.optimizer_factory(params=self.optimizer_params())
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer),

@@ -204,20 +204,14 @@ class SparseBert(ClassificationModule):
         n = self.bert_config.num_hidden_layers
         return [masks[0 if masks.shape[0] == 1 else i][None] for i in range(n)]
 
-    def configure_optimizers(self):
+    def optimizer_params(self):
         """The mask logits get their own learning rate (mask.lr) and no weight decay: they must
         move by whole units within a short search, the network weights by small steps."""
         if self.dam is None:
-            return super().configure_optimizers()
+            return self.parameters()
         weights = [p for n, p in self.named_parameters() if not n.startswith("dam.")]
-        optimizer = self.optimizer_factory(params=[
-            {"params": weights},
-            {"params": list(self.dam.parameters()), "lr": float(self.mask_cfg["lr"]), "weight_decay": 0.0},
-        ])  # fmt: skip
-        if self.scheduler_factory is None:
-            return optimizer
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer), "interval": "epoch"}}  # fmt: skip
+        return [{"params": weights},
+                {"params": list(self.dam.parameters()), "lr": float(self.mask_cfg["lr"]), "weight_decay": 0.0}]  # fmt: skip
 
     # ------------------------------------------------------------------ steps
 
