@@ -1,0 +1,181 @@
+"""Detection groundwork: label maps -> group table, COCO / CCTSDB / VOC loaders on written
+fixtures, bad-annotation policy, and VOC average precision against hand-computed cases."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import zoo.kernels as K
+from zoo.data.detection import derive_group_table, load_cctsdb, load_coco, load_voc
+from zoo.errors import ConfigError, DataError
+from zoo.metrics.voc import voc_ap, voc_average_precision, voc_class_pr
+
+CLASSES = ["person", "car", "sign_prohibitory", "sign_warning"]
+COCO_MAP = {"person": "person", "car": "car"}
+CCTSDB_MAP = {"prohibitory": "sign_prohibitory", "warning": "sign_warning", "mandatory": None}
+
+
+def test_group_table_from_label_maps():
+    table = derive_group_table([COCO_MAP, CCTSDB_MAP], CLASSES)
+    assert table.tolist() == [[0, 1, 2, 0, 0], [0, 0, 0, 3, 4]]
+    with pytest.raises(ConfigError, match="'bike'"):
+        derive_group_table([{"bicycle": "bike"}], CLASSES)
+
+
+def test_unlabelled_classes_get_no_negative_gradient_from_that_source():
+    """Background samples of the COCO source must not push traffic-sign logits down (COCO does
+    not annotate signs), while the CCTSDB source does push them down."""
+    table = derive_group_table([COCO_MAP, CCTSDB_MAP], CLASSES)
+    logits = torch.randn(2, 5, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    target = torch.tensor([0, 0])  # background in both sources
+    loss = K.group_softmax_cross_entropy(
+        logits, target, table, torch.tensor([0, 1]), reduction="sum"
+    )
+    loss.backward()
+    coco_row, cctsdb_row = logits.grad
+    # COCO row: signs share background's group -> their gradient is p_c - p_c / P_g <= 0 (pulled up
+    # together with background), never the positive "push down" a negative class gets
+    assert (coco_row[3:] <= 1e-7).all() and (coco_row[1:3] > 0).all()
+    assert (cctsdb_row[3:] > 0).all() and (cctsdb_row[1:3] <= 1e-7).all()
+    # with singleton groups the loss is plain cross-entropy
+    singleton = torch.arange(5)[None]
+    torch.testing.assert_close(
+        K.group_softmax_cross_entropy(logits, target, singleton, torch.zeros(2, dtype=torch.long)),
+        torch.nn.functional.cross_entropy(logits, target),
+    )
+
+
+def _image(path, w=64, h=48):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(path)
+
+
+def _coco(tmp_path, annotations, images=None):
+    images = images or [{"id": 1, "file_name": "a.png", "width": 64, "height": 48},
+                        {"id": 2, "file_name": "b.png", "width": 64, "height": 48}]  # fmt: skip
+    for im in images:
+        if im["file_name"] != "missing.png":
+            _image(tmp_path / "img" / im["file_name"])
+    data = {"images": images, "annotations": annotations,
+            "categories": [{"id": 7, "name": "person"}, {"id": 9, "name": "car"}]}  # fmt: skip
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    return tmp_path / "ann.json", tmp_path / "img"
+
+
+def test_coco_loader(tmp_path):
+    anns = [{"id": 1, "image_id": 1, "category_id": 9, "bbox": [10, 5, 20, 10], "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 7, "bbox": [0, 0, 30, 40], "iscrowd": 1}]  # fmt: skip
+    records, report = load_coco(*_coco(tmp_path, anns), COCO_MAP, CLASSES, source=0)
+    a, b = sorted(records, key=lambda r: r.image_id)
+    assert a.boxes.tolist() == [[10, 5, 30, 15], [0, 0, 30, 40]]
+    assert a.labels.tolist() == [2, 1] and a.iscrowd.tolist() == [
+        False,
+        True,
+    ]  # ids remapped: car=2, person=1
+    assert len(b.labels) == 0 and not report.skipped  # an image without objects is kept
+
+
+@pytest.mark.parametrize(
+    "ann, reason",
+    [({"id": 5, "image_id": 1, "category_id": 9, "bbox": [50, 5, 30, 10]}, "outside image"),
+     ({"id": 5, "image_id": 1, "category_id": 9, "bbox": [10, 5, 0, 10]}, "zero area"),
+     ({"id": 5, "image_id": 1, "category_id": 3, "bbox": [10, 5, 5, 5]}, "unknown category")],
+)  # fmt: skip
+def test_coco_bad_annotations_error_or_counted_skip(tmp_path, ann, reason):
+    good = {"id": 1, "image_id": 2, "category_id": 7, "bbox": [1, 1, 5, 5]}
+    files = _coco(tmp_path, [good, ann])
+    with pytest.raises(DataError, match=rf"ann\.json: annotation id 5.*{reason}"):
+        load_coco(*files, COCO_MAP, CLASSES)
+    records, report = load_coco(*files, COCO_MAP, CLASSES, on_bad="skip")
+    assert sum(report.skipped.values()) == 1 and sum(len(r.labels) for r in records) == 1
+
+
+def test_coco_missing_image_and_malformed_json(tmp_path):
+    images = [{"id": 1, "file_name": "missing.png", "width": 64, "height": 48}]
+    files = _coco(tmp_path, [], images)
+    with pytest.raises(DataError, match="missing image"):
+        load_coco(*files, COCO_MAP, CLASSES)
+    assert load_coco(*files, COCO_MAP, CLASSES, on_bad="skip")[1].skipped["missing_image"] == 1
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"bad\.json: malformed JSON"):
+        load_coco(tmp_path / "bad.json", tmp_path, COCO_MAP, CLASSES)
+
+
+def test_cctsdb_loader(tmp_path):
+    _image(tmp_path / "img" / "0001.png")
+    (tmp_path / "gt.txt").write_text(
+        "0001.png;3;4;20;30;prohibitory\n0001.png;30;4;40;30;warning\n0001.png;1;1;9;9;mandatory\n"
+    )
+    (rec,), report = load_cctsdb(
+        tmp_path / "gt.txt", tmp_path / "img", CCTSDB_MAP, CLASSES, source=1
+    )
+    assert (
+        rec.labels.tolist() == [3, 4]
+        and rec.source == 1
+        and rec.boxes[0].tolist() == [3, 4, 20, 30]
+    )
+    (tmp_path / "gt.txt").write_text("0001.png;3;4;20\n")
+    with pytest.raises(DataError, match=r"gt\.txt:1: expected 'filename;x1;y1;x2;y2;class'"):
+        load_cctsdb(tmp_path / "gt.txt", tmp_path / "img", CCTSDB_MAP, CLASSES)
+    (tmp_path / "gt.txt").write_text("0001.png;3;4;20;30;speed\n")
+    with pytest.raises(DataError, match=r"gt\.txt:1: class 'speed'.*unknown category"):
+        load_cctsdb(tmp_path / "gt.txt", tmp_path / "img", CCTSDB_MAP, CLASSES)
+
+
+def test_voc_loader(tmp_path):
+    (tmp_path / "ImageSets" / "Main").mkdir(parents=True)
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "ImageSets" / "Main" / "val.txt").write_text("000001\n")
+    _image(tmp_path / "JPEGImages" / "000001.jpg", 64, 48)
+    (tmp_path / "Annotations" / "000001.xml").write_text(
+        "<annotation><filename>000001.jpg</filename><size><width>64</width><height>48</height></size>"
+        "<object><name>car</name><difficult>1</difficult><bndbox><xmin>11</xmin><ymin>6</ymin>"
+        "<xmax>30</xmax><ymax>15</ymax></bndbox></object>"
+        "<object><name>person</name><difficult>0</difficult><bndbox><xmin>1</xmin><ymin>1</ymin>"
+        "<xmax>20</xmax><ymax>40</ymax></bndbox></object></annotation>"
+    )
+    (rec,), _ = load_voc(tmp_path, "val", COCO_MAP, CLASSES)
+    assert rec.boxes.tolist() == [[10, 5, 30, 15], [0, 0, 20, 40]]
+    assert rec.labels.tolist() == [2, 1] and rec.difficult.tolist() == [True, False]
+    (tmp_path / "Annotations" / "000001.xml").write_text("<annotation>")
+    with pytest.raises(DataError, match=r"000001\.xml: malformed XML"):
+        load_voc(tmp_path, "val", COCO_MAP, CLASSES)
+
+
+# --------------------------------------------------------------------------- VOC AP
+
+
+def test_voc_ap_hand_computed():
+    # 2 ground-truth boxes; detections ranked: TP, FP, TP
+    gt = {0: (np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float), np.array([False, False]))}
+    dets = [(0, 0.9, [0, 0, 10, 10]), (0, 0.8, [50, 50, 60, 60]), (0, 0.7, [20, 20, 30, 30])]
+    recall, precision, npos = voc_class_pr(dets, gt)
+    assert npos == 2
+    np.testing.assert_allclose(recall, [0.5, 0.5, 1.0])
+    np.testing.assert_allclose(precision, [1.0, 0.5, 2 / 3])
+    # all-point: 0.5 * 1 + 0.5 * 2/3 ; 11-point: (6 * 1 + 5 * 2/3) / 11
+    assert voc_average_precision(dets, gt) == pytest.approx(0.5 + 0.5 * 2 / 3)
+    assert voc_average_precision(dets, gt, use_07_metric=True) == pytest.approx(
+        (6 + 5 * 2 / 3) / 11
+    )
+
+
+def test_voc_ap_difficult_duplicates_and_misses():
+    gt = {0: (np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float), np.array([False, True])),
+          1: (np.array([[0, 0, 10, 10]], float), np.array([False]))}  # fmt: skip
+    dets = [(0, 0.9, [0, 0, 10, 10]),    # TP
+            (0, 0.8, [0, 0, 10, 10]),    # duplicate of the same box: FP
+            (0, 0.7, [20, 20, 30, 30]),  # difficult: ignored
+            (1, 0.6, [40, 40, 50, 50])]  # miss: FP  # fmt: skip
+    recall, precision, npos = voc_class_pr(dets, gt)
+    assert npos == 2  # the difficult box does not count
+    np.testing.assert_allclose(recall, [0.5, 0.5, 0.5, 0.5])
+    np.testing.assert_allclose(precision, [1.0, 0.5, 0.5, 1 / 3])
+    assert voc_average_precision(dets, gt) == pytest.approx(0.5)
+    assert voc_ap(np.array([]), np.array([])) == 0.0
+    assert np.isnan(voc_average_precision([], {0: (np.zeros((0, 4)), np.zeros(0, bool))}))

@@ -1,0 +1,273 @@
+"""Detection annotations from several label sources mapped into one class space.
+
+Loaders: COCO JSON (``iscrowd`` kept as a flag, category ids remapped to the unified contiguous
+space), CCTSDB text files (``filename;x1;y1;x2;y2;class`` per line) and Pascal VOC XML
+(``difficult`` kept as a flag). Every record carries its source (the row of the group table).
+
+Bad annotations (boxes outside the image, zero area, unknown category, missing image file) are
+an error naming the file and the annotation, or, with ``on_bad="skip"``, skipped and counted
+(the counts are returned and logged); nothing is dropped silently. Malformed files are always
+errors.
+
+The group table (one row per source, one column per unified class, column 0 = background) is
+derived from the label maps: a class a source labels is its own group; every class it does not
+label shares group 0 with background, so that source's images never teach "not this class".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import xml.etree.ElementTree as ET
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from zoo.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+BACKGROUND = "__background__"
+BAD_REASONS = ("outside_image", "zero_area", "unknown_category", "missing_image")
+
+
+@dataclass
+class Record:
+    """One image: boxes in absolute xyxy pixels, labels in the unified space (1..C)."""
+
+    image: Path
+    width: int
+    height: int
+    boxes: np.ndarray  # float32 [K, 4]
+    labels: np.ndarray  # int64 [K]
+    source: int = 0
+    iscrowd: np.ndarray | None = None  # bool [K]
+    difficult: np.ndarray | None = None  # bool [K]
+    image_id: int = 0
+
+    def __post_init__(self) -> None:
+        k = len(self.labels)
+        self.iscrowd = np.zeros(k, bool) if self.iscrowd is None else np.asarray(self.iscrowd, bool)
+        self.difficult = (
+            np.zeros(k, bool) if self.difficult is None else np.asarray(self.difficult, bool)
+        )
+
+
+@dataclass
+class LoadReport:
+    """What a loader skipped (on_bad="skip"), by reason."""
+
+    source: str
+    skipped: Counter = field(default_factory=Counter)
+
+    def log(self) -> None:
+        if self.skipped:
+            log.warning("%s: skipped %d bad annotation(s): %s", self.source, sum(self.skipped.values()),
+                        ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())))  # fmt: skip
+
+
+def derive_group_table(label_maps: list[dict[str, str | None]], classes: list[str]) -> torch.Tensor:
+    """[S, C + 1] integer group ids: column 0 is background (group 0); class c (1-based in
+    ``classes``) is group c for a source whose label map reaches it, else group 0."""
+    table = torch.zeros(len(label_maps), len(classes) + 1, dtype=torch.long)
+    index = {name: i + 1 for i, name in enumerate(classes)}
+    for s, label_map in enumerate(label_maps):
+        for src_name, unified in label_map.items():
+            if unified is None:
+                continue
+            if unified not in index:
+                raise ConfigError(
+                    f"label map of source {s}: {src_name!r} -> {unified!r}, which is not one of the classes {classes}"
+                )
+            table[s, index[unified]] = index[unified]
+    return table
+
+
+class _Checker:
+    def __init__(self, source: str, on_bad: str):
+        if on_bad not in ("error", "skip"):
+            raise ConfigError(f"on_bad={on_bad!r}: expected 'error' or 'skip'")
+        self.on_bad, self.report = on_bad, LoadReport(source)
+
+    def bad(self, reason: str, where: str) -> None:
+        if self.on_bad == "error":
+            raise DataError(
+                f"{where}: {reason.replace('_', ' ')} (set on_bad=skip to skip and count such annotations)"
+            )
+        self.report.skipped[reason] += 1
+
+    def box_ok(
+        self, box: list[float], width: int, height: int, where: str, tol: float = 1.0
+    ) -> bool:
+        x1, y1, x2, y2 = box
+        if x2 <= x1 or y2 <= y1:
+            self.bad("zero_area", f"{where} box {box}")
+            return False
+        if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
+            self.bad("outside_image", f"{where} box {box} in a {width}x{height} image")
+            return False
+        return True
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError:
+        return None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc})") from None
+
+
+def _map_label(
+    name: str, label_map: dict[str, str | None], classes: list[str], where: str
+) -> int | None:
+    """Unified 1-based id; None when the source's class is mapped to null (ignored on purpose)."""
+    if name not in label_map:
+        raise ConfigError(
+            f"{where}: category {name!r} has no entry in this source's label map {sorted(label_map)}"
+        )
+    unified = label_map[name]
+    return None if unified is None else classes.index(unified) + 1
+
+
+def load_coco(ann_file: str | Path, image_dir: str | Path, label_map: dict[str, str | None], classes: list[str],
+              source: int = 0, on_bad: str = "error") -> tuple[list[Record], LoadReport]:  # fmt: skip
+    ann_file, image_dir = Path(ann_file), Path(image_dir)
+    try:
+        data = json.loads(ann_file.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{ann_file}: file not found") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{ann_file}: malformed JSON ({exc})") from None
+    if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
+        raise DataError(f"{ann_file}: not COCO JSON (needs images, annotations, categories)")
+    check = _Checker(ann_file.name, on_bad)
+    cats = {c["id"]: c["name"] for c in data["categories"]}
+    images, by_image = {}, {}
+    for im in data["images"]:
+        path = image_dir / im["file_name"]
+        if not path.is_file():
+            check.bad("missing_image", f"{ann_file}: image id {im['id']} ({path})")
+            continue
+        images[im["id"]] = (path, int(im["width"]), int(im["height"]))
+        by_image[im["id"]] = []
+    for a in data["annotations"]:
+        where = f"{ann_file}: annotation id {a.get('id')}"
+        if a["image_id"] not in images:
+            if a["image_id"] not in {im["id"] for im in data["images"]}:
+                raise DataError(f"{where}: image_id {a['image_id']} is not in images")
+            continue  # its image was skipped (missing)
+        if a["category_id"] not in cats:
+            check.bad("unknown_category", f"{where}: category_id {a['category_id']}")
+            continue
+        label = _map_label(cats[a["category_id"]], label_map, classes, f"{ann_file}")
+        if label is None:
+            continue
+        x, y, w, h = a["bbox"]
+        _, width, height = images[a["image_id"]]
+        box = [float(x), float(y), float(x + w), float(y + h)]
+        if not check.box_ok(box, width, height, where):
+            continue
+        by_image[a["image_id"]].append((box, label, bool(a.get("iscrowd", 0))))
+    records = []
+    for image_id, (path, width, height) in images.items():
+        anns = by_image[image_id]
+        records.append(Record(path, width, height, np.array([b for b, _, _ in anns], np.float32).reshape(-1, 4),
+                              np.array([lab for _, lab, _ in anns], np.int64), source,
+                              iscrowd=np.array([c for _, _, c in anns], bool), image_id=int(image_id)))  # fmt: skip
+    check.report.log()
+    return records, check.report
+
+
+def load_cctsdb(ann_file: str | Path, image_dir: str | Path, label_map: dict[str, str | None], classes: list[str],
+                source: int = 0, on_bad: str = "error") -> tuple[list[Record], LoadReport]:  # fmt: skip
+    """CCTSDB's text format: one ``filename;x1;y1;x2;y2;class`` line per box."""
+    ann_file, image_dir = Path(ann_file), Path(image_dir)
+    if not ann_file.is_file():
+        raise DataError(f"{ann_file}: file not found")
+    check = _Checker(ann_file.name, on_bad)
+    per_image: dict[str, list] = {}
+    sizes: dict[str, tuple[int, int] | None] = {}
+    for lineno, line in enumerate(ann_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.strip().split(";")
+        where = f"{ann_file}:{lineno}"
+        if len(parts) != 6:
+            raise DataError(f"{where}: expected 'filename;x1;y1;x2;y2;class', got {line.strip()!r}")
+        name, coords, cls = parts[0], parts[1:5], parts[5]
+        try:
+            box = [float(v) for v in coords]
+        except ValueError:
+            raise DataError(f"{where}: coordinates {coords} are not numbers") from None
+        if name not in sizes:
+            sizes[name] = _image_size(image_dir / name)
+            if sizes[name] is None:
+                check.bad("missing_image", f"{where}: image {image_dir / name}")
+        if sizes[name] is None:
+            continue
+        per_image.setdefault(name, [])
+        if cls not in label_map:
+            check.bad("unknown_category", f"{where}: class {cls!r}")
+            continue
+        label = _map_label(cls, label_map, classes, where)
+        if label is None or not check.box_ok(box, *sizes[name], where):
+            continue
+        per_image[name].append((box, label))
+    records = [Record(image_dir / name, *sizes[name], np.array([b for b, _ in anns], np.float32).reshape(-1, 4),
+                      np.array([lab for _, lab in anns], np.int64), source, image_id=i)
+               for i, (name, anns) in enumerate(sorted(per_image.items()))]  # fmt: skip
+    check.report.log()
+    return records, check.report
+
+
+def load_voc(root: str | Path, image_set: str, label_map: dict[str, str | None], classes: list[str],
+             source: int = 0, on_bad: str = "error") -> tuple[list[Record], LoadReport]:  # fmt: skip
+    """Pascal VOC: ``root/ImageSets/Main/<image_set>.txt``, ``root/Annotations/<id>.xml``,
+    ``root/JPEGImages/<id>.jpg``. Boxes become 0-based continuous xyxy (xmin - 1, ymin - 1,
+    xmax, ymax); ``difficult`` is kept as a flag."""
+    root = Path(root)
+    ids_file = root / "ImageSets" / "Main" / f"{image_set}.txt"
+    if not ids_file.is_file():
+        raise DataError(f"{ids_file}: file not found")
+    check = _Checker(f"VOC {image_set}", on_bad)
+    records = []
+    for i, image_id in enumerate(x.strip() for x in ids_file.read_text().splitlines() if x.strip()):
+        xml_path = root / "Annotations" / f"{image_id}.xml"
+        try:
+            tree = ET.parse(xml_path)
+        except FileNotFoundError:
+            raise DataError(f"{xml_path}: file not found") from None
+        except ET.ParseError as exc:
+            raise DataError(f"{xml_path}: malformed XML ({exc})") from None
+        node = tree.getroot()
+        image = root / "JPEGImages" / (node.findtext("filename") or f"{image_id}.jpg")
+        if not image.is_file():
+            check.bad("missing_image", f"{xml_path}: image {image}")
+            continue
+        width, height = int(node.findtext("size/width")), int(node.findtext("size/height"))
+        boxes, labels, difficult = [], [], []
+        for k, obj in enumerate(node.findall("object")):
+            where = f"{xml_path}: object {k}"
+            name = obj.findtext("name", "").strip()
+            if name not in label_map:
+                check.bad("unknown_category", f"{where}: class {name!r}")
+                continue
+            label = _map_label(name, label_map, classes, where)
+            bb = obj.find("bndbox")
+            box = [float(bb.findtext("xmin")) - 1, float(bb.findtext("ymin")) - 1,
+                   float(bb.findtext("xmax")), float(bb.findtext("ymax"))]  # fmt: skip
+            if label is None or not check.box_ok(box, width, height, where):
+                continue
+            boxes.append(box)
+            labels.append(label)
+            difficult.append(obj.findtext("difficult", "0").strip() == "1")
+        records.append(Record(image, width, height, np.array(boxes, np.float32).reshape(-1, 4),
+                              np.array(labels, np.int64), source, difficult=np.array(difficult, bool), image_id=i))  # fmt: skip
+    check.report.log()
+    return records, check.report

@@ -1,0 +1,1 @@
+"""Evaluation metrics that torchmetrics does not provide (VOC average precision)."""
