@@ -179,3 +179,26 @@ def test_voc_ap_difficult_duplicates_and_misses():
     assert voc_average_precision(dets, gt) == pytest.approx(0.5)
     assert voc_ap(np.array([]), np.array([])) == 0.0
     assert np.isnan(voc_average_precision([], {0: (np.zeros((0, 4)), np.zeros(0, bool))}))
+
+
+def test_demo_sources_share_images_of_all_classes_but_label_disjoint_sets(tmp_path):
+    from zoo.data.demo.detection import SOURCES, write_demo_detection
+
+    out = write_demo_detection(tmp_path / "det", size=96, n_train=6, n_val=2, n_test=2)
+    label_maps = {
+        "a": {"circle": "circle", "square": "square"},
+        "b": {"triangle": "triangle", "cross": "cross"},
+    }
+    classes = ["circle", "square", "triangle", "cross"]
+    labelled = {}
+    for s, source in enumerate(SOURCES):
+        records, report = load_coco(
+            out / source / "train.json", out / source / "images", label_maps[source], classes, s
+        )
+        assert len(records) == 6 and not report.skipped
+        labelled[source] = {int(x) for r in records for x in r.labels}
+        img = np.asarray(Image.open(records[0].image))
+        assert img.shape == (96, 96, 3) and img.std() > 10  # a real photo background
+    assert labelled["a"] <= {1, 2} and labelled["b"] <= {3, 4} and labelled["a"] and labelled["b"]
+    table = derive_group_table(list(label_maps.values()), classes)
+    assert table.tolist() == [[0, 1, 2, 0, 0], [0, 0, 0, 3, 4]]
