@@ -12,14 +12,12 @@ Layout: ``<out>/<source>/{train,val,test}.json`` and ``<out>/<source>/images/*.p
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from zoo.data.demo import manifest_matches, publish, staging_dir
 from zoo.data.demo.pix2pix import PHOTOS, load_photo
 
 GENERATOR_VERSION = 1
@@ -76,13 +74,11 @@ def write_demo_detection(out_dir: str | Path, size: int = 128, n_train: int = 12
     out_dir = Path(out_dir)
     spec = {"version": GENERATOR_VERSION, "size": size, "n_train": n_train, "n_val": n_val, "n_test": n_test,
             "seed": seed, "sources": {k: list(v) for k, v in SOURCES.items()}}  # fmt: skip
-    manifest = out_dir / "demo.json"
-    if manifest.is_file() and json.loads(manifest.read_text()) == spec:
+    if manifest_matches(out_dir, spec):
         return out_dir
     rng = np.random.default_rng(seed)
     photos = [load_photo(p) for p in PHOTOS]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     for source, labelled in SOURCES.items():
         (tmp / source / "images").mkdir(parents=True)
         categories = [
@@ -105,13 +101,4 @@ def write_demo_detection(out_dir: str | Path, size: int = 128, n_train: int = 12
             (tmp / source / f"{split}.json").write_text(
                 json.dumps({"images": images, "annotations": annotations, "categories": categories})
             )
-    (tmp / "demo.json").write_text(json.dumps(spec, indent=1))
-    if out_dir.exists():
-        old = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
-        out_dir.rename(old)
-        shutil.rmtree(old, ignore_errors=True)
-    try:
-        tmp.rename(out_dir)
-    except OSError:  # another process wrote the same spec first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return publish(tmp, out_dir, spec)

@@ -12,15 +12,13 @@ train, next 20 % val, last 20 % test), so no pixel of a test image was seen in t
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from zoo.data.demo import manifest_matches, publish, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +79,12 @@ def write_demo_aligned(
     out_dir = Path(out_dir)
     spec = {"version": GENERATOR_VERSION, "task": task, "size": size, "n_train": n_train,
             "n_val": n_val, "n_test": n_test, "seed": seed, "photos": list(PHOTOS)}  # fmt: skip
-    manifest = out_dir / "demo.json"
-    if manifest.is_file() and json.loads(manifest.read_text()) == spec:
+    if manifest_matches(out_dir, spec):
         return out_dir
     log.info("Writing the pix2pix demo dataset (%s, %dpx) to %s", task, size, out_dir)
     rng = np.random.default_rng(seed)
     photos = {name: load_photo(name) for name in PHOTOS}
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=out_dir.parent))
+    tmp = staging_dir(out_dir)
     counts = {"train": n_train, "val": n_val, "test": n_test}
     for split, total in counts.items():
         (tmp / split).mkdir()
@@ -97,14 +93,4 @@ def write_demo_aligned(
             for i, b in enumerate(_crops(photo, BANDS[split], n, size, rng)):
                 ab = np.concatenate([make_input(b, task), b], axis=1)
                 Image.fromarray(ab).save(tmp / split / f"{name}_{i:03d}.png")
-    (tmp / "demo.json").write_text(json.dumps(spec, indent=1))
-    # swap in atomically, so concurrent ranks/jobs never read a half-written dataset
-    if out_dir.exists():
-        old = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
-        out_dir.rename(old)
-        shutil.rmtree(old, ignore_errors=True)
-    try:
-        tmp.rename(out_dir)
-    except OSError:  # another process won the race with the same spec
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return publish(tmp, out_dir, spec)

@@ -14,6 +14,7 @@ import json
 import random
 from pathlib import Path
 
+from zoo.data.demo import manifest_matches
 from zoo.data.text import sentences_of
 
 GENERATOR_VERSION = 2
@@ -37,8 +38,7 @@ def write_demo_glue(
         "n_test": n_test,
         "seed": seed,
     }
-    manifest = out_dir / "demo.json"
-    if manifest.is_file() and json.loads(manifest.read_text()) == spec:
+    if manifest_matches(out_dir, spec):
         return out_dir
     rng = random.Random(seed)
     pages = {name: sentences_of(text) for name, text in sorted(topics.items())}
@@ -77,5 +77,5 @@ def write_demo_glue(
     (out_dir / "corpus.txt").write_text(
         "\n".join(s for n in names for s in pages[n]) + "\n", encoding="utf-8"
     )
-    manifest.write_text(json.dumps(spec, indent=1))
+    (out_dir / "demo.json").write_text(json.dumps(spec, indent=1))
     return out_dir
