@@ -32,6 +32,12 @@ def _glue_labels(task: str) -> list[str]:
     return list(GLUE_TASKS[task].labels)
 
 
+def _coco_classes() -> list[str]:
+    from zoo.data.detection import COCO_CLASSES
+
+    return OmegaConf.create(list(COCO_CLASSES))
+
+
 _RESOLVERS = {
     "len": lambda x: len(x),
     "zoo_cwd": lambda: os.getcwd(),
@@ -39,6 +45,11 @@ _RESOLVERS = {
     "zoo_deap_channels": _deap_channels,
     "zoo_deap_classes": _deap_classes,
     "zoo_glue_labels": _glue_labels,
+    "zoo_coco_classes": _coco_classes,  # COCO's 80 category names, in id order
+    "zoo_concat": lambda *lists: OmegaConf.create([x for lst in lists for x in lst]),
+    "zoo_identity_map": lambda names: OmegaConf.create(
+        {str(n): str(n) for n in names}
+    ),  # a label map
 }
 
 

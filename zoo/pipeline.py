@@ -180,6 +180,13 @@ def _config_digest(cfg: DictConfig) -> tuple[str, str]:
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Rebuild data + model from a run (or a checkpoint), test, and write/log a report."""
     configure_kernels(cfg)
+    task = cfg.get("task")
+    if task is not None and task != "detection":
+        raise ConfigError(f"task={task!r}: the only model-free evaluation is task=detection")
+    if task == "detection" and not (cfg.get("run_id") or cfg.get("ckpt_path")):
+        from zoo.reports.detection import coco_files_report
+
+        return coco_files_report(cfg)
     if cfg.get("run_ids"):
         return compare(cfg)
     uri = cfg.tracking.tracking_uri

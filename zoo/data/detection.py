@@ -26,12 +26,25 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
 
+from zoo.data.base import SplitDataModule
 from zoo.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 BACKGROUND = "__background__"
+COCO_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
+    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
+    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
+    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
+    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
+    "hair drier", "toothbrush",
+)  # fmt: skip
 BAD_REASONS = ("outside_image", "zero_area", "unknown_category", "missing_image")
 
 
@@ -271,3 +284,193 @@ def load_voc(root: str | Path, image_set: str, label_map: dict[str, str | None],
                               np.array(labels, np.int64), source, difficult=np.array(difficult, bool), image_id=i))  # fmt: skip
     check.report.log()
     return records, check.report
+
+
+# --------------------------------------------------------------------------- joint data module
+
+FORMATS = ("coco", "cctsdb", "voc")
+
+
+def load_source(spec: dict, split: str, classes: list[str], source: int, on_bad: str,
+                name: str) -> tuple[list[Record], LoadReport] | None:  # fmt: skip
+    """Records of one source's split, or None when the source has no such split.
+
+    ``spec``: ``format`` (coco | cctsdb | voc), ``root`` (folder the other paths are relative
+    to), ``label_map`` ({source class name: unified class name or null}) and, per split,
+    ``{annotations: <json or txt>, images: <folder>}`` (coco, cctsdb) or ``{image_set: <name>}``
+    (voc: ``root`` is the VOCdevkit/VOC20xx folder)."""
+    fmt = spec.get("format")
+    if fmt not in FORMATS:
+        raise ConfigError(f"data.sources.{name}.format={fmt!r}: expected one of {list(FORMATS)}")
+    if not spec.get("label_map"):
+        raise ConfigError(
+            f"data.sources.{name}.label_map is missing: map each of its classes to one of {classes} (or null)"
+        )
+    split_spec = spec.get(split)
+    if not split_spec:
+        return None
+    root = Path(spec.get("root") or ".")
+    label_map = dict(spec["label_map"])
+    if fmt == "voc":
+        return load_voc(root, split_spec["image_set"], label_map, classes, source, on_bad)
+    for key in ("annotations", "images"):
+        if key not in split_spec:
+            raise ConfigError(f"data.sources.{name}.{split}.{key} is missing")
+    loader = load_coco if fmt == "coco" else load_cctsdb
+    return loader(
+        root / split_spec["annotations"],
+        root / split_spec["images"],
+        label_map,
+        classes,
+        source,
+        on_bad,
+    )
+
+
+class DetectionDataset(Dataset):
+    """Images as float [3, H, W] in [0, 1] and torchvision-style targets: ``boxes`` (xyxy),
+    ``labels`` (1..C), ``source`` (row of the group table), ``image_id``, ``iscrowd``,
+    ``ignore`` (crowd or VOC-difficult: not trained on, ignored when scoring).
+
+    Training drops ignored boxes from the targets (as Detectron and py-faster-rcnn do) and flips
+    horizontally with probability ``flip``."""
+
+    def __init__(self, records: list[Record], train: bool = False, flip: float = 0.5):
+        self.records, self.train, self.flip = records, train, flip
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int):
+        r = self.records[i]
+        try:
+            with Image.open(r.image) as im:
+                image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise DataError(f"{r.image}: could not decode image ({exc})") from None
+        image = image.float().div_(255)
+        if image.shape[1:] != (r.height, r.width):
+            raise DataError(f"{r.image}: image is {image.shape[2]}x{image.shape[1]} but its annotation says "
+                            f"{r.width}x{r.height}")  # fmt: skip
+        boxes = torch.from_numpy(r.boxes).float().reshape(-1, 4)
+        labels = torch.from_numpy(r.labels).long()
+        ignore = torch.from_numpy(r.iscrowd | r.difficult)
+        if self.train:
+            keep = ~ignore
+            boxes, labels, ignore = boxes[keep], labels[keep], ignore[keep]
+            if self.flip and torch.rand(()) < self.flip:
+                image = image.flip(-1)
+                boxes = torch.stack(
+                    [r.width - boxes[:, 2], boxes[:, 1], r.width - boxes[:, 0], boxes[:, 3]], 1
+                )
+        target = {"boxes": boxes, "labels": labels, "source": torch.tensor(r.source),
+                  "image_id": torch.tensor(r.image_id), "iscrowd": ignore, "index": torch.tensor(i)}  # fmt: skip
+        return image, target
+
+
+def detection_collate(batch):
+    """Images of different sizes stay a list (Faster R-CNN batches them itself)."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+class DetectionDataModule(SplitDataModule):
+    """Several detection sources with their own label sets, trained jointly in one class space.
+
+    ``classes``: the unified class names (ids 1..C; 0 is background). ``sources``: name ->
+    source spec (see :func:`load_source`); the group table (one row per source, in the order
+    given) is derived from the label maps, and every sample carries its source row. A source
+    without a split (e.g. a dataset only used for training) contributes nothing to it.
+    ``on_bad``: ``error`` (default) or ``skip`` (skip and count, logged per file and kept in
+    ``load_reports``). ``demo`` (options of ``zoo.data.demo.detection.write_demo_detection``)
+    first writes the offline two-source demo into ``data_dir``.
+    """
+
+    collate_fn = staticmethod(detection_collate)
+
+    def __init__(self, classes: list[str], sources: dict[str, dict], data_dir: str | None = None,
+                 on_bad: str = "error", batch_size: int = 4, num_workers: int = 0, flip: float = 0.5,
+                 subset: int | None = None, demo: dict | None = None):  # fmt: skip
+        super().__init__()
+        if not classes or len(set(classes)) != len(classes):
+            raise ConfigError(
+                f"data.classes={list(classes or [])}: give each unified class name once"
+            )
+        if not sources:
+            raise ConfigError("data.sources is empty: list at least one detection source")
+        if on_bad not in ("error", "skip"):
+            raise ConfigError(f"data.on_bad={on_bad!r}: expected 'error' or 'skip'")
+        self.classes = list(classes)
+        self.sources = {str(k): dict(v) for k, v in sources.items()}
+        self.data_dir = Path(data_dir) if data_dir else None
+        self.on_bad, self.flip, self.subset, self.demo = on_bad, flip, subset, demo
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.group_table = derive_group_table([dict(s.get("label_map") or {}) for s in self.sources.values()],
+                                              self.classes)  # fmt: skip
+        self.datasets: dict[str, DetectionDataset] = {}
+        self.load_reports: dict[str, list[LoadReport]] = {}
+
+    @property
+    def source_names(self) -> list[str]:
+        return list(self.sources)
+
+    def prepare_data(self) -> None:
+        if self.demo:
+            from zoo.data.demo.detection import write_demo_detection
+
+            write_demo_detection(self.data_dir, **self.demo)
+
+    def records(self, split: str) -> list[Record]:
+        out, reports = [], []
+        for s, (name, spec) in enumerate(self.sources.items()):
+            loaded = load_source(spec, split, self.classes, s, self.on_bad, name)
+            if loaded is None:
+                continue
+            recs, report = loaded
+            report.source = f"{name}/{split}"
+            reports.append(report)
+            out.extend(recs[: int(self.subset)] if self.subset else recs)
+        self.load_reports[split] = reports
+        if not out:
+            raise ConfigError(
+                f"no detection source has a '{split}' split (data.sources.<name>.{split})"
+            )
+        for i, r in enumerate(out):  # unique ids across sources (COCO ids repeat between files)
+            r.image_id = i
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.demo:  # single-process runs without prepare_data (e.g. evaluate.py)
+            self.prepare_data()
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(
+            stage, ("train", "val", "test")
+        )
+        for split in wanted:
+            if split not in self.datasets:
+                self.datasets[split] = DetectionDataset(
+                    self.records(split), train=split == "train", flip=self.flip
+                )
+
+    def skipped(self) -> dict[str, int]:
+        """Skipped annotations per split and reason (logged as params by the model)."""
+        out: Counter = Counter()
+        for split, reports in self.load_reports.items():
+            for rep in reports:
+                for reason, n in rep.skipped.items():
+                    out[f"{split}/{reason}"] += n
+        return dict(out)
+
+    def summary(self) -> dict[str, str]:
+        out = {"classes": ", ".join(self.classes),
+               "group table": "; ".join(f"{n}: {row}" for n, row in zip(self.sources, self.group_table.tolist())),
+               "on_bad": self.on_bad}  # fmt: skip
+        for split, ds in self.datasets.items():
+            per_source = Counter(self.source_names[r.source] for r in ds.records)
+            out[f"{split} images"] = (
+                f"{len(ds)} ({', '.join(f'{k} {v}' for k, v in per_source.items())})"
+            )
+        skipped = self.skipped()
+        out["skipped annotations"] = (
+            ", ".join(f"{k} {v}" for k, v in sorted(skipped.items())) or "none"
+        )
+        return out

@@ -1,0 +1,375 @@
+"""GroupSoftmax Faster R-CNN: the two loss seams, the joint data module, COCO/VOC scoring against
+pycocotools, scoring external COCO results files, and debug runs of both demo experiments."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+import zoo.kernels as K
+from zoo.data.detection import DetectionDataModule
+from zoo.errors import ConfigError, DataError
+from zoo.metrics.detection import DetectionScorer, score_coco_files
+from zoo.models.detection import (
+    GroupSoftmaxDetector,
+    rpn_group_table,
+    warmup_multistep,
+)
+from zoo.pipeline import evaluate, train
+
+CLASSES = ["circle", "square", "triangle", "cross"]
+SOURCES = {"a": {"label_map": {"circle": "circle", "square": "square"}},
+           "b": {"label_map": {"triangle": "triangle", "cross": "cross"}}}  # fmt: skip
+SMALL = {"min_size": 128, "max_size": 128,
+         "detector": {"box_batch_size_per_image": 64, "rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 100,
+                      "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100}}  # fmt: skip
+
+
+def _batch(source: int, n: int = 2, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, 128, 128, generator=g) for _ in range(n)]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [70.0, 60.0, 120.0, 110.0]]),
+                "labels": torch.tensor([1, 2]) if source == 0 else torch.tensor([3, 4]),
+                "source": torch.tensor(source)} for _ in range(n)]  # fmt: skip
+    return images, targets
+
+
+@pytest.fixture
+def record_group_softmax(monkeypatch):
+    """Record every GroupSoftmax call (logits kept with their gradient) made by the model."""
+    calls = []
+    original = K.group_softmax_cross_entropy
+
+    def recording(logits, target, table, rows, *args, **kwargs):
+        logits.retain_grad()
+        calls.append((logits, target, table, rows))
+        return original(logits, target, table, rows, *args, **kwargs)
+
+    monkeypatch.setattr(K, "group_softmax_cross_entropy", recording)
+    return calls
+
+
+def test_rpn_group_table():
+    assert rpn_group_table(2).tolist() == [[0, 1, 0], [0, 0, 2]]
+    assert rpn_group_table(3)[1].tolist() == [0, 0, 2, 0]
+
+
+def test_group_softmax_heads_never_teach_unlabelled_classes_as_background(record_group_softmax):
+    """Source a's background RoIs / anchors must not push down b's classes (or b's RPN foreground);
+    the plain softmax baseline does push them down."""
+    torch.manual_seed(0)
+    model = GroupSoftmaxDetector(CLASSES, SOURCES, **SMALL)
+    model.train()
+    losses = model.net(*_batch(source=0))
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    sum(losses.values()).backward()
+    (rpn_logits, rpn_target, rpn_table, rpn_rows), (box_logits, box_target, box_table, box_rows) = (
+        record_group_softmax
+    )
+    assert rpn_logits.shape[1] == 3 and rpn_table.tolist() == rpn_group_table(2).tolist()
+    assert box_logits.shape[1] == 5 and box_table.tolist() == model.group_table.tolist()
+    assert (rpn_rows == 0).all() and (box_rows == 0).all()
+    assert (
+        set(rpn_target.tolist()) <= {0, 1} and (rpn_target == 1).any()
+    )  # a's foreground is RPN class 1
+    bg = box_target == 0
+    assert bg.any() and (box_target[~bg] <= 2).all()
+    # background rows: b's classes share background's group -> gradient <= 0 (pulled up with it)
+    assert (box_logits.grad[bg][:, 3:] <= 1e-9).all()
+    assert (box_logits.grad[bg][:, 1:3] > 0).all()  # a's own classes are pushed down
+    rpn_bg = rpn_target == 0
+    assert (rpn_logits.grad[rpn_bg][:, 2] <= 1e-9).all() and (
+        rpn_logits.grad[rpn_bg][:, 1] > 0
+    ).all()
+
+    record_group_softmax.clear()
+    baseline = GroupSoftmaxDetector(CLASSES, SOURCES, loss="softmax", **SMALL)
+    baseline.train()
+    captured = {}
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        captured["logits"] = out
+
+    baseline.net.roi_heads.box_predictor.cls_score.register_forward_hook(keep)
+    sum(baseline.net(*_batch(source=0)).values()).backward()
+    assert not record_group_softmax  # plain F.cross_entropy / BCE
+    assert (captured["logits"].grad[:, 3:] > 0).any()  # b's classes are taught as "not here"
+
+
+def test_proposal_score_is_one_minus_background_probability(monkeypatch):
+    torch.manual_seed(0)
+    model = GroupSoftmaxDetector(CLASSES, SOURCES, **SMALL).eval()
+    rpn = model.net.rpn
+    seen = {}
+    original = rpn.filter_proposals
+
+    def spy(proposals, objectness, *args):
+        seen["objectness"] = objectness
+        return original(proposals, objectness, *args)
+
+    monkeypatch.setattr(rpn, "filter_proposals", spy)
+    head_out = {}
+    rpn.head.cls_logits.register_forward_hook(
+        lambda m, i, out: head_out.setdefault("levels", []).append(out) or None
+    )
+    with torch.no_grad():
+        model.net([torch.rand(3, 128, 128)])
+    from torchvision.models.detection.rpn import concat_box_prediction_layers
+
+    levels = head_out["levels"]
+    deltas = [torch.zeros(o.shape[0], o.shape[1] // 3 * 4, *o.shape[2:]) for o in levels]
+    logits, _ = concat_box_prediction_layers(levels, deltas)
+    p_bg = logits.softmax(1)[:, 0]
+    torch.testing.assert_close(torch.sigmoid(seen["objectness"]), 1 - p_bg, atol=1e-5, rtol=1e-4)
+
+
+def test_warmup_multistep_schedule():
+    f = warmup_multistep(10, 0.001, [20, 30], 0.1)
+    assert f(0) == pytest.approx(0.001) and f(5) == pytest.approx(0.5005) and f(10) == 1.0
+    assert f(19) == 1.0 and f(20) == pytest.approx(0.1) and f(35) == pytest.approx(0.01)
+
+
+def test_backbone_weights_are_loaded_from_a_local_file(tmp_path):
+    from torchvision.models import mobilenet_v3_large
+
+    torch.manual_seed(1)
+    ref = mobilenet_v3_large()
+    path = tmp_path / "mobilenet_v3_large.pth"
+    torch.save(ref.state_dict(), path)
+    model = GroupSoftmaxDetector(CLASSES, SOURCES, backbone_weights=str(path), **SMALL)
+    body = model.net.backbone.body
+    torch.testing.assert_close(body["0"][0].weight, ref.features[0][0].weight)
+    assert not body["0"][0].weight.requires_grad  # torchvision: 3 trainable stages with weights
+    with pytest.raises(ConfigError, match="not found"):
+        GroupSoftmaxDetector(CLASSES, SOURCES, backbone_weights=str(tmp_path / "nope.pth"))
+    torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match="does not fit"):
+        GroupSoftmaxDetector(CLASSES, SOURCES, backbone_weights=str(tmp_path / "other.pth"))
+    with pytest.raises(ConfigError, match="model.loss"):
+        GroupSoftmaxDetector(CLASSES, SOURCES, loss="focal")
+
+
+# --------------------------------------------------------------------------- data module
+
+
+def _write_coco(root, name, boxes_per_image, categories, crowd=()):
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    images, anns = [], []
+    for i, boxes in enumerate(boxes_per_image):
+        Image.fromarray(np.full((48, 64, 3), 40 * i, np.uint8)).save(
+            root / "images" / f"{name}{i}.png"
+        )
+        images.append({"id": i + 1, "file_name": f"{name}{i}.png", "width": 64, "height": 48})
+        for cat, (x, y, w, h) in boxes:
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat, "bbox": [x, y, w, h],
+                         "iscrowd": int(len(anns) + 1 in crowd)})  # fmt: skip
+    (root / f"{name}.json").write_text(
+        json.dumps({"images": images, "annotations": anns, "categories": categories})
+    )
+
+
+def test_joint_data_module(tmp_path):
+    cats_a = [{"id": 1, "name": "round"}, {"id": 2, "name": "box"}]
+    cats_b = [{"id": 5, "name": "tri"}]
+    _write_coco(
+        tmp_path / "a",
+        "train",
+        [[(1, (5, 5, 10, 10)), (2, (30, 10, 20, 20))], []],
+        cats_a,
+        crowd={2},
+    )
+    _write_coco(tmp_path / "b", "train", [[(5, (0, 0, 8, 8))]], cats_b)
+    sources = {"a": {"format": "coco", "root": str(tmp_path / "a"), "label_map": {"round": "circle", "box": "square"},
+                     "train": {"annotations": "train.json", "images": "images"}},
+               "b": {"format": "coco", "root": str(tmp_path / "b"), "label_map": {"tri": "triangle"},
+                     "train": {"annotations": "train.json", "images": "images"}}}  # fmt: skip
+    dm = DetectionDataModule(CLASSES, sources, batch_size=3, flip=1.0)
+    assert dm.group_table.tolist() == [[0, 1, 2, 0, 0], [0, 0, 0, 3, 0]]
+    records = dm.records("train")
+    assert [r.source for r in records] == [0, 0, 1] and len({r.image_id for r in records}) == 3
+    from zoo.data.detection import DetectionDataset
+
+    ds = DetectionDataset(records, train=True, flip=1.0)
+    image, target = ds[0]
+    assert image.shape == (3, 48, 64) and 0 <= image.min() and image.max() <= 1
+    # the crowd box is not trained on; the other is flipped with the image (64 px wide)
+    assert target["labels"].tolist() == [1] and target["boxes"].tolist() == [
+        [49.0, 5.0, 59.0, 15.0]
+    ]
+    assert int(target["source"]) == 0
+    _, target_b = ds[2]
+    assert int(target_b["source"]) == 1 and target_b["labels"].tolist() == [3]
+    _, evaluation = DetectionDataset(records, train=False)[0]
+    assert evaluation["iscrowd"].tolist() == [False, True]  # kept (ignored) for scoring
+    with pytest.raises(ConfigError, match="'val' split"):
+        dm.records("val")
+    with pytest.raises(ConfigError, match="format"):
+        DetectionDataModule(
+            CLASSES, {"a": {"format": "yolo", "label_map": {"x": "circle"}, "train": {}}}
+        ).records("train")
+    with pytest.raises(ConfigError, match="label_map"):
+        DetectionDataModule(CLASSES, {"a": {"format": "coco", "train": {}}}).records("train")
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _coco_fixture(tmp_path, seed=0, n_images=40):
+    """Random ground truth with crowd boxes and images without objects, and noisy detections."""
+    rng = np.random.default_rng(seed)
+    images = [
+        {"id": 100 + i, "width": 320, "height": 240, "file_name": f"{i}.png"}
+        for i in range(n_images)
+    ]
+    anns, results = [], []
+    for im in images:
+        if im["id"] % 6 == 0:  # no objects, but a false detection
+            results.append(
+                {"image_id": im["id"], "category_id": 3, "bbox": [5, 5, 40, 30], "score": 0.7}
+            )
+            continue
+        for _ in range(rng.integers(1, 7)):
+            x, y = rng.uniform(0, 220, 2)
+            w, h = rng.uniform(4, 120, 2)
+            c = int(rng.choice([1, 3, 7]))
+            anns.append({"id": len(anns) + 1, "image_id": im["id"], "category_id": c, "bbox": [x, y, w, h],
+                         "area": w * h, "iscrowd": int(rng.random() < 0.12)})  # fmt: skip
+            for _ in range(rng.integers(0, 4)):
+                results.append({"image_id": im["id"], "category_id": c if rng.random() < 0.8 else 1,
+                                "bbox": [x + rng.normal(0, 5), y + rng.normal(0, 5), w * rng.uniform(0.7, 1.3),
+                                         h * rng.uniform(0.7, 1.3)], "score": float(rng.random())})  # fmt: skip
+    gt = {"images": images, "annotations": anns,
+          "categories": [{"id": 1, "name": "cat"}, {"id": 3, "name": "dog"}, {"id": 7, "name": "eel"}]}  # fmt: skip
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    assert any(a["iscrowd"] for a in anns)
+    return tmp_path / "gt.json", tmp_path / "results.json"
+
+
+def _pycocotools_stats(gt_path, res_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_path))
+        ev = COCOeval(gt, gt.loadRes(str(res_path)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_map_equals_pycocotools(tmp_path, seed):
+    gt_path, res_path = _coco_fixture(tmp_path, seed)
+    ev = _pycocotools_stats(gt_path, res_path)
+    scorer, _ = score_coco_files(gt_path, res_path)
+    scores = scorer.compute()
+    ours = [scores.metrics[k] for k in ("mAP", "mAP_50", "mAP_75", "mAP_small", "mAP_medium", "mAP_large",
+                                        "AR_1", "AR_10", "AR_100", "AR_small", "AR_medium", "AR_large")]  # fmt: skip
+    np.testing.assert_allclose(ours, ev.stats, atol=1e-4)
+    assert ev.stats[0] > 0.05  # a meaningful, non-degenerate case
+    # per class: COCO AP@[.5:.95] from pycocotools' precision array
+    for k, row in enumerate(scores.per_class):
+        p = ev.eval["precision"][:, :, k, 0, -1]
+        assert row["AP"] == pytest.approx(float(p[p > -1].mean()), abs=1e-4)
+        assert row["AP_50"] == pytest.approx(
+            float(ev.eval["precision"][0, :, k, 0, -1].mean()), abs=1e-4
+        )
+        assert 0 <= row["voc07_AP_50"] <= 1 and 0 <= row["voc_AP_50"] <= 1
+
+
+def test_scores_only_count_classes_the_source_labels():
+    """A y detection on an image of a source that does not label y can be neither confirmed nor
+    refuted: it is dropped before scoring (without the group table it is a false positive)."""
+    box = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    preds = [{"boxes": box.repeat(2, 1), "scores": torch.tensor([0.9, 0.95]), "labels": torch.tensor([1, 2])},
+             {"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([2])}]  # fmt: skip
+    targets = [{"boxes": box, "labels": torch.tensor([1]), "source": torch.tensor(0)},
+               {"boxes": box, "labels": torch.tensor([2]), "source": torch.tensor(1)}]  # fmt: skip
+    grouped = DetectionScorer(["x", "y"], group_table=torch.tensor([[0, 1, 0], [0, 0, 2]]))
+    grouped.update(preds, targets)
+    assert len(grouped.preds[0]["labels"]) == 1
+    assert grouped.compute().metrics["mAP"] == pytest.approx(1.0)
+    plain = DetectionScorer(["x", "y"])
+    plain.update(preds, targets)
+    assert plain.compute().metrics["mAP"] < 0.9
+
+
+def test_coco_files_errors_name_the_file_and_entry(tmp_path):
+    gt_path, res_path = _coco_fixture(tmp_path)
+    bad = json.loads(res_path.read_text())
+    bad[3]["image_id"] = 99999
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(DataError, match=r"bad.json: entry 3 has image_id 99999"):
+        score_coco_files(gt_path, tmp_path / "bad.json")
+    bad[3]["image_id"], bad[4]["category_id"] = 100 + 1, 42
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(DataError, match=r"entry 4 has category_id 42"):
+        score_coco_files(gt_path, tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(DataError, match="broken.json: malformed JSON"):
+        score_coco_files(gt_path, tmp_path / "broken.json")
+
+
+def test_evaluate_scores_a_results_file_and_writes_the_report(make_cfg, tmp_path, tracking_uri):
+    gt_path, res_path = _coco_fixture(tmp_path)
+    for im in json.loads(gt_path.read_text())["images"]:
+        Image.fromarray(np.full((240, 320, 3), 128, np.uint8)).save(tmp_path / im["file_name"])
+    out = tmp_path / "report"
+    metrics = evaluate(make_cfg(["task=detection", f"annotations={gt_path}", f"predictions={res_path}",
+                                 f"images={tmp_path}", f"output_dir={out}"], config_name="evaluate"))  # fmt: skip
+    ev = _pycocotools_stats(gt_path, res_path)
+    assert metrics["test/mAP"] == pytest.approx(ev.stats[0], abs=1e-4)
+    html = (out / "report.html").read_text()
+    for text in ("AP per class", "precision-recall", "VOC07 AP@.5", "eel", "test/mAP_50"):
+        assert text in html, text
+    assert html.count("data:image/png;base64") == 3  # PR curves, AP chart, images with boxes
+    assert json.loads((out / "metrics.json").read_text())["test/mAP"] == metrics["test/mAP"]
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.`zoo.kind` = 'evaluation'")  # fmt: skip
+    assert any(r.data.metrics.get("test/mAP") == pytest.approx(metrics["test/mAP"]) for r in runs)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["detection_groupsoftmax_demo", "detection_softmax_demo"])
+def test_fast_run_logs_map_and_report(make_cfg, tracking_uri, tmp_path, experiment):
+    cfg = make_cfg([f"experiment={experiment}", "debug=fast", "data.subset=2",
+                    f"tracking.experiment_name=fast-{experiment}"])  # fmt: skip
+    train(cfg)
+    client = MlflowClient(tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(f"fast-{experiment}").experiment_id])
+    m, params, tags = run.data.metrics, run.data.params, run.data.tags
+    for key in ("train/loss", "train/loss_classifier", "train/loss_objectness", "val/mAP", "val/mAP_50",
+                "val/AR_100", "val/voc07_mAP_50", "test/mAP", "test/mAP_75", "test/voc_mAP_50"):  # fmt: skip
+        assert key in m, key
+    assert 0 <= m["val/mAP"] <= 1
+    assert params["model.loss"] == (
+        "softmax" if experiment == "detection_softmax_demo" else "group_softmax"
+    )
+    assert tags["zoo.group_table"] == "a: [0, 1, 2, 0, 0]; b: [0, 0, 0, 3, 4]"
+    arts = {f.path for f in client.list_artifacts(run.info.run_id, "figures/test")}
+    assert {
+        "figures/test/pr_curves.png",
+        "figures/test/ap_per_class.png",
+        "figures/test/detections.png",
+    } <= arts
+    out = tmp_path / "report"
+    metrics = evaluate(
+        make_cfg([f"run_id={run.info.run_id}", f"output_dir={out}"], config_name="evaluate")
+    )
+    assert metrics["test/mAP"] == pytest.approx(m["test/mAP"], abs=1e-6)
+    html = (out / "report.html").read_text()
+    assert "Detection results" in html and "AP per class" in html and "group table" in html.lower()

@@ -1,0 +1,446 @@
+"""GroupSoftmax Faster R-CNN: one detector trained jointly on datasets with different label sets.
+
+The idea (GroupSoftmax, chengzhengxin/groupsoftmax-simpledet): a class a source does not
+annotate must not be taught as background by that source's images. Per source, the classes it
+does not label are merged with background into group 0, and the classification loss of a sample
+is −log Σ_{c ∈ group(y)} p_c (``zoo.kernels.group_softmax_cross_entropy``).
+
+Built on torchvision's Faster R-CNN (ResNet-50-FPN or MobileNetV3-Large-FPN) at two seams:
+
+- **box head** (:class:`GroupSoftmaxRoIHeads`): torchvision's ``fastrcnn_loss`` cross-entropy is
+  replaced by GroupSoftmax; each sampled RoI takes its image's source row of the group table.
+- **RPN** (:class:`GroupSoftmaxRPN`): objectness is a softmax over background + one foreground
+  class per source; for an image of source r, the other sources' foreground classes are merged
+  with background (they may be unannotated objects). The proposal score is 1 − p_background
+  (the logit ``logsumexp(fg) − bg`` goes through torchvision's proposal filtering unchanged).
+
+``loss=softmax`` keeps torchvision's plain cross-entropy box head and binary RPN: the baseline
+GroupSoftmax is compared against in the mlflow UI.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.backbone_utils import _mobilenet_extractor, _resnet_fpn_extractor
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.rpn import (
+    AnchorGenerator,
+    RegionProposalNetwork,
+    RPNHead,
+    concat_box_prediction_layers,
+)
+from torchvision.ops import misc as misc_nn_ops
+
+from zoo import kernels
+from zoo.data.detection import derive_group_table
+from zoo.errors import ConfigError
+from zoo.metrics.detection import (
+    DetectionScorer,
+    detections_figure,
+    per_class_ap_figure,
+    pr_curves_figure,
+)
+from zoo.tracking import find_mlflow_logger, log_figure
+
+log = logging.getLogger(__name__)
+
+BACKBONES = ("mobilenet_v3_large_fpn", "resnet50_fpn")
+LOSSES = ("group_softmax", "softmax")
+
+
+def rpn_group_table(num_sources: int) -> torch.Tensor:
+    """[S, S + 1]: RPN classes are background + one foreground per source; for source r only its
+    own foreground is a group of its own, the others share background's group 0."""
+    table = torch.zeros(num_sources, num_sources + 1, dtype=torch.long)
+    table[torch.arange(num_sources), torch.arange(1, num_sources + 1)] = torch.arange(
+        1, num_sources + 1
+    )
+    return table
+
+
+def _sources_of(targets: list[dict], counts: list[int], device) -> torch.Tensor:
+    return torch.cat([torch.full((n,), int(t.get("source", 0)), dtype=torch.long, device=device)
+                      for t, n in zip(targets, counts)])  # fmt: skip
+
+
+class GroupSoftmaxRPN(RegionProposalNetwork):
+    """torchvision's RPN with a (1 + S)-way grouped softmax objectness (see module docstring)."""
+
+    def __init__(self, num_sources: int, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_sources = num_sources
+        self.register_buffer("group_table", rpn_group_table(num_sources), persistent=False)
+
+    def forward(self, images, features, targets=None):
+        features = list(features.values())
+        logits, pred_bbox_deltas = self.head(features)
+        anchors = self.anchor_generator(images, features)
+        k = self.num_sources + 1
+        num_anchors_per_level = [o[0].numel() // k for o in logits]
+        logits, pred_bbox_deltas = concat_box_prediction_layers(
+            logits, pred_bbox_deltas
+        )  # [N·A, k]
+        objectness = logits[:, 1:].logsumexp(1) - logits[:, 0]  # sigmoid(.) = 1 − p_background
+        proposals = self.box_coder.decode(pred_bbox_deltas.detach(), anchors).view(
+            len(anchors), -1, 4
+        )
+        boxes, _ = self.filter_proposals(
+            proposals, objectness, images.image_sizes, num_anchors_per_level
+        )
+        losses = {}
+        if self.training:
+            if targets is None:
+                raise ValueError("targets should not be None")
+            labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
+            regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
+            sources = _sources_of(targets, [len(lab) for lab in labels], logits.device)
+            sampled_pos, sampled_neg = self.fg_bg_sampler(labels)
+            pos = torch.where(torch.cat(sampled_pos))[0]
+            sampled = torch.cat([pos, torch.where(torch.cat(sampled_neg))[0]])
+            labels = torch.cat(labels)
+            target = torch.where(labels[sampled] > 0, sources[sampled] + 1, 0)
+            losses["loss_objectness"] = kernels.group_softmax_cross_entropy(
+                logits[sampled], target, self.group_table, sources[sampled]
+            )
+            losses["loss_rpn_box_reg"] = F.smooth_l1_loss(
+                pred_bbox_deltas[pos],
+                torch.cat(regression_targets)[pos],
+                beta=1 / 9,
+                reduction="sum",
+            ) / max(sampled.numel(), 1)
+        return boxes, losses
+
+
+class GroupSoftmaxRoIHeads(RoIHeads):
+    """torchvision's box head with the GroupSoftmax classification loss."""
+
+    def __init__(self, group_table: torch.Tensor, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("group_table", group_table.clone(), persistent=False)
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+        sources = _sources_of(targets, [len(lab) for lab in labels], class_logits.device)
+        labels, regression_targets = torch.cat(labels), torch.cat(regression_targets)
+        loss_classifier = kernels.group_softmax_cross_entropy(
+            class_logits, labels, self.group_table, sources
+        )
+        pos = torch.where(labels > 0)[0]
+        box_regression = box_regression.reshape(len(labels), -1, 4)
+        loss_box = F.smooth_l1_loss(box_regression[pos, labels[pos]], regression_targets[pos], beta=1 / 9,
+                                    reduction="sum") / max(labels.numel(), 1)  # fmt: skip
+        return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box}
+
+
+# --------------------------------------------------------------------------- construction
+
+
+def _load_backbone_weights(net: nn.Module, path: str | Path, backbone: str) -> None:
+    """A torchvision ImageNet classification checkpoint (e.g. ``mobilenet_v3_large-8738ca79.pth``
+    or ``resnet50-0676ba61.pth``) or a plain state dict of the same network, loaded safely."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"model.backbone_weights={path}: file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"model.backbone_weights={path}: not a loadable state dict ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0]})") from None  # fmt: skip
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    drop = ("fc.",) if backbone.startswith("resnet") else ("classifier.",)
+    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(drop)}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [
+        k for k in missing if not k.startswith(drop)
+    ]  # the classifier is not part of the detector
+    if missing or unexpected:
+        raise ConfigError(f"model.backbone_weights={path}: does not fit {backbone} (missing {missing[:3]}..., "
+                          f"unexpected {unexpected[:3]}...)")  # fmt: skip
+    log.info("Loaded %s backbone weights from %s", backbone, path)
+
+
+def build_faster_rcnn(backbone: str, num_classes: int, num_sources: int, group_table: torch.Tensor,
+                      loss: str = "group_softmax", backbone_weights: str | None = None,
+                      trainable_backbone_layers: int | None = None, **detector_kwargs) -> FasterRCNN:  # fmt: skip
+    """torchvision Faster R-CNN (its ``fasterrcnn_*`` builders' architecture) with the GroupSoftmax
+    RPN and box head when ``loss == "group_softmax"``. Without backbone weights every layer trains
+    with ordinary batch norm; with them, torchvision's defaults (frozen batch norm, 3 trainable
+    stages)."""
+    from torchvision.models import mobilenet_v3_large, resnet50
+
+    if backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone={backbone!r}: expected one of {list(BACKBONES)}")
+    if loss not in LOSSES:
+        raise ConfigError(f"model.loss={loss!r}: expected one of {list(LOSSES)}")
+    pretrained = backbone_weights is not None
+    norm = misc_nn_ops.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
+    if backbone == "resnet50_fpn":
+        layers = (
+            trainable_backbone_layers
+            if trainable_backbone_layers is not None
+            else (3 if pretrained else 5)
+        )
+        body = resnet50(weights=None, norm_layer=norm)
+        if pretrained:
+            _load_backbone_weights(body, backbone_weights, backbone)
+        feature_net = _resnet_fpn_extractor(body, layers)
+        anchor_generator = None  # torchvision's default: one size per FPN level
+    else:
+        layers = (
+            trainable_backbone_layers
+            if trainable_backbone_layers is not None
+            else (3 if pretrained else 6)
+        )
+        body = mobilenet_v3_large(weights=None, norm_layer=norm)
+        if pretrained:
+            _load_backbone_weights(body, backbone_weights, backbone)
+        feature_net = _mobilenet_extractor(body, True, layers)
+        sizes = ((32, 64, 128, 256, 512),) * 3
+        anchor_generator = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+        detector_kwargs.setdefault("rpn_score_thresh", 0.05)
+    model = FasterRCNN(feature_net, num_classes=num_classes, rpn_anchor_generator=anchor_generator,
+                       **detector_kwargs)  # fmt: skip
+    if loss == "softmax":
+        return model
+    old = model.rpn
+    num_anchors = old.head.bbox_pred.out_channels // 4
+    head = RPNHead(feature_net.out_channels, num_anchors)
+    head.cls_logits = nn.Conv2d(feature_net.out_channels, num_anchors * (num_sources + 1), 1)
+    nn.init.normal_(head.cls_logits.weight, std=0.01)
+    nn.init.zeros_(head.cls_logits.bias)
+    model.rpn = GroupSoftmaxRPN(num_sources, old.anchor_generator, head, old.proposal_matcher.high_threshold,
+                                old.proposal_matcher.low_threshold, old.fg_bg_sampler.batch_size_per_image,
+                                old.fg_bg_sampler.positive_fraction, old._pre_nms_top_n, old._post_nms_top_n,
+                                old.nms_thresh, old.score_thresh)  # fmt: skip
+    rh = model.roi_heads
+    model.roi_heads = GroupSoftmaxRoIHeads(group_table, rh.box_roi_pool, rh.box_head, rh.box_predictor,
+                                           rh.proposal_matcher.high_threshold, rh.proposal_matcher.low_threshold,
+                                           rh.fg_bg_sampler.batch_size_per_image, rh.fg_bg_sampler.positive_fraction,
+                                           rh.box_coder.weights, rh.score_thresh, rh.nms_thresh,
+                                           rh.detections_per_img)  # fmt: skip
+    return model
+
+
+def warmup_multistep(warmup_iters: int, warmup_factor: float, milestones: list[int], gamma: float):
+    """torchvision's detection reference schedule as a per-iteration LambdaLR factor: linear warmup
+    from ``warmup_factor`` over ``warmup_iters`` iterations, times gamma at each milestone
+    (iterations)."""
+
+    def factor(it: int) -> float:
+        warm = 1.0
+        if it < warmup_iters:
+            alpha = it / warmup_iters
+            warm = warmup_factor * (1 - alpha) + alpha
+        return warm * gamma ** sum(it >= m for m in milestones)
+
+    return factor
+
+
+# --------------------------------------------------------------------------- Lightning module
+
+
+class GroupSoftmaxDetector(L.LightningModule):
+    """Faster R-CNN trained on several label sources at once.
+
+    ``classes`` / ``sources`` come from the data config (``${data.classes}``, ``${data.sources}``):
+    the group table is derived from the sources' label maps, exactly as the data module does.
+    Logs ``train/loss`` and its parts (``train/loss_classifier``, ``train/loss_box_reg``,
+    ``train/loss_objectness``, ``train/loss_rpn_box_reg``), ``val/mAP``, ``val/mAP_50``,
+    ``val/mAP_75``, ``val/mAP_small|medium|large``, ``val/AR_1|10|100``, ``val/voc07_mAP_50``,
+    ``val/voc_mAP_50`` (the same under ``test/``, plus ``test/AP/<class>`` and
+    ``test/AP_50/<class>``), and figures: precision-recall curves and AP per class (validation
+    epochs and test), test images with boxes drawn."""
+
+    def __init__(self, classes: list[str], sources: dict[str, dict], backbone: str = "mobilenet_v3_large_fpn",
+                 loss: str = "group_softmax", backbone_weights: str | None = None,
+                 trainable_backbone_layers: int | None = None, min_size: int = 800, max_size: int = 1333,
+                 detector: dict | None = None, lr: float = 0.02, momentum: float = 0.9, weight_decay: float = 1e-4,
+                 warmup_iters: int = 1000, warmup_factor: float = 0.001, lr_steps: tuple[int, ...] = (16, 22),
+                 lr_gamma: float = 0.1, figure_images: int = 6, figure_score_threshold: float = 0.5,
+                 figures_every_n_epochs: int = 1):  # fmt: skip
+        super().__init__()
+        self.class_names = [str(c) for c in classes]
+        self.source_names = [str(s) for s in sources]
+        label_maps = [dict((spec or {}).get("label_map") or {}) for spec in sources.values()]
+        group_table = derive_group_table(label_maps, self.class_names)
+        self.save_hyperparameters({"classes": self.class_names, "source_names": self.source_names,
+                                   "label_maps": label_maps, "backbone": backbone, "loss": loss,
+                                   "min_size": min_size, "max_size": max_size, "lr": lr, "momentum": momentum,
+                                   "weight_decay": weight_decay, "warmup_iters": warmup_iters,
+                                   "warmup_factor": warmup_factor, "lr_steps": list(lr_steps), "lr_gamma": lr_gamma,
+                                   "figure_images": figure_images, "figure_score_threshold": figure_score_threshold,
+                                   "figures_every_n_epochs": figures_every_n_epochs}, logger=False)  # fmt: skip
+        self.register_buffer("group_table", group_table)
+        self.net = build_faster_rcnn(backbone, len(self.class_names) + 1, len(self.source_names), group_table, loss,
+                                     backbone_weights, trainable_backbone_layers, min_size=min_size,
+                                     max_size=max_size, **dict(detector or {}))  # fmt: skip
+        self.val_scorer = DetectionScorer(self.class_names, group_table=group_table)
+        self.test_scorer = DetectionScorer(self.class_names, group_table=group_table)
+        self._shown: list = []
+        self.test_outputs: dict = {}
+
+    def parameter_groups(self) -> dict[str, nn.Module]:
+        return {"backbone": self.net.backbone, "rpn": self.net.rpn, "roi_heads": self.net.roi_heads}
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        return self.net(images)
+
+    def on_fit_start(self) -> None:
+        mlf = find_mlflow_logger(self.trainer)
+        if mlf is None or not self.trainer.is_global_zero:
+            return
+        dm = getattr(self.trainer, "datamodule", None)
+        table = "; ".join(
+            f"{n}: {row}" for n, row in zip(self.source_names, self.group_table.tolist())
+        )
+        mlf.experiment.set_tag(mlf.run_id, "zoo.group_table", table[:5000])
+        for key, n in (dm.skipped() if hasattr(dm, "skipped") else {}).items():
+            mlf.experiment.log_metric(mlf.run_id, f"data/skipped/{key}", n)
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        losses = self.net(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite detection loss at step {self.global_step}: "
+                                     f"{ {k: float(v) for k, v in losses.items()} } (lower model.lr?)")  # fmt: skip
+        bs = len(images)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
+        for k, v in losses.items():
+            self.log(f"train/{k}", v, on_step=False, on_epoch=True, batch_size=bs)
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay, no_decay = [], []
+        for p in self.net.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        opt = torch.optim.SGD([{"params": decay, "weight_decay": hp.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, momentum=hp.momentum)  # fmt: skip
+        max_epochs = max(1, self.trainer.max_epochs or 1)
+        total = self.trainer.estimated_stepping_batches
+        per_epoch = max(1, int(total // max_epochs)) if total != float("inf") else 1
+        warmup = min(hp.warmup_iters, per_epoch - 1) if hp.warmup_iters else 0
+        rule = warmup_multistep(
+            warmup, hp.warmup_factor, [e * per_epoch for e in hp.lr_steps], hp.lr_gamma
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, rule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _eval_step(self, batch, scorer: DetectionScorer) -> None:
+        images, targets = batch
+        preds = self.net(images)
+        scorer.update(preds, targets)
+        for image, t, p in zip(images, targets, preds):
+            if len(self._shown) < self.hparams.figure_images:
+                self._shown.append((image.cpu(), {k: v.cpu() for k, v in t.items()},
+                                    {k: v.detach().cpu() for k, v in p.items()}))  # fmt: skip
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_scorer.reset()
+        self._shown = []
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_scorer)
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self._log_scores("val", self.val_scorer)
+        every = max(1, self.hparams.figures_every_n_epochs)
+        if not self.trainer.sanity_checking and self.current_epoch % every == 0:
+            self._log_figures(scores, "val", f"_epoch{self.current_epoch:03d}")
+
+    def on_test_epoch_start(self) -> None:
+        self.test_scorer.reset()
+        self._shown = []
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_scorer)
+
+    def on_test_epoch_end(self) -> None:
+        scores = self._log_scores("test", self.test_scorer)
+        for row in scores.per_class:
+            for key in ("AP", "AP_50"):
+                if row[key] == row[key]:  # not NaN
+                    self.log(f"test/{key}/{row['class']}", row[key], sync_dist=True)
+        self.test_outputs = {"scores": scores, "shown": list(self._shown)}
+        self._log_figures(scores, "test", "")
+
+    def _log_scores(self, split: str, scorer: DetectionScorer):
+        scores = scorer.compute()
+        for name, value in scores.metrics.items():
+            if (
+                value == value and value >= 0
+            ):  # -1: no ground truth of that size; NaN: no class scored
+                self.log(
+                    f"{split}/{name}", value, prog_bar=name in ("mAP", "mAP_50"), sync_dist=True
+                )
+        return scores
+
+    def _names(self) -> dict[int, str]:
+        return {i + 1: n for i, n in enumerate(self.class_names)}
+
+    def _log_figures(self, scores, split: str, suffix: str) -> None:
+        if not self.trainer.is_global_zero or self.logger is None:
+            return
+        log_figure(self.trainer, pr_curves_figure(scores, f"{split}: precision-recall, IoU 0.5"),
+                   f"figures/{split}/pr_curves{suffix}.png")  # fmt: skip
+        log_figure(self.trainer, per_class_ap_figure(scores, f"{split}: AP per class"),
+                   f"figures/{split}/ap_per_class{suffix}.png")  # fmt: skip
+        if self._shown:
+            log_figure(
+                self.trainer,
+                self._detections_figure(self._shown, split),
+                f"figures/{split}/detections{suffix}.png",
+            )
+
+    def _detections_figure(self, shown, split: str):
+        images, targets, preds = zip(*shown)
+        return detections_figure(list(images), list(targets), list(preds), self._names(),
+                                 self.hparams.figure_score_threshold,
+                                 f"{split}: ground truth of the image's source (green, dashed); all predictions "
+                                 f"with score >= {self.hparams.figure_score_threshold} (red)")  # fmt: skip
+
+    # ------------------------------------------------------------------ report
+
+    def add_report_sections(self, report) -> dict[str, float]:
+        scores = self.test_outputs.get("scores")
+        if scores is None:
+            return {}
+        report.heading("Detection results")
+        report.paragraph(
+            "COCO metrics from torchmetrics' MeanAveragePrecision (faster_coco_eval backend); VOC AP@.5 "
+            "from zoo.metrics.voc (VOC2007 11-point and VOC2010+ all-point). Each test image is scored "
+            "only on the classes its source annotates. Group table (rows: sources, columns: background + "
+            f"classes): {'; '.join(f'{n}: {r}' for n, r in zip(self.source_names, self.group_table.tolist()))}."
+        )
+        add_detection_sections(report, scores, self._detections_figure(self.test_outputs["shown"], "test")
+                               if self.test_outputs.get("shown") else None)  # fmt: skip
+        return {}
+
+
+def add_detection_sections(report, scores, detections_fig=None) -> None:
+    """Per-class AP table, PR curves, AP chart and (optionally) images with boxes drawn."""
+    headers, rows = scores.table()
+    report.heading("AP per class")
+    report.table(headers, rows)
+    report.image(pr_curves_figure(scores), "precision-recall curves per class (IoU 0.5, all areas, 100 detections)",
+                 name="pr_curves")  # fmt: skip
+    report.image(per_class_ap_figure(scores), "AP per class", name="ap_per_class")
+    if detections_fig is not None:
+        report.image(detections_fig, "test images: ground truth and predictions", name="detections")
