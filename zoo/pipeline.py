@@ -286,16 +286,10 @@ def compare(cfg: DictConfig) -> dict[str, float]:
         or Path(cfg.paths.log_dir) / "reports" / f"comparison-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     files = report.write(out_dir, flat)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment_name)
-    exp_id = (
-        exp.experiment_id
-        if exp is not None
-        else client.create_experiment(cfg.tracking.experiment_name)
-    )
-    new = client.create_run(exp_id, run_name=f"comparison-{time.strftime('%Y%m%d-%H%M%S')}",
-                            tags={tracking.TAG_KIND: "comparison", "zoo.compared_runs": ",".join(ids)})  # fmt: skip
-    client.log_artifacts(new.info.run_id, str(out_dir), "report")
-    client.set_terminated(new.info.run_id, "FINISHED")
+    new_id = tracking.create_run(uri, cfg.tracking.experiment_name, f"comparison-{time.strftime('%Y%m%d-%H%M%S')}",
+                                 {tracking.TAG_KIND: "comparison", "zoo.compared_runs": ",".join(ids)})  # fmt: skip
+    client.log_artifacts(new_id, str(out_dir), "report")
+    client.set_terminated(new_id, "FINISHED")
     print(f"\nComparison report written to {out_dir}\n  {files['html']}\n  {files['markdown']}\n"
-          f"  (logged to new mlflow run {new.info.run_id}, tag {tracking.TAG_KIND}=comparison)", flush=True)  # fmt: skip
-    return {"comparison_run_id": new.info.run_id, **flat}
+          f"  (logged to new mlflow run {new_id}, tag {tracking.TAG_KIND}=comparison)", flush=True)  # fmt: skip
+    return {"comparison_run_id": new_id, **flat}

@@ -262,6 +262,14 @@ def _hydra_overrides() -> list[str] | None:
 # --------------------------------------------------------------------------- run lookup
 
 
+def create_run(uri: str | None, experiment_name: str, run_name: str, tags: dict[str, str]) -> str:
+    """A new run (experiment created on first use) outside any training job; returns its id."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment_name)
+    exp_id = exp.experiment_id if exp is not None else c.create_experiment(experiment_name)
+    return c.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+
+
 def get_run(run_id: str, uri: str | None = None):
     from mlflow.exceptions import MlflowException
 

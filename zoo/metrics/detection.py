@@ -34,6 +34,10 @@ def mean_average_precision(**kwargs):
     from torchmetrics.detection import MeanAveragePrecision
 
     logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)  # its summary tables go to INFO
+    # pycocotools' thresholds in float64: torchmetrics' defaults come from a float32 torch.linspace,
+    # and recall values such as 29/100 then land on the other side of a threshold (~1e-4 off)
+    kwargs.setdefault("iou_thresholds", np.linspace(0.5, 0.95, 10).tolist())
+    kwargs.setdefault("rec_thresholds", np.linspace(0.0, 1.0, 101).tolist())
     return MeanAveragePrecision(
         box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", **kwargs
     )
@@ -83,16 +87,18 @@ class DetectionScorer:
 
     def update(self, preds: list[dict], targets: list[dict]) -> None:
         for p, t in zip(preds, targets):
-            p = {k: p[k].detach().cpu() for k in ("boxes", "scores", "labels")}
+            # float64 like pycocotools' JSON numbers (lossless for float32 model outputs)
+            p = {"boxes": p["boxes"].detach().cpu().double().reshape(-1, 4), "scores": p["scores"].detach().cpu().double(),
+                 "labels": p["labels"].detach().cpu().long()}  # fmt: skip
             if self.group_table is not None and "source" in t:
                 labelled = self.group_table[int(t["source"])].to(p["labels"].device) != 0
                 keep = labelled[p["labels"]]
                 p = {k: v[keep] for k, v in p.items()}
-            boxes = t["boxes"].detach().cpu().float().reshape(-1, 4)
+            boxes = t["boxes"].detach().cpu().double().reshape(-1, 4)
             target = {"boxes": boxes, "labels": t["labels"].detach().cpu().long(),
                       "iscrowd": t.get("iscrowd", torch.zeros(len(boxes), dtype=torch.bool)).cpu().long()}  # fmt: skip
             target["area"] = (
-                t["area"].detach().cpu().float()
+                t["area"].detach().cpu().double()
                 if "area" in t
                 else (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
             )
@@ -305,11 +311,11 @@ def score_coco_files(
         p["labels"].append(d["category_id"])
     scorer = DetectionScorer([c["name"] for c in cats], [c["id"] for c in cats])
     for p, t in zip(preds, targets):
-        scorer.update([{"boxes": torch.tensor(p["boxes"], dtype=torch.float32).reshape(-1, 4),
-                        "scores": torch.tensor(p["scores"], dtype=torch.float32),
+        scorer.update([{"boxes": torch.tensor(p["boxes"], dtype=torch.float64).reshape(-1, 4),
+                        "scores": torch.tensor(p["scores"], dtype=torch.float64),
                         "labels": torch.tensor(p["labels"], dtype=torch.long)}],
-                      [{"boxes": torch.tensor(t["boxes"], dtype=torch.float32).reshape(-1, 4),
+                      [{"boxes": torch.tensor(t["boxes"], dtype=torch.float64).reshape(-1, 4),
                         "labels": torch.tensor(t["labels"], dtype=torch.long),
                         "iscrowd": torch.tensor(t["iscrowd"], dtype=torch.long),
-                        "area": torch.tensor(t["area"], dtype=torch.float32)}])  # fmt: skip
+                        "area": torch.tensor(t["area"], dtype=torch.float64)}])  # fmt: skip
     return scorer, gt

@@ -172,11 +172,13 @@ def _load_backbone_weights(net: nn.Module, path: str | Path, backbone: str) -> N
 
 def build_faster_rcnn(backbone: str, num_classes: int, num_sources: int, group_table: torch.Tensor,
                       loss: str = "group_softmax", backbone_weights: str | None = None,
-                      trainable_backbone_layers: int | None = None, **detector_kwargs) -> FasterRCNN:  # fmt: skip
+                      trainable_backbone_layers: int | None = None, anchor_sizes: list[int] | None = None,
+                      **detector_kwargs) -> FasterRCNN:  # fmt: skip
     """torchvision Faster R-CNN (its ``fasterrcnn_*`` builders' architecture) with the GroupSoftmax
     RPN and box head when ``loss == "group_softmax"``. Without backbone weights every layer trains
     with ordinary batch norm; with them, torchvision's defaults (frozen batch norm, 3 trainable
-    stages)."""
+    stages). ``anchor_sizes`` (default: torchvision's 32..512) are spread one per FPN level for
+    ResNet-50 (5 levels) and all used on each of MobileNet's 3 levels, as torchvision does."""
     from torchvision.models import mobilenet_v3_large, resnet50
 
     if backbone not in BACKBONES:
@@ -195,7 +197,15 @@ def build_faster_rcnn(backbone: str, num_classes: int, num_sources: int, group_t
         if pretrained:
             _load_backbone_weights(body, backbone_weights, backbone)
         feature_net = _resnet_fpn_extractor(body, layers)
-        anchor_generator = None  # torchvision's default: one size per FPN level
+        anchor_generator = None  # torchvision's default: 32, 64, 128, 256, 512, one per FPN level
+        if anchor_sizes is not None:
+            if len(anchor_sizes) != 5:
+                raise ConfigError(
+                    f"model.anchor_sizes={list(anchor_sizes)}: resnet50_fpn has 5 FPN levels, give 5 sizes"
+                )
+            anchor_generator = AnchorGenerator(
+                tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * 5
+            )
     else:
         layers = (
             trainable_backbone_layers
@@ -206,7 +216,7 @@ def build_faster_rcnn(backbone: str, num_classes: int, num_sources: int, group_t
         if pretrained:
             _load_backbone_weights(body, backbone_weights, backbone)
         feature_net = _mobilenet_extractor(body, True, layers)
-        sizes = ((32, 64, 128, 256, 512),) * 3
+        sizes = (tuple(int(s) for s in anchor_sizes or (32, 64, 128, 256, 512)),) * 3
         anchor_generator = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
         detector_kwargs.setdefault("rpn_score_thresh", 0.05)
     model = FasterRCNN(feature_net, num_classes=num_classes, rpn_anchor_generator=anchor_generator,
@@ -264,7 +274,8 @@ class GroupSoftmaxDetector(L.LightningModule):
 
     def __init__(self, classes: list[str], sources: dict[str, dict], backbone: str = "mobilenet_v3_large_fpn",
                  loss: str = "group_softmax", backbone_weights: str | None = None,
-                 trainable_backbone_layers: int | None = None, min_size: int = 800, max_size: int = 1333,
+                 trainable_backbone_layers: int | None = None, anchor_sizes: list[int] | None = None,
+                 min_size: int = 800, max_size: int = 1333,
                  detector: dict | None = None, lr: float = 0.02, momentum: float = 0.9, weight_decay: float = 1e-4,
                  warmup_iters: int = 1000, warmup_factor: float = 0.001, lr_steps: tuple[int, ...] = (16, 22),
                  lr_gamma: float = 0.1, figure_images: int = 6, figure_score_threshold: float = 0.5,
@@ -275,7 +286,7 @@ class GroupSoftmaxDetector(L.LightningModule):
         label_maps = [dict((spec or {}).get("label_map") or {}) for spec in sources.values()]
         group_table = derive_group_table(label_maps, self.class_names)
         self.save_hyperparameters({"classes": self.class_names, "source_names": self.source_names,
-                                   "label_maps": label_maps, "backbone": backbone, "loss": loss,
+                                   "label_maps": label_maps, "backbone": backbone, "loss": loss, "anchor_sizes": anchor_sizes,
                                    "min_size": min_size, "max_size": max_size, "lr": lr, "momentum": momentum,
                                    "weight_decay": weight_decay, "warmup_iters": warmup_iters,
                                    "warmup_factor": warmup_factor, "lr_steps": list(lr_steps), "lr_gamma": lr_gamma,
@@ -283,7 +294,7 @@ class GroupSoftmaxDetector(L.LightningModule):
                                    "figures_every_n_epochs": figures_every_n_epochs}, logger=False)  # fmt: skip
         self.register_buffer("group_table", group_table)
         self.net = build_faster_rcnn(backbone, len(self.class_names) + 1, len(self.source_names), group_table, loss,
-                                     backbone_weights, trainable_backbone_layers, min_size=min_size,
+                                     backbone_weights, trainable_backbone_layers, anchor_sizes, min_size=min_size,
                                      max_size=max_size, **dict(detector or {}))  # fmt: skip
         self.val_scorer = DetectionScorer(self.class_names, group_table=group_table)
         self.test_scorer = DetectionScorer(self.class_names, group_table=group_table)
@@ -347,8 +358,12 @@ class GroupSoftmaxDetector(L.LightningModule):
         images, targets = batch
         preds = self.net(images)
         scorer.update(preds, targets)
+        quota = -(
+            -self.hparams.figure_images // len(self.source_names)
+        )  # a few images of every source
         for image, t, p in zip(images, targets, preds):
-            if len(self._shown) < self.hparams.figure_images:
+            same_source = sum(int(s["source"]) == int(t["source"]) for _, s, _ in self._shown)
+            if len(self._shown) < self.hparams.figure_images and same_source < quota:
                 self._shown.append((image.cpu(), {k: v.cpu() for k, v in t.items()},
                                     {k: v.detach().cpu() for k, v in p.items()}))  # fmt: skip
 

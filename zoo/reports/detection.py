@@ -82,15 +82,9 @@ def _log_run(cfg: DictConfig, metrics: dict[str, float], out_dir: Path) -> str |
     if not cfg.get("log_to_mlflow", True):
         return None
     client = tracking.client(cfg.tracking.tracking_uri)
-    exp = client.get_experiment_by_name(cfg.tracking.experiment_name)
-    exp_id = (
-        exp.experiment_id
-        if exp is not None
-        else client.create_experiment(cfg.tracking.experiment_name)
-    )
-    run = client.create_run(exp_id, run_name=f"detection-eval-{time.strftime('%Y%m%d-%H%M%S')}",
-                            tags={tracking.TAG_KIND: "evaluation", "zoo.task": "detection"})  # fmt: skip
-    rid = run.info.run_id
+    rid = tracking.create_run(cfg.tracking.tracking_uri, cfg.tracking.experiment_name,
+                              f"detection-eval-{time.strftime('%Y%m%d-%H%M%S')}",
+                              {tracking.TAG_KIND: "evaluation", "zoo.task": "detection"})  # fmt: skip
     client.log_param(rid, "annotations", str(cfg.annotations))
     client.log_param(rid, "predictions", str(cfg.predictions))
     for k, v in metrics.items():
