@@ -364,7 +364,7 @@ class DetectionDataset(Dataset):
                     [r.width - boxes[:, 2], boxes[:, 1], r.width - boxes[:, 0], boxes[:, 3]], 1
                 )
         target = {"boxes": boxes, "labels": labels, "source": torch.tensor(r.source),
-                  "image_id": torch.tensor(r.image_id), "iscrowd": ignore, "index": torch.tensor(i)}  # fmt: skip
+                  "image_id": torch.tensor(r.image_id), "iscrowd": ignore, "file_name": str(r.image)}  # fmt: skip
         return image, target
 
 

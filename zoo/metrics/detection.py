@@ -102,8 +102,32 @@ class DetectionScorer:
                 if "area" in t
                 else (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
             )
+            if "image_id" in t:
+                target["image_id"] = int(t["image_id"])
+            if "file_name" in t:
+                target["file_name"] = str(t["file_name"])
             self.preds.append(p)
             self.targets.append(target)
+
+    def to_coco(self) -> tuple[dict, list[dict]]:
+        """What was scored as COCO files: (ground truth, results). ``evaluate.py task=detection``
+        on them reproduces :meth:`compute`'s COCO numbers (ignored boxes become ``iscrowd``)."""
+        images, anns, results = [], [], []
+        for i, (p, t) in enumerate(zip(self.preds, self.targets)):
+            image_id = int(t.get("image_id", i))
+            images.append({"id": image_id, "file_name": str(t.get("file_name", image_id))})
+            for box, label, crowd, area in zip(t["boxes"].tolist(), t["labels"].tolist(), t["iscrowd"].tolist(),
+                                               t["area"].tolist()):  # fmt: skip
+                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(label),
+                             "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "area": area,
+                             "iscrowd": int(crowd)})  # fmt: skip
+            for box, label, score in zip(
+                p["boxes"].tolist(), p["labels"].tolist(), p["scores"].tolist()
+            ):
+                results.append({"image_id": image_id, "category_id": int(label),
+                                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score})  # fmt: skip
+        cats = [{"id": int(i), "name": n} for i, n in zip(self.label_ids, self.class_names)]
+        return {"images": images, "annotations": anns, "categories": cats}, results
 
     # ------------------------------------------------------------------ scoring
 

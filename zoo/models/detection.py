@@ -364,7 +364,7 @@ class GroupSoftmaxDetector(L.LightningModule):
         for image, t, p in zip(images, targets, preds):
             same_source = sum(int(s["source"]) == int(t["source"]) for _, s, _ in self._shown)
             if len(self._shown) < self.hparams.figure_images and same_source < quota:
-                self._shown.append((image.cpu(), {k: v.cpu() for k, v in t.items()},
+                self._shown.append((image.cpu(), {k: v.cpu() for k, v in t.items() if torch.is_tensor(v)},
                                     {k: v.detach().cpu() for k, v in p.items()}))  # fmt: skip
 
     def on_validation_epoch_start(self) -> None:
@@ -395,6 +395,11 @@ class GroupSoftmaxDetector(L.LightningModule):
                     self.log(f"test/{key}/{row['class']}", row[key], sync_dist=True)
         self.test_outputs = {"scores": scores, "shown": list(self._shown)}
         self._log_figures(scores, "test", "")
+        mlf = find_mlflow_logger(self.trainer)
+        if mlf is not None and self.trainer.is_global_zero:  # what was scored, as COCO files
+            gt, results = self.test_scorer.to_coco()
+            mlf.experiment.log_dict(mlf.run_id, gt, "predictions/test_groundtruth.json")
+            mlf.experiment.log_dict(mlf.run_id, results, "predictions/test_results.json")
 
     def _log_scores(self, split: str, scorer: DetectionScorer):
         scores = scorer.compute()
