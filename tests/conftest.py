@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,37 @@ def run_cli(
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def render_in_chromium(html: Path, profile_dir: Path) -> dict:
+    """Open an HTML report in headless Debian chromium; returns its title, every image's
+    (loaded, width, height), the number of table rows and requests other than data: URLs."""
+    if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("ZOO_REQUIRE_BROWSER") == "1":  # set by .ci/run, which installs them
+            pytest.fail("chromium/chromedriver not found but ZOO_REQUIRE_BROWSER=1")
+        pytest.skip(
+            "needs Debian's chromium + chromium-driver (apt-get install chromium chromium-driver)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--no-first-run",
+                 f"--user-data-dir={profile_dir}"):  # fmt: skip
+        opts.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    try:
+        driver.get(Path(html).as_uri())
+        script = "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
+        return {"title": driver.title, "images": driver.execute_script(script),
+                "table_rows": driver.execute_script("return document.querySelectorAll('table tr').length"),
+                "external_requests": [u for u in driver.execute_script(
+                    "return performance.getEntriesByType('resource').map(e => e.name)") if not u.startswith("data:")]}  # fmt: skip
+    finally:
+        driver.quit()

@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import zoo.kernels as K
+from tests.conftest import render_in_chromium
 from zoo.data.detection import DetectionDataModule
 from zoo.errors import ConfigError, DataError
 from zoo.metrics.detection import DetectionScorer, score_coco_files
@@ -335,6 +336,11 @@ def test_evaluate_scores_a_results_file_and_writes_the_report(make_cfg, tmp_path
     for text in ("AP per class", "precision-recall", "VOC07 AP@.5", "eel", "test/mAP_50"):
         assert text in html, text
     assert html.count("data:image/png;base64") == 3  # PR curves, AP chart, images with boxes
+    page = render_in_chromium(out / "report.html", tmp_path / "profile")
+    assert len(page["images"]) == 3 and all(
+        ok and w > 300 and h > 200 for ok, w, h in page["images"]
+    ), page
+    assert page["table_rows"] >= 3 + 13 + 4 and page["external_requests"] == []
     assert json.loads((out / "metrics.json").read_text())["test/mAP"] == metrics["test/mAP"]
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import numpy as np
 import pytest
 
+from tests.conftest import render_in_chromium
 from zoo.plotting import confusion_matrix_figure
 from zoo.reports import Report
 from zoo.reports.classification import per_class_metrics
@@ -52,44 +50,13 @@ def test_per_class_metrics_by_hand():
     assert empty["a"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-
-
 def test_html_report_renders_in_headless_chromium(tmp_path):
-    if not (CHROMIUM and CHROMEDRIVER):
-        if os.environ.get("ZOO_REQUIRE_BROWSER") == "1":  # set by .ci/run, which installs them
-            pytest.fail("chromium/chromedriver not found but ZOO_REQUIRE_BROWSER=1")
-        pytest.skip(
-            "needs Debian's chromium + chromium-driver (apt-get install chromium chromium-driver)"
-        )
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
     files = _report().write(tmp_path)
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--no-first-run",
-                 f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
-    try:
-        driver.get(files["html"].as_uri())
-        assert driver.title == "Demo <report>"
-        images = driver.execute_script(
-            "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
-        )
-        assert images and all(ok and w > 100 and h > 100 for ok, w, h in images), images
-        rows = driver.execute_script("return document.querySelectorAll('table tr').length")
-        assert rows >= 4
-        # self-contained: the page made no request other than for itself
-        urls = driver.execute_script(
-            "return performance.getEntriesByType('resource').map(e => e.name)"
-        )
-        assert [u for u in urls if not u.startswith("data:")] == []
-    finally:
-        driver.quit()
+    page = render_in_chromium(files["html"], tmp_path / "profile")
+    assert page["title"] == "Demo <report>"
+    assert page["images"] and all(ok and w > 100 and h > 100 for ok, w, h in page["images"]), page
+    assert page["table_rows"] >= 4
+    assert page["external_requests"] == []  # self-contained: no request other than for itself
 
 
 def test_report_macro_f1_matches_torchmetrics():
