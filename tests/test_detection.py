@@ -15,7 +15,7 @@ from PIL import Image
 
 import zoo.kernels as K
 from tests.conftest import render_in_chromium
-from zoo.data.detection import DetectionDataModule
+from zoo.data.detection import DetectionDataModule, DetectionDataset
 from zoo.errors import ConfigError, DataError
 from zoo.metrics.detection import DetectionScorer, score_coco_files
 from zoo.models.detection import (
@@ -196,8 +196,6 @@ def test_joint_data_module(tmp_path):
     assert dm.group_table.tolist() == [[0, 1, 2, 0, 0], [0, 0, 0, 3, 0]]
     records = dm.records("train")
     assert [r.source for r in records] == [0, 0, 1] and len({r.image_id for r in records}) == 3
-    from zoo.data.detection import DetectionDataset
-
     ds = DetectionDataset(records, train=True, flip=1.0)
     image, target = ds[0]
     assert image.shape == (3, 48, 64) and 0 <= image.min() and image.max() <= 1
@@ -218,6 +216,51 @@ def test_joint_data_module(tmp_path):
         ).records("train")
     with pytest.raises(ConfigError, match="label_map"):
         DetectionDataModule(CLASSES, {"a": {"format": "coco", "train": {}}}).records("train")
+
+
+def test_data_module_joins_coco_cctsdb_and_voc_sources(tmp_path):
+    _write_coco(tmp_path / "coco", "train", [[(1, (5, 5, 10, 10))]], [{"id": 1, "name": "ball"}])
+    (tmp_path / "signs" / "img").mkdir(parents=True)
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(tmp_path / "signs" / "img" / "s.png")
+    (tmp_path / "signs" / "train.txt").write_text(
+        "s.png;3;4;20;30;warn\ns.png;1;1;70;9;warn\n"
+    )  # 2nd: outside
+    voc = tmp_path / "VOC2007"
+    for sub in ("ImageSets/Main", "Annotations", "JPEGImages"):
+        (voc / sub).mkdir(parents=True)
+    (voc / "ImageSets/Main/trainval.txt").write_text("000001\n")
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(voc / "JPEGImages/000001.jpg")
+    (voc / "Annotations/000001.xml").write_text(
+        "<annotation><filename>000001.jpg</filename><size><width>64</width><height>48</height></size>"
+        "<object><name>x</name><difficult>1</difficult><bndbox><xmin>2</xmin><ymin>2</ymin><xmax>9</xmax>"
+        "<ymax>9</ymax></bndbox></object><object><name>x</name><difficult>0</difficult><bndbox><xmin>21</xmin>"
+        "<ymin>11</ymin><xmax>40</xmax><ymax>30</ymax></bndbox></object></annotation>"
+    )
+    sources = {"coco": {"format": "coco", "root": str(tmp_path / "coco"), "label_map": {"ball": "circle"},
+                        "train": {"annotations": "train.json", "images": "images"}},
+               "signs": {"format": "cctsdb", "root": str(tmp_path / "signs"), "label_map": {"warn": "triangle"},
+                         "train": {"annotations": "train.txt", "images": "img"}},
+               "voc": {"format": "voc", "root": str(voc), "label_map": {"x": "cross"},
+                       "train": {"image_set": "trainval"}}}  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"train.txt:2 box \[1.0, 1.0, 70.0, 9.0\] in a 64x48 image: outside image \(set data.on_bad=skip",
+    ):
+        DetectionDataModule(CLASSES, sources).setup("fit")
+    dm = DetectionDataModule(CLASSES, sources, on_bad="skip", batch_size=3, flip=0.0)
+    assert dm.group_table.tolist() == [[0, 1, 0, 0, 0], [0, 0, 0, 3, 0], [0, 0, 0, 0, 4]]
+    dm.datasets["train"] = DetectionDataset(dm.records("train"), train=True, flip=0.0)
+    images, targets = next(iter(dm.train_dataloader()))
+    by_source = {int(t["source"]): t for t in targets}
+    assert len(images) == 3 and set(by_source) == {0, 1, 2}
+    assert by_source[0]["labels"].tolist() == [1] and by_source[1]["labels"].tolist() == [3]
+    assert by_source[2]["labels"].tolist() == [4]  # the difficult box is not trained on
+    assert by_source[2]["boxes"].tolist() == [[20.0, 10.0, 40.0, 30.0]]
+    assert dm.skipped() == {"train/outside_image": 1}
+    assert dm.summary()["skipped annotations"] == "train/outside_image 1"
+    with pytest.raises(ConfigError, match="image_set"):
+        DetectionDataModule(CLASSES, {"v": {"format": "voc", "root": str(voc), "label_map": {"x": "cross"},
+                                            "train": {"images": "x"}}}).records("train")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- scoring

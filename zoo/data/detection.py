@@ -109,7 +109,7 @@ class _Checker:
     def bad(self, reason: str, where: str) -> None:
         if self.on_bad == "error":
             raise DataError(
-                f"{where}: {reason.replace('_', ' ')} (set on_bad=skip to skip and count such annotations)"
+                f"{where}: {reason.replace('_', ' ')} (set data.on_bad=skip to skip and count such annotations)"
             )
         self.report.skipped[reason] += 1
 
@@ -312,6 +312,10 @@ def load_source(spec: dict, split: str, classes: list[str], source: int, on_bad:
     root = Path(spec.get("root") or ".")
     label_map = dict(spec["label_map"])
     if fmt == "voc":
+        if "image_set" not in split_spec:
+            raise ConfigError(
+                f"data.sources.{name}.{split}.image_set is missing (e.g. trainval, test)"
+            )
         return load_voc(root, split_spec["image_set"], label_map, classes, source, on_bad)
     for key in ("annotations", "images"):
         if key not in split_spec:
