@@ -105,6 +105,31 @@ def test_group_softmax_heads_never_teach_unlabelled_classes_as_background(record
     assert (captured["logits"].grad[:, 3:] > 0).any()  # b's classes are taught as "not here"
 
 
+@pytest.mark.parametrize("loss", ["group_softmax", "softmax"])
+def test_resnet50_fpn_trains_and_predicts(loss):
+    torch.manual_seed(0)
+    model = GroupSoftmaxDetector(CLASSES, SOURCES, backbone="resnet50_fpn", loss=loss,
+                                 **{**SMALL, "anchor_sizes": [16, 32, 64, 128, 256]})  # fmt: skip
+    assert sum(p.numel() for p in model.net.backbone.parameters()) > 25_000_000
+    assert model.net.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
+    model.train()
+    images, targets = _batch(source=1, n=1)
+    losses = model.net(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert (
+        model.net.backbone.body.conv1.weight.grad is not None
+    )  # every stage trains without weights
+    model.eval()
+    with torch.no_grad():
+        (out,) = model(images)
+    assert out["boxes"].shape[1] == 4 and len(out["boxes"]) == len(out["scores"]) == len(
+        out["labels"]
+    )
+    with pytest.raises(ConfigError, match="5 FPN levels"):
+        GroupSoftmaxDetector(CLASSES, SOURCES, backbone="resnet50_fpn", anchor_sizes=[32, 64])
+
+
 def test_proposal_score_is_one_minus_background_probability(monkeypatch):
     torch.manual_seed(0)
     model = GroupSoftmaxDetector(CLASSES, SOURCES, **SMALL).eval()
