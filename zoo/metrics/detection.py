@@ -132,60 +132,60 @@ class DetectionScorer:
     # ------------------------------------------------------------------ scoring
 
     def compute(self) -> DetectionScores:
-        metric = mean_average_precision(class_metrics=True, extended_summary=True)
+        # per-class numbers come from the accumulated precision/recall arrays (exactly what
+        # pycocotools' summarize() averages), not from class_metrics=True, which re-runs the
+        # whole evaluation once per class
+        metric = mean_average_precision(extended_summary=True)
+        out = {}
         if self.targets:
             metric.update(self.preds, self.targets)
             out = metric.compute()
-        else:
-            out = {}
         metrics = {name: float(out[k]) for k, name in COCO_KEYS.items() if k in out}
-        per_class, curves = [], {}
-        classes_seen = [int(c) for c in torch.atleast_1d(out.get("classes", torch.tensor([])))]
-        ap_of = dict(
-            zip(classes_seen, torch.atleast_1d(out.get("map_per_class", torch.tensor([]))).tolist())
-        )
-        ar_of = dict(
-            zip(
-                classes_seen,
-                torch.atleast_1d(out.get("mar_100_per_class", torch.tensor([]))).tolist(),
-            )
-        )
-        precision = out.get("precision")  # [T, R, K, A, M]; K over the sorted classes seen
-        voc07, voc = [], []
+        labels = [p["labels"] for p in self.preds] + [t["labels"] for t in self.targets]
+        seen = torch.cat(labels).unique().tolist() if labels else []  # torchmetrics' class axis
+        precision = out["precision"].numpy() if "precision" in out else None  # [T, R, K, A, M]
+        recall = out["recall"].numpy() if "recall" in out else None  # [T, K, A, M]
+        dets_by_class, gt_by_class = self._voc_inputs()
+        per_class, curves, voc07, voc = [], {}, [], []
         for name, label in zip(self.class_names, self.label_ids):
-            dets, gt = self._voc_inputs(label)
-            n_gt = int(sum(int((~d).sum()) for _, d in gt.values()))
-            recall, prec, npos = voc_class_pr(dets, gt)
-            v07 = voc_ap(recall, prec, True) if npos else float("nan")
-            vall = voc_ap(recall, prec, False) if npos else float("nan")
+            gt = gt_by_class.get(label, {})
+            rec, prec, npos = voc_class_pr(dets_by_class.get(label, []), gt)
+            v07 = voc_ap(rec, prec, True) if npos else float("nan")
+            vall = voc_ap(rec, prec, False) if npos else float("nan")
             if npos:
                 voc07.append(v07)
                 voc.append(vall)
-            ap = ap_of.get(label, -1.0)
-            ap50 = float("nan")
-            if precision is not None and label in classes_seen:
-                k = classes_seen.index(label)
-                p = precision[0, :, k, 0, -1].numpy()  # IoU .5, all areas, 100 detections
-                if (p > -1).all():  # -1: the class has no ground truth
-                    ap50 = float(p.mean())
-                    curves[name] = (np.linspace(0, 1, len(p)), p)
-            per_class.append({"class": name, "gt": n_gt, "AP": ap if ap >= 0 else float("nan"), "AP_50": ap50,
-                              "AR_100": ar_of.get(label, -1.0) if ar_of.get(label, -1.0) >= 0 else float("nan"),
-                              "voc07_AP_50": v07, "voc_AP_50": vall})  # fmt: skip
+            ap = ap50 = ar = float("nan")
+            if precision is not None and label in seen:
+                k = seen.index(label)
+                p_all, r_all = precision[:, :, k, 0, -1], recall[:, k, 0, -1]  # all areas, 100 dets
+                if (p_all > -1).any():  # -1: the class has no ground truth
+                    ap, ap50 = float(p_all[p_all > -1].mean()), float(p_all[0].mean())
+                    ar = float(r_all[r_all > -1].mean())
+                    curves[name] = (np.linspace(0, 1, p_all.shape[1]), p_all[0])
+            per_class.append({"class": name, "gt": int(sum(int((~d).sum()) for _, d in gt.values())), "AP": ap,
+                              "AP_50": ap50, "AR_100": ar, "voc07_AP_50": v07, "voc_AP_50": vall})  # fmt: skip
         metrics["voc07_mAP_50"] = float(np.mean(voc07)) if voc07 else float("nan")
         metrics["voc_mAP_50"] = float(np.mean(voc)) if voc else float("nan")
         return DetectionScores(metrics, per_class, curves)
 
-    def _voc_inputs(self, label: int):
-        dets, gt = [], {}
-        for i, (p, t) in enumerate(zip(self.preds, self.targets)):
-            sel = t["labels"] == label
-            if sel.any():
-                gt[i] = (t["boxes"][sel].numpy(), t["iscrowd"][sel].numpy().astype(bool))
-            sel = p["labels"] == label
-            dets.extend(
-                (i, float(s), b) for s, b in zip(p["scores"][sel].tolist(), p["boxes"][sel].numpy())
-            )
+    def _voc_inputs(self):
+        """Per class: detections [(image, score, box)] and ground truth {image: (boxes, ignore)}."""
+        dets: dict[int, list] = {}
+        for i, p in enumerate(self.preds):
+            for label, score, box in zip(
+                p["labels"].tolist(), p["scores"].tolist(), p["boxes"].numpy()
+            ):
+                dets.setdefault(label, []).append((i, score, box))
+        gt: dict[int, dict] = {}
+        for i, t in enumerate(self.targets):
+            labels = t["labels"].numpy()
+            for label in np.unique(labels):
+                sel = labels == label
+                gt.setdefault(int(label), {})[i] = (
+                    t["boxes"][sel].numpy(),
+                    t["iscrowd"][sel].numpy().astype(bool),
+                )
         return dets, gt
 
 
