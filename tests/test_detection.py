@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,6 +180,11 @@ def test_backbone_weights_are_loaded_from_a_local_file(tmp_path):
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ConfigError, match="does not fit"):
         GroupSoftmaxDetector(CLASSES, SOURCES, backbone_weights=str(tmp_path / "other.pth"))
+    other = GroupSoftmaxDetector(
+        CLASSES, {"a": SOURCES["a"], "b": {"label_map": {"cross": "cross"}}}, **SMALL
+    )
+    with pytest.raises(ConfigError, match="trained with the group table"):
+        other.load_state_dict(model.state_dict())
     with pytest.raises(ConfigError, match="model.loss"):
         GroupSoftmaxDetector(CLASSES, SOURCES, loss="focal")
 
@@ -373,6 +379,51 @@ def test_scores_only_count_classes_the_source_labels():
     plain = DetectionScorer(["x", "y"])
     plain.update(preds, targets)
     assert plain.compute().metrics["mAP"] < 0.9
+
+
+def _gather_worker(
+    rank: int, world: int, port: int, gt_path: str, res_path: str, out_dir: str
+) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        full, _ = score_coco_files(gt_path, res_path)
+        shard = DetectionScorer(full.class_names, full.label_ids)
+        shard.preds, shard.targets = full.preds[rank::world], full.targets[rank::world]
+        if rank == 1:  # DistributedSampler's padding repeats an image of the other shard
+            shard.preds, shard.targets = (
+                shard.preds + full.preds[:1],
+                shard.targets + full.targets[:1],
+            )
+        shard.gather()
+        (Path(out_dir) / f"{rank}.json").write_text(json.dumps(shard.compute().metrics))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ddp_ranks_score_the_whole_split(tmp_path):
+    """Each rank holds half of the images; after gather() every rank reports the full split's mAP."""
+    import socket
+
+    gt_path, res_path = _coco_fixture(tmp_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(
+        _gather_worker, args=(2, port, str(gt_path), str(res_path), str(tmp_path)), nprocs=2
+    )
+    full = score_coco_files(gt_path, res_path)[0].compute().metrics
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert got["mAP"] == pytest.approx(full["mAP"], abs=1e-9)
+        assert got["voc_mAP_50"] == pytest.approx(full["voc_mAP_50"], abs=1e-9)
+    half = DetectionScorer(["a", "b", "c"], [1, 3, 7])
+    scorer = score_coco_files(gt_path, res_path)[0]
+    half.preds, half.targets = scorer.preds[::2], scorer.targets[::2]
+    assert half.compute().metrics["mAP"] != pytest.approx(
+        full["mAP"], abs=1e-4
+    )  # a shard alone differs
 
 
 def test_coco_files_errors_name_the_file_and_entry(tmp_path):

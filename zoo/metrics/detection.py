@@ -109,6 +109,24 @@ class DetectionScorer:
             self.preds.append(p)
             self.targets.append(target)
 
+    def gather(self) -> None:
+        """Under torch.distributed, replace this rank's images by all ranks' (same order on every
+        rank, each image once), so that every rank computes the mAP of the whole split."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        if torch.distributed.get_world_size() == 1:
+            return
+        parts = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(parts, (self.preds, self.targets))
+        seen, self.preds, self.targets = set(), [], []
+        for preds, targets in parts:
+            for p, t in zip(preds, targets):
+                key = t.get("image_id")  # DistributedSampler pads shards by repeating images
+                if key is None or key not in seen:
+                    seen.add(key)
+                    self.preds.append(p)
+                    self.targets.append(t)
+
     def to_coco(self) -> tuple[dict, list[dict]]:
         """What was scored as COCO files: (ground truth, results). ``evaluate.py task=detection``
         on them reproduces :meth:`compute`'s COCO numbers (ignored boxes become ``iscrowd``)."""
@@ -334,12 +352,13 @@ def score_coco_files(
         p["scores"].append(float(d["score"]))
         p["labels"].append(d["category_id"])
     scorer = DetectionScorer([c["name"] for c in cats], [c["id"] for c in cats])
-    for p, t in zip(preds, targets):
+    for image, p, t in zip(gt["images"], preds, targets):
         scorer.update([{"boxes": torch.tensor(p["boxes"], dtype=torch.float64).reshape(-1, 4),
                         "scores": torch.tensor(p["scores"], dtype=torch.float64),
                         "labels": torch.tensor(p["labels"], dtype=torch.long)}],
                       [{"boxes": torch.tensor(t["boxes"], dtype=torch.float64).reshape(-1, 4),
                         "labels": torch.tensor(t["labels"], dtype=torch.long),
                         "iscrowd": torch.tensor(t["iscrowd"], dtype=torch.long),
-                        "area": torch.tensor(t["area"], dtype=torch.float64)}])  # fmt: skip
+                        "area": torch.tensor(t["area"], dtype=torch.float64), "image_id": image["id"],
+                        "file_name": image.get("file_name", str(image["id"]))}])  # fmt: skip
     return scorer, gt

@@ -161,9 +161,8 @@ def _load_backbone_weights(net: nn.Module, path: str | Path, backbone: str) -> N
     drop = ("fc.",) if backbone.startswith("resnet") else ("classifier.",)
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(drop)}
     missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [
-        k for k in missing if not k.startswith(drop)
-    ]  # the classifier is not part of the detector
+    # the network's own classifier (fc / classifier) is not part of the detector
+    missing = [k for k in missing if not k.startswith(drop)]
     if missing or unexpected:
         raise ConfigError(f"model.backbone_weights={path}: does not fit {backbone} (missing {missing[:3]}..., "
                           f"unexpected {unexpected[:3]}...)")  # fmt: skip
@@ -301,6 +300,15 @@ class GroupSoftmaxDetector(L.LightningModule):
         self._shown: list = []
         self.test_outputs: dict = {}
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Refuses weights trained with another group table (the label maps of the data config
+        decide which class is which; silently mixing them would mislabel every box)."""
+        stored = state_dict.get("group_table")
+        if stored is not None and not torch.equal(stored.cpu(), self.group_table.cpu()):
+            raise ConfigError(f"the checkpoint was trained with the group table {stored.tolist()} but data.classes / "
+                              f"data.sources.*.label_map give {self.group_table.tolist()}: use the run's data config")  # fmt: skip
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def parameter_groups(self) -> dict[str, nn.Module]:
         return {"backbone": self.net.backbone, "rpn": self.net.rpn, "roi_heads": self.net.roi_heads}
 
@@ -358,9 +366,8 @@ class GroupSoftmaxDetector(L.LightningModule):
         images, targets = batch
         preds = self.net(images)
         scorer.update(preds, targets)
-        quota = -(
-            -self.hparams.figure_images // len(self.source_names)
-        )  # a few images of every source
+        # a few images of every source
+        quota = -(-self.hparams.figure_images // len(self.source_names))
         for image, t, p in zip(images, targets, preds):
             same_source = sum(int(s["source"]) == int(t["source"]) for _, s, _ in self._shown)
             if len(self._shown) < self.hparams.figure_images and same_source < quota:
@@ -392,7 +399,7 @@ class GroupSoftmaxDetector(L.LightningModule):
         for row in scores.per_class:
             for key in ("AP", "AP_50"):
                 if row[key] == row[key]:  # not NaN
-                    self.log(f"test/{key}/{row['class']}", row[key], sync_dist=True)
+                    self.log(f"test/{key}/{row['class']}", row[key])
         self.test_outputs = {"scores": scores, "shown": list(self._shown)}
         self._log_figures(scores, "test", "")
         mlf = find_mlflow_logger(self.trainer)
@@ -402,14 +409,12 @@ class GroupSoftmaxDetector(L.LightningModule):
             mlf.experiment.log_dict(mlf.run_id, results, "predictions/test_results.json")
 
     def _log_scores(self, split: str, scorer: DetectionScorer):
+        scorer.gather()  # DDP: every rank scores all images (a mean of per-shard mAPs is not the mAP)
         scores = scorer.compute()
         for name, value in scores.metrics.items():
-            if (
-                value == value and value >= 0
-            ):  # -1: no ground truth of that size; NaN: no class scored
-                self.log(
-                    f"{split}/{name}", value, prog_bar=name in ("mAP", "mAP_50"), sync_dist=True
-                )
+            # -1: no ground truth of that size; NaN: no class scored
+            if value == value and value >= 0:
+                self.log(f"{split}/{name}", value, prog_bar=name in ("mAP", "mAP_50"))
         return scores
 
     def _names(self) -> dict[int, str]:
