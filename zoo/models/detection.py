@@ -399,7 +399,7 @@ class GroupSoftmaxDetector(L.LightningModule):
         for row in scores.per_class:
             for key in ("AP", "AP_50"):
                 if row[key] == row[key]:  # not NaN
-                    self.log(f"test/{key}/{row['class']}", row[key])
+                    self.log(f"test/{key}/{row['class']}", row[key], sync_dist=True)
         self.test_outputs = {"scores": scores, "shown": list(self._shown)}
         self._log_figures(scores, "test", "")
         mlf = find_mlflow_logger(self.trainer)
@@ -414,7 +414,10 @@ class GroupSoftmaxDetector(L.LightningModule):
         for name, value in scores.metrics.items():
             # -1: no ground truth of that size; NaN: no class scored
             if value == value and value >= 0:
-                self.log(f"{split}/{name}", value, prog_bar=name in ("mAP", "mAP_50"))
+                # identical on every rank after gather(); sync_dist keeps Lightning's DDP check quiet
+                self.log(
+                    f"{split}/{name}", value, prog_bar=name in ("mAP", "mAP_50"), sync_dist=True
+                )
         return scores
 
     def _names(self) -> dict[int, str]:
