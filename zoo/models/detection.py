@@ -348,8 +348,9 @@ class GroupSoftmaxDetector(L.LightningModule):
         for p in self.net.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
-        opt = torch.optim.SGD([{"params": decay, "weight_decay": hp.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, momentum=hp.momentum)  # fmt: skip
+        opt = torch.optim.SGD([{"params": decay, "weight_decay": hp.weight_decay, "name": "weights"},
+                               {"params": no_decay, "weight_decay": 0.0, "name": "norms_biases"}],
+                              lr=hp.lr, momentum=hp.momentum)  # fmt: skip
         max_epochs = max(1, self.trainer.max_epochs or 1)
         total = self.trainer.estimated_stepping_batches
         per_epoch = max(1, int(total // max_epochs)) if total != float("inf") else 1
