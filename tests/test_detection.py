@@ -226,7 +226,11 @@ def test_joint_data_module(tmp_path):
     dm = DetectionDataModule(CLASSES, sources, batch_size=3, flip=1.0)
     assert dm.group_table.tolist() == [[0, 1, 2, 0, 0], [0, 0, 0, 3, 0]]
     records = dm.records("train")
-    assert [r.source for r in records] == [0, 0, 1] and len({r.image_id for r in records}) == 3
+    assert [r.source for r in records] == [0, 0, 1] and len(
+        {r.image_id for r in records}
+    ) == 3  # renumbered
+    only_a = DetectionDataModule(CLASSES, {"a": sources["a"]}).records("train")
+    assert [r.image_id for r in only_a] == [1, 2]  # COCO's own ids kept when they do not collide
     ds = DetectionDataset(records, train=True, flip=1.0)
     image, target = ds[0]
     assert image.shape == (3, 48, 64) and 0 <= image.min() and image.max() <= 1

@@ -9,6 +9,9 @@ an error naming the file and the annotation, or, with ``on_bad="skip"``, skipped
 (the counts are returned and logged); nothing is dropped silently. Malformed files are always
 errors.
 
+``DetectionDataModule`` joins several sources (any mix of the formats) for training and
+scoring; ``DetectionDataset`` turns records into torchvision-style (image, target) pairs.
+
 The group table (one row per source, one column per unified class, column 0 = background) is
 derived from the label maps: a class a source labels is its own group; every class it does not
 label shares group 0 with background, so that source's images never teach "not this class".
@@ -439,8 +442,11 @@ class DetectionDataModule(SplitDataModule):
             raise ConfigError(
                 f"no detection source has a '{split}' split (data.sources.<name>.{split})"
             )
-        for i, r in enumerate(out):  # unique ids across sources (COCO ids repeat between files)
-            r.image_id = i
+        if len({r.image_id for r in out}) < len(out):  # ids repeat between sources: renumber
+            for i, r in enumerate(
+                out
+            ):  # (otherwise keep them, e.g. COCO's, so results files match)
+                r.image_id = i
         return out
 
     def setup(self, stage: str | None = None) -> None:
