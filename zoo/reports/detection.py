@@ -63,8 +63,8 @@ def coco_files_report(cfg: DictConfig) -> dict[str, float]:
     report.table(["metric", "value"], [[k, v] for k, v in metrics.items()])
     fig = None
     if cfg.get("images"):
-        fig = _images_figure(scorer, gt, Path(cfg.images), int(cfg.get("figure_images") or 6),
-                             float(cfg.get("figure_score_threshold") or 0.5))  # fmt: skip
+        fig = _images_figure(scorer, gt, Path(cfg.images), int(cfg.get("figure_images", 6)),
+                             float(cfg.get("figure_score_threshold", 0.5)))  # fmt: skip
     from zoo.models.detection import add_detection_sections
 
     add_detection_sections(report, scores, fig)
