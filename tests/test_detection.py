@@ -504,3 +504,17 @@ def test_fast_run_logs_map_and_report(make_cfg, tracking_uri, tmp_path, experime
     assert metrics["test/mAP"] == pytest.approx(m["test/mAP"], abs=1e-6)
     html = (out / "report.html").read_text()
     assert "Detection results" in html and "AP per class" in html and "group table" in html.lower()
+
+
+def test_coco_cctsdb_config_group_table(make_cfg):
+    from omegaconf import OmegaConf
+
+    from zoo.data.detection import COCO_CLASSES, derive_group_table
+
+    cfg = make_cfg(["experiment=detection_coco_cctsdb"])
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    assert data["classes"] == [*COCO_CLASSES, "prohibitory", "warning", "mandatory"]
+    table = derive_group_table([s["label_map"] for s in data["sources"].values()], data["classes"])
+    assert (table[0, 1:81] > 0).all() and (table[0, 81:] == 0).all()  # COCO: its 80 classes only
+    assert (table[1, 1:81] == 0).all() and table[1, 81:].tolist() == [81, 82, 83]
+    assert cfg.model.backbone == "resnet50_fpn" and cfg.trainer.max_epochs == 26
