@@ -106,6 +106,22 @@ def test_coco_missing_image_and_malformed_json(tmp_path):
         load_coco(tmp_path / "bad.json", tmp_path, COCO_MAP, CLASSES)
 
 
+def test_coco_malformed_entries_name_the_entry(tmp_path):
+    # valid JSON, but an annotation without a bbox / an image without a width
+    files = _coco(tmp_path, [{"id": 3, "image_id": 1, "category_id": 9}])
+    with pytest.raises(DataError, match=r"ann\.json: annotation id 3 \(annotations\[0\]\): malformed "
+                                        r"entry \(missing key 'bbox'\)"):  # fmt: skip
+        load_coco(*files, COCO_MAP, CLASSES, on_bad="skip")
+    files = _coco(tmp_path, [{"id": 3, "image_id": 1, "category_id": 9, "bbox": [1, 2, "wide", 4]}])
+    with pytest.raises(DataError, match=r"annotation id 3 .*malformed entry \(ValueError"):
+        load_coco(*files, COCO_MAP, CLASSES)
+    files = _coco(tmp_path, [], [{"id": 1, "file_name": "a.png", "height": 48}])
+    with pytest.raises(
+        DataError, match=r"ann\.json: images\[0\]: malformed entry \(missing key 'width'\)"
+    ):
+        load_coco(*files, COCO_MAP, CLASSES)
+
+
 def test_cctsdb_loader(tmp_path):
     _image(tmp_path / "img" / "0001.png")
     (tmp_path / "gt.txt").write_text(
@@ -144,6 +160,12 @@ def test_voc_loader(tmp_path):
     assert rec.labels.tolist() == [2, 1] and rec.difficult.tolist() == [True, False]
     (tmp_path / "Annotations" / "000001.xml").write_text("<annotation>")
     with pytest.raises(DataError, match=r"000001\.xml: malformed XML"):
+        load_voc(tmp_path, "val", COCO_MAP, CLASSES)
+    (tmp_path / "Annotations" / "000001.xml").write_text(
+        "<annotation><size><width>64</width><height>48</height></size>"
+        "<object><name>car</name></object></annotation>"
+    )
+    with pytest.raises(DataError, match=r"000001\.xml: object 0: bndbox: malformed entry"):
         load_voc(tmp_path, "val", COCO_MAP, CLASSES)
 
 

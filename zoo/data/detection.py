@@ -23,6 +23,7 @@ import json
 import logging
 import xml.etree.ElementTree as ET
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,6 +130,18 @@ class _Checker:
         return True
 
 
+@contextmanager
+def _entry(where: str):
+    """A missing key or a wrong type in one annotation entry becomes an error naming it."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        detail = (
+            f"missing key {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        )
+        raise DataError(f"{where}: malformed entry ({detail})") from None
+
+
 def _image_size(path: Path) -> tuple[int, int] | None:
     try:
         with Image.open(path) as im:
@@ -163,33 +176,39 @@ def load_coco(ann_file: str | Path, image_dir: str | Path, label_map: dict[str, 
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
         raise DataError(f"{ann_file}: not COCO JSON (needs images, annotations, categories)")
     check = _Checker(ann_file.name, on_bad)
-    cats = {c["id"]: c["name"] for c in data["categories"]}
-    images, by_image = {}, {}
-    for im in data["images"]:
-        path = image_dir / im["file_name"]
-        if not path.is_file():
-            check.bad("missing_image", f"{ann_file}: image id {im['id']} ({path})")
-            continue
-        images[im["id"]] = (path, int(im["width"]), int(im["height"]))
-        by_image[im["id"]] = []
-    for a in data["annotations"]:
-        where = f"{ann_file}: annotation id {a.get('id')}"
-        if a["image_id"] not in images:
-            if a["image_id"] not in {im["id"] for im in data["images"]}:
-                raise DataError(f"{where}: image_id {a['image_id']} is not in images")
-            continue  # its image was skipped (missing)
-        if a["category_id"] not in cats:
-            check.bad("unknown_category", f"{where}: category_id {a['category_id']}")
-            continue
-        label = _map_label(cats[a["category_id"]], label_map, classes, f"{ann_file}")
-        if label is None:
-            continue
-        x, y, w, h = a["bbox"]
-        _, width, height = images[a["image_id"]]
-        box = [float(x), float(y), float(x + w), float(y + h)]
-        if not check.box_ok(box, width, height, where):
-            continue
-        by_image[a["image_id"]].append((box, label, bool(a.get("iscrowd", 0))))
+    cats = {}
+    for k, c in enumerate(data["categories"]):
+        with _entry(f"{ann_file}: categories[{k}]"):
+            cats[c["id"]] = c["name"]
+    images, by_image, all_ids = {}, {}, set()
+    for k, im in enumerate(data["images"]):
+        with _entry(f"{ann_file}: images[{k}]"):
+            all_ids.add(im["id"])
+            path = image_dir / im["file_name"]
+            if not path.is_file():
+                check.bad("missing_image", f"{ann_file}: image id {im['id']} ({path})")
+                continue
+            images[im["id"]] = (path, int(im["width"]), int(im["height"]))
+            by_image[im["id"]] = []
+    for k, a in enumerate(data["annotations"]):
+        where = f"{ann_file}: annotation id {a.get('id') if isinstance(a, dict) else None} (annotations[{k}])"
+        with _entry(where):
+            if a["image_id"] not in images:
+                if a["image_id"] not in all_ids:
+                    raise DataError(f"{where}: image_id {a['image_id']} is not in images")
+                continue  # its image was skipped (missing)
+            if a["category_id"] not in cats:
+                check.bad("unknown_category", f"{where}: category_id {a['category_id']}")
+                continue
+            label = _map_label(cats[a["category_id"]], label_map, classes, f"{ann_file}")
+            if label is None:
+                continue
+            x, y, w, h = (float(v) for v in a["bbox"])
+            _, width, height = images[a["image_id"]]
+            box = [x, y, x + w, y + h]
+            if not check.box_ok(box, width, height, where):
+                continue
+            by_image[a["image_id"]].append((box, label, bool(a.get("iscrowd", 0))))
     records = []
     for image_id, (path, width, height) in images.items():
         anns = by_image[image_id]
@@ -266,7 +285,8 @@ def load_voc(root: str | Path, image_set: str, label_map: dict[str, str | None],
         if not image.is_file():
             check.bad("missing_image", f"{xml_path}: image {image}")
             continue
-        width, height = int(node.findtext("size/width")), int(node.findtext("size/height"))
+        with _entry(f"{xml_path}: size"):
+            width, height = int(node.findtext("size/width")), int(node.findtext("size/height"))
         boxes, labels, difficult = [], [], []
         for k, obj in enumerate(node.findall("object")):
             where = f"{xml_path}: object {k}"
@@ -275,9 +295,10 @@ def load_voc(root: str | Path, image_set: str, label_map: dict[str, str | None],
                 check.bad("unknown_category", f"{where}: class {name!r}")
                 continue
             label = _map_label(name, label_map, classes, where)
-            bb = obj.find("bndbox")
-            box = [float(bb.findtext("xmin")) - 1, float(bb.findtext("ymin")) - 1,
-                   float(bb.findtext("xmax")), float(bb.findtext("ymax"))]  # fmt: skip
+            with _entry(f"{where}: bndbox"):
+                bb = obj.find("bndbox")
+                box = [float(bb.findtext("xmin")) - 1, float(bb.findtext("ymin")) - 1,
+                       float(bb.findtext("xmax")), float(bb.findtext("ymax"))]  # fmt: skip
             if label is None or not check.box_ok(box, width, height, where):
                 continue
             boxes.append(box)
@@ -442,10 +463,10 @@ class DetectionDataModule(SplitDataModule):
             raise ConfigError(
                 f"no detection source has a '{split}' split (data.sources.<name>.{split})"
             )
-        if len({r.image_id for r in out}) < len(out):  # ids repeat between sources: renumber
-            for i, r in enumerate(
-                out
-            ):  # (otherwise keep them, e.g. COCO's, so results files match)
+        # keep the sources' own ids (e.g. COCO's, so logged results files match the original
+        # annotations) unless they repeat between sources: then renumber
+        if len({r.image_id for r in out}) < len(out):
+            for i, r in enumerate(out):
                 r.image_id = i
         return out
 
@@ -462,7 +483,7 @@ class DetectionDataModule(SplitDataModule):
                 )
 
     def skipped(self) -> dict[str, int]:
-        """Skipped annotations per split and reason (logged as params by the model)."""
+        """Skipped annotations per split and reason (logged as ``data/skipped/...`` metrics by the model)."""
         out: Counter = Counter()
         for split, reports in self.load_reports.items():
             for rep in reports:
