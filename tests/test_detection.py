@@ -444,6 +444,17 @@ def test_coco_files_errors_name_the_file_and_entry(tmp_path):
     (tmp_path / "broken.json").write_text("[{")
     with pytest.raises(DataError, match="broken.json: malformed JSON"):
         score_coco_files(gt_path, tmp_path / "broken.json")
+    bad[4]["category_id"], bad[5]["score"] = bad[3]["category_id"], "high"
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(DataError, match=r"bad.json: entry 5: malformed entry \(ValueError"):
+        score_coco_files(gt_path, tmp_path / "bad.json")
+    gt = json.loads(gt_path.read_text())
+    del gt["annotations"][2]["bbox"]
+    (tmp_path / "gt_bad.json").write_text(json.dumps(gt))
+    with pytest.raises(
+        DataError, match=r"gt_bad.json: annotations\[2\]: malformed entry \(missing key 'bbox'\)"
+    ):
+        score_coco_files(tmp_path / "gt_bad.json", res_path)
 
 
 def test_evaluate_scores_a_results_file_and_writes_the_report(make_cfg, tmp_path, tracking_uri):

@@ -131,7 +131,7 @@ class _Checker:
 
 
 @contextmanager
-def _entry(where: str):
+def entry_errors(where: str):
     """A missing key or a wrong type in one annotation entry becomes an error naming it."""
     try:
         yield
@@ -178,11 +178,11 @@ def load_coco(ann_file: str | Path, image_dir: str | Path, label_map: dict[str, 
     check = _Checker(ann_file.name, on_bad)
     cats = {}
     for k, c in enumerate(data["categories"]):
-        with _entry(f"{ann_file}: categories[{k}]"):
+        with entry_errors(f"{ann_file}: categories[{k}]"):
             cats[c["id"]] = c["name"]
     images, by_image, all_ids = {}, {}, set()
     for k, im in enumerate(data["images"]):
-        with _entry(f"{ann_file}: images[{k}]"):
+        with entry_errors(f"{ann_file}: images[{k}]"):
             all_ids.add(im["id"])
             path = image_dir / im["file_name"]
             if not path.is_file():
@@ -192,7 +192,7 @@ def load_coco(ann_file: str | Path, image_dir: str | Path, label_map: dict[str, 
             by_image[im["id"]] = []
     for k, a in enumerate(data["annotations"]):
         where = f"{ann_file}: annotation id {a.get('id') if isinstance(a, dict) else None} (annotations[{k}])"
-        with _entry(where):
+        with entry_errors(where):
             if a["image_id"] not in images:
                 if a["image_id"] not in all_ids:
                     raise DataError(f"{where}: image_id {a['image_id']} is not in images")
@@ -285,7 +285,7 @@ def load_voc(root: str | Path, image_set: str, label_map: dict[str, str | None],
         if not image.is_file():
             check.bad("missing_image", f"{xml_path}: image {image}")
             continue
-        with _entry(f"{xml_path}: size"):
+        with entry_errors(f"{xml_path}: size"):
             width, height = int(node.findtext("size/width")), int(node.findtext("size/height"))
         boxes, labels, difficult = [], [], []
         for k, obj in enumerate(node.findall("object")):
@@ -295,7 +295,7 @@ def load_voc(root: str | Path, image_set: str, label_map: dict[str, str | None],
                 check.bad("unknown_category", f"{where}: class {name!r}")
                 continue
             label = _map_label(name, label_map, classes, where)
-            with _entry(f"{where}: bndbox"):
+            with entry_errors(f"{where}: bndbox"):
                 bb = obj.find("bndbox")
                 box = [float(bb.findtext("xmin")) - 1, float(bb.findtext("ymin")) - 1,
                        float(bb.findtext("xmax")), float(bb.findtext("ymax"))]  # fmt: skip

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from zoo.data.detection import entry_errors
 from zoo.errors import DataError
 from zoo.metrics.voc import voc_ap, voc_class_pr
 
@@ -314,23 +315,25 @@ def score_coco_files(
         raise DataError(
             f"predictions={predictions}: a COCO results file is a JSON list of detections"
         )
-    cats = sorted(gt["categories"], key=lambda c: c["id"])
-    cat_ids = {c["id"] for c in cats}
-    index = {im["id"]: i for i, im in enumerate(gt["images"])}
+    with entry_errors(f"annotations={annotations}: categories / images"):
+        cats = sorted(gt["categories"], key=lambda c: c["id"])
+        cat_ids = {c["id"] for c in cats}
+        index = {im["id"]: i for i, im in enumerate(gt["images"])}
     targets = [{"boxes": [], "labels": [], "iscrowd": [], "area": []} for _ in gt["images"]]
-    for a in gt["annotations"]:
-        if a["image_id"] not in index:
-            raise DataError(f"annotations={annotations}: annotation id {a.get('id')} has image_id {a['image_id']}, "
-                            "which is not in images")  # fmt: skip
-        if a["category_id"] not in cat_ids:
-            raise DataError(f"annotations={annotations}: annotation id {a.get('id')} has unknown category_id "
-                            f"{a['category_id']}")  # fmt: skip
-        x, y, w, h = a["bbox"]
-        t = targets[index[a["image_id"]]]
-        t["boxes"].append([x, y, x + w, y + h])
-        t["labels"].append(a["category_id"])
-        t["iscrowd"].append(int(a.get("iscrowd", 0)))
-        t["area"].append(float(a.get("area", w * h)))
+    for k, a in enumerate(gt["annotations"]):
+        with entry_errors(f"annotations={annotations}: annotations[{k}]"):
+            if a["image_id"] not in index:
+                raise DataError(f"annotations={annotations}: annotation id {a.get('id')} has image_id "
+                                f"{a['image_id']}, which is not in images")  # fmt: skip
+            if a["category_id"] not in cat_ids:
+                raise DataError(f"annotations={annotations}: annotation id {a.get('id')} has unknown category_id "
+                                f"{a['category_id']}")  # fmt: skip
+            x, y, w, h = (float(v) for v in a["bbox"])
+            t = targets[index[a["image_id"]]]
+            t["boxes"].append([x, y, x + w, y + h])
+            t["labels"].append(a["category_id"])
+            t["iscrowd"].append(int(a.get("iscrowd", 0)))
+            t["area"].append(float(a.get("area", w * h)))
     preds = [{"boxes": [], "scores": [], "labels": []} for _ in gt["images"]]
     for k, d in enumerate(results):
         missing = (
@@ -346,10 +349,12 @@ def score_coco_files(
         if d["category_id"] not in cat_ids:
             raise DataError(f"predictions={predictions}: entry {k} has category_id {d['category_id']}, which is "
                             f"not in the ground truth's categories {sorted(cat_ids)}")  # fmt: skip
-        x, y, w, h = d["bbox"]
+        with entry_errors(f"predictions={predictions}: entry {k}"):
+            x, y, w, h = (float(v) for v in d["bbox"])
+            score = float(d["score"])
         p = preds[index[d["image_id"]]]
         p["boxes"].append([x, y, x + w, y + h])
-        p["scores"].append(float(d["score"]))
+        p["scores"].append(score)
         p["labels"].append(d["category_id"])
     scorer = DetectionScorer([c["name"] for c in cats], [c["id"] for c in cats])
     for image, p, t in zip(gt["images"], preds, targets):
