@@ -47,9 +47,8 @@ _RESOLVERS = {
     "zoo_glue_labels": _glue_labels,
     "zoo_coco_classes": _coco_classes,  # COCO's 80 category names, in id order
     "zoo_concat": lambda *lists: OmegaConf.create([x for lst in lists for x in lst]),
-    "zoo_identity_map": lambda names: OmegaConf.create(
-        {str(n): str(n) for n in names}
-    ),  # a label map
+    # a label map sending each name to itself
+    "zoo_identity_map": lambda names: OmegaConf.create({str(n): str(n) for n in names}),
 }
 
 
