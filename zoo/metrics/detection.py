@@ -319,15 +319,19 @@ def score_coco_files(
         cats = sorted(gt["categories"], key=lambda c: c["id"])
         cat_ids = {c["id"] for c in cats}
         index = {im["id"]: i for i, im in enumerate(gt["images"])}
+
+    def check_ids(entry: dict, where: str) -> None:
+        if entry["image_id"] not in index:
+            raise DataError(f"{where} has image_id {entry['image_id']}, which is not in the ground truth's "
+                            f"images ({annotations})")  # fmt: skip
+        if entry["category_id"] not in cat_ids:
+            raise DataError(f"{where} has category_id {entry['category_id']}, which is not in the ground "
+                            f"truth's categories {sorted(cat_ids)}")  # fmt: skip
+
     targets = [{"boxes": [], "labels": [], "iscrowd": [], "area": []} for _ in gt["images"]]
     for k, a in enumerate(gt["annotations"]):
         with entry_errors(f"annotations={annotations}: annotations[{k}]"):
-            if a["image_id"] not in index:
-                raise DataError(f"annotations={annotations}: annotation id {a.get('id')} has image_id "
-                                f"{a['image_id']}, which is not in images")  # fmt: skip
-            if a["category_id"] not in cat_ids:
-                raise DataError(f"annotations={annotations}: annotation id {a.get('id')} has unknown category_id "
-                                f"{a['category_id']}")  # fmt: skip
+            check_ids(a, f"annotations={annotations}: annotation id {a.get('id')}")
             x, y, w, h = (float(v) for v in a["bbox"])
             t = targets[index[a["image_id"]]]
             t["boxes"].append([x, y, x + w, y + h])
@@ -343,12 +347,7 @@ def score_coco_files(
         )
         if missing:
             raise DataError(f"predictions={predictions}: entry {k} lacks {sorted(missing)}")
-        if d["image_id"] not in index:
-            raise DataError(f"predictions={predictions}: entry {k} has image_id {d['image_id']}, which is not in "
-                            f"the ground truth's images ({annotations})")  # fmt: skip
-        if d["category_id"] not in cat_ids:
-            raise DataError(f"predictions={predictions}: entry {k} has category_id {d['category_id']}, which is "
-                            f"not in the ground truth's categories {sorted(cat_ids)}")  # fmt: skip
+        check_ids(d, f"predictions={predictions}: entry {k}")
         with entry_errors(f"predictions={predictions}: entry {k}"):
             x, y, w, h = (float(v) for v in d["bbox"])
             score = float(d["score"])
