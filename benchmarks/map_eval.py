@@ -20,11 +20,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
-from zoo.metrics.detection import COCO_KEYS, DetectionScorer, mean_average_precision  # noqa: E402
+from zoo.metrics.detection import (  # noqa: E402
+    COCO_KEYS,
+    DetectionScorer,
+    coco_to_tensors,
+    mean_average_precision,
+)
 
 NAMES = [
     "mAP",
@@ -70,34 +74,6 @@ def synthetic(n_images: int, n_classes: int = 20, seed: int = 0):
     return {"images": images, "annotations": anns, "categories": cats}, results
 
 
-def to_tensors(gt: dict, results: list[dict]):
-    """float64 boxes: exactly the values pycocotools reads from the same dicts."""
-    index = {im["id"]: k for k, im in enumerate(gt["images"])}
-    t = [{"boxes": [], "labels": [], "iscrowd": [], "area": []} for _ in gt["images"]]
-    p = [{"boxes": [], "scores": [], "labels": []} for _ in gt["images"]]
-    for a in gt["annotations"]:
-        x, y, w, h = a["bbox"]
-        d = t[index[a["image_id"]]]
-        d["boxes"].append([x, y, x + w, y + h])
-        d["labels"].append(a["category_id"])
-        d["iscrowd"].append(a["iscrowd"])
-        d["area"].append(a["area"])
-    for r in results:
-        x, y, w, h = r["bbox"]
-        d = p[index[r["image_id"]]]
-        d["boxes"].append([x, y, x + w, y + h])
-        d["scores"].append(r["score"])
-        d["labels"].append(r["category_id"])
-    targets = [{"boxes": torch.tensor(d["boxes"], dtype=torch.float64).reshape(-1, 4),
-                "labels": torch.tensor(d["labels"], dtype=torch.long),
-                "iscrowd": torch.tensor(d["iscrowd"], dtype=torch.long),
-                "area": torch.tensor(d["area"], dtype=torch.float64)} for d in t]  # fmt: skip
-    preds = [{"boxes": torch.tensor(d["boxes"], dtype=torch.float64).reshape(-1, 4),
-              "scores": torch.tensor(d["scores"], dtype=torch.float64),
-              "labels": torch.tensor(d["labels"], dtype=torch.long)} for d in p]  # fmt: skip
-    return preds, targets
-
-
 def run_pycocotools(gt: dict, results: list[dict]):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -129,7 +105,7 @@ def main() -> None:
     gt, results = synthetic(args.images, args.classes)
     mean_average_precision()  # imports (torchmetrics, faster_coco_eval) outside the timings
     run_pycocotools(*synthetic(5, args.classes, seed=1))
-    preds, targets = to_tensors(gt, results)
+    preds, targets = coco_to_tensors(gt, results)  # float64 boxes: what pycocotools reads
     print(f"{args.images} images, {len(gt['annotations'])} ground-truth boxes "
           f"({sum(a['iscrowd'] for a in gt['annotations'])} crowd), {len(results)} detections, {args.classes} classes")  # fmt: skip
 

@@ -315,23 +315,40 @@ def score_coco_files(
         raise DataError(
             f"predictions={predictions}: a COCO results file is a JSON list of detections"
         )
-    with entry_errors(f"annotations={annotations}: categories / images"):
+    preds, targets = coco_to_tensors(
+        gt, results, f"annotations={annotations}", f"predictions={predictions}"
+    )
+    with entry_errors(f"annotations={annotations}: categories"):
         cats = sorted(gt["categories"], key=lambda c: c["id"])
-        cat_ids = {c["id"] for c in cats}
+        scorer = DetectionScorer([c["name"] for c in cats], [c["id"] for c in cats])
+    for image, p, t in zip(gt["images"], preds, targets):
+        t = {**t, "image_id": image["id"], "file_name": image.get("file_name", str(image["id"]))}
+        scorer.update([p], [t])
+    return scorer, gt
+
+
+def coco_to_tensors(gt: dict, results: list, gt_name: str = "annotations",
+                    results_name: str = "predictions") -> tuple[list[dict], list[dict]]:  # fmt: skip
+    """COCO ground truth + results (already parsed) as per-image tensors in ``gt["images"]``
+    order: predictions ``{boxes (xyxy), scores, labels}`` and targets ``{boxes, labels, iscrowd,
+    area}``, boxes float64 (exactly the values pycocotools reads). Every entry is checked;
+    errors name ``gt_name`` / ``results_name`` and the entry."""
+    with entry_errors(f"{gt_name}: categories / images"):
+        cat_ids = {c["id"] for c in gt["categories"]}
         index = {im["id"]: i for i, im in enumerate(gt["images"])}
 
     def check_ids(entry: dict, where: str) -> None:
         if entry["image_id"] not in index:
             raise DataError(f"{where} has image_id {entry['image_id']}, which is not in the ground truth's "
-                            f"images ({annotations})")  # fmt: skip
+                            f"images ({gt_name})")  # fmt: skip
         if entry["category_id"] not in cat_ids:
             raise DataError(f"{where} has category_id {entry['category_id']}, which is not in the ground "
                             f"truth's categories {sorted(cat_ids)}")  # fmt: skip
 
     targets = [{"boxes": [], "labels": [], "iscrowd": [], "area": []} for _ in gt["images"]]
     for k, a in enumerate(gt["annotations"]):
-        with entry_errors(f"annotations={annotations}: annotations[{k}]"):
-            check_ids(a, f"annotations={annotations}: annotation id {a.get('id')}")
+        with entry_errors(f"{gt_name}: annotations[{k}]"):
+            check_ids(a, f"{gt_name}: annotation id {a.get('id')}")
             x, y, w, h = (float(v) for v in a["bbox"])
             t = targets[index[a["image_id"]]]
             t["boxes"].append([x, y, x + w, y + h])
@@ -346,23 +363,20 @@ def score_coco_files(
             else {"all keys"}
         )
         if missing:
-            raise DataError(f"predictions={predictions}: entry {k} lacks {sorted(missing)}")
-        check_ids(d, f"predictions={predictions}: entry {k}")
-        with entry_errors(f"predictions={predictions}: entry {k}"):
+            raise DataError(f"{results_name}: entry {k} lacks {sorted(missing)}")
+        check_ids(d, f"{results_name}: entry {k}")
+        with entry_errors(f"{results_name}: entry {k}"):
             x, y, w, h = (float(v) for v in d["bbox"])
             score = float(d["score"])
         p = preds[index[d["image_id"]]]
         p["boxes"].append([x, y, x + w, y + h])
         p["scores"].append(score)
         p["labels"].append(d["category_id"])
-    scorer = DetectionScorer([c["name"] for c in cats], [c["id"] for c in cats])
-    for image, p, t in zip(gt["images"], preds, targets):
-        scorer.update([{"boxes": torch.tensor(p["boxes"], dtype=torch.float64).reshape(-1, 4),
-                        "scores": torch.tensor(p["scores"], dtype=torch.float64),
-                        "labels": torch.tensor(p["labels"], dtype=torch.long)}],
-                      [{"boxes": torch.tensor(t["boxes"], dtype=torch.float64).reshape(-1, 4),
-                        "labels": torch.tensor(t["labels"], dtype=torch.long),
-                        "iscrowd": torch.tensor(t["iscrowd"], dtype=torch.long),
-                        "area": torch.tensor(t["area"], dtype=torch.float64), "image_id": image["id"],
-                        "file_name": image.get("file_name", str(image["id"]))}])  # fmt: skip
-    return scorer, gt
+    preds = [{"boxes": torch.tensor(p["boxes"], dtype=torch.float64).reshape(-1, 4),
+              "scores": torch.tensor(p["scores"], dtype=torch.float64),
+              "labels": torch.tensor(p["labels"], dtype=torch.long)} for p in preds]  # fmt: skip
+    targets = [{"boxes": torch.tensor(t["boxes"], dtype=torch.float64).reshape(-1, 4),
+                "labels": torch.tensor(t["labels"], dtype=torch.long),
+                "iscrowd": torch.tensor(t["iscrowd"], dtype=torch.long),
+                "area": torch.tensor(t["area"], dtype=torch.float64)} for t in targets]  # fmt: skip
+    return preds, targets
