@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 
 from zoo.data.demo import manifest_matches, publish, staging_dir
 from zoo.data.demo.pix2pix import PHOTOS, load_photo
+from zoo.metrics.voc import box_iou
 
 GENERATOR_VERSION = 1
 SHAPES = ("circle", "square", "triangle", "cross")
@@ -52,20 +53,13 @@ def make_image(rng: np.random.Generator, photos: list[np.ndarray], size: int, ma
         for _attempt in range(20):  # avoid heavy overlap
             x1, y1 = int(rng.integers(0, size - side)), int(rng.integers(0, size - side))
             box = (x1, y1, x1 + side, y1 + side)
-            if all(_iou(box, p) < 0.1 for p in placed):
+            if not placed or (box_iou(np.array(box, float), np.array(placed, float)) < 0.1).all():
                 break
         placed.append(box)
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         _draw(draw, shape, box, tuple(int(c) for c in rng.integers(0, 256, 3)))
         objects.append((shape, box))
     return img, objects
-
-
-def _iou(a, b) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def write_demo_detection(out_dir: str | Path, size: int = 128, n_train: int = 120, n_val: int = 30,
