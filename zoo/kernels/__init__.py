@@ -5,6 +5,12 @@ Public ops (both backends share argument checking and semantics):
 - ``group_softmax_cross_entropy(logits, target, group_table, row_group, ignore_index, reduction)``
 - ``gumbel_softmax(logits, tau, hard, dim, generator)`` / ``gumbel_sigmoid(logits, tau, hard, generator)``
 - ``masked_attention(q, k, v, keep_mask, scale)``
+- ``soft_masked_attention(q, k, v, mask, scale, keep_mask)``
+
+Implementations: C++ for CPU tensors (``csrc/cpu``, built on first use), Triton for CUDA tensors
+(``zoo.kernels.triton``; Triton ships with torch's CUDA builds, no nvcc needed), and the
+pure-PyTorch ``reference`` (the oracle and the fallback). ``zoo.kernels.triton.<op>`` calls the
+Triton kernels directly (on CPU tensors under ``TRITON_INTERPRET=1``).
 
 Backend: ``auto`` (default; compiled, or the reference with one warning if the build fails),
 ``compiled`` (a build failure is an error) or ``reference``. Choose it with
@@ -21,7 +27,7 @@ import warnings
 
 import torch
 
-from zoo.kernels import reference
+from zoo.kernels import _ops, _tiles, reference
 from zoo.kernels._build import KernelBuildError
 
 __all__ = [
@@ -34,6 +40,7 @@ __all__ = [
     "gumbel_softmax",
     "masked_attention",
     "set_backend",
+    "soft_masked_attention",
     "used_backend",
 ]
 
@@ -52,6 +59,7 @@ class _State:
         self.error: KernelBuildError | None = None
         self.devices: set[str] = set()
         self.warned = False
+        self.head_dim_warned = False
         self.used = False  # an op has been called in this process
         self.lock = threading.Lock()
 
@@ -80,18 +88,46 @@ def set_backend(name: str) -> None:
 
 
 def _load() -> bool:
+    """Build/load the C++ library (CPU) and register the Triton kernels (CUDA, where Triton and a
+    GPU are present); True if the C++ library loaded."""
     with _state.lock:
         if _state.loaded is None:
-            from zoo.kernels import _build, _ops
+            from zoo.kernels import _build
 
+            _ops.define("zoo")
             try:
                 _build.load_library()
-                _ops.register()
                 _state.loaded = True
-                _state.devices = {"cpu"} | ({"cuda"} if _build.cuda_wanted() else set())
+                _state.devices.add("cpu")
             except KernelBuildError as exc:
                 _state.loaded, _state.error = False, exc
+            if _triton_for_cuda():
+                _ops.register_triton("zoo", ("CUDA",))
+                _state.devices.add("cuda")
         return _state.loaded
+
+
+def _triton_for_cuda() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_triton_ops_ready = False
+
+
+def _triton_ops():
+    """torch.ops.zoo_triton: the Triton kernels on every device (CPU needs TRITON_INTERPRET=1)."""
+    global _triton_ops_ready
+    if not _triton_ops_ready:
+        with _state.lock:
+            _ops.register_triton("zoo_triton", ("CPU", "CUDA"))
+            _triton_ops_ready = True
+    return torch.ops.zoo_triton
 
 
 def backend() -> str:
@@ -120,9 +156,23 @@ def used_backend() -> str | None:
 
 def _compiled(*tensors: torch.Tensor) -> bool:
     _state.used = True
-    if backend() != "compiled":
+    if requested_backend() == "reference":
         return False
-    return all(t.device.type in _state.devices for t in tensors)
+    device = tensors[0].device.type
+    if device == "cpu" and backend() != "compiled":
+        return False
+    _load()
+    return all(t.device.type == device for t in tensors) and device in _state.devices
+
+
+def _ops_for(impl: str | None, *tensors: torch.Tensor):
+    """The op namespace serving these tensors, or None for the reference."""
+    if impl == "triton":
+        _state.used = True
+        return _triton_ops()
+    if impl is not None:
+        raise ValueError(f"unknown implementation {impl!r}")
+    return torch.ops.zoo if _compiled(*tensors) else None
 
 
 def _checking() -> bool:
@@ -140,6 +190,7 @@ def group_softmax_cross_entropy(
     row_group: torch.Tensor,
     ignore_index: int = -100,
     reduction: str = "mean",
+    _impl: str | None = None,
 ) -> torch.Tensor:
     """Cross-entropy where classes merged into one group (per label source) share probability.
 
@@ -169,13 +220,12 @@ def group_softmax_cross_entropy(
     if _checking() and n:
         _check_range("target", target, 0, c, ignore_index)
         _check_range("row_group", row_group, 0, group_table.shape[0])
-    if not _compiled(logits):
+    ops = _ops_for(_impl, logits)
+    if ops is None:
         return reference.group_softmax_cross_entropy(
             logits, target, group_table, row_group, ignore_index, reduction
         )
-    loss, _, _ = torch.ops.zoo.group_softmax_ce(
-        logits, target, group_table, row_group, ignore_index
-    )
+    loss, _, _ = ops.group_softmax_ce(logits, target, group_table, row_group, ignore_index)
     return reference._reduce(loss, target != ignore_index, reduction).to(logits.dtype)
 
 
@@ -217,6 +267,7 @@ def gumbel_softmax(
     hard: bool = False,
     dim: int = -1,
     generator: torch.Generator | None = None,
+    _impl: str | None = None,
 ) -> torch.Tensor:
     """Sample from the Gumbel-Softmax distribution (as ``F.gumbel_softmax``): softmax((logits +
     g) / tau) with g ~ Gumbel(0, 1); ``hard=True`` returns exact one-hot vectors whose gradient is
@@ -229,10 +280,11 @@ def gumbel_softmax(
         raise ValueError("logits must have at least one dimension")
     dim = dim % logits.dim() if -logits.dim() <= dim < logits.dim() else _bad_dim(dim, logits)
     seed = _draw_seed(generator)
-    if not _compiled(logits):
+    ops = _ops_for(_impl, logits)
+    if ops is None:
         return reference.gumbel_softmax(logits, tau, bool(hard), dim, seed)
     x = logits.movedim(dim, -1)
-    out, soft = torch.ops.zoo.gumbel_softmax(x, tau, bool(hard), seed)
+    out, soft = ops.gumbel_softmax(x, tau, bool(hard), seed)
     return (out if hard else soft).movedim(-1, dim)
 
 
@@ -241,6 +293,7 @@ def gumbel_sigmoid(
     tau: float = 1.0,
     hard: bool = False,
     generator: torch.Generator | None = None,
+    _impl: str | None = None,
 ) -> torch.Tensor:
     """Binary Gumbel-Softmax (the two-class case): sigmoid((logits + l) / tau) with
     l ~ Logistic(0, 1); ``hard=True`` returns exact 0/1 masks with the soft gradient."""
@@ -248,9 +301,10 @@ def gumbel_sigmoid(
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
     seed = _draw_seed(generator)
-    if not _compiled(logits):
+    ops = _ops_for(_impl, logits)
+    if ops is None:
         return reference.gumbel_sigmoid(logits, tau, bool(hard), seed)
-    out, soft = torch.ops.zoo.gumbel_sigmoid(logits, tau, bool(hard), seed)
+    out, soft = ops.gumbel_sigmoid(logits, tau, bool(hard), seed)
     return out if hard else soft
 
 
@@ -261,20 +315,7 @@ def _bad_dim(dim: int, t: torch.Tensor) -> int:
 # --------------------------------------------------------------------------- attention
 
 
-def masked_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    keep_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """softmax(q k^T * scale) v over the keys keep_mask allows.
-
-    q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv]; keep_mask boolean, broadcastable to
-    [B, H, Lq, Lk] (True = may attend) or None for dense attention; scale defaults to
-    1/sqrt(D). Rows with no allowed key return zeros. The compiled kernel never materialises the
-    [Lq, Lk] matrix and skips key tiles the mask removes entirely.
-    """
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
@@ -290,22 +331,117 @@ def masked_attention(
         raise ValueError(
             f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}"
         )
-    if keep_mask is not None:
-        if keep_mask.dtype != torch.bool:
-            raise ValueError(
-                f"keep_mask must be a bool tensor (True = may attend), got {keep_mask.dtype}"
-            )
-        try:
-            if torch.broadcast_shapes(keep_mask.shape, (b, h, lq, lk)) != (b, h, lq, lk):
-                raise RuntimeError
-        except RuntimeError:
-            raise ValueError(
-                f"keep_mask of shape {tuple(keep_mask.shape)} does not broadcast to [B, H, Lq, Lk] = {[b, h, lq, lk]}"
-            ) from None
-        while keep_mask.dim() < 4:
-            keep_mask = keep_mask.unsqueeze(0)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if not _compiled(q, k, v):
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    return b, h, lq, lk
+
+
+def _check_mask(
+    name: str, mask: torch.Tensor, full: tuple[int, ...], q: torch.Tensor
+) -> torch.Tensor:
+    if mask.device != q.device:
+        raise ValueError(f"{name} is on {mask.device}, q, k, v on {q.device}")
+    try:
+        if torch.broadcast_shapes(mask.shape, full) != full:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(
+            f"{name} of shape {tuple(mask.shape)} does not broadcast to [B, H, Lq, Lk] = {list(full)}"
+        ) from None
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    return mask
+
+
+def _check_keep(keep_mask: torch.Tensor | None, full, q) -> torch.Tensor | None:
+    if keep_mask is None:
+        return None
+    if keep_mask.dtype != torch.bool:
+        raise ValueError(
+            f"keep_mask must be a bool tensor (True = may attend), got {keep_mask.dtype}"
+        )
+    return _check_mask("keep_mask", keep_mask, full, q)
+
+
+def _head_dim_ok(q: torch.Tensor, v: torch.Tensor, impl: str | None) -> bool:
+    """CUDA tensors run on Triton, which holds a head in one tile: larger head dims fall back to
+    the reference with one warning (zoo.kernels.triton itself raises a clear error)."""
+    if impl is not None or q.device.type != "cuda":
+        return True
+    from zoo.kernels.triton import MAX_HEAD_DIM
+
+    if max(q.shape[-1], v.shape[-1]) <= MAX_HEAD_DIM:
+        return True
+    if not _state.head_dim_warned:
+        _state.head_dim_warned = True
+        warnings.warn(
+            f"zoo kernels: head dim {max(q.shape[-1], v.shape[-1])} > {MAX_HEAD_DIM} is not "
+            "supported by the Triton attention kernels; using the PyTorch reference",
+            KernelFallbackWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    _impl: str | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v over the keys keep_mask allows.
+
+    q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv]; keep_mask boolean, broadcastable to
+    [B, H, Lq, Lk] (True = may attend) or None for dense attention; scale defaults to
+    1/sqrt(D). Rows with no allowed key return zeros. The kernels never materialise the
+    [Lq, Lk] matrix and skip key tiles the mask removes entirely; the mask's tile map is
+    computed once and reused while the same mask tensor is passed unchanged.
+    """
+    b, h, lq, lk = _check_qkv(q, k, v)
+    keep_mask = _check_keep(keep_mask, (b, h, lq, lk), q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    ops = _ops_for(_impl, q, k, v) if _head_dim_ok(q, v, _impl) else None
+    if ops is None:
         return reference.masked_attention(q, k, v, keep_mask, scale)
-    out, _ = torch.ops.zoo.masked_attention(q, k, v, keep_mask, scale)
+    tiles = None if keep_mask is None else _tiles.tile_map(keep_mask, (b, h, lq, lk))
+    out, _ = ops.masked_attention(q, k, v, keep_mask, tiles, scale)
+    return out
+
+
+def soft_masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float | None = None,
+    keep_mask: torch.Tensor | None = None,
+    _impl: str | None = None,
+) -> torch.Tensor:
+    """Attention weighted by a float mask: P_ij = M_ij exp(S_ij) / sum_k M_ik exp(S_ik).
+
+    mask: float, >= 0, broadcastable to [B, H, Lq, Lk]; differentiable, including where it is 0
+    (dL/dM_ij = exp(S_ij - lse_i) (dP_ij - <dO_i, O_i>)), which a mask search with
+    straight-through samples needs. Its gradient is reduced over the dimensions it broadcasts
+    along inside the op, so [B, H, Lq, Lk] is never held in memory. keep_mask (bool, optional)
+    removes keys outright, e.g. padding; rows whose weights are all zero return zeros (and zero
+    gradients). For a 0/1 mask the forward equals ``masked_attention(q, k, v, mask.bool())``.
+    """
+    b, h, lq, lk = _check_qkv(q, k, v)
+    if not isinstance(mask, torch.Tensor) or not mask.is_floating_point():
+        raise ValueError(
+            f"mask must be a float tensor (the weight of each key), got "
+            f"{getattr(mask, 'dtype', type(mask).__name__)}; use masked_attention for bool masks"
+        )
+    mask = _check_mask("mask", mask, (b, h, lq, lk), q)
+    keep_mask = _check_keep(keep_mask, (b, h, lq, lk), q)
+    if _checking() and mask.numel() and bool((mask.detach() < 0).any()):
+        raise ValueError("mask must be >= 0 (P is proportional to mask * exp(S))")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    ops = _ops_for(_impl, q, k, v) if _head_dim_ok(q, v, _impl) else None
+    if ops is None:
+        return reference.soft_masked_attention(q, k, v, mask, keep_mask, scale)
+    tiles = None if keep_mask is None else _tiles.tile_map(keep_mask, (b, h, lq, lk))
+    out, _ = ops.soft_masked_attention(q, k, v, mask, keep_mask, tiles, scale)
     return out

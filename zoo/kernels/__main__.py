@@ -1,12 +1,11 @@
-"""python -m zoo.kernels [build|info|cuda-check DIR]: build the kernel library ahead of first use
-(e.g. in a Docker image) and show what is active."""
+"""python -m zoo.kernels [build|info]: build the CPU kernel library ahead of first use (e.g. in a
+Docker image) and show what is active."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -16,23 +15,13 @@ from zoo.kernels import _build
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zoo.kernels", description=__doc__)
-    parser.add_argument(
-        "command", nargs="?", default="build", choices=["build", "info", "cuda-check"]
-    )
-    parser.add_argument(
-        "out_dir", nargs="?", default="build/cuda-check", help="object dir for cuda-check"
-    )
+    parser.add_argument("command", nargs="?", default="build", choices=["build", "info"])
     args = parser.parse_args(argv)
-    if args.command == "cuda-check":
-        start = time.perf_counter()
-        objects = _build.compile_cuda_only(Path(args.out_dir))
-        print(f"nvcc compiled {len(objects)} CUDA sources in {time.perf_counter() - start:.0f} s")
-        return 0
     print(
         f"torch {torch.__version__} (CUDA {torch.version.cuda}), CPU capability {_build.cpu_capability()}"
     )
     print(f"compiler flags: {' '.join(_build.cflags())}")
-    print(f"CUDA sources: {'built' if _build.cuda_wanted() else 'skipped (no CUDA GPU)'}")
+    print(f"CUDA tensors: {_triton_status()}")
     print(f"cache: {_build.cache_root()}")
     if args.command == "build":
         K.set_backend("compiled")
@@ -46,6 +35,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"requested backend: {K.requested_backend()}")
     return 0
+
+
+def _triton_status() -> str:
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    try:
+        import triton
+    except ImportError:
+        return "Triton not installed: the PyTorch reference is used"
+    return f"Triton {triton.__version__} kernels"
 
 
 if __name__ == "__main__":

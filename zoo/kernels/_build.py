@@ -1,9 +1,9 @@
 """Build and load the compiled kernel library.
 
-The C++ (and, where torch has CUDA and a GPU is present, CUDA) sources in ``csrc/`` are
-compiled on first use with ``torch.utils.cpp_extension.load`` (ninja) into a per-user cache and
+The C++ sources in ``csrc/`` (the CPU kernels; CUDA tensors run on the Triton kernels in
+``zoo.kernels.triton``, which need no compiler of ours) are compiled on first use with ``torch.utils.cpp_extension.load`` (ninja) into a per-user cache and
 loaded as a torch op library (``torch.ops.zoo.*``). The cache key hashes the sources, the
-compiler flags and the torch/CUDA/Python versions, so editing a source or upgrading torch
+compiler flags and the torch/Python versions, so editing a source or upgrading torch
 rebuilds, and several torch installs can share one cache. Concurrent first uses (DDP ranks,
 parallel tests) are serialised by cpp_extension's lock file in the build directory.
 
@@ -19,17 +19,14 @@ import hashlib
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 import sysconfig
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
 CPU_SOURCES = ["ops.cpp", "cpu/group_softmax.cpp", "cpu/gumbel.cpp", "cpu/attention.cpp"]
-CUDA_SOURCES = ["cuda/group_softmax.cu", "cuda/gumbel.cu", "cuda/attention.cu"]
 
 # what ATen itself compiles each capability's kernels with; never -march=native, so a cached
 # build runs on every machine torch itself picks that capability on
@@ -60,19 +57,11 @@ def cflags() -> list[str]:
     return ["-O3", "-fopenmp", "-DNDEBUG", *cpu_flags(), *extra]
 
 
-def cuda_wanted() -> bool:
-    """CUDA sources are built only where they can run: torch with CUDA, a GPU and nvcc."""
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    return bool(torch.version.cuda) and torch.cuda.is_available() and CUDA_HOME is not None
+def sources() -> list[Path]:
+    return [CSRC / name for name in CPU_SOURCES]
 
 
-def sources(with_cuda: bool) -> list[Path]:
-    names = CPU_SOURCES + (CUDA_SOURCES if with_cuda else [])
-    return [CSRC / name for name in names]
-
-
-def build_key(with_cuda: bool) -> str:
+def build_key() -> str:
     h = hashlib.sha256()
     for path in sorted(CSRC.rglob("*")):
         if path.is_file():
@@ -80,11 +69,9 @@ def build_key(with_cuda: bool) -> str:
             h.update(path.read_bytes())
     for part in (
         torch.__version__,
-        str(torch.version.cuda),
         sys.version,
         sysconfig.get_platform(),
         " ".join(cflags()),
-        str(with_cuda),
     ):
         h.update(part.encode())
     return h.hexdigest()[:16]
@@ -111,8 +98,7 @@ def load_library() -> Path:
     Raises KernelBuildError with the tail of the compiler output on failure."""
     from torch.utils import cpp_extension
 
-    with_cuda = cuda_wanted()
-    key = build_key(with_cuda)
+    key = build_key()
     name = f"zoo_kernels_{key}"
     build_dir = cache_root() / name
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -121,13 +107,12 @@ def load_library() -> Path:
     try:
         cpp_extension.load(
             name=name,
-            sources=[str(p) for p in sources(with_cuda)],
+            sources=[str(p) for p in sources()],
             extra_cflags=cflags(),
-            extra_cuda_cflags=["-O3", "--use_fast_math"] if with_cuda else None,
             extra_ldflags=["-fopenmp"],
             extra_include_paths=[str(CSRC)],
             build_directory=str(build_dir),
-            with_cuda=with_cuda,
+            with_cuda=False,
             is_python_module=False,
             verbose=verbose,
         )
@@ -138,44 +123,3 @@ def load_library() -> Path:
             f"building the zoo kernels in {build_dir} failed ({type(exc).__name__}):\n{tail}"
         ) from exc
     return build_dir
-
-
-# --------------------------------------------------------------------------- CUDA compile check
-
-
-def compile_cuda_only(out_dir: Path, arch: str = "80") -> list[Path]:
-    """Compile every CUDA source to an object file with nvcc (no GPU needed, nothing loaded),
-    with the flags torch's own extension builder uses. Used by the test suite so the CUDA
-    sources cannot rot on machines without a GPU."""
-    from torch.utils import cpp_extension
-
-    if cpp_extension.CUDA_HOME is None:
-        raise KernelBuildError("nvcc not found (set CUDA_HOME)")
-    nvcc = str(Path(cpp_extension.CUDA_HOME) / "bin" / "nvcc")
-    includes = [*cpp_extension.include_paths(), str(CSRC)]
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def compile_one(src: Path) -> Path:
-        obj = out_dir / (src.stem + ".o")
-        cmd = [
-            nvcc, "-c", str(src), "-o", str(obj),
-            f"-std=c++{_cxx_standard()}", "-O2", "-Xcompiler", "-fPIC",
-            f"-gencode=arch=compute_{arch},code=sm_{arch}",
-            *cpp_extension.COMMON_NVCC_FLAGS,
-            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            *[f"-I{p}" for p in includes],
-        ]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise KernelBuildError(f"nvcc failed on {src.name}:\n{proc.stderr[-4000:]}")
-        return obj
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return list(pool.map(compile_one, sources(with_cuda=True)[len(CPU_SOURCES) :]))
-
-
-def _cxx_standard() -> int:
-    """The C++ standard torch's extension builder uses for this torch version."""
-    from torch.utils import cpp_extension
-
-    return 20 if "-std=c++20" in Path(cpp_extension.__file__).read_text() else 17

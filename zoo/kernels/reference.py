@@ -139,3 +139,25 @@ def masked_attention(
     scores = scores.masked_fill(~keep, -math.inf).masked_fill(~any_key, 0.0)
     probs = torch.softmax(scores, dim=-1).masked_fill(~any_key, 0.0)
     return torch.matmul(probs, _acc(v)).to(q.dtype)
+
+
+def soft_masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    keep_mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """P_ij = M_ij exp(S_ij) / sum_k M_ik exp(S_ik) over the keys keep_mask allows; rows whose
+    weights are all zero give zeros and no gradient."""
+    scores = torch.matmul(_acc(q), _acc(k).transpose(-1, -2)) * scale
+    if keep_mask is not None:
+        scores = scores.masked_fill(~keep_mask.expand_as(scores), -math.inf)
+    top = scores.amax(dim=-1, keepdim=True).detach()  # for stability only: P does not depend on it
+    top = torch.where(torch.isinf(top), torch.zeros_like(top), top)
+    weights = torch.exp(scores - top) * _acc(mask)
+    total = weights.sum(dim=-1, keepdim=True)
+    nonzero = total > 0
+    probs = torch.where(nonzero, weights / torch.where(nonzero, total, torch.ones_like(total)), 0.0)
+    return torch.matmul(probs, _acc(v)).to(q.dtype)

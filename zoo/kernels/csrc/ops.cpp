@@ -1,13 +1,12 @@
-// Operator schemas of the zoo kernel library (torch.ops.zoo.*) and device-independent helpers.
-// CPU kernels: cpu/*.cpp (TORCH_LIBRARY_IMPL(zoo, CPU)); CUDA kernels: cuda/*.cu.
-// Autograd and fake (meta) implementations are registered from Python (zoo/kernels/_ops.py);
-// the backward ops below are compiled kernels too.
+// Device-independent helpers of the zoo kernel library. The op schemas (torch.ops.zoo.*), their
+// fake kernels and autograd are defined in Python (zoo/kernels/_ops.py), so the Triton (CUDA)
+// kernels work without this library; the CPU kernels in cpu/*.cpp register with
+// TORCH_LIBRARY_IMPL(zoo, CPU).
 #ifdef ZOO_FORCE_BUILD_ERROR
 #error "build failure forced with -DZOO_FORCE_BUILD_ERROR (used by the fallback test)"
 #endif
 
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include "ops.h"
 
@@ -32,23 +31,3 @@ at::Tensor tile_occupancy(const at::Tensor& keep_mask, int64_t tile_q, int64_t t
 }
 
 }  // namespace zoo
-
-TORCH_LIBRARY(zoo, m) {
-  m.def(
-      "group_softmax_ce(Tensor logits, Tensor target, Tensor group_table, Tensor row_group, "
-      "int ignore_index) -> (Tensor, Tensor, Tensor)");
-  m.def(
-      "group_softmax_ce_backward(Tensor grad_loss, Tensor logits, Tensor target, "
-      "Tensor group_table, Tensor row_group, Tensor lse, Tensor lse_group, int ignore_index) "
-      "-> Tensor");
-  m.def("gumbel_softmax(Tensor logits, float tau, bool hard, int seed) -> (Tensor, Tensor)");
-  m.def("gumbel_softmax_backward(Tensor grad, Tensor soft, float tau) -> Tensor");
-  m.def("gumbel_sigmoid(Tensor logits, float tau, bool hard, int seed) -> (Tensor, Tensor)");
-  m.def("gumbel_sigmoid_backward(Tensor grad, Tensor soft, float tau) -> Tensor");
-  m.def(
-      "masked_attention(Tensor q, Tensor k, Tensor v, Tensor? keep_mask, float scale) "
-      "-> (Tensor, Tensor)");
-  m.def(
-      "masked_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
-      "Tensor? keep_mask, Tensor out, Tensor lse, float scale) -> (Tensor, Tensor, Tensor)");
-}

@@ -7,6 +7,11 @@
 // give zeros and lse = -inf. Backward recomputes P = exp(S - lse) tile by tile (FlashAttention-2
 // style) with D_i = <dO_i, O_i>; heads run in parallel so dQ accumulates without atomics.
 // The small matrix products use a register-blocked at::vec micro-kernel.
+//
+// soft_masked_attention (the DAM mask search) shares the forward: P_ij ~ w_ij exp(S_ij) with a
+// float weight w, multiplied in after the exponential. Its backward also differentiates w, and w
+// is usually broadcast over the batch, so it runs over (batch, head, key tile) work items with
+// per-thread dQ and dW accumulators that are summed at the end: no [B, H, Lq, Lk] tensor.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -102,6 +107,9 @@ struct Problem {
   at::Tensor occ;  // int8 [Bm, Hm, nq, nk]
   const int8_t* occ_p = nullptr;
   int64_t Bm = 1, Hm = 1;
+  at::Tensor weight_holder;  // soft mask w in the compute type, [B, H, Lq, Lk] via strides
+  const void* weight = nullptr;
+  int64_t ws[4] = {0, 0, 0, 0};
 
   int8_t occupancy(int64_t b, int64_t h, int64_t qb, int64_t kb) const {
     if (!mask) return kTileFull;
@@ -110,11 +118,18 @@ struct Problem {
   const bool* mask_row(int64_t b, int64_t h, int64_t i) const {
     return mask + b * ms[0] + h * ms[1] + i * ms[2];
   }
+  template <typename T>
+  const T* weight_row(int64_t b, int64_t h, int64_t i) const {
+    return static_cast<const T*>(weight) + b * ws[0] + h * ws[1] + i * ws[2];
+  }
 };
 
+int64_t broadcast_stride(const at::Tensor& t, int d) { return t.size(d) == 1 ? 0 : t.stride(d); }
+
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const std::optional<at::Tensor>& keep_mask, double scale,
-                     at::Tensor& mask_holder) {
+                     const std::optional<at::Tensor>& keep_mask,
+                     const std::optional<at::Tensor>& tile_map, double scale,
+                     at::Tensor& mask_holder, const std::optional<at::Tensor>& weight = {}) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4,
               "masked_attention: q, k, v must be [B, H, L, D]");
   Problem p;
@@ -131,11 +146,25 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     TORCH_CHECK(keep_mask->scalar_type() == at::kBool, "keep_mask must be bool (True = keep)");
     mask_holder = keep_mask->expand({p.B, p.H, p.Lq, p.Lk});
     p.mask = mask_holder.data_ptr<bool>();
-    for (int d = 0; d < 4; ++d) p.ms[d] = mask_holder.size(d) == 1 ? 0 : mask_holder.stride(d);
-    p.occ = tile_occupancy(mask_holder, kBQ, kBK);
+    for (int d = 0; d < 4; ++d) p.ms[d] = broadcast_stride(mask_holder, d);
+    if (tile_map.has_value()) {  // computed once per mask and cached by zoo.kernels._tiles
+      p.occ = tile_map->to(at::kChar).contiguous();
+      TORCH_CHECK(p.occ.dim() == 4 && p.occ.size(2) == p.nq && p.occ.size(3) == p.nk,
+                  "tile_map must be [Bm, Hm, ", p.nq, ", ", p.nk, "], got ", p.occ.sizes());
+    } else {
+      p.occ = tile_occupancy(mask_holder, kBQ, kBK);
+    }
     p.occ_p = p.occ.data_ptr<int8_t>();
     p.Bm = p.occ.size(0);
     p.Hm = p.occ.size(1);
+  }
+  if (weight.has_value()) {
+    auto acc = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    auto w = weight->to(acc);
+    while (w.dim() < 4) w = w.unsqueeze(0);
+    p.weight_holder = w.expand({p.B, p.H, p.Lq, p.Lk});
+    p.weight = p.weight_holder.data_ptr();
+    for (int d = 0; d < 4; ++d) p.ws[d] = broadcast_stride(p.weight_holder, d);
   }
   return p;
 }
@@ -214,6 +243,12 @@ void attention_forward(const Problem& p, const scalar_t* q, const scalar_t* k, c
             Vec e = vexp(Vec::loadu(s + j) - vm);
             e.store(s + j);
             vsum = vsum + e;
+          }
+          if (p.weight) {  // soft mask: P ~ w exp(S)
+            const T* w = p.weight_row<T>(b, h, q0 + i) + k0 * p.ws[3];
+            for (int64_t j = 0; j < bk; ++j) s[j] *= w[j * p.ws[3]];
+            vsum = Vec(T(0));
+            for (int64_t j = 0; j < bkp; j += VS) vsum = vsum + Vec::loadu(s + j);
           }
           const T alpha = std::exp(m[i] - mnew);  // 0 when m was -inf
           l[i] = l[i] * alpha + hsum<T>(vsum);
@@ -338,15 +373,132 @@ void attention_backward(const Problem& p, const scalar_t* q, const scalar_t* k,
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> masked_attention_cpu(const at::Tensor& q_, const at::Tensor& k_,
-                                                        const at::Tensor& v_,
-                                                        const std::optional<at::Tensor>& keep_mask,
-                                                        double scale) {
+// Backward of soft_masked_attention: work items (b, h, key tile); dK and dV of an item are its
+// own, dQ and dW (reduced over the dims w broadcasts along) go to per-thread accumulators.
+//   E = exp(S - lse), dP = dO V^T, dW = E (dP - Delta), dS = w dW, P = w E
+//   dV += P^T dO, dK += dS^T (scale Q), dQ += dS K (times scale at the end)
+template <typename scalar_t, typename T = at::opmath_type<scalar_t>>
+void soft_attention_backward(const Problem& p, const scalar_t* q, const scalar_t* k,
+                             const scalar_t* v, const scalar_t* out, const scalar_t* dout,
+                             const T* lse, scalar_t* dq, scalar_t* dk, scalar_t* dv, T* dw_all,
+                             const int64_t* dws, int64_t dw_numel, int nthreads) {
+  using Vec = VecT<T>;
+  constexpr int64_t VS = Vec::size();
+  constexpr T kNegInf = neg_inf<T>();
+  const int64_t BKp = round_up(kBK, VS);
+  const int64_t Dp = round_up(std::max<int64_t>(p.D, 1), VS);
+  const int64_t Dvp = round_up(std::max<int64_t>(p.Dv, 1), VS);
+  const T scale = static_cast<T>(p.scale);
+  const int64_t BH = p.B * p.H;
+  // scaled Q, dO (padded) and Delta_i = <dO_i, O_i>, shared read-only by all items
+  std::vector<T> Qs(BH * p.Lq * Dp, T(0)), dO(BH * p.Lq * Dvp, T(0)), Delta(BH * p.Lq);
+  at::parallel_for(0, BH * p.Lq, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t d = 0; d < p.D; ++d) Qs[r * Dp + d] = static_cast<T>(q[r * p.D + d]) * scale;
+      T acc = T(0);
+      for (int64_t d = 0; d < p.Dv; ++d) {
+        const T g = static_cast<T>(dout[r * p.Dv + d]);
+        dO[r * Dvp + d] = g;
+        acc += g * static_cast<T>(out[r * p.Dv + d]);
+      }
+      Delta[r] = acc;
+    }
+  });
+  std::vector<T> dQ_all(static_cast<size_t>(nthreads) * BH * p.Lq * Dp, T(0));
+  at::parallel_for(0, BH * p.nk, 1, [&](int64_t begin, int64_t end) {
+    const int tid = at::get_thread_num();
+    T* dQ = dQ_all.data() + static_cast<size_t>(tid) * BH * p.Lq * Dp;
+    T* dW = dw_all + static_cast<size_t>(tid) * dw_numel;
+    std::vector<T> Kt(Dp * BKp), Kn(BKp * Dp), Vt(Dvp * BKp), dK(BKp * Dp), dV(BKp * Dvp),
+        P(kBQ * BKp), dS(kBQ * BKp);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t kb = t % p.nk, bh = t / p.nk, b = bh / p.H, h = bh % p.H;
+      const int64_t k0 = kb * kBK, bk = std::min(kBK, p.Lk - k0), bkp = round_up(bk, VS);
+      const scalar_t* kh = k + bh * p.Lk * p.D;
+      const scalar_t* vh = v + bh * p.Lk * p.Dv;
+      std::fill(Kt.begin(), Kt.begin() + Dp * bkp, T(0));
+      std::fill(Kn.begin(), Kn.begin() + bkp * Dp, T(0));
+      std::fill(Vt.begin(), Vt.begin() + Dvp * bkp, T(0));
+      for (int64_t j = 0; j < bk; ++j) {
+        for (int64_t d = 0; d < p.D; ++d) {
+          const T x = static_cast<T>(kh[(k0 + j) * p.D + d]);
+          Kt[d * bkp + j] = x;
+          Kn[j * Dp + d] = x;
+        }
+        for (int64_t d = 0; d < p.Dv; ++d) Vt[d * bkp + j] = static_cast<T>(vh[(k0 + j) * p.Dv + d]);
+      }
+      std::fill(dK.begin(), dK.begin() + bkp * Dp, T(0));
+      std::fill(dV.begin(), dV.begin() + bkp * Dvp, T(0));
+      T* dWbh = dW + b * dws[0] + h * dws[1];
+      for (int64_t qb = 0; qb < p.nq; ++qb) {
+        const int8_t occ = p.occupancy(b, h, qb, kb);
+        if (occ == kTileEmpty) continue;
+        const int64_t q0 = qb * kBQ, bq = std::min(kBQ, p.Lq - q0);
+        const T* Qb = Qs.data() + (bh * p.Lq + q0) * Dp;
+        const T* dOb = dO.data() + (bh * p.Lq + q0) * Dvp;
+        gemm(bq, bkp, Dp, Qb, Dp, 1, Kt.data(), bkp, P.data(), bkp, false);
+        apply_mask(p, occ, b, h, q0, bq, k0, bk, bkp, P.data());
+        gemm(bq, bkp, Dvp, dOb, Dvp, 1, Vt.data(), bkp, dS.data(), bkp, false);
+        for (int64_t i = 0; i < bq; ++i) {
+          T* pr = P.data() + i * bkp;
+          T* ds = dS.data() + i * bkp;
+          const T li = lse[bh * p.Lq + q0 + i];
+          if (li == kNegInf) {  // all weights zero: no gradient
+            std::fill(pr, pr + bkp, T(0));
+            std::fill(ds, ds + bkp, T(0));
+            continue;
+          }
+          const Vec vl(li), vd(Delta[bh * p.Lq + q0 + i]);
+          for (int64_t j = 0; j < bkp; j += VS) {  // pr <- E, ds <- E (dP - Delta) = dW
+            const Vec e = vexp(Vec::loadu(pr + j) - vl);
+            e.store(pr + j);
+            (e * (Vec::loadu(ds + j) - vd)).store(ds + j);
+          }
+          const T* w = p.weight_row<T>(b, h, q0 + i) + k0 * p.ws[3];
+          T* dwr = dWbh + (q0 + i) * dws[2] + k0 * dws[3];
+          for (int64_t j = 0; j < bk; ++j) {
+            const T wj = w[j * p.ws[3]];
+            dwr[j * dws[3]] += ds[j];
+            ds[j] *= wj;
+            pr[j] *= wj;
+          }
+        }
+        gemm(bkp, Dvp, bq, P.data(), 1, bkp, dOb, Dvp, dV.data(), Dvp, true);
+        gemm(bkp, Dp, bq, dS.data(), 1, bkp, Qb, Dp, dK.data(), Dp, true);
+        gemm(bq, Dp, bkp, dS.data(), bkp, 1, Kn.data(), Dp, dQ + (bh * p.Lq + q0) * Dp, Dp, true);
+      }
+      scalar_t* dkh = dk + (bh * p.Lk + k0) * p.D;
+      scalar_t* dvh = dv + (bh * p.Lk + k0) * p.Dv;
+      for (int64_t j = 0; j < bk; ++j) {
+        for (int64_t d = 0; d < p.D; ++d) dkh[j * p.D + d] = static_cast<scalar_t>(dK[j * Dp + d]);
+        for (int64_t d = 0; d < p.Dv; ++d) dvh[j * p.Dv + d] = static_cast<scalar_t>(dV[j * Dvp + d]);
+      }
+    }
+  });
+  at::parallel_for(0, BH * p.Lq, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t d = 0; d < p.D; ++d) {
+        T acc = T(0);
+        for (int th = 0; th < nthreads; ++th)
+          acc += dQ_all[(static_cast<size_t>(th) * BH + r / p.Lq) * p.Lq * Dp + (r % p.Lq) * Dp + d];
+        dq[r * p.D + d] = static_cast<scalar_t>(acc * scale);
+      }
+  });
+}
+
+at::Tensor contiguous_as(const at::Tensor& t, at::ScalarType dtype) {
+  return t.to(dtype).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
+    const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const std::optional<at::Tensor>& keep_mask, const std::optional<at::Tensor>& tile_map,
+    double scale, const std::optional<at::Tensor>& weight) {
   TORCH_CHECK(q_.scalar_type() == k_.scalar_type() && q_.scalar_type() == v_.scalar_type(),
               "q, k, v must have one dtype");
   at::Tensor mask_holder;
   auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  Problem p = make_problem(q, k, v, keep_mask, scale, mask_holder);
+  Problem p = make_problem(q, k, v, keep_mask, tile_map, scale, mask_holder, weight);
   auto out = at::empty({p.B, p.H, p.Lq, p.Dv}, q.options());
   auto lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(acc_dtype(q.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "masked_attention_cpu", [&] {
@@ -358,16 +510,31 @@ std::tuple<at::Tensor, at::Tensor> masked_attention_cpu(const at::Tensor& q_, co
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> masked_attention_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& keep_mask, const std::optional<at::Tensor>& tile_map,
+    double scale) {
+  return attention_forward_cpu(q, k, v, keep_mask, tile_map, scale, std::nullopt);
+}
+
+std::tuple<at::Tensor, at::Tensor> soft_masked_attention_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+    const std::optional<at::Tensor>& keep_mask, const std::optional<at::Tensor>& tile_map,
+    double scale) {
+  TORCH_CHECK(at::isFloatingType(mask.scalar_type()), "mask must be a float tensor");
+  return attention_forward_cpu(q, k, v, keep_mask, tile_map, scale, mask);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
-    const std::optional<at::Tensor>& keep_mask, const at::Tensor& out_, const at::Tensor& lse_,
-    double scale) {
+    const std::optional<at::Tensor>& keep_mask, const std::optional<at::Tensor>& tile_map,
+    const at::Tensor& out_, const at::Tensor& lse_, double scale) {
   at::Tensor mask_holder;
   auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  Problem p = make_problem(q, k, v, keep_mask, scale, mask_holder);
-  auto out = out_.to(q.scalar_type()).contiguous();
-  auto dout = grad_out.to(q.scalar_type()).contiguous();
-  auto lse = lse_.to(acc_dtype(q.scalar_type())).contiguous();
+  Problem p = make_problem(q, k, v, keep_mask, tile_map, scale, mask_holder);
+  auto out = contiguous_as(out_, q.scalar_type());
+  auto dout = contiguous_as(grad_out, q.scalar_type());
+  auto lse = contiguous_as(lse_, acc_dtype(q.scalar_type()));
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "masked_attention_backward_cpu", [&] {
     attention_backward<scalar_t>(p, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
@@ -379,10 +546,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cpu(
   return {dq, dk, dv};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> soft_masked_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+    const at::Tensor& mask, const std::optional<at::Tensor>& keep_mask,
+    const std::optional<at::Tensor>& tile_map, const at::Tensor& out_, const at::Tensor& lse_,
+    double scale) {
+  at::Tensor mask_holder;
+  auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  Problem p = make_problem(q, k, v, keep_mask, tile_map, scale, mask_holder, mask);
+  const auto acc = acc_dtype(q.scalar_type());
+  auto out = contiguous_as(out_, q.scalar_type());
+  auto dout = contiguous_as(grad_out, q.scalar_type());
+  auto lse = contiguous_as(lse_, acc);
+  auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  // dW in w's own (un-broadcast) batch/head shape, full [Lq, Lk] (summed below where w is
+  // broadcast along a sequence dim), one accumulator per thread
+  at::Tensor w4 = mask;
+  while (w4.dim() < 4) w4 = w4.unsqueeze(0);
+  const int64_t Bw = w4.size(0), Hw = w4.size(1);
+  const int nthreads = at::get_num_threads();
+  auto dw = at::zeros({nthreads, Bw, Hw, p.Lq, p.Lk}, q.options().dtype(acc));
+  const int64_t dws[4] = {Bw == 1 ? 0 : Hw * p.Lq * p.Lk, Hw == 1 ? 0 : p.Lq * p.Lk, p.Lk, 1};
+  if (p.B * p.H * p.Lq * p.Lk == 0) {
+    dq.zero_(), dk.zero_(), dv.zero_();
+  } else {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "soft_masked_attention_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      soft_attention_backward<scalar_t>(
+          p, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+          out.data_ptr<scalar_t>(), dout.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
+          dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
+          dw.data_ptr<acc_t>(), dws, Bw * Hw * p.Lq * p.Lk, nthreads);
+    });
+  }
+  auto dmask = dw.sum(0);
+  if (w4.size(2) == 1) dmask = dmask.sum(2, true);
+  if (w4.size(3) == 1) dmask = dmask.sum(3, true);
+  return {dq, dk, dv, dmask.reshape(mask.sizes()).to(mask.scalar_type())};
+}
+
 }  // namespace
 }  // namespace zoo::cpu
 
 TORCH_LIBRARY_IMPL(zoo, CPU, m) {
   m.impl("masked_attention", &zoo::cpu::masked_attention_cpu);
   m.impl("masked_attention_backward", &zoo::cpu::masked_attention_backward_cpu);
+  m.impl("soft_masked_attention", &zoo::cpu::soft_masked_attention_cpu);
+  m.impl("soft_masked_attention_backward", &zoo::cpu::soft_masked_attention_backward_cpu);
 }

@@ -1,0 +1,439 @@
+"""Triton kernels of the zoo ops (the CUDA implementation; CPU tensors under TRITON_INTERPRET=1).
+
+Each kernel mirrors the C++ CPU kernel of the same op (``zoo/kernels/csrc/cpu``) and computes
+in float32 (float64 for float64 inputs). Attention is flash-style: one program per block of
+queries (forward, dQ) or keys (dK/dV), an online softmax, no [Lq, Lk] matrix in memory, and a
+tile map (empty / partial / full per 64 x 64 tile) that skips empty tiles and the mask loads of
+full ones.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+TILE = 64  # queries and keys per attention tile: the tile map's granularity on every backend
+
+TILE_EMPTY, TILE_PARTIAL, TILE_FULL = 0, 1, 2
+
+
+# --------------------------------------------------------------------------- random numbers
+
+
+@triton.jit
+def _uniform(seed, index):
+    """SplitMix64 output ``index`` of stream ``seed`` -> float32 in [2^-24, 1 - 2^-24]; the
+    same generator as common.h and reference.py, so every backend draws the same noise."""
+    z = seed.to(tl.uint64) + (index.to(tl.uint64) + 1) * 0x9E3779B97F4A7C15
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+    z = z ^ (z >> 31)
+    return ((z >> 41).to(tl.float32) + 0.5) * 1.1920928955078125e-07
+
+
+# --------------------------------------------------------------------------- GroupSoftmax CE
+
+
+@triton.jit
+def group_softmax_ce_fwd_kernel(
+    logits, target, table, row_group, loss, lse_out, lse_group_out,
+    C, stride_n, stride_g, ignore_index,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0).to(tl.int64)
+    y = tl.load(target + n)
+    r = tl.load(row_group + n)
+    valid = y != ignore_index
+    y_safe = tl.where(valid, y, 0)
+    gy = tl.load(table + r * stride_g + y_safe)
+    m_all = tl.full((), float("-inf"), ACC)
+    s_all = tl.zeros((), ACC)
+    m_grp = tl.full((), float("-inf"), ACC)
+    s_grp = tl.zeros((), ACC)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        inside = cols < C
+        z = tl.load(logits + n * stride_n + cols, mask=inside, other=float("-inf")).to(ACC)
+        member = inside & (tl.load(table + r * stride_g + cols, mask=inside, other=0) == gy)
+        m_new = tl.maximum(m_all, tl.max(z, 0))
+        s_all = s_all * tl.exp(m_all - m_new) + tl.sum(tl.exp(z - m_new), 0)
+        m_all = m_new
+        zg = tl.where(member, z, float("-inf"))
+        mg_new = tl.maximum(m_grp, tl.max(zg, 0))
+        mg_safe = tl.where(mg_new == float("-inf"), 0.0, mg_new).to(ACC)
+        s_grp = s_grp * tl.exp(m_grp - mg_safe) + tl.sum(tl.exp(zg - mg_safe), 0)
+        m_grp = mg_new
+    lse = m_all + tl.log(s_all)
+    lse_g = m_grp + tl.log(s_grp)
+    tl.store(loss + n, tl.where(valid, lse - lse_g, 0.0).to(ACC))
+    tl.store(lse_out + n, lse)
+    tl.store(lse_group_out + n, lse_g)
+
+
+@triton.jit
+def group_softmax_ce_bwd_kernel(
+    grad_loss, logits, target, table, row_group, lse_in, lse_group_in, grad,
+    C, stride_n, stride_g, ignore_index,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0).to(tl.int64)
+    y = tl.load(target + n)
+    r = tl.load(row_group + n)
+    valid = y != ignore_index
+    gy = tl.load(table + r * stride_g + tl.where(valid, y, 0))
+    g = tl.where(valid, tl.load(grad_loss + n).to(ACC), 0.0).to(ACC)
+    lse = tl.load(lse_in + n).to(ACC)
+    lse_g = tl.load(lse_group_in + n).to(ACC)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        inside = cols < C
+        z = tl.load(logits + n * stride_n + cols, mask=inside, other=0.0).to(ACC)
+        member = tl.load(table + r * stride_g + cols, mask=inside, other=0) == gy
+        d = tl.exp(z - lse) - tl.where(member, tl.exp(z - lse_g), 0.0)
+        tl.store(grad + n * stride_n + cols, (g * d).to(grad.dtype.element_ty), mask=inside)
+
+
+# --------------------------------------------------------------------------- Gumbel
+
+
+@triton.jit
+def gumbel_softmax_fwd_kernel(
+    logits, out, soft, K, seed, inv_tau,
+    HARD: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    base = row * K
+    best = tl.full((), float("-inf"), ACC)
+    best_i = tl.zeros((), tl.int64)
+    for c0 in range(0, K, BLOCK_K):  # pass 1: max (and first argmax) of (z + g) / tau
+        cols = c0 + tl.arange(0, BLOCK_K)
+        inside = cols < K
+        z = tl.load(logits + base + cols, mask=inside, other=0.0).to(ACC)
+        u = _uniform(seed, base + cols).to(ACC)
+        y = tl.where(inside, (z - tl.log(-tl.log(u))) * inv_tau, float("-inf"))
+        chunk = tl.max(y, 0)
+        first = tl.min(tl.where(y == chunk, cols, K), 0).to(tl.int64)
+        take = chunk > best
+        best_i = tl.where(take, first, best_i)
+        best = tl.where(take, chunk, best)
+    total = tl.zeros((), ACC)
+    for c0 in range(0, K, BLOCK_K):  # pass 2: normaliser
+        cols = c0 + tl.arange(0, BLOCK_K)
+        inside = cols < K
+        z = tl.load(logits + base + cols, mask=inside, other=0.0).to(ACC)
+        u = _uniform(seed, base + cols).to(ACC)
+        y = tl.where(inside, (z - tl.log(-tl.log(u))) * inv_tau, float("-inf"))
+        total += tl.sum(tl.exp(y - best), 0)
+    for c0 in range(0, K, BLOCK_K):  # pass 3: write
+        cols = c0 + tl.arange(0, BLOCK_K)
+        inside = cols < K
+        z = tl.load(logits + base + cols, mask=inside, other=0.0).to(ACC)
+        u = _uniform(seed, base + cols).to(ACC)
+        y = (z - tl.log(-tl.log(u))) * inv_tau
+        p = tl.exp(y - best) / total
+        tl.store(soft + base + cols, p.to(soft.dtype.element_ty), mask=inside)
+        if HARD:
+            one_hot = tl.where(cols == best_i, 1.0, 0.0)
+            tl.store(out + base + cols, one_hot.to(out.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def gumbel_softmax_bwd_kernel(
+    grad, soft, dz, K, inv_tau, ACC: tl.constexpr, BLOCK_K: tl.constexpr
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    base = row * K
+    dot = tl.zeros((), ACC)
+    for c0 in range(0, K, BLOCK_K):
+        cols = c0 + tl.arange(0, BLOCK_K)
+        inside = cols < K
+        g = tl.load(grad + base + cols, mask=inside, other=0.0).to(ACC)
+        s = tl.load(soft + base + cols, mask=inside, other=0.0).to(ACC)
+        dot += tl.sum(g * s, 0)
+    for c0 in range(0, K, BLOCK_K):
+        cols = c0 + tl.arange(0, BLOCK_K)
+        inside = cols < K
+        g = tl.load(grad + base + cols, mask=inside, other=0.0).to(ACC)
+        s = tl.load(soft + base + cols, mask=inside, other=0.0).to(ACC)
+        tl.store(dz + base + cols, (s * (g - dot) * inv_tau).to(dz.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def gumbel_sigmoid_fwd_kernel(
+    logits, out, soft, numel, seed, inv_tau,
+    HARD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < numel
+    z = tl.load(logits + offs, mask=inside, other=0.0).to(ACC)
+    u = _uniform(seed, offs).to(ACC)
+    noise = tl.log(u) - tl.log(1.0 - u)  # Logistic(0, 1); 1 - u is exact for these u
+    s = 1.0 / (1.0 + tl.exp(-(z + noise) * inv_tau))
+    tl.store(soft + offs, s.to(soft.dtype.element_ty), mask=inside)
+    if HARD:
+        tl.store(out + offs, tl.where(s > 0.5, 1.0, 0.0).to(out.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def gumbel_sigmoid_bwd_kernel(
+    grad, soft, dz, numel, inv_tau, ACC: tl.constexpr, BLOCK: tl.constexpr
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < numel
+    g = tl.load(grad + offs, mask=inside, other=0.0).to(ACC)
+    s = tl.load(soft + offs, mask=inside, other=0.0).to(ACC)
+    tl.store(dz + offs, (g * s * (1.0 - s) * inv_tau).to(dz.dtype.element_ty), mask=inside)
+
+
+# --------------------------------------------------------------------------- attention
+#
+# Layout: q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv], out [B, H, Lq, Dv] contiguous;
+# lse / delta [B, H, Lq] float (ACC). keep: bool keep mask as uint8 with 4 strides (0 where
+# broadcast); weight: float soft mask with 4 strides (soft_masked_attention: P ~ w exp(S));
+# tiles: int8 tile map [Bt, Ht, nq, nk] with strides (0 where broadcast).
+
+
+@triton.jit
+def _tile(tiles, st_b, st_h, st_m, st_n, b, h, mb, nb, HAS_TILES: tl.constexpr):
+    if HAS_TILES:
+        return tl.load(tiles + b * st_b + h * st_h + mb * st_m + nb * st_n).to(tl.int32)
+    else:
+        return 2
+
+
+@triton.jit
+def _tile_scores(
+    q, k, offs_m, offs_n, offs_d, Lq, Lk, D, scale, occ,
+    keep, sk_m, sk_n,
+    HAS_KEEP: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """S = q k^T * scale for one tile (k: pointers to the tile's keys, laid out [D, N]); -inf
+    where the keep mask forbids (loaded for partial tiles only) or out of range."""
+    kt = tl.load(k, mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
+    s = tl.dot(q, kt, input_precision=PRECISION).to(ACC) * scale
+    allowed = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+    if HAS_KEEP:
+        if occ == 1:
+            km = tl.load(
+                keep + offs_m[:, None] * sk_m + offs_n[None, :] * sk_n, mask=allowed, other=0
+            )
+            allowed = allowed & (km != 0)
+    return tl.where(allowed, s, float("-inf"))
+
+
+@triton.jit
+def attention_fwd_kernel(
+    Q, K, V, Out, Lse, keep, weight, tiles,
+    H, Lq, Lk, D, Dv, scale,
+    sk_b, sk_h, sk_m, sk_n,
+    sw_b, sw_h, sw_m, sw_n,
+    st_b, st_h, st_m, st_n,
+    HAS_KEEP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TILES: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    mb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(
+        Q + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :],
+        mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    keep_bh = keep + b * sk_b + h * sk_h
+    weight_bh = weight + b * sw_b + h * sw_h
+    m_i = tl.full((BLOCK_M,), float("-inf"), ACC)
+    l_i = tl.zeros((BLOCK_M,), ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), ACC)
+    for nb in range(0, tl.cdiv(Lk, BLOCK_N)):
+        occ = _tile(tiles, st_b, st_h, st_m, st_n, b, h, mb, nb, HAS_TILES)
+        if occ != 0:
+            offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+            k = K + bh * Lk * D + offs_n[None, :] * D + offs_d[:, None]
+            s = _tile_scores(q, k, offs_m, offs_n, offs_d, Lq, Lk, D, scale, occ,
+                             keep_bh, sk_m, sk_n, HAS_KEEP, ACC, PRECISION)  # fmt: skip
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
+            p = tl.exp(s - m_safe[:, None])
+            if HAS_WEIGHT:
+                p = p * tl.load(
+                    weight_bh + offs_m[:, None] * sw_m + offs_n[None, :] * sw_n,
+                    mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk),
+                    other=0.0,
+                ).to(ACC)
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(
+                V + bh * Lk * Dv + offs_n[:, None] * Dv + offs_dv[None, :],
+                mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Dv),
+                other=0.0,
+            )
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(ACC)
+            m_i = m_new
+    nonzero = l_i > 0
+    out = acc / tl.where(nonzero, l_i, 1.0)[:, None]
+    lse = tl.where(nonzero, m_i + tl.log(tl.where(nonzero, l_i, 1.0)), float("-inf"))
+    tl.store(
+        Out + bh * Lq * Dv + offs_m[:, None] * Dv + offs_dv[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Dv),
+    )
+    tl.store(Lse + bh * Lq + offs_m, lse, mask=offs_m < Lq)
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    Q, K, V, dO, Lse, Delta, dK, dV, keep, weight, tiles,
+    H, Lq, Lk, D, Dv, scale,
+    sk_b, sk_h, sk_m, sk_n,
+    sw_b, sw_h, sw_m, sw_n,
+    st_b, st_h, st_m, st_n,
+    HAS_KEEP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TILES: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """dV = sum_i P_ij dO_i, dK = scale sum_i dS_ij q_i for one block of keys (FA2 style: P is
+    recomputed from the saved log-sum-exp, dS = P (dP - Delta), dP = dO v^T)."""
+    nb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kt = tl.load(
+        K + bh * Lk * D + offs_n[None, :] * D + offs_d[:, None],
+        mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D),
+        other=0.0,
+    )
+    vt = tl.load(
+        V + bh * Lk * Dv + offs_n[None, :] * Dv + offs_dv[:, None],
+        mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < Dv),
+        other=0.0,
+    )
+    keep_bh = keep + b * sk_b + h * sk_h
+    weight_bh = weight + b * sw_b + h * sw_h
+    dk = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
+    for mb in range(0, tl.cdiv(Lq, BLOCK_M)):
+        occ = _tile(tiles, st_b, st_h, st_m, st_n, b, h, mb, nb, HAS_TILES)
+        if occ != 0:
+            offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+            q = tl.load(
+                Q + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :],
+                mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D),
+                other=0.0,
+            )
+            s = tl.dot(q, kt, input_precision=PRECISION).to(ACC) * scale
+            allowed = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+            if HAS_KEEP:
+                if occ == 1:
+                    km = tl.load(keep_bh + offs_m[:, None] * sk_m + offs_n[None, :] * sk_n,
+                                 mask=allowed, other=0)  # fmt: skip
+                    allowed = allowed & (km != 0)
+            lse = tl.load(Lse + bh * Lq + offs_m, mask=offs_m < Lq, other=float("-inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
+            p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+            if HAS_WEIGHT:
+                p = p * tl.load(weight_bh + offs_m[:, None] * sw_m + offs_n[None, :] * sw_n,
+                                mask=allowed, other=0.0).to(ACC)  # fmt: skip
+            do = tl.load(
+                dO + bh * Lq * Dv + offs_m[:, None] * Dv + offs_dv[None, :],
+                mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Dv),
+                other=0.0,
+            )
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION).to(ACC)
+            dp = tl.dot(do, vt, input_precision=PRECISION).to(ACC)
+            delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION).to(ACC)
+    tl.store(
+        dK + bh * Lk * D + offs_n[:, None] * D + offs_d[None, :],
+        (dk * scale).to(dK.dtype.element_ty),
+        mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D),
+    )
+    tl.store(
+        dV + bh * Lk * Dv + offs_n[:, None] * Dv + offs_dv[None, :],
+        dv.to(dV.dtype.element_ty),
+        mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Dv),
+    )
+
+
+@triton.jit
+def attention_bwd_dq_kernel(
+    Q, K, V, dO, Lse, Delta, dQ, dW, keep, weight, tiles,
+    H, Lq, Lk, D, Dv, scale,
+    sk_b, sk_h, sk_m, sk_n,
+    sw_b, sw_h, sw_m, sw_n,
+    sd_b, sd_h, sd_m, sd_n,
+    st_b, st_h, st_m, st_n,
+    HAS_KEEP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TILES: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """dQ = scale sum_j dS_ij k_j for one block of queries; with a soft mask w also
+    dW_ij = exp(S_ij - lse_i) (dP_ij - Delta_i), added atomically into dW (whose strides sd_*
+    are 0 along the dimensions w is broadcast over, so the reduction happens here)."""
+    mb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(
+        Q + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :],
+        mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    do = tl.load(
+        dO + bh * Lq * Dv + offs_m[:, None] * Dv + offs_dv[None, :],
+        mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Dv),
+        other=0.0,
+    )
+    lse = tl.load(Lse + bh * Lq + offs_m, mask=offs_m < Lq, other=float("-inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    keep_bh = keep + b * sk_b + h * sk_h
+    weight_bh = weight + b * sw_b + h * sw_h
+    dw_bh = dW + b * sd_b + h * sd_h
+    dq = tl.zeros((BLOCK_M, BLOCK_D), ACC)
+    for nb in range(0, tl.cdiv(Lk, BLOCK_N)):
+        occ = _tile(tiles, st_b, st_h, st_m, st_n, b, h, mb, nb, HAS_TILES)
+        if occ != 0:
+            offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+            k = K + bh * Lk * D + offs_n[None, :] * D + offs_d[:, None]
+            s = _tile_scores(q, k, offs_m, offs_n, offs_d, Lq, Lk, D, scale, occ,
+                             keep_bh, sk_m, sk_n, HAS_KEEP, ACC, PRECISION)  # fmt: skip
+            e = tl.exp(s - lse[:, None])
+            vt = tl.load(
+                V + bh * Lk * Dv + offs_n[None, :] * Dv + offs_dv[:, None],
+                mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < Dv),
+                other=0.0,
+            )
+            dp_centred = tl.dot(do, vt, input_precision=PRECISION).to(ACC) - delta[:, None]
+            inside = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+            if HAS_WEIGHT:
+                w = tl.load(weight_bh + offs_m[:, None] * sw_m + offs_n[None, :] * sw_n,
+                            mask=inside, other=0.0).to(ACC)  # fmt: skip
+                dw = e * dp_centred
+                tl.atomic_add(dw_bh + offs_m[:, None] * sd_m + offs_n[None, :] * sd_n,
+                              dw.to(dW.dtype.element_ty), mask=inside)  # fmt: skip
+                ds = w * dw
+            else:
+                ds = e * dp_centred
+            kn = tl.load(
+                K + bh * Lk * D + offs_n[:, None] * D + offs_d[None, :],
+                mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D),
+                other=0.0,
+            )
+            dq += tl.dot(ds.to(kn.dtype), kn, input_precision=PRECISION).to(ACC)
+    tl.store(
+        dQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :],
+        (dq * scale).to(dQ.dtype.element_ty),
+        mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D),
+    )
