@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -17,6 +18,11 @@ from omegaconf import DictConfig, open_dict
 
 import zoo.config  # noqa: F401  (resolvers)
 from zoo.cli import prepare
+
+# Triton kernels run on CPU tensors in Triton's interpreter where no GPU is present (the
+# variable must be set before zoo.kernels.triton is first imported); on a GPU they run compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

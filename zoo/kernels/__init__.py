@@ -90,6 +90,8 @@ def set_backend(name: str) -> None:
 def _load() -> bool:
     """Build/load the C++ library (CPU) and register the Triton kernels (CUDA, where Triton and a
     GPU are present); True if the C++ library loaded."""
+    if _state.loaded is not None:  # no lock once loaded: torch.compile traces this path
+        return _state.loaded
     with _state.lock:
         if _state.loaded is None:
             from zoo.kernels import _build
@@ -123,7 +125,7 @@ _triton_ops_ready = False
 def _triton_ops():
     """torch.ops.zoo_triton: the Triton kernels on every device (CPU needs TRITON_INTERPRET=1)."""
     global _triton_ops_ready
-    if not _triton_ops_ready:
+    if not _triton_ops_ready and not torch.compiler.is_compiling():
         with _state.lock:
             _ops.register_triton("zoo_triton", ("CPU", "CUDA"))
             _triton_ops_ready = True

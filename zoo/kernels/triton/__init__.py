@@ -17,8 +17,8 @@ import it.
 from __future__ import annotations
 
 import torch
-
 import triton
+
 from zoo.kernels.triton import _kernels as kern
 
 __all__ = [
@@ -70,6 +70,14 @@ def _block(n: int, lo: int = 16, hi: int = 1024) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
+def _row_blocks(rows: int, cols: int, elements: int = 4096) -> tuple[int, int, int]:
+    """(grid, BLOCK_R, BLOCK_C) for row-wise kernels: short rows are packed several to a
+    program so every program works on about ``elements`` values."""
+    block_c = _block(cols, hi=elements)
+    block_r = max(1, min(64, elements // block_c, triton.next_power_of_2(max(rows, 1))))
+    return triton.cdiv(rows, block_r), block_r, block_c
+
+
 # =========================================================================== op launchers
 
 
@@ -81,11 +89,12 @@ def group_softmax_ce(logits, target, group_table, row_group, ignore_index: int):
     loss, lse, lse_g = (logits.new_empty((n,), dtype=acc) for _ in range(3))
     if n:
         table = group_table.to(torch.int32).contiguous()
-        _wrap(kern.group_softmax_ce_fwd_kernel)[(n,)](
+        grid, block_r, block_c = _row_blocks(n, c)
+        _wrap(kern.group_softmax_ce_fwd_kernel)[(grid,)](
             logits, target.to(torch.int64).contiguous(), table,
             row_group.to(torch.int64).contiguous(), loss, lse, lse_g,
-            c, logits.stride(0), table.stride(0), int(ignore_index),
-            ACC=_acc(logits.dtype), BLOCK_C=_block(c, hi=4096),
+            n, c, logits.stride(0), table.stride(0), int(ignore_index),
+            ACC=_acc(logits.dtype), BLOCK_R=block_r, BLOCK_C=block_c,
         )  # fmt: skip
     return loss, lse, lse_g
 
@@ -99,11 +108,12 @@ def group_softmax_ce_backward(
     grad = torch.empty_like(logits)
     if n:
         table = group_table.to(torch.int32).contiguous()
-        _wrap(kern.group_softmax_ce_bwd_kernel)[(n,)](
+        grid, block_r, block_c = _row_blocks(n, c)
+        _wrap(kern.group_softmax_ce_bwd_kernel)[(grid,)](
             grad_loss.contiguous(), logits, target.to(torch.int64).contiguous(), table,
             row_group.to(torch.int64).contiguous(), lse.contiguous(), lse_group.contiguous(),
-            grad, c, logits.stride(0), table.stride(0), int(ignore_index),
-            ACC=_acc(logits.dtype), BLOCK_C=_block(c, hi=4096),
+            grad, n, c, logits.stride(0), table.stride(0), int(ignore_index),
+            ACC=_acc(logits.dtype), BLOCK_R=block_r, BLOCK_C=block_c,
         )  # fmt: skip
     return grad
 
@@ -117,9 +127,10 @@ def gumbel_softmax_op(logits, tau: float, hard: bool, seed: int):
     soft = torch.empty_like(x)
     out = torch.empty_like(x) if hard else x.new_empty((0,))
     if rows:
-        _wrap(kern.gumbel_softmax_fwd_kernel)[(rows,)](
-            x, out if hard else soft, soft, k, int(seed), 1.0 / float(tau),
-            HARD=bool(hard), ACC=_acc(x.dtype), BLOCK_K=_block(k, hi=2048),
+        grid, block_r, block_k = _row_blocks(rows, k, 2048)
+        _wrap(kern.gumbel_softmax_fwd_kernel)[(grid,)](
+            x, out if hard else soft, soft, rows, k, int(seed), 1.0 / float(tau),
+            HARD=bool(hard), ACC=_acc(x.dtype), BLOCK_R=block_r, BLOCK_K=block_k,
         )  # fmt: skip
     return out, soft
 
@@ -131,9 +142,10 @@ def gumbel_softmax_backward(grad, soft, tau: float):
     rows = soft.numel() // k if k else 0
     dz = torch.empty_like(soft)
     if rows:
-        _wrap(kern.gumbel_softmax_bwd_kernel)[(rows,)](
-            grad.contiguous(), soft, dz, k, 1.0 / float(tau),
-            ACC=_acc(soft.dtype), BLOCK_K=_block(k, hi=2048),
+        grid, block_r, block_k = _row_blocks(rows, k, 2048)
+        _wrap(kern.gumbel_softmax_bwd_kernel)[(grid,)](
+            grad.contiguous(), soft, dz, rows, k, 1.0 / float(tau),
+            ACC=_acc(soft.dtype), BLOCK_R=block_r, BLOCK_K=block_k,
         )  # fmt: skip
     return dz
 
@@ -198,6 +210,7 @@ class _Attention:
             HAS_TILES=self.tiles is not None,
             ACC=self.acc,
             PRECISION="ieee",
+            UPCAST=q.dtype == torch.bfloat16 and interpreted(),
             BLOCK_M=TILE,
             BLOCK_N=TILE,
             BLOCK_D=_block(self.d),

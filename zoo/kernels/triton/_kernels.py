@@ -32,130 +32,149 @@ def _uniform(seed, index):
 
 
 # --------------------------------------------------------------------------- GroupSoftmax CE
+# One program handles BLOCK_R rows and streams over the classes in chunks of BLOCK_C.
 
 
 @triton.jit
 def group_softmax_ce_fwd_kernel(
     logits, target, table, row_group, loss, lse_out, lse_group_out,
-    C, stride_n, stride_g, ignore_index,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    N, C, stride_n, stride_g, ignore_index,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    n = tl.program_id(0).to(tl.int64)
-    y = tl.load(target + n)
-    r = tl.load(row_group + n)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_rows = rows < N
+    y = tl.load(target + rows, mask=in_rows, other=ignore_index)
+    r = tl.load(row_group + rows, mask=in_rows, other=0)
     valid = y != ignore_index
-    y_safe = tl.where(valid, y, 0)
-    gy = tl.load(table + r * stride_g + y_safe)
-    m_all = tl.full((), float("-inf"), ACC)
-    s_all = tl.zeros((), ACC)
-    m_grp = tl.full((), float("-inf"), ACC)
-    s_grp = tl.zeros((), ACC)
+    gy = tl.load(table + r * stride_g + tl.where(valid, y, 0), mask=in_rows, other=0)
+    m_all = tl.full((BLOCK_R,), float("-inf"), ACC)
+    s_all = tl.zeros((BLOCK_R,), ACC)
+    m_grp = tl.full((BLOCK_R,), float("-inf"), ACC)
+    s_grp = tl.zeros((BLOCK_R,), ACC)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        inside = cols < C
-        z = tl.load(logits + n * stride_n + cols, mask=inside, other=float("-inf")).to(ACC)
-        member = inside & (tl.load(table + r * stride_g + cols, mask=inside, other=0) == gy)
-        m_new = tl.maximum(m_all, tl.max(z, 0))
-        s_all = s_all * tl.exp(m_all - m_new) + tl.sum(tl.exp(z - m_new), 0)
+        inside = in_rows[:, None] & (cols[None, :] < C)
+        z = tl.load(
+            logits + rows[:, None] * stride_n + cols[None, :], mask=inside, other=float("-inf")
+        )
+        z = z.to(ACC)
+        grp = tl.load(table + r[:, None] * stride_g + cols[None, :], mask=inside, other=0)
+        member = inside & (grp == gy[:, None])
+        m_new = tl.maximum(m_all, tl.max(z, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
+        s_all = s_all * tl.exp(m_all - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), 1)
         m_all = m_new
         zg = tl.where(member, z, float("-inf"))
-        mg_new = tl.maximum(m_grp, tl.max(zg, 0))
+        mg_new = tl.maximum(m_grp, tl.max(zg, 1))
         mg_safe = tl.where(mg_new == float("-inf"), 0.0, mg_new).to(ACC)
-        s_grp = s_grp * tl.exp(m_grp - mg_safe) + tl.sum(tl.exp(zg - mg_safe), 0)
+        s_grp = s_grp * tl.exp(m_grp - mg_safe) + tl.sum(tl.exp(zg - mg_safe[:, None]), 1)
         m_grp = mg_new
     lse = m_all + tl.log(s_all)
     lse_g = m_grp + tl.log(s_grp)
-    tl.store(loss + n, tl.where(valid, lse - lse_g, 0.0).to(ACC))
-    tl.store(lse_out + n, lse)
-    tl.store(lse_group_out + n, lse_g)
+    tl.store(loss + rows, tl.where(valid, lse - lse_g, 0.0).to(ACC), mask=in_rows)
+    tl.store(lse_out + rows, lse, mask=in_rows)
+    tl.store(lse_group_out + rows, lse_g, mask=in_rows)
 
 
 @triton.jit
 def group_softmax_ce_bwd_kernel(
     grad_loss, logits, target, table, row_group, lse_in, lse_group_in, grad,
-    C, stride_n, stride_g, ignore_index,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    N, C, stride_n, stride_g, ignore_index,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    n = tl.program_id(0).to(tl.int64)
-    y = tl.load(target + n)
-    r = tl.load(row_group + n)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_rows = rows < N
+    y = tl.load(target + rows, mask=in_rows, other=ignore_index)
+    r = tl.load(row_group + rows, mask=in_rows, other=0)
     valid = y != ignore_index
-    gy = tl.load(table + r * stride_g + tl.where(valid, y, 0))
-    g = tl.where(valid, tl.load(grad_loss + n).to(ACC), 0.0).to(ACC)
-    lse = tl.load(lse_in + n).to(ACC)
-    lse_g = tl.load(lse_group_in + n).to(ACC)
+    gy = tl.load(table + r * stride_g + tl.where(valid, y, 0), mask=in_rows, other=0)
+    g = tl.where(valid, tl.load(grad_loss + rows, mask=in_rows, other=0.0).to(ACC), 0.0)
+    lse = tl.load(lse_in + rows, mask=in_rows, other=0.0).to(ACC)
+    lse_g = tl.load(lse_group_in + rows, mask=in_rows, other=0.0).to(ACC)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
-        inside = cols < C
-        z = tl.load(logits + n * stride_n + cols, mask=inside, other=0.0).to(ACC)
-        member = tl.load(table + r * stride_g + cols, mask=inside, other=0) == gy
-        d = tl.exp(z - lse) - tl.where(member, tl.exp(z - lse_g), 0.0)
-        tl.store(grad + n * stride_n + cols, (g * d).to(grad.dtype.element_ty), mask=inside)
+        inside = in_rows[:, None] & (cols[None, :] < C)
+        offs = rows[:, None] * stride_n + cols[None, :]
+        z = tl.load(logits + offs, mask=inside, other=0.0).to(ACC)
+        grp = tl.load(table + r[:, None] * stride_g + cols[None, :], mask=inside, other=0)
+        member = grp == gy[:, None]
+        d = tl.exp(z - lse[:, None]) - tl.where(member, tl.exp(z - lse_g[:, None]), 0.0)
+        tl.store(grad + offs, (g[:, None] * d).to(grad.dtype.element_ty), mask=inside)
 
 
 # --------------------------------------------------------------------------- Gumbel
+# Softmax over the last (contiguous) dim, BLOCK_R rows per program; the noise of element e is
+# recomputed from (seed, e) in each pass instead of being stored.
+
+
+@triton.jit
+def _tempered(logits, seed, rows, cols, inside, K, inv_tau, ACC: tl.constexpr):
+    """(z + g) / tau with g = -log(-log(u)), -inf outside the tensor."""
+    index = rows[:, None] * K + cols[None, :]
+    z = tl.load(logits + index, mask=inside, other=0.0).to(ACC)
+    u = _uniform(seed, index).to(ACC)
+    return tl.where(inside, (z - tl.log(-tl.log(u))) * inv_tau, float("-inf"))
 
 
 @triton.jit
 def gumbel_softmax_fwd_kernel(
-    logits, out, soft, K, seed, inv_tau,
-    HARD: tl.constexpr, ACC: tl.constexpr, BLOCK_K: tl.constexpr,
+    logits, out, soft, R, K, seed, inv_tau,
+    HARD: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    base = row * K
-    best = tl.full((), float("-inf"), ACC)
-    best_i = tl.zeros((), tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_rows = rows < R
+    best = tl.full((BLOCK_R,), float("-inf"), ACC)
+    best_i = tl.zeros((BLOCK_R,), tl.int64)
     for c0 in range(0, K, BLOCK_K):  # pass 1: max (and first argmax) of (z + g) / tau
-        cols = c0 + tl.arange(0, BLOCK_K)
-        inside = cols < K
-        z = tl.load(logits + base + cols, mask=inside, other=0.0).to(ACC)
-        u = _uniform(seed, base + cols).to(ACC)
-        y = tl.where(inside, (z - tl.log(-tl.log(u))) * inv_tau, float("-inf"))
-        chunk = tl.max(y, 0)
-        first = tl.min(tl.where(y == chunk, cols, K), 0).to(tl.int64)
+        cols = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        inside = in_rows[:, None] & (cols[None, :] < K)
+        y = _tempered(logits, seed, rows, cols, inside, K, inv_tau, ACC)
+        chunk = tl.max(y, 1)
+        first = tl.min(tl.where(y == chunk[:, None], cols[None, :], K), 1)
         take = chunk > best
         best_i = tl.where(take, first, best_i)
         best = tl.where(take, chunk, best)
-    total = tl.zeros((), ACC)
+    total = tl.zeros((BLOCK_R,), ACC)
     for c0 in range(0, K, BLOCK_K):  # pass 2: normaliser
-        cols = c0 + tl.arange(0, BLOCK_K)
-        inside = cols < K
-        z = tl.load(logits + base + cols, mask=inside, other=0.0).to(ACC)
-        u = _uniform(seed, base + cols).to(ACC)
-        y = tl.where(inside, (z - tl.log(-tl.log(u))) * inv_tau, float("-inf"))
-        total += tl.sum(tl.exp(y - best), 0)
+        cols = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        inside = in_rows[:, None] & (cols[None, :] < K)
+        y = _tempered(logits, seed, rows, cols, inside, K, inv_tau, ACC)
+        total += tl.sum(tl.exp(y - best[:, None]), 1)
     for c0 in range(0, K, BLOCK_K):  # pass 3: write
-        cols = c0 + tl.arange(0, BLOCK_K)
-        inside = cols < K
-        z = tl.load(logits + base + cols, mask=inside, other=0.0).to(ACC)
-        u = _uniform(seed, base + cols).to(ACC)
-        y = (z - tl.log(-tl.log(u))) * inv_tau
-        p = tl.exp(y - best) / total
-        tl.store(soft + base + cols, p.to(soft.dtype.element_ty), mask=inside)
+        cols = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        inside = in_rows[:, None] & (cols[None, :] < K)
+        y = _tempered(logits, seed, rows, cols, inside, K, inv_tau, ACC)
+        index = rows[:, None] * K + cols[None, :]
+        p = tl.exp(y - best[:, None]) / total[:, None]
+        tl.store(soft + index, p.to(soft.dtype.element_ty), mask=inside)
         if HARD:
-            one_hot = tl.where(cols == best_i, 1.0, 0.0)
-            tl.store(out + base + cols, one_hot.to(out.dtype.element_ty), mask=inside)
+            one_hot = tl.where(cols[None, :] == best_i[:, None], 1.0, 0.0)
+            tl.store(out + index, one_hot.to(out.dtype.element_ty), mask=inside)
 
 
 @triton.jit
 def gumbel_softmax_bwd_kernel(
-    grad, soft, dz, K, inv_tau, ACC: tl.constexpr, BLOCK_K: tl.constexpr
+    grad, soft, dz, R, K, inv_tau,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    base = row * K
-    dot = tl.zeros((), ACC)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_rows = rows < R
+    dot = tl.zeros((BLOCK_R,), ACC)
     for c0 in range(0, K, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
-        inside = cols < K
-        g = tl.load(grad + base + cols, mask=inside, other=0.0).to(ACC)
-        s = tl.load(soft + base + cols, mask=inside, other=0.0).to(ACC)
-        dot += tl.sum(g * s, 0)
+        inside = in_rows[:, None] & (cols[None, :] < K)
+        index = rows[:, None] * K + cols[None, :]
+        g = tl.load(grad + index, mask=inside, other=0.0).to(ACC)
+        s = tl.load(soft + index, mask=inside, other=0.0).to(ACC)
+        dot += tl.sum(g * s, 1)
     for c0 in range(0, K, BLOCK_K):
         cols = c0 + tl.arange(0, BLOCK_K)
-        inside = cols < K
-        g = tl.load(grad + base + cols, mask=inside, other=0.0).to(ACC)
-        s = tl.load(soft + base + cols, mask=inside, other=0.0).to(ACC)
-        tl.store(dz + base + cols, (s * (g - dot) * inv_tau).to(dz.dtype.element_ty), mask=inside)
+        inside = in_rows[:, None] & (cols[None, :] < K)
+        index = rows[:, None] * K + cols[None, :]
+        g = tl.load(grad + index, mask=inside, other=0.0).to(ACC)
+        s = tl.load(soft + index, mask=inside, other=0.0).to(ACC)
+        d = s * (g - dot[:, None]) * inv_tau
+        tl.store(dz + index, d.to(dz.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -194,6 +213,16 @@ def gumbel_sigmoid_bwd_kernel(
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """a @ b accumulated in float32 (float64 for float64). UPCAST: multiply in float32, for
+    bfloat16 in Triton's interpreter, whose bfloat16 dot gives wrong results (triton 3.x)."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PRECISION)
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def _tile(tiles, st_b, st_h, st_m, st_n, b, h, mb, nb, HAS_TILES: tl.constexpr):
     if HAS_TILES:
         return tl.load(tiles + b * st_b + h * st_h + mb * st_m + nb * st_n).to(tl.int32)
@@ -205,12 +234,12 @@ def _tile(tiles, st_b, st_h, st_m, st_n, b, h, mb, nb, HAS_TILES: tl.constexpr):
 def _tile_scores(
     q, k, offs_m, offs_n, offs_d, Lq, Lk, D, scale, occ,
     keep, sk_m, sk_n,
-    HAS_KEEP: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_KEEP: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     """S = q k^T * scale for one tile (k: pointers to the tile's keys, laid out [D, N]); -inf
     where the keep mask forbids (loaded for partial tiles only) or out of range."""
     kt = tl.load(k, mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
-    s = tl.dot(q, kt, input_precision=PRECISION).to(ACC) * scale
+    s = _dot(q, kt, PRECISION, UPCAST).to(ACC) * scale
     allowed = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
     if HAS_KEEP:
         if occ == 1:
@@ -229,7 +258,7 @@ def attention_fwd_kernel(
     sw_b, sw_h, sw_m, sw_n,
     st_b, st_h, st_m, st_n,
     HAS_KEEP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TILES: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     mb = tl.program_id(0)
@@ -255,7 +284,7 @@ def attention_fwd_kernel(
             offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
             k = K + bh * Lk * D + offs_n[None, :] * D + offs_d[:, None]
             s = _tile_scores(q, k, offs_m, offs_n, offs_d, Lq, Lk, D, scale, occ,
-                             keep_bh, sk_m, sk_n, HAS_KEEP, ACC, PRECISION)  # fmt: skip
+                             keep_bh, sk_m, sk_n, HAS_KEEP, ACC, PRECISION, UPCAST)  # fmt: skip
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
             p = tl.exp(s - m_safe[:, None])
@@ -272,7 +301,7 @@ def attention_fwd_kernel(
                 mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Dv),
                 other=0.0,
             )
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION).to(ACC)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST).to(ACC)
             m_i = m_new
     nonzero = l_i > 0
     out = acc / tl.where(nonzero, l_i, 1.0)[:, None]
@@ -293,7 +322,7 @@ def attention_bwd_dkdv_kernel(
     sw_b, sw_h, sw_m, sw_n,
     st_b, st_h, st_m, st_n,
     HAS_KEEP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TILES: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """dV = sum_i P_ij dO_i, dK = scale sum_i dS_ij q_i for one block of keys (FA2 style: P is
@@ -328,7 +357,7 @@ def attention_bwd_dkdv_kernel(
                 mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D),
                 other=0.0,
             )
-            s = tl.dot(q, kt, input_precision=PRECISION).to(ACC) * scale
+            s = _dot(q, kt, PRECISION, UPCAST).to(ACC) * scale
             allowed = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
             if HAS_KEEP:
                 if occ == 1:
@@ -346,11 +375,11 @@ def attention_bwd_dkdv_kernel(
                 mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Dv),
                 other=0.0,
             )
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION).to(ACC)
-            dp = tl.dot(do, vt, input_precision=PRECISION).to(ACC)
+            dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST).to(ACC)
+            dp = _dot(do, vt, PRECISION, UPCAST).to(ACC)
             delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
             ds = p * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION).to(ACC)
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST).to(ACC)
     tl.store(
         dK + bh * Lk * D + offs_n[:, None] * D + offs_d[None, :],
         (dk * scale).to(dK.dtype.element_ty),
@@ -372,7 +401,7 @@ def attention_bwd_dq_kernel(
     sd_b, sd_h, sd_m, sd_n,
     st_b, st_h, st_m, st_n,
     HAS_KEEP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TILES: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr,
+    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """dQ = scale sum_j dS_ij k_j for one block of queries; with a soft mask w also
@@ -408,14 +437,14 @@ def attention_bwd_dq_kernel(
             offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
             k = K + bh * Lk * D + offs_n[None, :] * D + offs_d[:, None]
             s = _tile_scores(q, k, offs_m, offs_n, offs_d, Lq, Lk, D, scale, occ,
-                             keep_bh, sk_m, sk_n, HAS_KEEP, ACC, PRECISION)  # fmt: skip
+                             keep_bh, sk_m, sk_n, HAS_KEEP, ACC, PRECISION, UPCAST)  # fmt: skip
             e = tl.exp(s - lse[:, None])
             vt = tl.load(
                 V + bh * Lk * Dv + offs_n[None, :] * Dv + offs_dv[:, None],
                 mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < Dv),
                 other=0.0,
             )
-            dp_centred = tl.dot(do, vt, input_precision=PRECISION).to(ACC) - delta[:, None]
+            dp_centred = _dot(do, vt, PRECISION, UPCAST).to(ACC) - delta[:, None]
             inside = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
             if HAS_WEIGHT:
                 w = tl.load(weight_bh + offs_m[:, None] * sw_m + offs_n[None, :] * sw_n,
@@ -431,7 +460,7 @@ def attention_bwd_dq_kernel(
                 mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D),
                 other=0.0,
             )
-            dq += tl.dot(ds.to(kn.dtype), kn, input_precision=PRECISION).to(ACC)
+            dq += _dot(ds.to(kn.dtype), kn, PRECISION, UPCAST).to(ACC)
     tl.store(
         dQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :],
         (dq * scale).to(dQ.dtype.element_ty),
