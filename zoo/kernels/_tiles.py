@@ -57,9 +57,10 @@ def tile_map(
 ) -> torch.Tensor:
     """``compute_tile_map`` with a cache keyed by the mask's storage, view and version."""
     shape = tuple(int(n) for n in shape)
-    if torch.compiler.is_compiling():
-        return compute_tile_map(mask, shape, tile)
     owner = mask._base if mask._base is not None else mask
+    if torch.compiler.is_compiling() or owner.is_inference() or mask.is_inference():
+        # inference tensors have no version counter, so in-place edits could not be detected
+        return compute_tile_map(mask, shape, tile)
     key = (
         id(owner),
         mask.data_ptr(),

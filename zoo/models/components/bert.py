@@ -1,6 +1,8 @@
 """A BERT encoder (Devlin et al. 2019) whose self-attention runs through
 ``zoo.kernels.masked_attention``, so a per-head keep mask (padding composed with a learned
-sparse mask) turns into skipped work. Module and parameter names follow HuggingFace's
+sparse mask) turns into skipped work. While a mask is searched, the sampled float mask goes
+through ``zoo.kernels.soft_masked_attention`` (one [H, L, L] mask shared by the batch, padding
+applied inside the kernel), so no [B, H, L, L] tensor is built. Module and parameter names follow HuggingFace's
 ``BertModel`` exactly, so its checkpoints load with a plain state-dict copy (see
 ``zoo.models.sparsebert.from_pretrained``).
 
@@ -18,6 +20,18 @@ import torch
 from torch import nn
 
 from zoo import kernels
+
+
+@dataclass
+class SoftMask:
+    """A float attention weight per head (a sampled mask, differentiable) with an optional bool
+    keep mask (padding) that removes keys outright."""
+
+    weight: torch.Tensor
+    keep: torch.Tensor | None = None
+
+
+AttentionMask = torch.Tensor | SoftMask | None
 
 
 @dataclass
@@ -90,7 +104,7 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, keep_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep_mask: AttentionMask) -> torch.Tensor:
         b, n, _ = x.shape
 
         def heads(t: torch.Tensor) -> torch.Tensor:
@@ -98,23 +112,11 @@ class BertSelfAttention(nn.Module):
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         scale = 1.0 / math.sqrt(self.head_dim)
-        if keep_mask is not None and keep_mask.is_floating_point():
-            out = soft_masked_attention(q, k, v, keep_mask, scale)
+        if isinstance(keep_mask, SoftMask):
+            out = kernels.soft_masked_attention(q, k, v, keep_mask.weight, scale, keep_mask.keep)
         else:
             out = kernels.masked_attention(q, k, v, keep_mask, scale)
         return out.transpose(1, 2).reshape(b, n, -1)
-
-
-def soft_masked_attention(q, k, v, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Attention with a float mask M (0/1 in the forward pass, straight-through gradients):
-    P_ij = M_ij exp(S_ij) / sum_k M_ik exp(S_ik). It equals masked attention for a 0/1 mask and
-    is differentiable in M, including at dropped entries (dP/dM_ij = exp(S_ij) / Z), which the
-    mask search needs. It materialises [L, L] scores: used only while searching a mask."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = scores - scores.amax(dim=-1, keepdim=True).detach()
-    weights = torch.exp(scores) * mask
-    probs = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-    return torch.matmul(probs, v)
 
 
 class BertResidual(nn.Module):
@@ -136,7 +138,7 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(cfg)
         self.output = BertResidual(cfg.hidden_size, cfg)
 
-    def forward(self, x: torch.Tensor, keep_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep_mask: AttentionMask) -> torch.Tensor:
         return self.output(self.self(x, keep_mask), x)
 
 
@@ -161,7 +163,7 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(cfg)
         self.output = BertResidual(cfg.intermediate_size, cfg)
 
-    def forward(self, x: torch.Tensor, keep_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep_mask: AttentionMask) -> torch.Tensor:
         x = self.attention(x, keep_mask)
         return self.output(self.intermediate(x), x)
 
@@ -171,7 +173,7 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(cfg) for _ in range(cfg.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, keep_masks: list[torch.Tensor | None]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep_masks: list[AttentionMask]) -> torch.Tensor:
         for layer, mask in zip(self.layer, keep_masks):
             x = layer(x, mask)
         return x
@@ -235,13 +237,18 @@ class BertModel(nn.Module):
         return hidden, self.pooler(hidden)
 
 
-def _combine(pad: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Padding (bool, [B,1,1,L]) and a layer mask (bool, or float while searching)."""
+def _combine(pad: torch.Tensor | None, mask: torch.Tensor | None) -> AttentionMask:
+    """Padding (bool, [B,1,1,L]) and a layer mask (bool [1,H,L,L], or float while searching).
+
+    A float mask stays [1,H,L,L] with the padding beside it (SoftMask); a bool mask is used as
+    is when nothing is padded, so the kernels reuse its cached tile map."""
+    if mask is not None and mask.is_floating_point():
+        return SoftMask(mask, pad)
     if mask is None:
         return pad
-    if pad is None:
+    if pad is None or bool(pad.all()):
         return mask
-    return mask * pad.to(mask.dtype) if mask.is_floating_point() else (mask & pad)
+    return mask & pad
 
 
 class BertMLMHead(nn.Module):
