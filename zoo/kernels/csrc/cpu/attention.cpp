@@ -18,7 +18,12 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <type_traits>
 #include <vector>
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include "../ops.h"
 #include "vec_utils.h"
@@ -28,10 +33,10 @@ namespace {
 
 constexpr int64_t kBQ = 64;  // query rows per tile
 constexpr int64_t kBK = 64;  // keys per tile
-constexpr int kMR = 4;       // rows of C per micro-kernel call
+constexpr int kMR = 6;       // rows of C per micro-kernel call (6 x 2 vectors: AVX2's 16 registers)
 
-// vectors of C per row: 4 x 4 accumulators with 512-bit vectors, 4 x 2 with 256-bit (fits the
-// register file)
+// vectors of C per row: 6 x 4 accumulators with 512-bit vectors (24 of 32 registers), 6 x 2
+// with 256-bit (12 of 16), leaving room for the B vectors and the broadcast A value
 template <typename T>
 constexpr int nv_max() {
   return VecT<T>::size() * sizeof(T) >= 64 ? 4 : 2;
@@ -93,7 +98,9 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t sm, int64_t sk, c
         case 1: micro_dispatch_nv<T, 1>(nv, K, ap, sm, sk, b + n0, ldb, cp, ldc, accumulate); break;
         case 2: micro_dispatch_nv<T, 2>(nv, K, ap, sm, sk, b + n0, ldb, cp, ldc, accumulate); break;
         case 3: micro_dispatch_nv<T, 3>(nv, K, ap, sm, sk, b + n0, ldb, cp, ldc, accumulate); break;
-        default: micro_dispatch_nv<T, 4>(nv, K, ap, sm, sk, b + n0, ldb, cp, ldc, accumulate); break;
+        case 4: micro_dispatch_nv<T, 4>(nv, K, ap, sm, sk, b + n0, ldb, cp, ldc, accumulate); break;
+        case 5: micro_dispatch_nv<T, 5>(nv, K, ap, sm, sk, b + n0, ldb, cp, ldc, accumulate); break;
+        default: micro_dispatch_nv<T, 6>(nv, K, ap, sm, sk, b + n0, ldb, cp, ldc, accumulate); break;
       }
     }
   }
@@ -178,8 +185,26 @@ inline void apply_mask(const Problem& p, int8_t occ, int64_t b, int64_t h, int64
     T* s = S + i * bkp;
     if (occ == kTilePartial) {
       const bool* mrow = p.mask_row(b, h, q0 + i);
-      for (int64_t j = 0; j < bk; ++j) {
-        if (!mrow[(k0 + j) * p.ms[3]]) s[j] = kNegInf;
+      if (p.ms[3] == 1) {  // contiguous keys
+        const bool* mk = mrow + k0;
+        int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+        if constexpr (std::is_same_v<T, float>) {  // 8 mask bytes -> a lane mask -> blend
+          const __m256 ninf = _mm256_set1_ps(kNegInf);
+          for (; j + 8 <= bk; j += 8) {
+            const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mk + j));
+            const __m256i lanes = _mm256_cvtepu8_epi32(bytes);
+            const __m256 keep =
+                _mm256_castsi256_ps(_mm256_cmpgt_epi32(lanes, _mm256_setzero_si256()));
+            _mm256_storeu_ps(s + j, _mm256_blendv_ps(ninf, _mm256_loadu_ps(s + j), keep));
+          }
+        }
+#endif
+        for (; j < bk; ++j) s[j] = mk[j] ? s[j] : kNegInf;
+      } else {
+        for (int64_t j = 0; j < bk; ++j) {
+          if (!mrow[(k0 + j) * p.ms[3]]) s[j] = kNegInf;
+        }
       }
     }
     for (int64_t j = bk; j < bkp; ++j) s[j] = kNegInf;
@@ -196,16 +221,23 @@ void attention_forward(const Problem& p, const scalar_t* q, const scalar_t* k, c
   const struct { int64_t Dp, Dvp; } pd{round_up(std::max<int64_t>(p.D, 1), VS),
                                      round_up(std::max<int64_t>(p.Dv, 1), VS)};
   const T scale = static_cast<T>(p.scale);
+  // K^T tiles [Dp x bkp] and V tiles [bkp x Dvp] (zero padded) of the current head, packed on
+  // first use and reused by the head's later query tiles (each thread's items run in order)
+  const int64_t tile_k = pd.Dp * BKp, tile_v = BKp * pd.Dvp;
   at::parallel_for(0, p.B * p.H * p.nq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Qs(kBQ * pd.Dp), Kt(pd.Dp * BKp), Vn(BKp * pd.Dvp), S(kBQ * BKp),
-        O(kBQ * pd.Dvp), m(kBQ), l(kBQ);
+    std::vector<T> Kt_head(p.nk * tile_k, T(0)), Vn_head(p.nk * tile_v, T(0));
+    std::vector<char> packed(p.nk, 0);
+    int64_t packed_bh = -1;
+    std::vector<T> Qs(kBQ * pd.Dp), S(kBQ * BKp), O(kBQ * pd.Dvp), m(kBQ), l(kBQ);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t qb = t % p.nq, bh = t / p.nq, b = bh / p.H, h = bh % p.H;
       const int64_t q0 = qb * kBQ, bq = std::min(kBQ, p.Lq - q0);
       const scalar_t* qh = q + (bh * p.Lq) * p.D;
-      const scalar_t* kh = k + (bh * p.Lk) * p.D;
-      const scalar_t* vh = v + (bh * p.Lk) * p.Dv;
-      std::fill(Qs.begin(), Qs.end(), 0.f);
+      if (bh != packed_bh) {
+        std::fill(packed.begin(), packed.end(), 0);
+        packed_bh = bh;
+      }
+      std::fill(Qs.begin(), Qs.end(), T(0));
       for (int64_t i = 0; i < bq; ++i)
         for (int64_t d = 0; d < p.D; ++d)
           Qs[i * pd.Dp + d] = static_cast<T>(qh[(q0 + i) * p.D + d]) * scale;
@@ -216,16 +248,18 @@ void attention_forward(const Problem& p, const scalar_t* q, const scalar_t* k, c
         const int8_t occ = p.occupancy(b, h, qb, kb);
         if (occ == kTileEmpty) continue;
         const int64_t k0 = kb * kBK, bk = std::min(kBK, p.Lk - k0), bkp = round_up(bk, VS);
-        // K^T tile [Dp x bkp] and V tile [bkp x Dvp], zero padded
-        std::fill(Kt.begin(), Kt.begin() + pd.Dp * bkp, T(0));
-        for (int64_t j = 0; j < bk; ++j)
-          for (int64_t d = 0; d < p.D; ++d)
-            Kt[d * bkp + j] = static_cast<T>(kh[(k0 + j) * p.D + d]);
-        std::fill(Vn.begin(), Vn.begin() + bkp * pd.Dvp, T(0));
-        for (int64_t j = 0; j < bk; ++j)
-          for (int64_t d = 0; d < p.Dv; ++d)
-            Vn[j * pd.Dvp + d] = static_cast<T>(vh[(k0 + j) * p.Dv + d]);
-        gemm(bq, bkp, pd.Dp, Qs.data(), pd.Dp, 1, Kt.data(), bkp, S.data(), bkp, false);
+        T* Kt = Kt_head.data() + kb * tile_k;
+        T* Vn = Vn_head.data() + kb * tile_v;
+        if (!packed[kb]) {  // padding stays zero: every head's tile kb has the same bk
+          const scalar_t* kh = k + (bh * p.Lk + k0) * p.D;
+          const scalar_t* vh = v + (bh * p.Lk + k0) * p.Dv;
+          for (int64_t j = 0; j < bk; ++j) {
+            for (int64_t d = 0; d < p.D; ++d) Kt[d * bkp + j] = static_cast<T>(kh[j * p.D + d]);
+            for (int64_t d = 0; d < p.Dv; ++d) Vn[j * pd.Dvp + d] = static_cast<T>(vh[j * p.Dv + d]);
+          }
+          packed[kb] = 1;
+        }
+        gemm(bq, bkp, pd.Dp, Qs.data(), pd.Dp, 1, Kt, bkp, S.data(), bkp, false);
         apply_mask(p, occ, b, h, q0, bq, k0, bk, bkp, S.data());
         // online softmax update; S becomes P
         for (int64_t i = 0; i < bq; ++i) {
@@ -259,7 +293,7 @@ void attention_forward(const Problem& p, const scalar_t* q, const scalar_t* k, c
             for (int64_t d = 0; d < pd.Dvp; d += VS) (Vec::loadu(o + d) * va).store(o + d);
           }
         }
-        gemm(bq, pd.Dvp, bkp, S.data(), bkp, 1, Vn.data(), pd.Dvp, O.data(), pd.Dvp, true);
+        gemm(bq, pd.Dvp, bkp, S.data(), bkp, 1, Vn, pd.Dvp, O.data(), pd.Dvp, true);
       }
       scalar_t* oh = out + (bh * p.Lq + q0) * p.Dv;
       T* lh = lse + bh * p.Lq + q0;
