@@ -5,7 +5,8 @@ ratios measured in this one run (no absolute targets are asserted anywhere).
     python benchmarks/kernels.py --quick         # smaller sizes, a smoke run
     python benchmarks/kernels.py --only attention --device cuda
 
-Compared: compiled (zoo.kernels, backend=compiled), the eager reference
+Compared: compiled (zoo.kernels, backend=compiled: the C++ kernels on CPU, the Triton kernels
+on CUDA), the eager reference
 (zoo.kernels.reference), torch.compile of the reference, and for attention PyTorch's
 F.scaled_dot_product_attention with the same boolean mask (and F.gumbel_softmax for Gumbel).
 Each op also reports the compiled kernel's achieved bandwidth (the least bytes it must move)
@@ -186,7 +187,9 @@ def bench_attention_targets(device: str, quick: bool) -> None:
     )
     band = band_mask(length, 0.90, device)
     sparsity = 1 - band.float().mean().item()
-    print(f"\n== masked_attention targets  B={b} H={h} D={d} L={length}, band {sparsity:.1%} sparse")
+    print(
+        f"\n== masked_attention targets  B={b} H={h} D={d} L={length}, band {sparsity:.1%} sparse"
+    )
     ours_fb = timeit(fwd_bwd(lambda: K.masked_attention(q, k, v, band), q, k, v), device)
     sdpa_fb = timeit(
         fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=band), q, k, v), device
@@ -196,7 +199,9 @@ def bench_attention_targets(device: str, quick: bool) -> None:
     with torch.no_grad():
         ours_f = timeit(lambda: K.masked_attention(q, k, v, band), device)
         sdpa_dense_f = timeit(lambda: F.scaled_dot_product_attention(q, k, v), device)
-        sdpa_mask_f = timeit(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=band), device)
+        sdpa_mask_f = timeit(
+            lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=band), device
+        )
         flex_f = flex_forward_time(q, k, v, band, device)
     print(f"  forward: ours {ours_f * 1e3:.1f} ms, SDPA with the mask {sdpa_mask_f * 1e3:.1f} ms "
           f"({sdpa_mask_f / ours_f:.2f}x)")  # fmt: skip
@@ -227,6 +232,34 @@ def flex_forward_time(q, k, v, band: torch.Tensor, device: str) -> float | None:
     flex = torch.compile(flex_attention)
     q, k, v = (t.detach() for t in (q, k, v))  # FlexAttention has no CPU backward
     return try_timeit("FlexAttention", lambda: flex(q, k, v, block_mask=block), device)
+
+
+def bench_soft_attention(device: str, quick: bool) -> None:
+    """The mask search's op: a float per-head mask shared by the batch, gradients to q, k, v and
+    the mask, against the materialising reference and dense SDPA (no mask, no mask gradient)."""
+    b, h, d, length = (2, 4, 64, 256) if quick else (8, 12, 64, 512)
+    print(f"\n== soft_masked_attention  B={b} H={h} D={d} L={length}, mask [1, H, L, L], fwd+bwd")
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (
+        torch.randn(b, h, length, d, generator=g).to(device).requires_grad_() for _ in range(3)
+    )
+    mask = (torch.rand(1, h, length, length, generator=g) > 0.5).float().to(device)
+    mask.requires_grad_()
+    scale = 1 / math.sqrt(d)
+    times = {
+        "compiled": timeit(
+            fwd_bwd(lambda: K.soft_masked_attention(q, k, v, mask), q, k, v, mask), device
+        ),
+        "eager": timeit(
+            fwd_bwd(lambda: R.soft_masked_attention(q, k, v, mask, None, scale), q, k, v, mask),
+            device,
+            min_time=0.2,
+        ),
+        "sdpa dense": timeit(
+            fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v), q, k, v), device
+        ),
+    }
+    row(f"L={length} soft mask", times, device, 10 * b * h * length * d * 4 + 8 * h * length**2)
 
 
 def attention_times(q, k, v, mask, device: str, eager: bool) -> dict[str, float]:
@@ -303,6 +336,7 @@ def main() -> None:
         bench_group_softmax(args.device, args.quick)
     if args.only in (None, "attention"):
         bench_attention_targets(args.device, args.quick)
+        bench_soft_attention(args.device, args.quick)
         bench_attention(args.device, args.quick)
     if args.only in (None, "gumbel"):
         bench_gumbel(args.device, args.quick)

@@ -146,7 +146,9 @@ def main() -> None:
     parser.add_argument("--worker", choices=list(SEARCH_VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(search_worker(args.worker, args.length, args.batch, max(2, args.reps // 2))))
+        print(
+            json.dumps(search_worker(args.worker, args.length, args.batch, max(2, args.reps // 2)))
+        )
         return
     warnings.filterwarnings("ignore")
     kernels.backend()

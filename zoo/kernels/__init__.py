@@ -106,6 +106,13 @@ def _load() -> bool:
             if _triton_for_cuda():
                 _ops.register_triton("zoo", ("CUDA",))
                 _state.devices.add("cuda")
+            elif torch.cuda.is_available():
+                warnings.warn(
+                    "zoo kernels: Triton is not installed, so CUDA tensors use the PyTorch "
+                    "reference implementation (torch's CUDA wheels ship Triton)",
+                    KernelFallbackWarning,
+                    stacklevel=3,
+                )
         return _state.loaded
 
 
