@@ -208,6 +208,8 @@ def test_group_softmax_rejects_bad_input(impl):
         impl.group_softmax_cross_entropy(logits, target, table[:, :3], row_group)
     with pytest.raises(ValueError, match="reduction"):
         impl.group_softmax_cross_entropy(logits, target, table, row_group, reduction="avg")
+    with pytest.raises(ValueError, match="row_group is on meta"):
+        impl.group_softmax_cross_entropy(logits, target, table, row_group.to("meta"))
     if impl.name != "cpu":
         return
     # the C++ kernel checks too (for callers of torch.ops.zoo directly)
@@ -481,6 +483,10 @@ def test_attention_rejects_bad_input(impl):
         impl.masked_attention(q, k[..., :3], v)
     with pytest.raises(ValueError, match="one floating dtype"):
         impl.masked_attention(q, k.double(), v)
+    with pytest.raises(ValueError, match="one device"):
+        impl.masked_attention(q, k.to("meta"), v)
+    with pytest.raises(ValueError, match="keep_mask is on meta"):
+        impl.masked_attention(q, k, v, torch.ones(8, 8, dtype=torch.bool, device="meta"))
     with pytest.raises(ValueError, match="float tensor"):
         impl.soft_masked_attention(q, k, v, impl.put(torch.ones(8, 8, dtype=torch.bool)))
     with pytest.raises(ValueError, match=">= 0"):

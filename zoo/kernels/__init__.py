@@ -226,6 +226,9 @@ def group_softmax_cross_entropy(
         raise ValueError(
             f"group_table must be an integer [G, C={c}] tensor, got {tuple(group_table.shape)} {group_table.dtype}"
         )
+    for name, t in (("target", target), ("group_table", group_table), ("row_group", row_group)):
+        if t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device}, logits on {logits.device}")
     if _checking() and n:
         _check_range("target", target, 0, c, ignore_index)
         _check_range("row_group", row_group, 0, group_table.shape[0])

@@ -255,7 +255,7 @@ def _attention_forward(q, k, v, keep_mask, weight, tile_map, scale):
         return out.zero_(), lse.fill_(float("-inf"))
     keep, wt, sk, sw = a.masks()
     tiles, st = a.tile_args()
-    _wrap(kern.attention_fwd_kernel)[(triton.cdiv(a.lq, TILE), a.b * a.h)](
+    _wrap(kern.attention_fwd_kernel)[(a.b * a.h, triton.cdiv(a.lq, TILE))](
         q, k, v, out, lse, keep, wt, tiles, *a.common(), *sk, *sw, *st, **a.meta
     )
     return out, lse
@@ -277,12 +277,12 @@ def _attention_backward(grad_out, q, k, v, keep_mask, weight, tile_map, out, lse
         return dq, dk, dv, dweight
     keep, wt, sk, sw = a.masks()
     tiles, st = a.tile_args()
-    _wrap(kern.attention_bwd_dkdv_kernel)[(triton.cdiv(a.lk, TILE), a.b * a.h)](
+    _wrap(kern.attention_bwd_dkdv_kernel)[(a.b * a.h, triton.cdiv(a.lk, TILE))](
         q, k, v, do, lse, delta, dk, dv, keep, wt, tiles, *a.common(), *sk, *sw, *st, **a.meta
     )
     dw = dweight if dweight is not None else a.dummy.float()
     sd = _strides(None if dweight is None else _expand4(dweight, (a.b, a.h, a.lq, a.lk)))
-    _wrap(kern.attention_bwd_dq_kernel)[(triton.cdiv(a.lq, TILE), a.b * a.h)](
+    _wrap(kern.attention_bwd_dq_kernel)[(a.b * a.h, triton.cdiv(a.lq, TILE))](
         q, k, v, do, lse, delta, dq, dw, keep, wt, tiles,
         *a.common(), *sk, *sw, *sd, *st, **a.meta,
     )  # fmt: skip

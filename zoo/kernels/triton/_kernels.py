@@ -116,7 +116,7 @@ def _tempered(logits, seed, rows, cols, inside, K, inv_tau, ACC: tl.constexpr):
     return tl.where(inside, (z - tl.log(-tl.log(u))) * inv_tau, float("-inf"))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a seed of 1 must not become a constant
 def gumbel_softmax_fwd_kernel(
     logits, out, soft, R, K, seed, inv_tau,
     HARD: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -177,7 +177,7 @@ def gumbel_softmax_bwd_kernel(
         tl.store(dz + index, d.to(dz.dtype.element_ty), mask=inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])  # a seed of 1 must not become a constant
 def gumbel_sigmoid_fwd_kernel(
     logits, out, soft, numel, seed, inv_tau,
     HARD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
@@ -261,8 +261,8 @@ def attention_fwd_kernel(
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
-    mb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)  # batch x heads on axis 0 (axis 1 is capped at 65535)
+    mb = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -327,8 +327,8 @@ def attention_bwd_dkdv_kernel(
 ):  # fmt: skip
     """dV = sum_i P_ij dO_i, dK = scale sum_i dS_ij q_i for one block of keys (FA2 style: P is
     recomputed from the saved log-sum-exp, dS = P (dP - Delta), dP = dO v^T)."""
-    nb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)
+    nb = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -407,8 +407,8 @@ def attention_bwd_dq_kernel(
     """dQ = scale sum_j dS_ij k_j for one block of queries; with a soft mask w also
     dW_ij = exp(S_ij - lse_i) (dP_ij - Delta_i), added atomically into dW (whose strides sd_*
     are 0 along the dimensions w is broadcast over, so the reduction happens here)."""
-    mb = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)  # batch x heads on axis 0 (axis 1 is capped at 65535)
+    mb = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
