@@ -231,22 +231,32 @@ def _tile(tiles, st_b, st_h, st_m, st_n, b, h, mb, nb, HAS_TILES: tl.constexpr):
 
 
 @triton.jit
+def _load(base, rows, cols, n_rows, n_cols, s_row, s_col, other):
+    """The [rows x cols] block of a strided [n_rows, n_cols] matrix, ``other`` outside it."""
+    inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(base + rows[:, None] * s_row + cols[None, :] * s_col, mask=inside, other=other)
+
+
+@triton.jit
+def _store(base, value, rows, cols, n_rows, n_cols, s_row):
+    inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    ptrs = base + rows[:, None] * s_row + cols[None, :]
+    tl.store(ptrs, value.to(base.dtype.element_ty), mask=inside)
+
+
+@triton.jit
 def _tile_scores(
-    q, k, offs_m, offs_n, offs_d, Lq, Lk, D, scale, occ,
-    keep, sk_m, sk_n,
+    q, k_bh, offs_m, offs_n, offs_d, Lq, Lk, D, scale, occ, keep_bh, sk_m, sk_n,
     HAS_KEEP: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """S = q k^T * scale for one tile (k: pointers to the tile's keys, laid out [D, N]); -inf
-    where the keep mask forbids (loaded for partial tiles only) or out of range."""
-    kt = tl.load(k, mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D), other=0.0)
+    """S = q k^T * scale for one tile; -inf where the keep mask forbids (read for partial tiles
+    only) or out of range."""
+    kt = _load(k_bh, offs_d, offs_n, D, Lk, 1, D, 0.0)  # [D, N]: k transposed
     s = _dot(q, kt, PRECISION, UPCAST).to(ACC) * scale
     allowed = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
     if HAS_KEEP:
         if occ == 1:
-            km = tl.load(
-                keep + offs_m[:, None] * sk_m + offs_n[None, :] * sk_n, mask=allowed, other=0
-            )
-            allowed = allowed & (km != 0)
+            allowed = allowed & (_load(keep_bh, offs_m, offs_n, Lq, Lk, sk_m, sk_n, 0) != 0)
     return tl.where(allowed, s, float("-inf"))
 
 
@@ -261,6 +271,8 @@ def attention_fwd_kernel(
     ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
+    """Output rows and log-sum-exp of one block of queries: online softmax over key tiles,
+    P ~ w exp(S) when a soft mask w is given (HAS_WEIGHT)."""
     bh = tl.program_id(0).to(tl.int64)  # batch x heads on axis 0 (axis 1 is capped at 65535)
     mb = tl.program_id(1)
     b = bh // H
@@ -268,11 +280,7 @@ def attention_fwd_kernel(
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(
-        Q + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :],
-        mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D),
-        other=0.0,
-    )
+    q = _load(Q + bh * Lq * D, offs_m, offs_d, Lq, D, D, 1, 0.0)
     keep_bh = keep + b * sk_b + h * sk_h
     weight_bh = weight + b * sw_b + h * sw_h
     m_i = tl.full((BLOCK_M,), float("-inf"), ACC)
@@ -282,36 +290,31 @@ def attention_fwd_kernel(
         occ = _tile(tiles, st_b, st_h, st_m, st_n, b, h, mb, nb, HAS_TILES)
         if occ != 0:
             offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-            k = K + bh * Lk * D + offs_n[None, :] * D + offs_d[:, None]
-            s = _tile_scores(q, k, offs_m, offs_n, offs_d, Lq, Lk, D, scale, occ,
+            s = _tile_scores(q, K + bh * Lk * D, offs_m, offs_n, offs_d, Lq, Lk, D, scale, occ,
                              keep_bh, sk_m, sk_n, HAS_KEEP, ACC, PRECISION, UPCAST)  # fmt: skip
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
             p = tl.exp(s - m_safe[:, None])
             if HAS_WEIGHT:
-                p = p * tl.load(
-                    weight_bh + offs_m[:, None] * sw_m + offs_n[None, :] * sw_n,
-                    mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk),
-                    other=0.0,
-                ).to(ACC)
+                p = p * _load(weight_bh, offs_m, offs_n, Lq, Lk, sw_m, sw_n, 0.0).to(ACC)
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(
-                V + bh * Lk * Dv + offs_n[:, None] * Dv + offs_dv[None, :],
-                mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Dv),
-                other=0.0,
-            )
+            v = _load(V + bh * Lk * Dv, offs_n, offs_dv, Lk, Dv, Dv, 1, 0.0)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST).to(ACC)
             m_i = m_new
     nonzero = l_i > 0
     out = acc / tl.where(nonzero, l_i, 1.0)[:, None]
     lse = tl.where(nonzero, m_i + tl.log(tl.where(nonzero, l_i, 1.0)), float("-inf"))
-    tl.store(
-        Out + bh * Lq * Dv + offs_m[:, None] * Dv + offs_dv[None, :],
-        out.to(Out.dtype.element_ty),
-        mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Dv),
-    )
+    _store(Out + bh * Lq * Dv, out, offs_m, offs_dv, Lq, Dv, Dv)
     tl.store(Lse + bh * Lq + offs_m, lse, mask=offs_m < Lq)
+
+
+@triton.jit
+def _row_stats(Lse, Delta, bh, offs_m, Lq):
+    """The saved log-sum-exp (+inf for rows that kept nothing, so their P is 0) and Delta."""
+    lse = tl.load(Lse + bh * Lq + offs_m, mask=offs_m < Lq, other=float("-inf"))
+    lse = tl.where(lse == float("-inf"), float("inf"), lse)
+    return lse, tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
 
 
 @triton.jit
@@ -334,16 +337,8 @@ def attention_bwd_dkdv_kernel(
     offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kt = tl.load(
-        K + bh * Lk * D + offs_n[None, :] * D + offs_d[:, None],
-        mask=(offs_n[None, :] < Lk) & (offs_d[:, None] < D),
-        other=0.0,
-    )
-    vt = tl.load(
-        V + bh * Lk * Dv + offs_n[None, :] * Dv + offs_dv[:, None],
-        mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < Dv),
-        other=0.0,
-    )
+    kt = _load(K + bh * Lk * D, offs_d, offs_n, D, Lk, 1, D, 0.0)  # [D, N]
+    vt = _load(V + bh * Lk * Dv, offs_dv, offs_n, Dv, Lk, 1, Dv, 0.0)  # [Dv, N]
     keep_bh = keep + b * sk_b + h * sk_h
     weight_bh = weight + b * sw_b + h * sw_h
     dk = tl.zeros((BLOCK_N, BLOCK_D), ACC)
@@ -352,44 +347,24 @@ def attention_bwd_dkdv_kernel(
         occ = _tile(tiles, st_b, st_h, st_m, st_n, b, h, mb, nb, HAS_TILES)
         if occ != 0:
             offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-            q = tl.load(
-                Q + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :],
-                mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D),
-                other=0.0,
-            )
+            q = _load(Q + bh * Lq * D, offs_m, offs_d, Lq, D, D, 1, 0.0)
             s = _dot(q, kt, PRECISION, UPCAST).to(ACC) * scale
             allowed = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
             if HAS_KEEP:
                 if occ == 1:
-                    km = tl.load(keep_bh + offs_m[:, None] * sk_m + offs_n[None, :] * sk_n,
-                                 mask=allowed, other=0)  # fmt: skip
+                    km = _load(keep_bh, offs_m, offs_n, Lq, Lk, sk_m, sk_n, 0)
                     allowed = allowed & (km != 0)
-            lse = tl.load(Lse + bh * Lq + offs_m, mask=offs_m < Lq, other=float("-inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: P = 0
+            lse, delta = _row_stats(Lse, Delta, bh, offs_m, Lq)
             p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
             if HAS_WEIGHT:
-                p = p * tl.load(weight_bh + offs_m[:, None] * sw_m + offs_n[None, :] * sw_n,
-                                mask=allowed, other=0.0).to(ACC)  # fmt: skip
-            do = tl.load(
-                dO + bh * Lq * Dv + offs_m[:, None] * Dv + offs_dv[None, :],
-                mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Dv),
-                other=0.0,
-            )
+                p = p * _load(weight_bh, offs_m, offs_n, Lq, Lk, sw_m, sw_n, 0.0).to(ACC)
+            do = _load(dO + bh * Lq * Dv, offs_m, offs_dv, Lq, Dv, Dv, 1, 0.0)
             dv += _dot(tl.trans(p.to(do.dtype)), do, PRECISION, UPCAST).to(ACC)
             dp = _dot(do, vt, PRECISION, UPCAST).to(ACC)
-            delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
             ds = p * (dp - delta[:, None])
             dk += _dot(tl.trans(ds.to(q.dtype)), q, PRECISION, UPCAST).to(ACC)
-    tl.store(
-        dK + bh * Lk * D + offs_n[:, None] * D + offs_d[None, :],
-        (dk * scale).to(dK.dtype.element_ty),
-        mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D),
-    )
-    tl.store(
-        dV + bh * Lk * Dv + offs_n[:, None] * Dv + offs_dv[None, :],
-        dv.to(dV.dtype.element_ty),
-        mask=(offs_n[:, None] < Lk) & (offs_dv[None, :] < Dv),
-    )
+    _store(dK + bh * Lk * D, dk * scale, offs_n, offs_d, Lk, D, D)
+    _store(dV + bh * Lk * Dv, dv, offs_n, offs_dv, Lk, Dv, Dv)
 
 
 @triton.jit
@@ -407,26 +382,16 @@ def attention_bwd_dq_kernel(
     """dQ = scale sum_j dS_ij k_j for one block of queries; with a soft mask w also
     dW_ij = exp(S_ij - lse_i) (dP_ij - Delta_i), added atomically into dW (whose strides sd_*
     are 0 along the dimensions w is broadcast over, so the reduction happens here)."""
-    bh = tl.program_id(0).to(tl.int64)  # batch x heads on axis 0 (axis 1 is capped at 65535)
+    bh = tl.program_id(0).to(tl.int64)
     mb = tl.program_id(1)
     b = bh // H
     h = bh % H
     offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(
-        Q + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :],
-        mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D),
-        other=0.0,
-    )
-    do = tl.load(
-        dO + bh * Lq * Dv + offs_m[:, None] * Dv + offs_dv[None, :],
-        mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < Dv),
-        other=0.0,
-    )
-    lse = tl.load(Lse + bh * Lq + offs_m, mask=offs_m < Lq, other=float("-inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)
-    delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    q = _load(Q + bh * Lq * D, offs_m, offs_d, Lq, D, D, 1, 0.0)
+    do = _load(dO + bh * Lq * Dv, offs_m, offs_dv, Lq, Dv, Dv, 1, 0.0)
+    lse, delta = _row_stats(Lse, Delta, bh, offs_m, Lq)
     keep_bh = keep + b * sk_b + h * sk_h
     weight_bh = weight + b * sw_b + h * sw_h
     dw_bh = dW + b * sd_b + h * sd_h
@@ -435,34 +400,20 @@ def attention_bwd_dq_kernel(
         occ = _tile(tiles, st_b, st_h, st_m, st_n, b, h, mb, nb, HAS_TILES)
         if occ != 0:
             offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-            k = K + bh * Lk * D + offs_n[None, :] * D + offs_d[:, None]
-            s = _tile_scores(q, k, offs_m, offs_n, offs_d, Lq, Lk, D, scale, occ,
+            s = _tile_scores(q, K + bh * Lk * D, offs_m, offs_n, offs_d, Lq, Lk, D, scale, occ,
                              keep_bh, sk_m, sk_n, HAS_KEEP, ACC, PRECISION, UPCAST)  # fmt: skip
             e = tl.exp(s - lse[:, None])
-            vt = tl.load(
-                V + bh * Lk * Dv + offs_n[None, :] * Dv + offs_dv[:, None],
-                mask=(offs_n[None, :] < Lk) & (offs_dv[:, None] < Dv),
-                other=0.0,
-            )
+            vt = _load(V + bh * Lk * Dv, offs_dv, offs_n, Dv, Lk, 1, Dv, 0.0)  # [Dv, N]
             dp_centred = _dot(do, vt, PRECISION, UPCAST).to(ACC) - delta[:, None]
-            inside = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
             if HAS_WEIGHT:
-                w = tl.load(weight_bh + offs_m[:, None] * sw_m + offs_n[None, :] * sw_n,
-                            mask=inside, other=0.0).to(ACC)  # fmt: skip
+                w = _load(weight_bh, offs_m, offs_n, Lq, Lk, sw_m, sw_n, 0.0).to(ACC)
                 dw = e * dp_centred
-                tl.atomic_add(dw_bh + offs_m[:, None] * sd_m + offs_n[None, :] * sd_n,
-                              dw.to(dW.dtype.element_ty), mask=inside)  # fmt: skip
+                inside = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+                dw_ptrs = dw_bh + offs_m[:, None] * sd_m + offs_n[None, :] * sd_n
+                tl.atomic_add(dw_ptrs, dw.to(dW.dtype.element_ty), mask=inside)
                 ds = w * dw
             else:
                 ds = e * dp_centred
-            kn = tl.load(
-                K + bh * Lk * D + offs_n[:, None] * D + offs_d[None, :],
-                mask=(offs_n[:, None] < Lk) & (offs_d[None, :] < D),
-                other=0.0,
-            )
+            kn = _load(K + bh * Lk * D, offs_n, offs_d, Lk, D, D, 1, 0.0)
             dq += _dot(ds.to(kn.dtype), kn, PRECISION, UPCAST).to(ACC)
-    tl.store(
-        dQ + bh * Lq * D + offs_m[:, None] * D + offs_d[None, :],
-        (dq * scale).to(dQ.dtype.element_ty),
-        mask=(offs_m[:, None] < Lq) & (offs_d[None, :] < D),
-    )
+    _store(dQ + bh * Lq * D, dq * scale, offs_m, offs_d, Lq, D, D)
