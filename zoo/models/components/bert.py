@@ -242,13 +242,13 @@ def _combine(pad: torch.Tensor | None, mask: torch.Tensor | None) -> AttentionMa
 
     A float mask stays [1,H,L,L] with the padding beside it (SoftMask); a bool mask is used as
     is when nothing is padded, so the kernels reuse its cached tile map."""
-    if mask is not None and mask.is_floating_point():
-        return SoftMask(mask, pad)
     if mask is None:
         return pad
-    if pad is None or bool(pad.all()):
-        return mask
-    return mask & pad
+    if pad is not None and bool(pad.all()):
+        pad = None
+    if mask.is_floating_point():
+        return SoftMask(mask, pad)
+    return mask if pad is None else mask & pad
 
 
 class BertMLMHead(nn.Module):
