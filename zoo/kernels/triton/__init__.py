@@ -232,10 +232,12 @@ class _Attention:
         return tiles, _strides(tiles)
 
 
+def _as4d(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
+
+
 def _expand4(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    while t.dim() < 4:
-        t = t.unsqueeze(0)
-    return t.expand(shape)
+    return _as4d(t).expand(shape)
 
 
 def _strides(t: torch.Tensor | None) -> tuple[int, ...]:
@@ -269,9 +271,8 @@ def _attention_backward(grad_out, q, k, v, keep_mask, weight, tile_map, out, lse
     delta = (do.to(a.acc_torch) * out.to(a.acc_torch)).sum(-1).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dweight = None
-    if weight is not None:
-        own = _expand4(weight, weight.shape).shape  # weight's own shape, padded to 4 dims
-        dweight = torch.zeros(own, dtype=a.acc_torch, device=q.device)
+    if weight is not None:  # in weight's own (un-broadcast) shape: the kernel reduces into it
+        dweight = torch.zeros(_as4d(weight).shape, dtype=a.acc_torch, device=q.device)
     if a.b * a.h * a.lq * a.lk == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
         return dq, dk, dv, dweight
