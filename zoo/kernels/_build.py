@@ -1,8 +1,9 @@
 """Build and load the compiled kernel library.
 
 The C++ sources in ``csrc/`` (the CPU kernels; CUDA tensors run on the Triton kernels in
-``zoo.kernels.triton``, which need no compiler of ours) are compiled on first use with ``torch.utils.cpp_extension.load`` (ninja) into a per-user cache and
-loaded as a torch op library (``torch.ops.zoo.*``). The cache key hashes the sources, the
+``zoo.kernels.triton``, which need no compiler of ours) are compiled on first use with
+``torch.utils.cpp_extension.load`` (ninja) into a per-user cache and loaded as the CPU
+implementation of the ``torch.ops.zoo.*`` ops. The cache key hashes the sources, the
 compiler flags and the torch/Python versions, so editing a source or upgrading torch
 rebuilds, and several torch installs can share one cache. Concurrent first uses (DDP ranks,
 parallel tests) are serialised by cpp_extension's lock file in the build directory.
