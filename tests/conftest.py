@@ -73,13 +73,24 @@ def make_cfg(tmp_path, data_dir, tracking_uri):
     GlobalHydra.instance().clear()
 
 
+def cli_env(env_extra: dict | None = None) -> dict:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
 def run_cli(
     script: str, args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 300
 ):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd,
+                          env=cli_env(env_extra), capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def start_cli(script: str, args: list[str], cwd: Path, env_extra: dict | None = None):
+    """run_cli without waiting: the process, with stdout/stderr pipes (use communicate())."""
+    return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd,
+                            env=cli_env(env_extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

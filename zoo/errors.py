@@ -13,6 +13,10 @@ class DataError(ZooError):
     """A missing, malformed or unsafe data file."""
 
 
+class TrackingError(ZooError):
+    """The tracking store or server cannot be used (unreachable, unwritable)."""
+
+
 def one_line(text: str) -> str:
     """Join a multi-line message (e.g. Hydra's InstantiationException) into one line."""
     return " ".join(line.strip() for line in text.splitlines() if line.strip())

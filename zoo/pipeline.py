@@ -110,6 +110,12 @@ def train(cfg: DictConfig) -> float | None:
     """Fit, test with the best checkpoint, log everything to mlflow; returns the best monitored
     value (what hyper-parameter sweeps optimise)."""
     configure_kernels(cfg)
+    loggers_cfg = cfg.get("logger") or {}
+    mlflow_loggers = {n for n, node in loggers_cfg.items() if "MLFlow" in str(node.get("_target_"))}
+    for name in mlflow_loggers:  # fail fast on an unreachable store, before any work; create
+        node = loggers_cfg[name]  # the experiment here, safely when many jobs start at once
+        uri = tracking.open_store(node.get("tracking_uri"))
+        tracking.ensure_experiment(uri, node.get("experiment_name") or "lightning_logs")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     ckpt = read_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
@@ -117,10 +123,8 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = build(cfg.data, "data")
     model = build(cfg.model, "model")
     loggers = []
-    for name, node in (cfg.get("logger") or {}).items():
-        extra = (
-            {"run_id": _run_id_for(cfg, ckpt)} if "MLFlow" in str(node.get("_target_", "")) else {}
-        )
+    for name, node in loggers_cfg.items():
+        extra = {"run_id": _run_id_for(cfg, ckpt)} if name in mlflow_loggers else {}
         loggers.append(build(node, f"logger.{name}", **extra))
     run = tracking.TrainingRun(
         next((lg for lg in loggers if isinstance(lg, tracking.MLFlowLogger)), None)

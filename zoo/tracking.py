@@ -10,11 +10,13 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
@@ -22,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import zoo
 from zoo.config import iter_flat
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, TrackingError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,109 @@ def resolve_tracking_uri(cfg_value: str | None = None) -> str:
 def client(uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(resolve_tracking_uri(uri))
+    return MlflowClient(open_store(uri))
+
+
+# --------------------------------------------------------------------------- store start-up
+
+SERVER_CHECK_BUDGET_S = 10.0  # retries of the start-up check; with start-up a job fails in ~25 s
+_ready_stores: set[str] = set()
+_ready_lock = threading.Lock()
+
+
+def open_store(uri: str | None = None) -> str:
+    """The resolved tracking URI, made ready once per process before anything else uses it.
+
+    - sqlite: the database is created and migrated under an exclusive file lock beside it, so
+      any number of jobs may start at once on a new store (mlflow's schema migration is not
+      safe against concurrent first use: "duplicate column name: step").
+    - http(s): the server must answer within SERVER_CHECK_BUDGET_S (a few short attempts),
+      else one clear error naming the URI, instead of mlflow's retries (minutes) and a raw
+      urllib error.
+    """
+    uri = resolve_tracking_uri(uri)
+    with _ready_lock:
+        if uri in _ready_stores:
+            return uri
+        if uri.startswith("sqlite:///"):
+            _init_sqlite_store(uri)
+        elif uri.startswith(("http://", "https://")):
+            _check_server(uri)
+        _ready_stores.add(uri)
+    return uri
+
+
+def _init_sqlite_store(uri: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    path = Path(uri[len("sqlite:///") :].split("?", 1)[0])
+    if not path.parent.is_dir():
+        raise ConfigError(
+            f"tracking store {uri}: the folder {path.parent} does not exist; create it or set "
+            "tracking.tracking_uri / MLFLOW_TRACKING_URI to a store in an existing folder"
+        )
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a") as lock:
+        _lock_file(lock)  # released when the file closes
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)  # creates + migrates, cached
+        except Exception as exc:
+            raise TrackingError(
+                f"tracking store {uri} cannot be opened ({type(exc).__name__}: "
+                f"{one_line(str(exc))[:300]})"
+            ) from exc
+
+
+def _lock_file(handle) -> None:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
+        return
+    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+
+
+def _check_server(uri: str) -> None:
+    """Any HTTP answer counts as reachable (mlflow's own calls then report API errors);
+    refused or timed-out connections are retried with short waits until the budget is spent."""
+    import requests
+
+    start = time.monotonic()
+    attempts, delay, reason = 0, 0.5, ""
+    while True:
+        attempts += 1
+        left = SERVER_CHECK_BUDGET_S - (time.monotonic() - start)
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=max(1.0, min(5.0, left)))
+            return
+        except requests.RequestException as exc:
+            reason = _connection_reason(exc)
+        left = SERVER_CHECK_BUDGET_S - (time.monotonic() - start)
+        if left <= delay:
+            break
+        time.sleep(delay)
+        delay = min(delay * 2, 4.0)
+    port = urlsplit(uri).port or 5000
+    raise TrackingError(
+        f"the mlflow tracking server {uri} is not reachable ({reason}; {attempts} attempts in "
+        f"{time.monotonic() - start:.0f} s). Start it (e.g. `mlflow server --host 127.0.0.1 "
+        f"--port {port} --backend-store-uri sqlite:///mlflow.db`), or set "
+        "tracking.tracking_uri / MLFLOW_TRACKING_URI to a running server or a local store such "
+        "as sqlite:///mlflow.db, or train without tracking with logger=none. Nothing was logged."
+    )
+
+
+def _connection_reason(exc: Exception) -> str:
+    import requests
+
+    if isinstance(exc, requests.Timeout):
+        return "no answer before the timeout"
+    if isinstance(exc, requests.ConnectionError):
+        text = str(exc)
+        for key in ("Connection refused", "Name or service not known", "No route to host"):
+            if key in text:
+                return key.lower()
+        return "connection failed"
+    return type(exc).__name__
 
 
 def max_param_length() -> int:
@@ -107,7 +211,7 @@ class ZooMLFlowLogger(MLFlowLogger):
     (Lightning cuts every value to 250 characters)."""
 
     def __init__(self, *args, tracking_uri: str | None = None, **kwargs):
-        super().__init__(*args, tracking_uri=resolve_tracking_uri(tracking_uri), **kwargs)
+        super().__init__(*args, tracking_uri=open_store(tracking_uri), **kwargs)
 
     @rank_zero_only
     def log_hyperparams(self, params) -> None:
@@ -264,10 +368,26 @@ def _hydra_overrides() -> list[str] | None:
 
 def create_run(uri: str | None, experiment_name: str, run_name: str, tags: dict[str, str]) -> str:
     """A new run (experiment created on first use) outside any training job; returns its id."""
+    exp_id = ensure_experiment(uri, experiment_name)
+    return client(uri).create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+
+
+def ensure_experiment(uri: str | None, name: str) -> str:
+    """The id of experiment ``name``, created if missing; safe when several jobs create it at
+    once (the losers of the race find the winner's)."""
+    from mlflow.exceptions import MlflowException
+
     c = client(uri)
-    exp = c.get_experiment_by_name(experiment_name)
-    exp_id = exp.experiment_id if exp is not None else c.create_experiment(experiment_name)
-    return c.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except MlflowException:
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def get_run(run_id: str, uri: str | None = None):
