@@ -37,17 +37,18 @@ from zoo import kernels  # noqa: E402
 from zoo.models.sparsebert import SparseBert  # noqa: E402
 
 
-def step_time(model: SparseBert, batch: dict, reps: int) -> float:
+def step_time(model: SparseBert, batch: dict, reps: int, warmup: int = 2) -> float:
+    """Median seconds of a training step (AdamW) after ``warmup`` untimed steps."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
     times = []
-    for i in range(reps + 2):
+    for i in range(reps + warmup):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss, _, _ = model._step(batch)
         loss.backward()
         opt.step()
-        if i >= 2:
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -104,20 +105,10 @@ def search_worker(variant: str, length: int, batch_size: int, reps: int) -> dict
              "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
              "labels": torch.randint(0, 2, (batch_size,), generator=g)}  # fmt: skip
     batch["attention_mask"][0, length - 37 :] = 0  # one padded sequence
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model.train()
     before = _rss_bytes()
-    times = []
-    for i in range(reps + 1):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss, _, _ = model._step(batch)
-        loss.backward()
-        opt.step()
-        if i >= 1:  # the first step allocates the optimizer state
-            times.append(time.perf_counter() - t0)
+    step = step_time(model, batch, reps, warmup=1)  # the first step allocates the optimizer state
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"time": statistics.median(times), "peak": peak - before}
+    return {"time": step, "peak": peak - before}
 
 
 def search_comparison(length: int, batch_size: int, reps: int) -> None:

@@ -246,12 +246,11 @@ def _store(base, value, rows, cols, n_rows, n_cols, s_row):
 
 @triton.jit
 def _tile_scores(
-    q, k_bh, offs_m, offs_n, offs_d, Lq, Lk, D, scale, occ, keep_bh, sk_m, sk_n,
+    q, kt, offs_m, offs_n, Lq, Lk, scale, occ, keep_bh, sk_m, sk_n,
     HAS_KEEP: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """S = q k^T * scale for one tile; -inf where the keep mask forbids (read for partial tiles
-    only) or out of range."""
-    kt = _load(k_bh, offs_d, offs_n, D, Lk, 1, D, 0.0)  # [D, N]: k transposed
+    """S = q k^T * scale for one tile (kt: the keys transposed, [D, N]); -inf where the keep
+    mask forbids (read for partial tiles only) or out of range."""
     s = _dot(q, kt, PRECISION, UPCAST).to(ACC) * scale
     allowed = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
     if HAS_KEEP:
@@ -290,8 +289,9 @@ def attention_fwd_kernel(
         occ = _tile(tiles, st_b, st_h, st_m, st_n, b, h, mb, nb, HAS_TILES)
         if occ != 0:
             offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-            s = _tile_scores(q, K + bh * Lk * D, offs_m, offs_n, offs_d, Lq, Lk, D, scale, occ,
-                             keep_bh, sk_m, sk_n, HAS_KEEP, ACC, PRECISION, UPCAST)  # fmt: skip
+            kt = _load(K + bh * Lk * D, offs_d, offs_n, D, Lk, 1, D, 0.0)  # [D, N]
+            s = _tile_scores(q, kt, offs_m, offs_n, Lq, Lk, scale, occ, keep_bh, sk_m, sk_n,
+                             HAS_KEEP, ACC, PRECISION, UPCAST)  # fmt: skip
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
             p = tl.exp(s - m_safe[:, None])
@@ -348,14 +348,10 @@ def attention_bwd_dkdv_kernel(
         if occ != 0:
             offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
             q = _load(Q + bh * Lq * D, offs_m, offs_d, Lq, D, D, 1, 0.0)
-            s = _dot(q, kt, PRECISION, UPCAST).to(ACC) * scale
-            allowed = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
-            if HAS_KEEP:
-                if occ == 1:
-                    km = _load(keep_bh, offs_m, offs_n, Lq, Lk, sk_m, sk_n, 0)
-                    allowed = allowed & (km != 0)
+            s = _tile_scores(q, kt, offs_m, offs_n, Lq, Lk, scale, occ, keep_bh, sk_m, sk_n,
+                             HAS_KEEP, ACC, PRECISION, UPCAST)  # fmt: skip
             lse, delta = _row_stats(Lse, Delta, bh, offs_m, Lq)
-            p = tl.where(allowed, tl.exp(s - lse[:, None]), 0.0)
+            p = tl.exp(s - lse[:, None])  # 0 where s = -inf (lse of empty rows is +inf)
             if HAS_WEIGHT:
                 p = p * _load(weight_bh, offs_m, offs_n, Lq, Lk, sw_m, sw_n, 0.0).to(ACC)
             do = _load(dO + bh * Lq * Dv, offs_m, offs_dv, Lq, Dv, Dv, 1, 0.0)
@@ -400,8 +396,9 @@ def attention_bwd_dq_kernel(
         occ = _tile(tiles, st_b, st_h, st_m, st_n, b, h, mb, nb, HAS_TILES)
         if occ != 0:
             offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-            s = _tile_scores(q, K + bh * Lk * D, offs_m, offs_n, offs_d, Lq, Lk, D, scale, occ,
-                             keep_bh, sk_m, sk_n, HAS_KEEP, ACC, PRECISION, UPCAST)  # fmt: skip
+            kt = _load(K + bh * Lk * D, offs_d, offs_n, D, Lk, 1, D, 0.0)  # [D, N]
+            s = _tile_scores(q, kt, offs_m, offs_n, Lq, Lk, scale, occ, keep_bh, sk_m, sk_n,
+                             HAS_KEEP, ACC, PRECISION, UPCAST)  # fmt: skip
             e = tl.exp(s - lse[:, None])
             vt = _load(V + bh * Lk * Dv, offs_dv, offs_n, Dv, Lk, 1, Dv, 0.0)  # [Dv, N]
             dp_centred = _dot(do, vt, PRECISION, UPCAST).to(ACC) - delta[:, None]
