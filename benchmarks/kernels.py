@@ -194,8 +194,10 @@ def bench_attention_targets(device: str, quick: bool) -> None:
     sdpa_fb = timeit(
         fwd_bwd(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=band), q, k, v), device
     )
-    print(f"  fwd+bwd: ours {ours_fb * 1e3:.1f} ms, SDPA with the mask {sdpa_fb * 1e3:.1f} ms "
-          f"-> {sdpa_fb / ours_fb:.2f}x (target >= 5x)")  # fmt: skip
+    print(
+        f"  fwd+bwd: ours {ours_fb * 1e3:.1f} ms, SDPA with the mask {sdpa_fb * 1e3:.1f} ms "
+        f"-> {sdpa_fb / ours_fb:.2f}x (target >= 5x)"
+    )
     with torch.no_grad():
         ours_f = timeit(lambda: K.masked_attention(q, k, v, band), device)
         sdpa_dense_f = timeit(lambda: F.scaled_dot_product_attention(q, k, v), device)
@@ -203,17 +205,23 @@ def bench_attention_targets(device: str, quick: bool) -> None:
             lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=band), device
         )
         flex_f = flex_forward_time(q, k, v, band, device)
-    print(f"  forward: ours {ours_f * 1e3:.1f} ms, SDPA with the mask {sdpa_mask_f * 1e3:.1f} ms "
-          f"({sdpa_mask_f / ours_f:.2f}x)")  # fmt: skip
+    print(
+        f"  forward: ours {ours_f * 1e3:.1f} ms, SDPA with the mask {sdpa_mask_f * 1e3:.1f} ms "
+        f"({sdpa_mask_f / ours_f:.2f}x)"
+    )
     if flex_f is not None:
-        print(f"  forward: compiled FlexAttention with the block mask {flex_f * 1e3:.1f} ms "
-              f"-> {flex_f / ours_f:.2f}x (target >= 3x)")  # fmt: skip
+        print(
+            f"  forward: compiled FlexAttention with the block mask {flex_f * 1e3:.1f} ms "
+            f"-> {flex_f / ours_f:.2f}x (target >= 3x)"
+        )
     flops_dense = 4 * b * h * length * length * d  # QK^T and PV
     computed = computed_tile_fraction(band)
     ours_rate = flops_dense * computed / ours_f / 1e9
     sdpa_rate = flops_dense / sdpa_dense_f / 1e9
-    print(f"  forward GFLOP/s on computed tiles ({computed:.1%} of the tiles): ours {ours_rate:.1f}, "
-          f"dense SDPA {sdpa_rate:.1f} -> {ours_rate / sdpa_rate:.0%} of SDPA's rate (aim >= 70%)")  # fmt: skip
+    print(
+        f"  forward GFLOP/s on computed tiles ({computed:.1%} of the tiles): ours {ours_rate:.1f}, "
+        f"dense SDPA {sdpa_rate:.1f} -> {ours_rate / sdpa_rate:.0%} of SDPA's rate (aim >= 70%)"
+    )
 
 
 def flex_forward_time(q, k, v, band: torch.Tensor, device: str) -> float | None:

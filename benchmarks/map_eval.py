@@ -43,7 +43,7 @@ NAMES = [
     "AR_small",
     "AR_medium",
     "AR_large",
-]  # fmt: skip  (pycocotools' stats order)
+]  # pycocotools' stats order
 
 
 def synthetic(n_images: int, n_classes: int = 20, seed: int = 0):
@@ -57,19 +57,42 @@ def synthetic(n_images: int, n_classes: int = 20, seed: int = 0):
             w, h = np.exp(rng.uniform(np.log(8), np.log(300), 2))
             x, y = rng.uniform(0, 640 - w), rng.uniform(0, 480 - h)
             c = int(rng.integers(1, n_classes + 1))
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": c, "bbox": [x, y, w, h],
-                         "area": float(w * h), "iscrowd": int(rng.random() < 0.1)})  # fmt: skip
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": c,
+                    "bbox": [x, y, w, h],
+                    "area": float(w * h),
+                    "iscrowd": int(rng.random() < 0.1),
+                }
+            )
             for _ in range(int(rng.integers(0, 3))):
                 jitter = rng.normal(0, 0.1, 4) * [w, h, w, h]
                 label = c if rng.random() < 0.85 else int(rng.integers(1, n_classes + 1))
-                results.append({"image_id": i + 1, "category_id": label,
-                                "bbox": [x + jitter[0], y + jitter[1], max(1.0, w + jitter[2]), max(1.0, h + jitter[3])],
-                                "score": float(rng.random())})  # fmt: skip
+                results.append(
+                    {
+                        "image_id": i + 1,
+                        "category_id": label,
+                        "bbox": [
+                            x + jitter[0],
+                            y + jitter[1],
+                            max(1.0, w + jitter[2]),
+                            max(1.0, h + jitter[3]),
+                        ],
+                        "score": float(rng.random()),
+                    }
+                )
         for _ in range(int(rng.integers(0, 4))):  # false alarms
             w, h = rng.uniform(10, 150, 2)
-            results.append({"image_id": i + 1, "category_id": int(rng.integers(1, n_classes + 1)),
-                            "bbox": [float(rng.uniform(0, 640 - w)), float(rng.uniform(0, 480 - h)), w, h],
-                            "score": float(rng.random())})  # fmt: skip
+            results.append(
+                {
+                    "image_id": i + 1,
+                    "category_id": int(rng.integers(1, n_classes + 1)),
+                    "bbox": [float(rng.uniform(0, 640 - w)), float(rng.uniform(0, 480 - h)), w, h],
+                    "score": float(rng.random()),
+                }
+            )
     cats = [{"id": c, "name": f"class{c}"} for c in range(1, n_classes + 1)]
     return {"images": images, "annotations": anns, "categories": cats}, results
 
@@ -106,8 +129,10 @@ def main() -> None:
     mean_average_precision()  # imports (torchmetrics, faster_coco_eval) outside the timings
     run_pycocotools(*synthetic(5, args.classes, seed=1))
     preds, targets = coco_to_tensors(gt, results)  # float64 boxes: what pycocotools reads
-    print(f"{args.images} images, {len(gt['annotations'])} ground-truth boxes "
-          f"({sum(a['iscrowd'] for a in gt['annotations'])} crowd), {len(results)} detections, {args.classes} classes")  # fmt: skip
+    print(
+        f"{args.images} images, {len(gt['annotations'])} ground-truth boxes "
+        f"({sum(a['iscrowd'] for a in gt['annotations'])} crowd), {len(results)} detections, {args.classes} classes"
+    )
 
     t0 = time.perf_counter()
     theirs = run_pycocotools(gt, results)

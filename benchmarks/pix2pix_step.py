@@ -42,9 +42,15 @@ class StepTimer(L.Callback):
 
 def run(model: Pix2Pix, loader: DataLoader, steps: int, warmup: int = 2) -> StepTimer:
     timer = StepTimer(warmup)
-    trainer = L.Trainer(max_steps=2 * (steps + warmup), limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[timer])  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=2 * (steps + warmup),
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
     trainer.fit(model, loader)
     return timer
 
@@ -56,8 +62,10 @@ def paper_step(steps: int) -> None:
     items = [{"A": a[i], "B": a[i].flip(-1), "path": f"{i}"} for i in range(len(a))]
     timer = run(model, DataLoader(items, batch_size=1), steps)
     med = statistics.median(timer.times)
-    print(f"unet_256 + basic PatchGAN, batch 1, 256x256: {med * 1e3:.0f} ms per training step "
-          f"(median of {len(timer.times)}; {1 / med:.2f} samples/s)")  # fmt: skip
+    print(
+        f"unet_256 + basic PatchGAN, batch 1, 256x256: {med * 1e3:.0f} ms per training step "
+        f"(median of {len(timer.times)}; {1 / med:.2f} samples/s)"
+    )
 
 
 def demo_throughput(batches: int) -> None:
@@ -81,9 +89,11 @@ def demo_throughput(batches: int) -> None:
     model = instantiate(cfg.model)
     timer = run(model, dm.train_dataloader(), batches)
     total = sum(timer.times)
-    print(f"pix2pix_demo ({cfg.model.netG}, ngf {cfg.model.ngf}, {cfg.data.crop_size}px, batch "
-          f"{cfg.data.batch_size}): {timer.samples / total:.1f} samples/s "
-          f"({len(dm.datasets['train'])} training images: {len(dm.datasets['train']) / (timer.samples / total):.0f} s per epoch)")  # fmt: skip
+    print(
+        f"pix2pix_demo ({cfg.model.netG}, ngf {cfg.model.ngf}, {cfg.data.crop_size}px, batch "
+        f"{cfg.data.batch_size}): {timer.samples / total:.1f} samples/s "
+        f"({len(dm.datasets['train'])} training images: {len(dm.datasets['train']) / (timer.samples / total):.0f} s per epoch)"
+    )
 
 
 def main() -> None:

@@ -95,15 +95,23 @@ def search_worker(variant: str, length: int, batch_size: int, reps: int) -> dict
             return reference.soft_masked_attention(q, k, v, weight, keep4, scale)
 
         kernels.soft_masked_attention = unfused
-    bert = {"vocab_size": 4000, "hidden_size": 768, "num_hidden_layers": 4, "num_attention_heads": 12,
-            "intermediate_size": 3072, "max_position_embeddings": length}  # fmt: skip
+    bert = {
+        "vocab_size": 4000,
+        "hidden_size": 768,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 12,
+        "intermediate_size": 3072,
+        "max_position_embeddings": length,
+    }
     mask = {"mode": "dense"} if variant == "dense_sdpa" else {"mode": variant.split("_unfused")[0]}
     torch.manual_seed(0)
     model = SparseBert(["a", "b"], bert=bert, mask=mask)
     g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(5, 4000, (batch_size, length), generator=g),
-             "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
-             "labels": torch.randint(0, 2, (batch_size,), generator=g)}  # fmt: skip
+    batch = {
+        "input_ids": torch.randint(5, 4000, (batch_size, length), generator=g),
+        "attention_mask": torch.ones(batch_size, length, dtype=torch.long),
+        "labels": torch.randint(0, 2, (batch_size,), generator=g),
+    }
     batch["attention_mask"][0, length - 37 :] = 0  # one padded sequence
     before = _rss_bytes()
     step = step_time(model, batch, reps, warmup=1)  # the first step allocates the optimizer state
@@ -112,19 +120,35 @@ def search_worker(variant: str, length: int, batch_size: int, reps: int) -> dict
 
 
 def search_comparison(length: int, batch_size: int, reps: int) -> None:
-    print(f"\nmask search vs dense SDPA: hidden 768, 12 heads, 4 layers, batch {batch_size}, L={length} "
-          f"(each variant in its own process; memory = peak RSS above the RSS before the first step)")  # fmt: skip
+    print(
+        f"\nmask search vs dense SDPA: hidden 768, 12 heads, 4 layers, batch {batch_size}, L={length} "
+        f"(each variant in its own process; memory = peak RSS above the RSS before the first step)"
+    )
     results = {}
     for variant, label in SEARCH_VARIANTS.items():
         proc = subprocess.run(
-            [sys.executable, __file__, "--worker", variant, "--length", str(length),
-             "--batch", str(batch_size), "--reps", str(reps)],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                __file__,
+                "--worker",
+                variant,
+                "--length",
+                str(length),
+                "--batch",
+                str(batch_size),
+                "--reps",
+                str(reps),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
         r, base = results[variant], results["dense_sdpa"]
-        print(f"  {label:32s} {r['time'] * 1e3:8.0f} ms  peak +{r['peak'] / 2**20:7.0f} MiB  "
-              f"-> {r['time'] / base['time']:.2f}x time, {r['peak'] / base['peak']:.2f}x memory of dense SDPA")  # fmt: skip
+        print(
+            f"  {label:32s} {r['time'] * 1e3:8.0f} ms  peak +{r['peak'] / 2**20:7.0f} MiB  "
+            f"-> {r['time'] / base['time']:.2f}x time, {r['peak'] / base['peak']:.2f}x memory of dense SDPA"
+        )
 
 
 def main() -> None:
@@ -147,18 +171,29 @@ def main() -> None:
         search_comparison(args.length, args.batch, max(2, args.reps // 2))
         return
     length = args.length
-    bert = {"vocab_size": 4000, "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-            "intermediate_size": 1024, "max_position_embeddings": length}  # fmt: skip
+    bert = {
+        "vocab_size": 4000,
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 1024,
+        "max_position_embeddings": length,
+    }
     g = torch.Generator().manual_seed(0)
-    batch = {"input_ids": torch.randint(5, 4000, (4, length), generator=g),
-             "attention_mask": torch.ones(4, length, dtype=torch.long), "labels": torch.tensor([0, 1, 0, 1])}  # fmt: skip
+    batch = {
+        "input_ids": torch.randint(5, 4000, (4, length), generator=g),
+        "attention_mask": torch.ones(4, length, dtype=torch.long),
+        "labels": torch.tensor([0, 1, 0, 1]),
+    }
     i = torch.arange(length)
     half = int(args.density * length / 2)
     mask = ((i[:, None] - i[None, :]).abs() <= half).expand(1, 4, length, length).contiguous()
     path = Path("/tmp/zoo_bench_mask.pt")
     torch.save({"mask": mask}, path)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernels backend {kernels.backend()}, "
-          f"L={length}, batch 4, mask density {mask.float().mean():.1%}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernels backend {kernels.backend()}, "
+        f"L={length}, batch 4, mask density {mask.float().mean():.1%}"
+    )
     torch.manual_seed(0)
     dense = SparseBert(["a", "b"], bert=bert)
     fixed = SparseBert(["a", "b"], bert=bert, mask={"mode": "fixed", "file": str(path)})
@@ -177,13 +212,17 @@ def main() -> None:
     t_ad = statistics.median(_times(lambda: attn(None), args.reps))
     t_am = statistics.median(_times(lambda: attn(mask), args.reps))
     share = 4 * t_ad / t_dense
-    print(f"  attention alone (x4 layers): dense {4 * t_ad * 1e3:.1f} ms, masked {4 * t_am * 1e3:.1f} ms "
-          f"({t_ad / t_am:.2f}x); attention is {share:.0%} of the dense step, the rest (linear layers, "
-          "layer norms, optimizer) does not shrink with the mask")  # fmt: skip
+    print(
+        f"  attention alone (x4 layers): dense {4 * t_ad * 1e3:.1f} ms, masked {4 * t_am * 1e3:.1f} ms "
+        f"({t_ad / t_am:.2f}x); attention is {share:.0%} of the dense step, the rest (linear layers, "
+        "layer norms, optimizer) does not shrink with the mask"
+    )
     search = SparseBert(["a", "b"], bert=bert, mask={"mode": "dam_s"})
     t_search = step_time(search, batch, max(2, args.reps // 2))
-    print(f"mask search (stage 1):   {t_search * 1e3:8.1f} ms per training step ({t_search / t_dense:.2f}x dense; "
-          "dense-cost differentiable mask path)")  # fmt: skip
+    print(
+        f"mask search (stage 1):   {t_search * 1e3:8.1f} ms per training step ({t_search / t_dense:.2f}x dense; "
+        "dense-cost differentiable mask path)"
+    )
     search_comparison(args.length, args.batch, max(2, args.reps // 2))
 
 

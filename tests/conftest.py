@@ -82,15 +82,26 @@ def cli_env(env_extra: dict | None = None) -> dict:
 def run_cli(
     script: str, args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 300
 ):
-    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd,
-                          env=cli_env(env_extra), capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        env=cli_env(env_extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def start_cli(script: str, args: list[str], cwd: Path, env_extra: dict | None = None):
     """run_cli without waiting: the process, with stdout/stderr pipes (use communicate())."""
-    return subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd,
-                            env=cli_env(env_extra), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        env=cli_env(env_extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -111,17 +122,34 @@ def render_in_chromium(html: Path, profile_dir: Path) -> dict:
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--no-first-run",
-                 f"--user-data-dir={profile_dir}"):  # fmt: skip
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        f"--user-data-dir={profile_dir}",
+    ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     try:
         driver.get(Path(html).as_uri())
         script = "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
-        return {"title": driver.title, "images": driver.execute_script(script),
-                "table_rows": driver.execute_script("return document.querySelectorAll('table tr').length"),
-                "external_requests": [u for u in driver.execute_script(
-                    "return performance.getEntriesByType('resource').map(e => e.name)") if not u.startswith("data:")]}  # fmt: skip
+        return {
+            "title": driver.title,
+            "images": driver.execute_script(script),
+            "table_rows": driver.execute_script(
+                "return document.querySelectorAll('table tr').length"
+            ),
+            "external_requests": [
+                u
+                for u in driver.execute_script(
+                    "return performance.getEntriesByType('resource').map(e => e.name)"
+                )
+                if not u.startswith("data:")
+            ],
+        }
     finally:
         driver.quit()

@@ -24,8 +24,12 @@ def _runs(uri: str, experiment: str = "zoo"):
 @pytest.mark.slow
 def test_multirun_gives_one_mlflow_run_per_job(tmp_path, data_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_cli("train.py", ["-m", "experiment=eeg_cnn_lstm,eeg_cnn_gru", "debug=fast"], tmp_path,
-                   {"MLFLOW_TRACKING_URI": uri})  # fmt: skip
+    proc = run_cli(
+        "train.py",
+        ["-m", "experiment=eeg_cnn_lstm,eeg_cnn_gru", "debug=fast"],
+        tmp_path,
+        {"MLFLOW_TRACKING_URI": uri},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, runs = _runs(uri)
     assert sorted(r.data.tags["zoo.experiment"] for r in runs) == ["eeg_cnn_gru", "eeg_cnn_lstm"]
@@ -36,8 +40,12 @@ def test_multirun_gives_one_mlflow_run_per_job(tmp_path, data_dir):
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_log_one_run(tmp_path, data_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_cli("train.py", ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "debug=fast"],
-                   tmp_path, {"MLFLOW_TRACKING_URI": uri})  # fmt: skip
+    proc = run_cli(
+        "train.py",
+        ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "debug=fast"],
+        tmp_path,
+        {"MLFLOW_TRACKING_URI": uri},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, runs = _runs(uri)
     assert len(runs) == 1
@@ -52,8 +60,17 @@ def test_ddp_two_cpu_processes_log_one_run(tmp_path, data_dir):
 @pytest.mark.slow
 def test_optuna_sweep(tmp_path, data_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_cli("train.py", ["hparams_search=eeg_optuna", "debug=fast", "hydra.sweeper.n_trials=2",
-                                "hydra.sweeper.sampler.n_startup_trials=2"], tmp_path, {"MLFLOW_TRACKING_URI": uri})  # fmt: skip
+    proc = run_cli(
+        "train.py",
+        [
+            "hparams_search=eeg_optuna",
+            "debug=fast",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.sampler.n_startup_trials=2",
+        ],
+        tmp_path,
+        {"MLFLOW_TRACKING_URI": uri},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, runs = _runs(uri)
     assert len(runs) == 2
@@ -75,11 +92,23 @@ def _free_port() -> int:
 def mlflow_server(tmp_path):
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "server-artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(120):

@@ -132,9 +132,12 @@ def test_missing_directory_and_subject(tmp_path, deap_dir):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(protocol="trial_kfold", n_folds=4, fold=1), dict(protocol="loso", test_subject=2),
-     dict(protocol="cross_subject")],
-)  # fmt: skip
+    [
+        dict(protocol="trial_kfold", n_folds=4, fold=1),
+        dict(protocol="loso", test_subject=2),
+        dict(protocol="cross_subject"),
+    ],
+)
 def test_no_trial_crosses_splits(deap_dir, kwargs):
     dm = DeapDataModule(str(deap_dir), **kwargs)
     dm.setup()

@@ -27,19 +27,34 @@ from zoo.models.detection import (
 from zoo.pipeline import evaluate, train
 
 CLASSES = ["circle", "square", "triangle", "cross"]
-SOURCES = {"a": {"label_map": {"circle": "circle", "square": "square"}},
-           "b": {"label_map": {"triangle": "triangle", "cross": "cross"}}}  # fmt: skip
-SMALL = {"min_size": 128, "max_size": 128,
-         "detector": {"box_batch_size_per_image": 64, "rpn_pre_nms_top_n_train": 300, "rpn_post_nms_top_n_train": 100,
-                      "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 100}}  # fmt: skip
+SOURCES = {
+    "a": {"label_map": {"circle": "circle", "square": "square"}},
+    "b": {"label_map": {"triangle": "triangle", "cross": "cross"}},
+}
+SMALL = {
+    "min_size": 128,
+    "max_size": 128,
+    "detector": {
+        "box_batch_size_per_image": 64,
+        "rpn_pre_nms_top_n_train": 300,
+        "rpn_post_nms_top_n_train": 100,
+        "rpn_pre_nms_top_n_test": 300,
+        "rpn_post_nms_top_n_test": 100,
+    },
+}
 
 
 def _batch(source: int, n: int = 2, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     images = [torch.rand(3, 128, 128, generator=g) for _ in range(n)]
-    targets = [{"boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [70.0, 60.0, 120.0, 110.0]]),
-                "labels": torch.tensor([1, 2]) if source == 0 else torch.tensor([3, 4]),
-                "source": torch.tensor(source)} for _ in range(n)]  # fmt: skip
+    targets = [
+        {
+            "boxes": torch.tensor([[10.0, 12.0, 60.0, 70.0], [70.0, 60.0, 120.0, 110.0]]),
+            "labels": torch.tensor([1, 2]) if source == 0 else torch.tensor([3, 4]),
+            "source": torch.tensor(source),
+        }
+        for _ in range(n)
+    ]
     return images, targets
 
 
@@ -109,8 +124,13 @@ def test_group_softmax_heads_never_teach_unlabelled_classes_as_background(record
 @pytest.mark.parametrize("loss", ["group_softmax", "softmax"])
 def test_resnet50_fpn_trains_and_predicts(loss):
     torch.manual_seed(0)
-    model = GroupSoftmaxDetector(CLASSES, SOURCES, backbone="resnet50_fpn", loss=loss,
-                                 **{**SMALL, "anchor_sizes": [16, 32, 64, 128, 256]})  # fmt: skip
+    model = GroupSoftmaxDetector(
+        CLASSES,
+        SOURCES,
+        backbone="resnet50_fpn",
+        loss=loss,
+        **{**SMALL, "anchor_sizes": [16, 32, 64, 128, 256]},
+    )
     assert sum(p.numel() for p in model.net.backbone.parameters()) > 25_000_000
     assert model.net.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
     model.train()
@@ -201,8 +221,15 @@ def _write_coco(root, name, boxes_per_image, categories, crowd=()):
         )
         images.append({"id": i + 1, "file_name": f"{name}{i}.png", "width": 64, "height": 48})
         for cat, (x, y, w, h) in boxes:
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat, "bbox": [x, y, w, h],
-                         "iscrowd": int(len(anns) + 1 in crowd)})  # fmt: skip
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": cat,
+                    "bbox": [x, y, w, h],
+                    "iscrowd": int(len(anns) + 1 in crowd),
+                }
+            )
     (root / f"{name}.json").write_text(
         json.dumps({"images": images, "annotations": anns, "categories": categories})
     )
@@ -219,10 +246,20 @@ def test_joint_data_module(tmp_path):
         crowd={2},
     )
     _write_coco(tmp_path / "b", "train", [[(5, (0, 0, 8, 8))]], cats_b)
-    sources = {"a": {"format": "coco", "root": str(tmp_path / "a"), "label_map": {"round": "circle", "box": "square"},
-                     "train": {"annotations": "train.json", "images": "images"}},
-               "b": {"format": "coco", "root": str(tmp_path / "b"), "label_map": {"tri": "triangle"},
-                     "train": {"annotations": "train.json", "images": "images"}}}  # fmt: skip
+    sources = {
+        "a": {
+            "format": "coco",
+            "root": str(tmp_path / "a"),
+            "label_map": {"round": "circle", "box": "square"},
+            "train": {"annotations": "train.json", "images": "images"},
+        },
+        "b": {
+            "format": "coco",
+            "root": str(tmp_path / "b"),
+            "label_map": {"tri": "triangle"},
+            "train": {"annotations": "train.json", "images": "images"},
+        },
+    }
     dm = DetectionDataModule(CLASSES, sources, batch_size=3, flip=1.0)
     assert dm.group_table.tolist() == [[0, 1, 2, 0, 0], [0, 0, 0, 3, 0]]
     records = dm.records("train")
@@ -271,12 +308,26 @@ def test_data_module_joins_coco_cctsdb_and_voc_sources(tmp_path):
         "<ymax>9</ymax></bndbox></object><object><name>x</name><difficult>0</difficult><bndbox><xmin>21</xmin>"
         "<ymin>11</ymin><xmax>40</xmax><ymax>30</ymax></bndbox></object></annotation>"
     )
-    sources = {"coco": {"format": "coco", "root": str(tmp_path / "coco"), "label_map": {"ball": "circle"},
-                        "train": {"annotations": "train.json", "images": "images"}},
-               "signs": {"format": "cctsdb", "root": str(tmp_path / "signs"), "label_map": {"warn": "triangle"},
-                         "train": {"annotations": "train.txt", "images": "img"}},
-               "voc": {"format": "voc", "root": str(voc), "label_map": {"x": "cross"},
-                       "train": {"image_set": "trainval"}}}  # fmt: skip
+    sources = {
+        "coco": {
+            "format": "coco",
+            "root": str(tmp_path / "coco"),
+            "label_map": {"ball": "circle"},
+            "train": {"annotations": "train.json", "images": "images"},
+        },
+        "signs": {
+            "format": "cctsdb",
+            "root": str(tmp_path / "signs"),
+            "label_map": {"warn": "triangle"},
+            "train": {"annotations": "train.txt", "images": "img"},
+        },
+        "voc": {
+            "format": "voc",
+            "root": str(voc),
+            "label_map": {"x": "cross"},
+            "train": {"image_set": "trainval"},
+        },
+    }
     with pytest.raises(
         DataError,
         match=r"train.txt:2 box \[1.0, 1.0, 70.0, 9.0\] in a 64x48 image: outside image \(set data.on_bad=skip",
@@ -294,8 +345,17 @@ def test_data_module_joins_coco_cctsdb_and_voc_sources(tmp_path):
     assert dm.skipped() == {"train/outside_image": 1}
     assert dm.summary()["skipped annotations"] == "train/outside_image 1"
     with pytest.raises(ConfigError, match="image_set"):
-        DetectionDataModule(CLASSES, {"v": {"format": "voc", "root": str(voc), "label_map": {"x": "cross"},
-                                            "train": {"images": "x"}}}).records("train")  # fmt: skip
+        DetectionDataModule(
+            CLASSES,
+            {
+                "v": {
+                    "format": "voc",
+                    "root": str(voc),
+                    "label_map": {"x": "cross"},
+                    "train": {"images": "x"},
+                }
+            },
+        ).records("train")
 
 
 # --------------------------------------------------------------------------- scoring
@@ -319,14 +379,39 @@ def _coco_fixture(tmp_path, seed=0, n_images=40):
             x, y = rng.uniform(0, 220, 2)
             w, h = rng.uniform(4, 120, 2)
             c = int(rng.choice([1, 3, 7]))
-            anns.append({"id": len(anns) + 1, "image_id": im["id"], "category_id": c, "bbox": [x, y, w, h],
-                         "area": w * h, "iscrowd": int(rng.random() < 0.12)})  # fmt: skip
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": im["id"],
+                    "category_id": c,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": int(rng.random() < 0.12),
+                }
+            )
             for _ in range(rng.integers(0, 4)):
-                results.append({"image_id": im["id"], "category_id": c if rng.random() < 0.8 else 1,
-                                "bbox": [x + rng.normal(0, 5), y + rng.normal(0, 5), w * rng.uniform(0.7, 1.3),
-                                         h * rng.uniform(0.7, 1.3)], "score": float(rng.random())})  # fmt: skip
-    gt = {"images": images, "annotations": anns,
-          "categories": [{"id": 1, "name": "cat"}, {"id": 3, "name": "dog"}, {"id": 7, "name": "eel"}]}  # fmt: skip
+                results.append(
+                    {
+                        "image_id": im["id"],
+                        "category_id": c if rng.random() < 0.8 else 1,
+                        "bbox": [
+                            x + rng.normal(0, 5),
+                            y + rng.normal(0, 5),
+                            w * rng.uniform(0.7, 1.3),
+                            h * rng.uniform(0.7, 1.3),
+                        ],
+                        "score": float(rng.random()),
+                    }
+                )
+    gt = {
+        "images": images,
+        "annotations": anns,
+        "categories": [
+            {"id": 1, "name": "cat"},
+            {"id": 3, "name": "dog"},
+            {"id": 7, "name": "eel"},
+        ],
+    }
     (tmp_path / "gt.json").write_text(json.dumps(gt))
     (tmp_path / "results.json").write_text(json.dumps(results))
     assert any(a["iscrowd"] for a in anns)
@@ -352,8 +437,23 @@ def test_map_equals_pycocotools(tmp_path, seed):
     ev = _pycocotools_stats(gt_path, res_path)
     scorer, _ = score_coco_files(gt_path, res_path)
     scores = scorer.compute()
-    ours = [scores.metrics[k] for k in ("mAP", "mAP_50", "mAP_75", "mAP_small", "mAP_medium", "mAP_large",
-                                        "AR_1", "AR_10", "AR_100", "AR_small", "AR_medium", "AR_large")]  # fmt: skip
+    ours = [
+        scores.metrics[k]
+        for k in (
+            "mAP",
+            "mAP_50",
+            "mAP_75",
+            "mAP_small",
+            "mAP_medium",
+            "mAP_large",
+            "AR_1",
+            "AR_10",
+            "AR_100",
+            "AR_small",
+            "AR_medium",
+            "AR_large",
+        )
+    ]
     # the issue asks for 1e-4; with float64 boxes and thresholds we are far closer
     np.testing.assert_allclose(ours, ev.stats, atol=1e-6)
     assert ev.stats[0] > 0.05  # a meaningful, non-degenerate case
@@ -371,10 +471,18 @@ def test_scores_only_count_classes_the_source_labels():
     """A y detection on an image of a source that does not label y can be neither confirmed nor
     refuted: it is dropped before scoring (without the group table it is a false positive)."""
     box = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
-    preds = [{"boxes": box.repeat(2, 1), "scores": torch.tensor([0.9, 0.95]), "labels": torch.tensor([1, 2])},
-             {"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([2])}]  # fmt: skip
-    targets = [{"boxes": box, "labels": torch.tensor([1]), "source": torch.tensor(0)},
-               {"boxes": box, "labels": torch.tensor([2]), "source": torch.tensor(1)}]  # fmt: skip
+    preds = [
+        {
+            "boxes": box.repeat(2, 1),
+            "scores": torch.tensor([0.9, 0.95]),
+            "labels": torch.tensor([1, 2]),
+        },
+        {"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([2])},
+    ]
+    targets = [
+        {"boxes": box, "labels": torch.tensor([1]), "source": torch.tensor(0)},
+        {"boxes": box, "labels": torch.tensor([2]), "source": torch.tensor(1)},
+    ]
     grouped = DetectionScorer(["x", "y"], group_table=torch.tensor([[0, 1, 0], [0, 0, 2]]))
     grouped.update(preds, targets)
     assert len(grouped.preds[0]["labels"]) == 1
@@ -461,8 +569,18 @@ def test_evaluate_scores_a_results_file_and_writes_the_report(make_cfg, tmp_path
     for im in json.loads(gt_path.read_text())["images"]:
         Image.fromarray(np.full((240, 320, 3), 128, np.uint8)).save(tmp_path / im["file_name"])
     out = tmp_path / "report"
-    metrics = evaluate(make_cfg(["task=detection", f"annotations={gt_path}", f"predictions={res_path}",
-                                 f"images={tmp_path}", f"output_dir={out}"], config_name="evaluate"))  # fmt: skip
+    metrics = evaluate(
+        make_cfg(
+            [
+                "task=detection",
+                f"annotations={gt_path}",
+                f"predictions={res_path}",
+                f"images={tmp_path}",
+                f"output_dir={out}",
+            ],
+            config_name="evaluate",
+        )
+    )
     ev = _pycocotools_stats(gt_path, res_path)
     assert metrics["test/mAP"] == pytest.approx(ev.stats[0], abs=1e-4)
     html = (out / "report.html").read_text()
@@ -476,8 +594,9 @@ def test_evaluate_scores_a_results_file_and_writes_the_report(make_cfg, tmp_path
     assert page["table_rows"] >= 3 + 13 + 4 and page["external_requests"] == []
     assert json.loads((out / "metrics.json").read_text())["test/mAP"] == metrics["test/mAP"]
     client = MlflowClient(tracking_uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              "tags.`zoo.kind` = 'evaluation'")  # fmt: skip
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], "tags.`zoo.kind` = 'evaluation'"
+    )
     assert any(r.data.metrics.get("test/mAP") == pytest.approx(metrics["test/mAP"]) for r in runs)
 
 
@@ -487,14 +606,30 @@ def test_evaluate_scores_a_results_file_and_writes_the_report(make_cfg, tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment", ["detection_groupsoftmax_demo", "detection_softmax_demo"])
 def test_fast_run_logs_map_and_report(make_cfg, tracking_uri, tmp_path, experiment):
-    cfg = make_cfg([f"experiment={experiment}", "debug=fast", "data.subset=2",
-                    f"tracking.experiment_name=fast-{experiment}"])  # fmt: skip
+    cfg = make_cfg(
+        [
+            f"experiment={experiment}",
+            "debug=fast",
+            "data.subset=2",
+            f"tracking.experiment_name=fast-{experiment}",
+        ]
+    )
     train(cfg)
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(f"fast-{experiment}").experiment_id])
     m, params, tags = run.data.metrics, run.data.params, run.data.tags
-    for key in ("train/loss", "train/loss_classifier", "train/loss_objectness", "val/mAP", "val/mAP_50",
-                "val/AR_100", "val/voc07_mAP_50", "test/mAP", "test/mAP_75", "test/voc_mAP_50"):  # fmt: skip
+    for key in (
+        "train/loss",
+        "train/loss_classifier",
+        "train/loss_objectness",
+        "val/mAP",
+        "val/mAP_50",
+        "val/AR_100",
+        "val/voc07_mAP_50",
+        "test/mAP",
+        "test/mAP_75",
+        "test/voc_mAP_50",
+    ):
         assert key in m, key
     assert 0 <= m["val/mAP"] <= 1
     assert params["model.loss"] == (

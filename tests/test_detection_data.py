@@ -56,20 +56,27 @@ def _image(path, w=64, h=48):
 
 
 def _coco(tmp_path, annotations, images=None):
-    images = images or [{"id": 1, "file_name": "a.png", "width": 64, "height": 48},
-                        {"id": 2, "file_name": "b.png", "width": 64, "height": 48}]  # fmt: skip
+    images = images or [
+        {"id": 1, "file_name": "a.png", "width": 64, "height": 48},
+        {"id": 2, "file_name": "b.png", "width": 64, "height": 48},
+    ]
     for im in images:
         if im["file_name"] != "missing.png":
             _image(tmp_path / "img" / im["file_name"])
-    data = {"images": images, "annotations": annotations,
-            "categories": [{"id": 7, "name": "person"}, {"id": 9, "name": "car"}]}  # fmt: skip
+    data = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": 7, "name": "person"}, {"id": 9, "name": "car"}],
+    }
     (tmp_path / "ann.json").write_text(json.dumps(data))
     return tmp_path / "ann.json", tmp_path / "img"
 
 
 def test_coco_loader(tmp_path):
-    anns = [{"id": 1, "image_id": 1, "category_id": 9, "bbox": [10, 5, 20, 10], "iscrowd": 0},
-            {"id": 2, "image_id": 1, "category_id": 7, "bbox": [0, 0, 30, 40], "iscrowd": 1}]  # fmt: skip
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 9, "bbox": [10, 5, 20, 10], "iscrowd": 0},
+        {"id": 2, "image_id": 1, "category_id": 7, "bbox": [0, 0, 30, 40], "iscrowd": 1},
+    ]
     records, report = load_coco(*_coco(tmp_path, anns), COCO_MAP, CLASSES, source=0)
     a, b = sorted(records, key=lambda r: r.image_id)
     assert a.boxes.tolist() == [[10, 5, 30, 15], [0, 0, 30, 40]]
@@ -82,10 +89,12 @@ def test_coco_loader(tmp_path):
 
 @pytest.mark.parametrize(
     "ann, reason",
-    [({"id": 5, "image_id": 1, "category_id": 9, "bbox": [50, 5, 30, 10]}, "outside image"),
-     ({"id": 5, "image_id": 1, "category_id": 9, "bbox": [10, 5, 0, 10]}, "zero area"),
-     ({"id": 5, "image_id": 1, "category_id": 3, "bbox": [10, 5, 5, 5]}, "unknown category")],
-)  # fmt: skip
+    [
+        ({"id": 5, "image_id": 1, "category_id": 9, "bbox": [50, 5, 30, 10]}, "outside image"),
+        ({"id": 5, "image_id": 1, "category_id": 9, "bbox": [10, 5, 0, 10]}, "zero area"),
+        ({"id": 5, "image_id": 1, "category_id": 3, "bbox": [10, 5, 5, 5]}, "unknown category"),
+    ],
+)
 def test_coco_bad_annotations_error_or_counted_skip(tmp_path, ann, reason):
     good = {"id": 1, "image_id": 2, "category_id": 7, "bbox": [1, 1, 5, 5]}
     files = _coco(tmp_path, [good, ann])
@@ -109,8 +118,11 @@ def test_coco_missing_image_and_malformed_json(tmp_path):
 def test_coco_malformed_entries_name_the_entry(tmp_path):
     # valid JSON, but an annotation without a bbox / an image without a width
     files = _coco(tmp_path, [{"id": 3, "image_id": 1, "category_id": 9}])
-    with pytest.raises(DataError, match=r"ann\.json: annotation id 3 \(annotations\[0\]\): malformed "
-                                        r"entry \(missing key 'bbox'\)"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"ann\.json: annotation id 3 \(annotations\[0\]\): malformed "
+        r"entry \(missing key 'bbox'\)",
+    ):
         load_coco(*files, COCO_MAP, CLASSES, on_bad="skip")
     files = _coco(tmp_path, [{"id": 3, "image_id": 1, "category_id": 9, "bbox": [1, 2, "wide", 4]}])
     with pytest.raises(DataError, match=r"annotation id 3 .*malformed entry \(ValueError"):
@@ -188,12 +200,16 @@ def test_voc_ap_hand_computed():
 
 
 def test_voc_ap_difficult_duplicates_and_misses():
-    gt = {0: (np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float), np.array([False, True])),
-          1: (np.array([[0, 0, 10, 10]], float), np.array([False]))}  # fmt: skip
-    dets = [(0, 0.9, [0, 0, 10, 10]),    # TP
-            (0, 0.8, [0, 0, 10, 10]),    # duplicate of the same box: FP
-            (0, 0.7, [20, 20, 30, 30]),  # difficult: ignored
-            (1, 0.6, [40, 40, 50, 50])]  # miss: FP  # fmt: skip
+    gt = {
+        0: (np.array([[0, 0, 10, 10], [20, 20, 30, 30]], float), np.array([False, True])),
+        1: (np.array([[0, 0, 10, 10]], float), np.array([False])),
+    }
+    dets = [
+        (0, 0.9, [0, 0, 10, 10]),  # TP
+        (0, 0.8, [0, 0, 10, 10]),  # duplicate of the same box: FP
+        (0, 0.7, [20, 20, 30, 30]),  # difficult: ignored
+        (1, 0.6, [40, 40, 50, 50]),
+    ]  # miss: FP
     recall, precision, npos = voc_class_pr(dets, gt)
     assert npos == 2  # the difficult box does not count
     np.testing.assert_allclose(recall, [0.5, 0.5, 0.5, 0.5])

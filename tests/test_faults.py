@@ -60,10 +60,15 @@ def test_processes_opening_a_new_sqlite_store_at_the_same_moment(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     go = tmp_path / "go"
     procs = [
-        subprocess.Popen([sys.executable, "-c", OPEN_AT_ONCE, uri, str(go), f"job{i}"],
-                         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_AT_ONCE, uri, str(go), f"job{i}"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(4)
-    ]  # fmt: skip
+    ]
     for p in procs:  # all imported and waiting
         assert p.stdout.readline().strip() == "ready", p.stderr.read()[-2000:]
     go.touch()
@@ -82,8 +87,14 @@ def test_four_training_jobs_start_at_once_on_a_new_store(tmp_path, data_dir):
     for i in range(4):
         out = tmp_path / f"job{i}"
         out.mkdir()
-        procs.append(start_cli("train.py", ["debug=fast", f"hydra.run.dir={out}"], out,
-                               {"MLFLOW_TRACKING_URI": uri}))  # fmt: skip
+        procs.append(
+            start_cli(
+                "train.py",
+                ["debug=fast", f"hydra.run.dir={out}"],
+                out,
+                {"MLFLOW_TRACKING_URI": uri},
+            )
+        )
     results = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]

@@ -36,8 +36,15 @@ def test_forward_backward(name):
 @pytest.mark.parametrize("rnn", ["lstm", "gru"])
 @pytest.mark.parametrize("bidirectional,num_layers", [(True, 1), (False, 2)])
 def test_variants_and_odd_lengths(rnn, bidirectional, num_layers):
-    net = CNNRecurrentNet(3, 2, conv_channels=[8, 8], rnn=rnn, hidden_size=16, bidirectional=bidirectional,
-                          num_layers=num_layers)  # fmt: skip
+    net = CNNRecurrentNet(
+        3,
+        2,
+        conv_channels=[8, 8],
+        rnn=rnn,
+        hidden_size=16,
+        bidirectional=bidirectional,
+        num_layers=num_layers,
+    )
     assert net(torch.randn(2, 3, 101)).shape == (2, 2)
 
 
@@ -64,9 +71,13 @@ def test_overfits_a_small_batch():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(rnn="rnn"), "rnn must be"), (dict(hidden_size=0), "hidden_size"), (dict(dropout=1.0), "dropout"),
-     (dict(conv_channels=[]), "conv_channels")],
-)  # fmt: skip
+    [
+        (dict(rnn="rnn"), "rnn must be"),
+        (dict(hidden_size=0), "hidden_size"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(conv_channels=[]), "conv_channels"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CNNRecurrentNet(4, 4, **kwargs)

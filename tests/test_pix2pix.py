@@ -57,8 +57,16 @@ def test_unet_details_follow_the_reference():
     assert len(dropouts) == 3 and all(
         m.p == 0.5 for m in dropouts
     )  # the 3 innermost-but-one blocks
-    assert len([m for m in define_generator("unet_128", 3, 3, 64, "batch", True).modules()
-                if isinstance(m, torch.nn.Dropout)]) == 2  # fmt: skip
+    assert (
+        len(
+            [
+                m
+                for m in define_generator("unet_128", 3, 3, 64, "batch", True).modules()
+                if isinstance(m, torch.nn.Dropout)
+            ]
+        )
+        == 2
+    )
     assert not any(
         isinstance(m, torch.nn.Dropout)
         for m in define_generator("unet_256", 3, 3, 64, "batch", False).modules()
@@ -92,8 +100,14 @@ def write_pairs(folder: Path, n: int, size=(40, 30), same=True, seed=0) -> None:
 
 def test_paired_augmentation_keeps_a_and_b_aligned(tmp_path):
     write_pairs(tmp_path / "train", 3)  # A == B in every file
-    ds = AlignedDataset(list_images(tmp_path / "train"), preprocess="resize_and_crop", load_size=36,
-                        crop_size=32, flip=True, train=True)  # fmt: skip
+    ds = AlignedDataset(
+        list_images(tmp_path / "train"),
+        preprocess="resize_and_crop",
+        load_size=36,
+        crop_size=32,
+        flip=True,
+        train=True,
+    )
     crops = set()
     for _ in range(20):
         item = ds[0]
@@ -180,8 +194,14 @@ def test_one_step_updates_generator_and_discriminator(gan_mode):
     torch.manual_seed(0)
     model = tiny_model(gan_mode=gan_mode)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+    trainer = L.Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(model, train_dataloaders=tiny_loader())
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert any(n.startswith("generator.") for n in changed)
@@ -200,20 +220,31 @@ class RecordLR(L.Callback):
 def test_resume_restores_the_schedule_position(tmp_path):
     torch.manual_seed(0)
     straight = RecordLR()
-    L.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              callbacks=[straight], limit_val_batches=0).fit(tiny_model(), tiny_loader())  # fmt: skip
+    L.Trainer(
+        max_epochs=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[straight],
+        limit_val_batches=0,
+    ).fit(tiny_model(), tiny_loader())
     # n_epochs=1 at the initial rate, then 1 - k / (n_epochs_decay + 1) (the reference's rule)
     assert [straight.lrs[e][0] for e in range(4)] == pytest.approx([2e-4, 1.5e-4, 1e-4, 0.5e-4])
     assert all(g == d for g, d in straight.lrs.values())
 
     ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, save_last=True)
-    L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, callbacks=[ckpt],
-              limit_val_batches=0).fit(tiny_model(), tiny_loader())  # fmt: skip
+    L.Trainer(
+        max_epochs=2, logger=False, enable_progress_bar=False, callbacks=[ckpt], limit_val_batches=0
+    ).fit(tiny_model(), tiny_loader())
     resumed = RecordLR()
-    L.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              callbacks=[resumed], limit_val_batches=0).fit(
-        tiny_model(), tiny_loader(), ckpt_path=str(tmp_path / "last.ckpt"), weights_only=True
-    )  # fmt: skip
+    L.Trainer(
+        max_epochs=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        callbacks=[resumed],
+        limit_val_batches=0,
+    ).fit(tiny_model(), tiny_loader(), ckpt_path=str(tmp_path / "last.ckpt"), weights_only=True)
     assert set(resumed.lrs) == {2, 3}
     for epoch in (2, 3):
         assert resumed.lrs[epoch] == pytest.approx(straight.lrs[epoch])  # both optimisers
@@ -238,8 +269,17 @@ def test_fast_run_logs_metrics_grid_and_report(make_cfg, tracking_uri, tmp_path,
     client = MlflowClient(tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(f"fast-{experiment}").experiment_id])
     m, params, tags = run.data.metrics, run.data.params, run.data.tags
-    for key in ("train/loss_D", "train/loss_G", "train/loss_G_L1", "val/l1", "val/psnr", "val/ssim",
-                "test/l1", "test/psnr", "test/ssim"):  # fmt: skip
+    for key in (
+        "train/loss_D",
+        "train/loss_G",
+        "train/loss_G_L1",
+        "val/l1",
+        "val/psnr",
+        "val/ssim",
+        "test/l1",
+        "test/psnr",
+        "test/ssim",
+    ):
         assert key in m, key
     assert 0 < m["val/ssim"] <= 1 and m["val/psnr"] > 0
     assert (

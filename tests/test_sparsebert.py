@@ -15,8 +15,15 @@ from zoo.errors import DataError
 from zoo.models.sparsebert import DifferentiableAttentionMask, SparseBert, from_pretrained
 from zoo.pipeline import evaluate, train
 
-TINY = {"vocab_size": 120, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "intermediate_size": 64, "max_position_embeddings": 40, "hidden_dropout_prob": 0.0}  # fmt: skip
+TINY = {
+    "vocab_size": 120,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "max_position_embeddings": 40,
+    "hidden_dropout_prob": 0.0,
+}
 
 
 def batch(n=3, length=17, vocab=120, seed=0):
@@ -245,8 +252,16 @@ def test_two_stages_and_dense_baseline(make_cfg, tracking_uri, tmp_path):
     )
     search = _run(client, "sb-search")
     m = search.data.metrics
-    for key in ("train/loss", "train/mask_density", "train/loss_sparsity", "val/acc", "val/f1_macro",
-                "val/mask_density", "val/mask_sparsity", "test/acc"):  # fmt: skip
+    for key in (
+        "train/loss",
+        "train/mask_density",
+        "train/loss_sparsity",
+        "val/acc",
+        "val/f1_macro",
+        "val/mask_density",
+        "val/mask_sparsity",
+        "test/acc",
+    ):
         assert key in m, key
     assert m["val/mask_density"] + m["val/mask_sparsity"] == pytest.approx(1.0)
     arts = _artifacts(client, search.info.run_id)
@@ -255,23 +270,35 @@ def test_two_stages_and_dense_baseline(make_cfg, tracking_uri, tmp_path):
         "masks/attention_mask.pt",
         "tokenizer/vocab.txt",
     } <= arts
-    logged = torch.load(tracking.download_artifact(search.info.run_id, "masks/attention_mask.pt", tracking_uri),
-                        weights_only=True)  # fmt: skip
+    logged = torch.load(
+        tracking.download_artifact(search.info.run_id, "masks/attention_mask.pt", tracking_uri),
+        weights_only=True,
+    )
     mask = logged["mask"]
     assert mask.dtype == torch.bool and mask.shape[:2] == (1, 4)
     assert torch.equal(mask[..., 1:, 1:], mask[..., :-1, :-1])  # dam_s: Toeplitz
 
     # stage 2 reads that mask from the run
-    cfg = make_cfg(["experiment=sparsebert_finetune_demo", "debug=fast", f"model.mask.from_run={search.info.run_id}",
-                    "tracking.experiment_name=sb-finetune"])  # fmt: skip
+    cfg = make_cfg(
+        [
+            "experiment=sparsebert_finetune_demo",
+            "debug=fast",
+            f"model.mask.from_run={search.info.run_id}",
+            "tracking.experiment_name=sb-finetune",
+        ]
+    )
     train(cfg)
     fine = _run(client, "sb-finetune")
     assert fine.data.metrics["val/mask_density"] == pytest.approx(
         mask.float().mean().item(), abs=1e-6
     )
     assert "figures/val/attention_masks_epoch000.png" in _artifacts(client, fine.info.run_id)
-    module = SparseBert(["a", "b"], bert={**TINY, "max_position_embeddings": 64},
-                        mask={"mode": "fixed", "from_run": search.info.run_id}, tracking_uri=tracking_uri)  # fmt: skip
+    module = SparseBert(
+        ["a", "b"],
+        bert={**TINY, "max_position_embeddings": 64},
+        mask={"mode": "fixed", "from_run": search.info.run_id},
+        tracking_uri=tracking_uri,
+    )
     assert torch.equal(module.fixed_mask, mask)
 
     # the dense baseline, and the report of the search run

@@ -55,8 +55,17 @@ def test_fast_run_logs_everything_to_mlflow(make_cfg, tracking_uri, experiment):
     assert tags["zoo.experiment"] == experiment and tags["zoo.model"] == cfg.model.net.rnn.join(
         ["eeg_cnn_", ""]
     )
-    for key in ("train/loss", "train/acc", "val/loss", "val/acc", "val/f1_macro", "val/f1_macro_best",
-                "test/loss", "test/acc", "test/f1_macro"):  # fmt: skip
+    for key in (
+        "train/loss",
+        "train/acc",
+        "val/loss",
+        "val/acc",
+        "val/f1_macro",
+        "val/f1_macro_best",
+        "test/loss",
+        "test/acc",
+        "test/f1_macro",
+    ):
         assert key in metrics, key
     assert best == pytest.approx(metrics["val/f1_macro_best"])
     arts = _artifacts(client, run.info.run_id)
@@ -91,8 +100,15 @@ def test_resume_continues_the_same_run(make_cfg, tracking_uri, tmp_path):
     (run,) = _runs(client, name)
     last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
     assert last.is_file()
-    second = make_cfg(["debug=fast", f"tracking.experiment_name={name}", f"ckpt_path={last}",
-                       "trainer.max_epochs=2", "paths.output_dir=" + str(tmp_path / "second")])  # fmt: skip
+    second = make_cfg(
+        [
+            "debug=fast",
+            f"tracking.experiment_name={name}",
+            f"ckpt_path={last}",
+            "trainer.max_epochs=2",
+            "paths.output_dir=" + str(tmp_path / "second"),
+        ]
+    )
     train(second)
     runs = _runs(client, name)
     assert [r.info.run_id for r in runs] == [run.info.run_id]  # no second run
@@ -137,8 +153,12 @@ def test_train_then_evaluate_round_trip(make_cfg, tracking_uri, tmp_path):
 
     # the same checkpoint, evaluated from the file (its config travels inside it)
     ckpt = client.download_artifacts(run_id, run.data.tags[tracking.TAG_BEST_CKPT], str(tmp_path))
-    again = evaluate(make_cfg([f"ckpt_path={ckpt}", "experiment=eeg_cnn_lstm", f"output_dir={tmp_path / 'r2'}"],
-                              config_name="evaluate"))  # fmt: skip
+    again = evaluate(
+        make_cfg(
+            [f"ckpt_path={ckpt}", "experiment=eeg_cnn_lstm", f"output_dir={tmp_path / 'r2'}"],
+            config_name="evaluate",
+        )
+    )
     assert again["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
 
 
@@ -149,8 +169,16 @@ def test_comparison_report(make_cfg, tracking_uri, tmp_path):
     client = MlflowClient(tracking_uri)
     ids = [r.info.run_id for r in _runs(client, name)]
     out = tmp_path / "cmp"
-    result = evaluate(make_cfg([f"run_ids=[{ids[0]},{ids[1]}]", f"output_dir={out}",
-                                f"tracking.experiment_name={name}"], config_name="evaluate"))  # fmt: skip
+    result = evaluate(
+        make_cfg(
+            [
+                f"run_ids=[{ids[0]},{ids[1]}]",
+                f"output_dir={out}",
+                f"tracking.experiment_name={name}",
+            ],
+            config_name="evaluate",
+        )
+    )
     new = client.get_run(result["comparison_run_id"])
     assert new.data.tags["zoo.kind"] == "comparison" and new.data.tags[
         "zoo.compared_runs"

@@ -109,6 +109,9 @@ def check_group_choices(argv: list[str], conf_dir: Path) -> None:
         for option in value.split(","):
             option = option.strip()
             if option and option != "null" and option not in available:
-                print(f"config error: {key}={option!r} is not an option of '{key}' "
-                      f"(conf/{key}/): choose one of {', '.join(available)}.", file=sys.stderr)  # fmt: skip
+                print(
+                    f"config error: {key}={option!r} is not an option of '{key}' "
+                    f"(conf/{key}/): choose one of {', '.join(available)}.",
+                    file=sys.stderr,
+                )
                 raise SystemExit(2)

@@ -38,8 +38,11 @@ def build(node: DictConfig, key: str, **kwargs) -> Any:
 def build_all(group: DictConfig | None, key: str, **kwargs) -> list[Any]:
     if not group:
         return []
-    return [build(node, f"{key}.{name}", **kwargs) for name, node in group.items()
-            if isinstance(node, DictConfig) and "_target_" in node]  # fmt: skip
+    return [
+        build(node, f"{key}.{name}", **kwargs)
+        for name, node in group.items()
+        if isinstance(node, DictConfig) and "_target_" in node
+    ]
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -65,8 +68,11 @@ class RunInfo(L.Callback):
         self.run = run
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint["zoo"] = {"mlflow_run_id": self.run.run_id, "config": self.config_yaml,
-                             "version": zoo.__version__}  # fmt: skip
+        checkpoint["zoo"] = {
+            "mlflow_run_id": self.run.run_id,
+            "config": self.config_yaml,
+            "version": zoo.__version__,
+        }
 
 
 def _run_id_for(cfg: DictConfig, ckpt: dict | None) -> str | None:
@@ -80,8 +86,11 @@ def _run_id_for(cfg: DictConfig, ckpt: dict | None) -> str | None:
             tracking.get_run(stored, cfg.tracking.tracking_uri)
             return stored
         except ConfigError:
-            log.warning("Checkpoint belongs to mlflow run %s, which is not in %s: starting a new run.",
-                        stored, tracking.resolve_tracking_uri(cfg.tracking.tracking_uri))  # fmt: skip
+            log.warning(
+                "Checkpoint belongs to mlflow run %s, which is not in %s: starting a new run.",
+                stored,
+                tracking.resolve_tracking_uri(cfg.tracking.tracking_uri),
+            )
     return None
 
 
@@ -199,8 +208,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         train_cfg = tracking.load_run_config(cfg.run_id, uri)
         artifact = run.data.tags.get(tracking.TAG_BEST_CKPT)
         if not artifact:
-            raise ConfigError(f"run_id={cfg.run_id}: the run logged no best checkpoint (tag {tracking.TAG_BEST_CKPT}); "
-                              "was it trained with logger=mlflow to the end?")  # fmt: skip
+            raise ConfigError(
+                f"run_id={cfg.run_id}: the run logged no best checkpoint (tag {tracking.TAG_BEST_CKPT}); "
+                "was it trained with logger=mlflow to the end?"
+            )
         ckpt_path = tracking.download_artifact(cfg.run_id, artifact, uri)
         state = read_checkpoint(ckpt_path)
         target_run, source = cfg.run_id, f"mlflow run {cfg.run_id} ({artifact})"
@@ -223,8 +234,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
             except ConfigError:
                 target_run = None
     else:
-        raise ConfigError("evaluate.py needs run_id=<mlflow run id>, ckpt_path=<file> [experiment=<name>], "
-                          "or 'run_ids=[<id1>,<id2>]' for a comparison")  # fmt: skip
+        raise ConfigError(
+            "evaluate.py needs run_id=<mlflow run id>, ckpt_path=<file> [experiment=<name>], "
+            "or 'run_ids=[<id1>,<id2>]' for a comparison"
+        )
 
     datamodule = build(train_cfg.data, "data")
     model = build(train_cfg.model, "model")
@@ -234,18 +247,31 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         or OmegaConf.select(train_cfg, "trainer.limit_test_batches")
         or 1.0
     )
-    trainer = L.Trainer(accelerator=cfg.get("accelerator", "auto"), devices=1, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, limit_test_batches=limit,
-                        callbacks=build_all(cfg.get("callbacks"), "callbacks"))  # fmt: skip
+    trainer = L.Trainer(
+        accelerator=cfg.get("accelerator", "auto"),
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_test_batches=limit,
+        callbacks=build_all(cfg.get("callbacks"), "callbacks"),
+    )
     results = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     metrics = {k: float(v) for k, v in sorted(results.items())}
 
     name = train_cfg.get("name") or "model"
     report = Report(f"Evaluation report: {name}")
-    report.key_values({"evaluated": source, "experiment": name, "mlflow run": target_run or "-",
-                       "model": OmegaConf.select(train_cfg, "model._target_"),
-                       "data": OmegaConf.select(train_cfg, "data._target_"),
-                       "written": time.strftime("%Y-%m-%d %H:%M:%S")}, ("", ""))  # fmt: skip
+    report.key_values(
+        {
+            "evaluated": source,
+            "experiment": name,
+            "mlflow run": target_run or "-",
+            "model": OmegaConf.select(train_cfg, "model._target_"),
+            "data": OmegaConf.select(train_cfg, "data._target_"),
+            "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+        ("", ""),
+    )
     report.heading("Test metrics")
     report.table(["metric", "value"], [[k, v] for k, v in metrics.items()])
     if hasattr(model, "add_report_sections"):
@@ -255,9 +281,18 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         report.key_values(datamodule.summary(), ("", ""))
     digest, yaml_text = _config_digest(train_cfg)
     report.heading("Config digest")
-    report.key_values({"sha256 (first 16)": digest, "seed": train_cfg.get("seed"),
-                       **{k: OmegaConf.select(train_cfg, k) for k in ("trainer.max_epochs", "data.protocol", "data.batch_size")
-                          if OmegaConf.select(train_cfg, k) is not None}}, ("", ""))  # fmt: skip
+    report.key_values(
+        {
+            "sha256 (first 16)": digest,
+            "seed": train_cfg.get("seed"),
+            **{
+                k: OmegaConf.select(train_cfg, k)
+                for k in ("trainer.max_epochs", "data.protocol", "data.batch_size")
+                if OmegaConf.select(train_cfg, k) is not None
+            },
+        },
+        ("", ""),
+    )
     report.code(yaml_text, "full resolved config")
 
     out_dir = Path(
@@ -269,8 +304,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     files = report.write(out_dir, metrics)
     if target_run:
         tracking.client(uri).log_artifacts(target_run, str(out_dir), "report")
-    print(f"\nReport written to {out_dir}\n  {files['html']}\n  {files['markdown']}\n  {files['metrics']}"
-          + (f"\n  (also logged to mlflow run {target_run} under report/)" if target_run else ""), flush=True)  # fmt: skip
+    print(
+        f"\nReport written to {out_dir}\n  {files['html']}\n  {files['markdown']}\n  {files['metrics']}"
+        + (f"\n  (also logged to mlflow run {target_run} under report/)" if target_run else ""),
+        flush=True,
+    )
     return metrics
 
 
@@ -290,10 +328,17 @@ def compare(cfg: DictConfig) -> dict[str, float]:
         or Path(cfg.paths.log_dir) / "reports" / f"comparison-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     files = report.write(out_dir, flat)
-    new_id = tracking.create_run(uri, cfg.tracking.experiment_name, f"comparison-{time.strftime('%Y%m%d-%H%M%S')}",
-                                 {tracking.TAG_KIND: "comparison", "zoo.compared_runs": ",".join(ids)})  # fmt: skip
+    new_id = tracking.create_run(
+        uri,
+        cfg.tracking.experiment_name,
+        f"comparison-{time.strftime('%Y%m%d-%H%M%S')}",
+        {tracking.TAG_KIND: "comparison", "zoo.compared_runs": ",".join(ids)},
+    )
     client.log_artifacts(new_id, str(out_dir), "report")
     client.set_terminated(new_id, "FINISHED")
-    print(f"\nComparison report written to {out_dir}\n  {files['html']}\n  {files['markdown']}\n"
-          f"  (logged to new mlflow run {new_id}, tag {tracking.TAG_KIND}=comparison)", flush=True)  # fmt: skip
+    print(
+        f"\nComparison report written to {out_dir}\n  {files['html']}\n  {files['markdown']}\n"
+        f"  (logged to new mlflow run {new_id}, tag {tracking.TAG_KIND}=comparison)",
+        flush=True,
+    )
     return {"comparison_run_id": new_id, **flat}

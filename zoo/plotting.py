@@ -27,8 +27,15 @@ def confusion_matrix_figure(
     ax.set_title(title)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, f"{cm[i, j]}\n{rates[i, j]:.0%}", ha="center", va="center", fontsize=8,
-                    color="white" if rates[i, j] > 0.5 else "black")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                f"{cm[i, j]}\n{rates[i, j]:.0%}",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if rates[i, j] > 0.5 else "black",
+            )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
     fig.tight_layout()
     return fig
@@ -68,8 +75,9 @@ def image_grid_figure(
     """A grid of images (H x W x 3 floats in [0, 1], or H x W grayscale): one row per sample,
     one column per kind (e.g. input | generated | target)."""
     n_rows, n_cols = max(1, len(rows)), len(column_titles)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.2 * n_cols, 2.2 * n_rows + 0.4), dpi=100,
-                             squeeze=False)  # fmt: skip
+    fig, axes = plt.subplots(
+        n_rows, n_cols, figsize=(2.2 * n_cols, 2.2 * n_rows + 0.4), dpi=100, squeeze=False
+    )
     for r, images in enumerate(rows):
         for c, img in enumerate(images):
             ax = axes[r, c]

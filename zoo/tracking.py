@@ -187,8 +187,13 @@ def git_commit() -> str:
         )
         if sha.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return sha.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -197,8 +202,11 @@ def git_commit() -> str:
 def count_parameters(model) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    out = {"model/params/total": total, "model/params/trainable": trainable,
-           "model/params/non_trainable": total - trainable}  # fmt: skip
+    out = {
+        "model/params/total": total,
+        "model/params/trainable": trainable,
+        "model/params/non_trainable": total - trainable,
+    }
     extra = getattr(model, "parameter_groups", None)
     if callable(extra):
         for name, module in extra().items():
@@ -300,9 +308,13 @@ class TrainingRun:
             c.log_text(run_id, "\n".join(overrides) + "\n", "config/overrides.txt")
         changed = log_params(c, run_id, flatten_params(cfg))
         if changed:
-            log.warning("Resumed run %s: %d config value(s) changed since the first attempt (kept the "
-                        "original params; see config/config-resume-*.yaml): %s", run_id, len(changed),
-                        ", ".join(sorted(changed)))  # fmt: skip
+            log.warning(
+                "Resumed run %s: %d config value(s) changed since the first attempt (kept the "
+                "original params; see config/config-resume-*.yaml): %s",
+                run_id,
+                len(changed),
+                ", ".join(sorted(changed)),
+            )
         counts = count_parameters(model)
         log_params(c, run_id, {k: str(v) for k, v in counts.items()})
 
@@ -410,8 +422,14 @@ def download_artifact(
 
     dst = dst or tempfile.mkdtemp(prefix="zoo-artifacts-")
     try:
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
-                                                        dst_path=dst, tracking_uri=resolve_tracking_uri(uri)))  # fmt: skip
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id,
+                artifact_path=artifact_path,
+                dst_path=dst,
+                tracking_uri=resolve_tracking_uri(uri),
+            )
+        )
     except Exception as exc:
         raise ConfigError(
             f"run {run_id}: could not download artifact '{artifact_path}' ({str(exc).splitlines()[0]})"

@@ -118,8 +118,11 @@ class AlignedDataset(Dataset):
             x, y = (new_w - self.crop_size) // 2, (new_h - self.crop_size) // 2
         else:
             x = y = 0
-        return {"size": (new_w, new_h), "crop": (x, y) if crop else None,
-                "flip": self.train and self.flip and random.random() > 0.5}  # fmt: skip
+        return {
+            "size": (new_w, new_h),
+            "crop": (x, y) if crop else None,
+            "flip": self.train and self.flip and random.random() > 0.5,
+        }
 
     def transform(self, img: Image.Image, p: dict, channels: int) -> torch.Tensor:
         if p["size"] != img.size:
@@ -143,8 +146,11 @@ class AlignedDataset(Dataset):
         path = self.files[index]
         a, b = load_pair(path, self.direction)
         p = self.params(*a.size)
-        return {"A": self.transform(a, p, self.input_nc), "B": self.transform(b, p, self.output_nc),
-                "path": str(path)}  # fmt: skip
+        return {
+            "A": self.transform(a, p, self.input_nc),
+            "B": self.transform(b, p, self.output_nc),
+            "path": str(path),
+        }
 
 
 class AlignedDataModule(SplitDataModule):
@@ -198,10 +204,21 @@ class AlignedDataModule(SplitDataModule):
             files = files[: int(self.subset)]
         sizes = {check_aligned_image(f) for f in files}
         if len(sizes) > 1 and self.preprocess == "none" and self.batch_size > 1:
-            raise DataError(f"{self.data_dir / split}: images differ in size ({sorted(sizes)[:3]} ...); "
-                            "data.preprocess=none needs one size for batches > 1")  # fmt: skip
-        return AlignedDataset(files, self.direction, self.preprocess, self.load_size, self.crop_size,
-                              self.flip and train, train, self.input_nc, self.output_nc)  # fmt: skip
+            raise DataError(
+                f"{self.data_dir / split}: images differ in size ({sorted(sizes)[:3]} ...); "
+                "data.preprocess=none needs one size for batches > 1"
+            )
+        return AlignedDataset(
+            files,
+            self.direction,
+            self.preprocess,
+            self.load_size,
+            self.crop_size,
+            self.flip and train,
+            train,
+            self.input_nc,
+            self.output_nc,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.demo:  # single-process runs without prepare_data (e.g. evaluate.py)
@@ -215,9 +232,12 @@ class AlignedDataModule(SplitDataModule):
             self.datasets["test"] = self._dataset("test", train=False)
 
     def summary(self) -> dict[str, str]:
-        out = {"data_dir": str(self.data_dir), "direction": self.direction,
-               "preprocess": f"{self.preprocess} (load {self.load_size}, crop {self.crop_size}, "
-                             f"flip {'on' if self.flip else 'off'} for training)"}  # fmt: skip
+        out = {
+            "data_dir": str(self.data_dir),
+            "direction": self.direction,
+            "preprocess": f"{self.preprocess} (load {self.load_size}, crop {self.crop_size}, "
+            f"flip {'on' if self.flip else 'off'} for training)",
+        }
         for split, ds in self.datasets.items():
             out[f"{split} images"] = str(len(ds))
         return out

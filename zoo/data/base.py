@@ -19,10 +19,13 @@ class SplitDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
-            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
-            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
             collate_fn=self.collate_fn,
-        )  # fmt: skip
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -32,11 +32,49 @@ N_SAMPLES = 8064
 BASELINE_SAMPLES = 3 * SFREQ
 N_LABELS = 4
 EEG_CHANNELS = [
-    "Fp1", "AF3", "F3", "F7", "FC5", "FC1", "C3", "T7", "CP5", "CP1", "P3", "P7", "PO3", "O1",
-    "Oz", "Pz", "Fp2", "AF4", "Fz", "F4", "F8", "FC6", "FC2", "Cz", "C4", "T8", "CP6", "CP2",
-    "P4", "P8", "PO4", "O2",
-]  # fmt: skip
-PERIPHERAL_CHANNELS = ["hEOG", "vEOG", "zEMG", "tEMG", "GSR", "Respiration", "Plethysmograph", "Temperature"]  # fmt: skip
+    "Fp1",
+    "AF3",
+    "F3",
+    "F7",
+    "FC5",
+    "FC1",
+    "C3",
+    "T7",
+    "CP5",
+    "CP1",
+    "P3",
+    "P7",
+    "PO3",
+    "O1",
+    "Oz",
+    "Pz",
+    "Fp2",
+    "AF4",
+    "Fz",
+    "F4",
+    "F8",
+    "FC6",
+    "FC2",
+    "Cz",
+    "C4",
+    "T8",
+    "CP6",
+    "CP2",
+    "P4",
+    "P8",
+    "PO4",
+    "O2",
+]
+PERIPHERAL_CHANNELS = [
+    "hEOG",
+    "vEOG",
+    "zEMG",
+    "tEMG",
+    "GSR",
+    "Respiration",
+    "Plethysmograph",
+    "Temperature",
+]
 ALL_CHANNELS = EEG_CHANNELS + PERIPHERAL_CHANNELS
 LABEL_COLUMNS = ["valence", "arousal", "dominance", "liking"]
 CLASS_NAMES = {
@@ -425,9 +463,13 @@ class DeapDataModule(SplitDataModule):
         self.bandpass = tuple(bandpass) if bandpass is not None else None
         self.protocol, self.allow_leaky_split = protocol, allow_leaky_split
         self.split_kwargs = dict(
-            n_folds=n_folds, fold=fold, test_subject=test_subject, val_fraction=val_fraction,
-            test_fraction=test_fraction, seed=split_seed,
-        )  # fmt: skip
+            n_folds=n_folds,
+            fold=fold,
+            test_subject=test_subject,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=split_seed,
+        )
         self.batch_size, self.num_workers = batch_size, num_workers
         self.demo = dict(demo) if demo else None
         self.datasets: dict[str, Dataset] = {}

@@ -39,16 +39,87 @@ log = logging.getLogger(__name__)
 
 BACKGROUND = "__background__"
 COCO_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear",
-    "hair drier", "toothbrush",
-)  # fmt: skip
+    "person",
+    "bicycle",
+    "car",
+    "motorcycle",
+    "airplane",
+    "bus",
+    "train",
+    "truck",
+    "boat",
+    "traffic light",
+    "fire hydrant",
+    "stop sign",
+    "parking meter",
+    "bench",
+    "bird",
+    "cat",
+    "dog",
+    "horse",
+    "sheep",
+    "cow",
+    "elephant",
+    "bear",
+    "zebra",
+    "giraffe",
+    "backpack",
+    "umbrella",
+    "handbag",
+    "tie",
+    "suitcase",
+    "frisbee",
+    "skis",
+    "snowboard",
+    "sports ball",
+    "kite",
+    "baseball bat",
+    "baseball glove",
+    "skateboard",
+    "surfboard",
+    "tennis racket",
+    "bottle",
+    "wine glass",
+    "cup",
+    "fork",
+    "knife",
+    "spoon",
+    "bowl",
+    "banana",
+    "apple",
+    "sandwich",
+    "orange",
+    "broccoli",
+    "carrot",
+    "hot dog",
+    "pizza",
+    "donut",
+    "cake",
+    "chair",
+    "couch",
+    "potted plant",
+    "bed",
+    "dining table",
+    "toilet",
+    "tv",
+    "laptop",
+    "mouse",
+    "remote",
+    "keyboard",
+    "cell phone",
+    "microwave",
+    "oven",
+    "toaster",
+    "sink",
+    "refrigerator",
+    "book",
+    "clock",
+    "vase",
+    "scissors",
+    "teddy bear",
+    "hair drier",
+    "toothbrush",
+)
 BAD_REASONS = ("outside_image", "zero_area", "unknown_category", "missing_image")
 
 
@@ -83,8 +154,12 @@ class LoadReport:
 
     def log(self) -> None:
         if self.skipped:
-            log.warning("%s: skipped %d bad annotation(s): %s", self.source, sum(self.skipped.values()),
-                        ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())))  # fmt: skip
+            log.warning(
+                "%s: skipped %d bad annotation(s): %s",
+                self.source,
+                sum(self.skipped.values()),
+                ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())),
+            )
 
 
 def derive_group_table(label_maps: list[dict[str, str | None]], classes: list[str]) -> torch.Tensor:
@@ -164,8 +239,14 @@ def _map_label(
     return None if unified is None else classes.index(unified) + 1
 
 
-def load_coco(ann_file: str | Path, image_dir: str | Path, label_map: dict[str, str | None], classes: list[str],
-              source: int = 0, on_bad: str = "error") -> tuple[list[Record], LoadReport]:  # fmt: skip
+def load_coco(
+    ann_file: str | Path,
+    image_dir: str | Path,
+    label_map: dict[str, str | None],
+    classes: list[str],
+    source: int = 0,
+    on_bad: str = "error",
+) -> tuple[list[Record], LoadReport]:
     ann_file, image_dir = Path(ann_file), Path(image_dir)
     try:
         data = json.loads(ann_file.read_text())
@@ -212,15 +293,30 @@ def load_coco(ann_file: str | Path, image_dir: str | Path, label_map: dict[str, 
     records = []
     for image_id, (path, width, height) in images.items():
         anns = by_image[image_id]
-        records.append(Record(path, width, height, np.array([b for b, _, _ in anns], np.float32).reshape(-1, 4),
-                              np.array([lab for _, lab, _ in anns], np.int64), source,
-                              iscrowd=np.array([c for _, _, c in anns], bool), image_id=int(image_id)))  # fmt: skip
+        records.append(
+            Record(
+                path,
+                width,
+                height,
+                np.array([b for b, _, _ in anns], np.float32).reshape(-1, 4),
+                np.array([lab for _, lab, _ in anns], np.int64),
+                source,
+                iscrowd=np.array([c for _, _, c in anns], bool),
+                image_id=int(image_id),
+            )
+        )
     check.report.log()
     return records, check.report
 
 
-def load_cctsdb(ann_file: str | Path, image_dir: str | Path, label_map: dict[str, str | None], classes: list[str],
-                source: int = 0, on_bad: str = "error") -> tuple[list[Record], LoadReport]:  # fmt: skip
+def load_cctsdb(
+    ann_file: str | Path,
+    image_dir: str | Path,
+    label_map: dict[str, str | None],
+    classes: list[str],
+    source: int = 0,
+    on_bad: str = "error",
+) -> tuple[list[Record], LoadReport]:
     """CCTSDB's text format: one ``filename;x1;y1;x2;y2;class`` line per box."""
     ann_file, image_dir = Path(ann_file), Path(image_dir)
     if not ann_file.is_file():
@@ -254,15 +350,29 @@ def load_cctsdb(ann_file: str | Path, image_dir: str | Path, label_map: dict[str
         if label is None or not check.box_ok(box, *sizes[name], where):
             continue
         per_image[name].append((box, label))
-    records = [Record(image_dir / name, *sizes[name], np.array([b for b, _ in anns], np.float32).reshape(-1, 4),
-                      np.array([lab for _, lab in anns], np.int64), source, image_id=i)
-               for i, (name, anns) in enumerate(sorted(per_image.items()))]  # fmt: skip
+    records = [
+        Record(
+            image_dir / name,
+            *sizes[name],
+            np.array([b for b, _ in anns], np.float32).reshape(-1, 4),
+            np.array([lab for _, lab in anns], np.int64),
+            source,
+            image_id=i,
+        )
+        for i, (name, anns) in enumerate(sorted(per_image.items()))
+    ]
     check.report.log()
     return records, check.report
 
 
-def load_voc(root: str | Path, image_set: str, label_map: dict[str, str | None], classes: list[str],
-             source: int = 0, on_bad: str = "error") -> tuple[list[Record], LoadReport]:  # fmt: skip
+def load_voc(
+    root: str | Path,
+    image_set: str,
+    label_map: dict[str, str | None],
+    classes: list[str],
+    source: int = 0,
+    on_bad: str = "error",
+) -> tuple[list[Record], LoadReport]:
     """Pascal VOC: ``root/ImageSets/Main/<image_set>.txt``, ``root/Annotations/<id>.xml``,
     ``root/JPEGImages/<id>.jpg``. Boxes become 0-based continuous xyxy (xmin - 1, ymin - 1,
     xmax, ymax); ``difficult`` is kept as a flag."""
@@ -297,15 +407,29 @@ def load_voc(root: str | Path, image_set: str, label_map: dict[str, str | None],
             label = _map_label(name, label_map, classes, where)
             with entry_errors(f"{where}: bndbox"):
                 bb = obj.find("bndbox")
-                box = [float(bb.findtext("xmin")) - 1, float(bb.findtext("ymin")) - 1,
-                       float(bb.findtext("xmax")), float(bb.findtext("ymax"))]  # fmt: skip
+                box = [
+                    float(bb.findtext("xmin")) - 1,
+                    float(bb.findtext("ymin")) - 1,
+                    float(bb.findtext("xmax")),
+                    float(bb.findtext("ymax")),
+                ]
             if label is None or not check.box_ok(box, width, height, where):
                 continue
             boxes.append(box)
             labels.append(label)
             difficult.append(obj.findtext("difficult", "0").strip() == "1")
-        records.append(Record(image, width, height, np.array(boxes, np.float32).reshape(-1, 4),
-                              np.array(labels, np.int64), source, difficult=np.array(difficult, bool), image_id=i))  # fmt: skip
+        records.append(
+            Record(
+                image,
+                width,
+                height,
+                np.array(boxes, np.float32).reshape(-1, 4),
+                np.array(labels, np.int64),
+                source,
+                difficult=np.array(difficult, bool),
+                image_id=i,
+            )
+        )
     check.report.log()
     return records, check.report
 
@@ -315,8 +439,9 @@ def load_voc(root: str | Path, image_set: str, label_map: dict[str, str | None],
 FORMATS = ("coco", "cctsdb", "voc")
 
 
-def load_source(spec: dict, split: str, classes: list[str], source: int, on_bad: str,
-                name: str) -> tuple[list[Record], LoadReport] | None:  # fmt: skip
+def load_source(
+    spec: dict, split: str, classes: list[str], source: int, on_bad: str, name: str
+) -> tuple[list[Record], LoadReport] | None:
     """Records of one source's split, or None when the source has no such split.
 
     ``spec``: ``format`` (coco | cctsdb | voc), ``root`` (folder the other paths are relative
@@ -378,8 +503,10 @@ class DetectionDataset(Dataset):
             raise DataError(f"{r.image}: could not decode image ({exc})") from None
         image = image.float().div_(255)
         if image.shape[1:] != (r.height, r.width):
-            raise DataError(f"{r.image}: image is {image.shape[2]}x{image.shape[1]} but its annotation says "
-                            f"{r.width}x{r.height}")  # fmt: skip
+            raise DataError(
+                f"{r.image}: image is {image.shape[2]}x{image.shape[1]} but its annotation says "
+                f"{r.width}x{r.height}"
+            )
         boxes = torch.from_numpy(r.boxes).float().reshape(-1, 4)
         labels = torch.from_numpy(r.labels).long()
         ignore = torch.from_numpy(r.iscrowd | r.difficult)
@@ -391,8 +518,14 @@ class DetectionDataset(Dataset):
                 boxes = torch.stack(
                     [r.width - boxes[:, 2], boxes[:, 1], r.width - boxes[:, 0], boxes[:, 3]], 1
                 )
-        target = {"boxes": boxes, "labels": labels, "source": torch.tensor(r.source),
-                  "image_id": torch.tensor(r.image_id), "iscrowd": ignore, "file_name": str(r.image)}  # fmt: skip
+        target = {
+            "boxes": boxes,
+            "labels": labels,
+            "source": torch.tensor(r.source),
+            "image_id": torch.tensor(r.image_id),
+            "iscrowd": ignore,
+            "file_name": str(r.image),
+        }
         return image, target
 
 
@@ -416,9 +549,18 @@ class DetectionDataModule(SplitDataModule):
 
     collate_fn = staticmethod(detection_collate)
 
-    def __init__(self, classes: list[str], sources: dict[str, dict], data_dir: str | None = None,
-                 on_bad: str = "error", batch_size: int = 4, num_workers: int = 0, flip: float = 0.5,
-                 subset: int | None = None, demo: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        classes: list[str],
+        sources: dict[str, dict],
+        data_dir: str | None = None,
+        on_bad: str = "error",
+        batch_size: int = 4,
+        num_workers: int = 0,
+        flip: float = 0.5,
+        subset: int | None = None,
+        demo: dict | None = None,
+    ):
         super().__init__()
         if not classes or len(set(classes)) != len(classes):
             raise ConfigError(
@@ -433,8 +575,9 @@ class DetectionDataModule(SplitDataModule):
         self.data_dir = Path(data_dir) if data_dir else None
         self.on_bad, self.flip, self.subset, self.demo = on_bad, flip, subset, demo
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.group_table = derive_group_table([dict(s.get("label_map") or {}) for s in self.sources.values()],
-                                              self.classes)  # fmt: skip
+        self.group_table = derive_group_table(
+            [dict(s.get("label_map") or {}) for s in self.sources.values()], self.classes
+        )
         self.datasets: dict[str, DetectionDataset] = {}
         self.load_reports: dict[str, list[LoadReport]] = {}
 
@@ -492,9 +635,13 @@ class DetectionDataModule(SplitDataModule):
         return dict(out)
 
     def summary(self) -> dict[str, str]:
-        out = {"classes": ", ".join(self.classes),
-               "group table": "; ".join(f"{n}: {row}" for n, row in zip(self.sources, self.group_table.tolist())),
-               "on_bad": self.on_bad}  # fmt: skip
+        out = {
+            "classes": ", ".join(self.classes),
+            "group table": "; ".join(
+                f"{n}: {row}" for n, row in zip(self.sources, self.group_table.tolist())
+            ),
+            "on_bad": self.on_bad,
+        }
         for split, ds in self.datasets.items():
             per_source = Counter(self.source_names[r.source] for r in ds.records)
             out[f"{split} images"] = (

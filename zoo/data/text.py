@@ -136,8 +136,12 @@ def pad_collate(batch: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
         ids[i, :k] = torch.tensor(b["input_ids"])
         types[i, :k] = torch.tensor(b["token_type_ids"])
         mask[i, :k] = 1
-    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask,
-            "labels": torch.tensor([b["label"] for b in batch])}  # fmt: skip
+    return {
+        "input_ids": ids,
+        "token_type_ids": types,
+        "attention_mask": mask,
+        "labels": torch.tensor([b["label"] for b in batch]),
+    }
 
 
 class GlueDataModule(SplitDataModule):
@@ -190,8 +194,12 @@ class GlueDataModule(SplitDataModule):
             self.vocab_file = Path(self.tok_cfg["vocab"])
             return load_tokenizer(self.vocab_file, self.tok_cfg["lowercase"])
         flat = [t for row in train_texts for t in row]
-        tok, self.vocab_file = train_tokenizer(flat, int(self.tok_cfg["vocab_size"]), self.data_dir / "tokenizer",
-                                               self.tok_cfg["lowercase"])  # fmt: skip
+        tok, self.vocab_file = train_tokenizer(
+            flat,
+            int(self.tok_cfg["vocab_size"]),
+            self.data_dir / "tokenizer",
+            self.tok_cfg["lowercase"],
+        )
         return tok
 
     def _encode(self, texts: list[tuple[str, ...]], labels: list[int]) -> EncodedText:
@@ -229,9 +237,13 @@ class GlueDataModule(SplitDataModule):
 
     def summary(self) -> dict[str, str]:
         self.setup()
-        out = {"task": self.task, "data_dir": str(self.data_dir), "max_length": str(self.max_length),
-               "tokenizer": f"WordPiece, {self.tokenizer.get_vocab_size()} tokens ({self.vocab_file})",
-               "test split": self.test_source}  # fmt: skip
+        out = {
+            "task": self.task,
+            "data_dir": str(self.data_dir),
+            "max_length": str(self.max_length),
+            "tokenizer": f"WordPiece, {self.tokenizer.get_vocab_size()} tokens ({self.vocab_file})",
+            "test split": self.test_source,
+        }
         for split, ds in self.datasets.items():
             counts = [ds.labels.count(i) for i in range(len(self.class_names))]
             out[f"{split} examples"] = (

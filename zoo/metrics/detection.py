@@ -26,9 +26,20 @@ from zoo.data.detection import entry_errors
 from zoo.errors import DataError
 from zoo.metrics.voc import voc_ap, voc_class_pr
 
-COCO_KEYS = {"map": "mAP", "map_50": "mAP_50", "map_75": "mAP_75", "map_small": "mAP_small",
-             "map_medium": "mAP_medium", "map_large": "mAP_large", "mar_1": "AR_1", "mar_10": "AR_10",
-             "mar_100": "AR_100", "mar_small": "AR_small", "mar_medium": "AR_medium", "mar_large": "AR_large"}  # fmt: skip
+COCO_KEYS = {
+    "map": "mAP",
+    "map_50": "mAP_50",
+    "map_75": "mAP_75",
+    "map_small": "mAP_small",
+    "map_medium": "mAP_medium",
+    "map_large": "mAP_large",
+    "mar_1": "AR_1",
+    "mar_10": "AR_10",
+    "mar_100": "AR_100",
+    "mar_small": "AR_small",
+    "mar_medium": "AR_medium",
+    "mar_large": "AR_large",
+}
 
 
 def mean_average_precision(**kwargs):
@@ -70,8 +81,12 @@ class DetectionScorer:
     ``class_names[i]`` names label ``label_ids[i]`` (default 1..C). ``group_table`` ([S, C+1],
     optional) says which classes each source annotates: table[s, c] != 0."""
 
-    def __init__(self, class_names: list[str], label_ids: list[int] | None = None,
-                 group_table: torch.Tensor | None = None):  # fmt: skip
+    def __init__(
+        self,
+        class_names: list[str],
+        label_ids: list[int] | None = None,
+        group_table: torch.Tensor | None = None,
+    ):
         self.class_names = list(class_names)
         self.label_ids = (
             list(label_ids) if label_ids is not None else list(range(1, len(class_names) + 1))
@@ -89,15 +104,21 @@ class DetectionScorer:
     def update(self, preds: list[dict], targets: list[dict]) -> None:
         for p, t in zip(preds, targets):
             # float64 like pycocotools' JSON numbers (lossless for float32 model outputs)
-            p = {"boxes": p["boxes"].detach().cpu().double().reshape(-1, 4), "scores": p["scores"].detach().cpu().double(),
-                 "labels": p["labels"].detach().cpu().long()}  # fmt: skip
+            p = {
+                "boxes": p["boxes"].detach().cpu().double().reshape(-1, 4),
+                "scores": p["scores"].detach().cpu().double(),
+                "labels": p["labels"].detach().cpu().long(),
+            }
             if self.group_table is not None and "source" in t:
                 labelled = self.group_table[int(t["source"])].to(p["labels"].device) != 0
                 keep = labelled[p["labels"]]
                 p = {k: v[keep] for k, v in p.items()}
             boxes = t["boxes"].detach().cpu().double().reshape(-1, 4)
-            target = {"boxes": boxes, "labels": t["labels"].detach().cpu().long(),
-                      "iscrowd": t.get("iscrowd", torch.zeros(len(boxes), dtype=torch.bool)).cpu().long()}  # fmt: skip
+            target = {
+                "boxes": boxes,
+                "labels": t["labels"].detach().cpu().long(),
+                "iscrowd": t.get("iscrowd", torch.zeros(len(boxes), dtype=torch.bool)).cpu().long(),
+            }
             target["area"] = (
                 t["area"].detach().cpu().double()
                 if "area" in t
@@ -135,16 +156,30 @@ class DetectionScorer:
         for i, (p, t) in enumerate(zip(self.preds, self.targets)):
             image_id = int(t.get("image_id", i))
             images.append({"id": image_id, "file_name": str(t.get("file_name", image_id))})
-            for box, label, crowd, area in zip(t["boxes"].tolist(), t["labels"].tolist(), t["iscrowd"].tolist(),
-                                               t["area"].tolist()):  # fmt: skip
-                anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": int(label),
-                             "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "area": area,
-                             "iscrowd": int(crowd)})  # fmt: skip
+            for box, label, crowd, area in zip(
+                t["boxes"].tolist(), t["labels"].tolist(), t["iscrowd"].tolist(), t["area"].tolist()
+            ):
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": image_id,
+                        "category_id": int(label),
+                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                        "area": area,
+                        "iscrowd": int(crowd),
+                    }
+                )
             for box, label, score in zip(
                 p["boxes"].tolist(), p["labels"].tolist(), p["scores"].tolist()
             ):
-                results.append({"image_id": image_id, "category_id": int(label),
-                                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "score": score})  # fmt: skip
+                results.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": int(label),
+                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                        "score": score,
+                    }
+                )
         cats = [{"id": int(i), "name": n} for i, n in zip(self.label_ids, self.class_names)]
         return {"images": images, "annotations": anns, "categories": cats}, results
 
@@ -182,8 +217,17 @@ class DetectionScorer:
                     ap, ap50 = float(p_all[p_all > -1].mean()), float(p_all[0].mean())
                     ar = float(r_all[r_all > -1].mean())
                     curves[name] = (np.linspace(0, 1, p_all.shape[1]), p_all[0])
-            per_class.append({"class": name, "gt": int(sum(int((~d).sum()) for _, d in gt.values())), "AP": ap,
-                              "AP_50": ap50, "AR_100": ar, "voc07_AP_50": v07, "voc_AP_50": vall})  # fmt: skip
+            per_class.append(
+                {
+                    "class": name,
+                    "gt": int(sum(int((~d).sum()) for _, d in gt.values())),
+                    "AP": ap,
+                    "AP_50": ap50,
+                    "AR_100": ar,
+                    "voc07_AP_50": v07,
+                    "voc_AP_50": vall,
+                }
+            )
         metrics["voc07_mAP_50"] = float(np.mean(voc07)) if voc07 else float("nan")
         metrics["voc_mAP_50"] = float(np.mean(voc)) if voc else float("nan")
         return DetectionScores(metrics, per_class, curves)
@@ -250,8 +294,15 @@ def per_class_ap_figure(scores: DetectionScores, title: str = "AP per class"):
     return fig
 
 
-def detections_figure(images: list, targets: list[dict], preds: list[dict], names: dict[int, str],
-                      score_threshold: float = 0.5, title: str = "", cols: int = 3):  # fmt: skip
+def detections_figure(
+    images: list,
+    targets: list[dict],
+    preds: list[dict],
+    names: dict[int, str],
+    score_threshold: float = 0.5,
+    title: str = "",
+    cols: int = 3,
+):
     """Images with ground truth (green, dashed) and predictions above ``score_threshold``
     (red, with class and score). ``names``: label -> class name."""
     from matplotlib import patches
@@ -266,24 +317,58 @@ def detections_figure(images: list, targets: list[dict], preds: list[dict], name
     for ax, image, t, p in zip(axes.flat, images, targets, preds):
         ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy() if torch.is_tensor(image) else image)
         for box, label in zip(t["boxes"].tolist(), t["labels"].tolist()):
-            ax.add_patch(patches.Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False,
-                                           edgecolor="lime", linewidth=1.5, linestyle="--"))  # fmt: skip
-            ax.text(box[0], box[3], str(names.get(label, label)), color="black", fontsize=6, va="top",
-                    bbox={"facecolor": "lime", "alpha": 0.7, "pad": 1, "linewidth": 0})  # fmt: skip
+            ax.add_patch(
+                patches.Rectangle(
+                    box[:2],
+                    box[2] - box[0],
+                    box[3] - box[1],
+                    fill=False,
+                    edgecolor="lime",
+                    linewidth=1.5,
+                    linestyle="--",
+                )
+            )
+            ax.text(
+                box[0],
+                box[3],
+                str(names.get(label, label)),
+                color="black",
+                fontsize=6,
+                va="top",
+                bbox={"facecolor": "lime", "alpha": 0.7, "pad": 1, "linewidth": 0},
+            )
         for box, label, score in zip(
             p["boxes"].tolist(), p["labels"].tolist(), p["scores"].tolist()
         ):
             if score < score_threshold:
                 continue
-            ax.add_patch(patches.Rectangle(box[:2], box[2] - box[0], box[3] - box[1], fill=False,
-                                           edgecolor="red", linewidth=1.2))  # fmt: skip
-            ax.text(box[0], box[1], f"{names.get(label, label)} {score:.2f}", color="white", fontsize=6,
-                    va="bottom", bbox={"facecolor": "red", "alpha": 0.7, "pad": 1, "linewidth": 0})  # fmt: skip
+            ax.add_patch(
+                patches.Rectangle(
+                    box[:2],
+                    box[2] - box[0],
+                    box[3] - box[1],
+                    fill=False,
+                    edgecolor="red",
+                    linewidth=1.2,
+                )
+            )
+            ax.text(
+                box[0],
+                box[1],
+                f"{names.get(label, label)} {score:.2f}",
+                color="white",
+                fontsize=6,
+                va="bottom",
+                bbox={"facecolor": "red", "alpha": 0.7, "pad": 1, "linewidth": 0},
+            )
         ax.set_axis_off()
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(title or f"ground truth (green, dashed) and predictions with score >= {score_threshold} (red)",
-                 fontsize=9)  # fmt: skip
+    fig.suptitle(
+        title
+        or f"ground truth (green, dashed) and predictions with score >= {score_threshold} (red)",
+        fontsize=9,
+    )
     fig.tight_layout()
     return fig
 
@@ -327,8 +412,9 @@ def score_coco_files(
     return scorer, gt
 
 
-def coco_to_tensors(gt: dict, results: list, gt_name: str = "annotations",
-                    results_name: str = "predictions") -> tuple[list[dict], list[dict]]:  # fmt: skip
+def coco_to_tensors(
+    gt: dict, results: list, gt_name: str = "annotations", results_name: str = "predictions"
+) -> tuple[list[dict], list[dict]]:
     """COCO ground truth + results (already parsed) as per-image tensors in ``gt["images"]``
     order: predictions ``{boxes (xyxy), scores, labels}`` and targets ``{boxes, labels, iscrowd,
     area}``, boxes float64 (exactly the values pycocotools reads). Every entry is checked;
@@ -339,11 +425,15 @@ def coco_to_tensors(gt: dict, results: list, gt_name: str = "annotations",
 
     def check_ids(entry: dict, where: str) -> None:
         if entry["image_id"] not in index:
-            raise DataError(f"{where} has image_id {entry['image_id']}, which is not in the ground truth's "
-                            f"images ({gt_name})")  # fmt: skip
+            raise DataError(
+                f"{where} has image_id {entry['image_id']}, which is not in the ground truth's "
+                f"images ({gt_name})"
+            )
         if entry["category_id"] not in cat_ids:
-            raise DataError(f"{where} has category_id {entry['category_id']}, which is not in the ground "
-                            f"truth's categories {sorted(cat_ids)}")  # fmt: skip
+            raise DataError(
+                f"{where} has category_id {entry['category_id']}, which is not in the ground "
+                f"truth's categories {sorted(cat_ids)}"
+            )
 
     targets = [{"boxes": [], "labels": [], "iscrowd": [], "area": []} for _ in gt["images"]]
     for k, a in enumerate(gt["annotations"]):
@@ -372,11 +462,21 @@ def coco_to_tensors(gt: dict, results: list, gt_name: str = "annotations",
         p["boxes"].append([x, y, x + w, y + h])
         p["scores"].append(score)
         p["labels"].append(d["category_id"])
-    preds = [{"boxes": torch.tensor(p["boxes"], dtype=torch.float64).reshape(-1, 4),
-              "scores": torch.tensor(p["scores"], dtype=torch.float64),
-              "labels": torch.tensor(p["labels"], dtype=torch.long)} for p in preds]  # fmt: skip
-    targets = [{"boxes": torch.tensor(t["boxes"], dtype=torch.float64).reshape(-1, 4),
-                "labels": torch.tensor(t["labels"], dtype=torch.long),
-                "iscrowd": torch.tensor(t["iscrowd"], dtype=torch.long),
-                "area": torch.tensor(t["area"], dtype=torch.float64)} for t in targets]  # fmt: skip
+    preds = [
+        {
+            "boxes": torch.tensor(p["boxes"], dtype=torch.float64).reshape(-1, 4),
+            "scores": torch.tensor(p["scores"], dtype=torch.float64),
+            "labels": torch.tensor(p["labels"], dtype=torch.long),
+        }
+        for p in preds
+    ]
+    targets = [
+        {
+            "boxes": torch.tensor(t["boxes"], dtype=torch.float64).reshape(-1, 4),
+            "labels": torch.tensor(t["labels"], dtype=torch.long),
+            "iscrowd": torch.tensor(t["iscrowd"], dtype=torch.long),
+            "area": torch.tensor(t["area"], dtype=torch.float64),
+        }
+        for t in targets
+    ]
     return preds, targets

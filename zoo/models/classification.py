@@ -39,16 +39,25 @@ class ClassificationModule(L.LightningModule):
         super().__init__()
         self.class_names = [str(c) for c in class_names]
         # plain types only: checkpoints must load with torch.load(weights_only=True)
-        self.save_hyperparameters({"class_names": self.class_names, "label_smoothing": float(label_smoothing),
-                                   "confusion_matrix_every_n_epochs": int(confusion_matrix_every_n_epochs)},
-                                  logger=False)  # fmt: skip
+        self.save_hyperparameters(
+            {
+                "class_names": self.class_names,
+                "label_smoothing": float(label_smoothing),
+                "confusion_matrix_every_n_epochs": int(confusion_matrix_every_n_epochs),
+            },
+            logger=False,
+        )
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         n = len(self.class_names)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        metrics = MetricCollection({"acc": MulticlassAccuracy(n, average="micro"),
-                                    "f1_macro": MulticlassF1Score(n, average="macro")})  # fmt: skip
+        metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(n, average="micro"),
+                "f1_macro": MulticlassF1Score(n, average="macro"),
+            }
+        )
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
@@ -101,8 +110,11 @@ class ClassificationModule(L.LightningModule):
         cm = self.val_cm.compute()
         self.val_cm.reset()
         if not self.trainer.sanity_checking and self.current_epoch % max(1, self.cm_every) == 0:
-            self._log_confusion(cm, f"figures/val/confusion_matrix_epoch{self.current_epoch:03d}.png",
-                                f"val confusion matrix, epoch {self.current_epoch}")  # fmt: skip
+            self._log_confusion(
+                cm,
+                f"figures/val/confusion_matrix_epoch{self.current_epoch:03d}.png",
+                f"val confusion matrix, epoch {self.current_epoch}",
+            )
 
     def on_test_epoch_start(self) -> None:
         self._test_parts = []
@@ -150,8 +162,13 @@ class ClassificationModule(L.LightningModule):
         optimizer = self.optimizer_factory(params=self.optimizer_params())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer),
-                                                          "interval": "epoch"}}  # fmt: skip
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {
+                "scheduler": self.scheduler_factory(optimizer=optimizer),
+                "interval": "epoch",
+            },
+        }
 
     def add_report_sections(
         self, report, outputs: dict[str, torch.Tensor] | None = None

@@ -66,8 +66,12 @@ def rpn_group_table(num_sources: int) -> torch.Tensor:
 
 
 def _sources_of(targets: list[dict], counts: list[int], device) -> torch.Tensor:
-    return torch.cat([torch.full((n,), int(t.get("source", 0)), dtype=torch.long, device=device)
-                      for t, n in zip(targets, counts)])  # fmt: skip
+    return torch.cat(
+        [
+            torch.full((n,), int(t.get("source", 0)), dtype=torch.long, device=device)
+            for t, n in zip(targets, counts)
+        ]
+    )
 
 
 class GroupSoftmaxRPN(RegionProposalNetwork):
@@ -138,8 +142,9 @@ class GroupSoftmaxRoIHeads(RoIHeads):
         )
         pos = torch.where(labels > 0)[0]
         box_regression = box_regression.reshape(len(labels), -1, 4)
-        loss_box = F.smooth_l1_loss(box_regression[pos, labels[pos]], regression_targets[pos], beta=1 / 9,
-                                    reduction="sum") / max(labels.numel(), 1)  # fmt: skip
+        loss_box = F.smooth_l1_loss(
+            box_regression[pos, labels[pos]], regression_targets[pos], beta=1 / 9, reduction="sum"
+        ) / max(labels.numel(), 1)
         return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box}
 
 
@@ -155,8 +160,10 @@ def _load_backbone_weights(net: nn.Module, path: str | Path, backbone: str) -> N
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ConfigError(f"model.backbone_weights={path}: not a loadable state dict ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0]})") from None  # fmt: skip
+        raise ConfigError(
+            f"model.backbone_weights={path}: not a loadable state dict ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0]})"
+        ) from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     drop = ("fc.",) if backbone.startswith("resnet") else ("classifier.",)
     state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith(drop)}
@@ -164,15 +171,24 @@ def _load_backbone_weights(net: nn.Module, path: str | Path, backbone: str) -> N
     # the network's own classifier (fc / classifier) is not part of the detector
     missing = [k for k in missing if not k.startswith(drop)]
     if missing or unexpected:
-        raise ConfigError(f"model.backbone_weights={path}: does not fit {backbone} (missing {missing[:3]}..., "
-                          f"unexpected {unexpected[:3]}...)")  # fmt: skip
+        raise ConfigError(
+            f"model.backbone_weights={path}: does not fit {backbone} (missing {missing[:3]}..., "
+            f"unexpected {unexpected[:3]}...)"
+        )
     log.info("Loaded %s backbone weights from %s", backbone, path)
 
 
-def build_faster_rcnn(backbone: str, num_classes: int, num_sources: int, group_table: torch.Tensor,
-                      loss: str = "group_softmax", backbone_weights: str | None = None,
-                      trainable_backbone_layers: int | None = None, anchor_sizes: list[int] | None = None,
-                      **detector_kwargs) -> FasterRCNN:  # fmt: skip
+def build_faster_rcnn(
+    backbone: str,
+    num_classes: int,
+    num_sources: int,
+    group_table: torch.Tensor,
+    loss: str = "group_softmax",
+    backbone_weights: str | None = None,
+    trainable_backbone_layers: int | None = None,
+    anchor_sizes: list[int] | None = None,
+    **detector_kwargs,
+) -> FasterRCNN:
     """torchvision Faster R-CNN (its ``fasterrcnn_*`` builders' architecture) with the GroupSoftmax
     RPN and box head when ``loss == "group_softmax"``. Without backbone weights every layer trains
     with ordinary batch norm; with them, torchvision's defaults (frozen batch norm, 3 trainable
@@ -218,8 +234,12 @@ def build_faster_rcnn(backbone: str, num_classes: int, num_sources: int, group_t
         sizes = (tuple(int(s) for s in anchor_sizes or (32, 64, 128, 256, 512)),) * 3
         anchor_generator = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
         detector_kwargs.setdefault("rpn_score_thresh", 0.05)
-    model = FasterRCNN(feature_net, num_classes=num_classes, rpn_anchor_generator=anchor_generator,
-                       **detector_kwargs)  # fmt: skip
+    model = FasterRCNN(
+        feature_net,
+        num_classes=num_classes,
+        rpn_anchor_generator=anchor_generator,
+        **detector_kwargs,
+    )
     if loss == "softmax":
         return model
     old = model.rpn
@@ -228,16 +248,34 @@ def build_faster_rcnn(backbone: str, num_classes: int, num_sources: int, group_t
     head.cls_logits = nn.Conv2d(feature_net.out_channels, num_anchors * (num_sources + 1), 1)
     nn.init.normal_(head.cls_logits.weight, std=0.01)
     nn.init.zeros_(head.cls_logits.bias)
-    model.rpn = GroupSoftmaxRPN(num_sources, old.anchor_generator, head, old.proposal_matcher.high_threshold,
-                                old.proposal_matcher.low_threshold, old.fg_bg_sampler.batch_size_per_image,
-                                old.fg_bg_sampler.positive_fraction, old._pre_nms_top_n, old._post_nms_top_n,
-                                old.nms_thresh, old.score_thresh)  # fmt: skip
+    model.rpn = GroupSoftmaxRPN(
+        num_sources,
+        old.anchor_generator,
+        head,
+        old.proposal_matcher.high_threshold,
+        old.proposal_matcher.low_threshold,
+        old.fg_bg_sampler.batch_size_per_image,
+        old.fg_bg_sampler.positive_fraction,
+        old._pre_nms_top_n,
+        old._post_nms_top_n,
+        old.nms_thresh,
+        old.score_thresh,
+    )
     rh = model.roi_heads
-    model.roi_heads = GroupSoftmaxRoIHeads(group_table, rh.box_roi_pool, rh.box_head, rh.box_predictor,
-                                           rh.proposal_matcher.high_threshold, rh.proposal_matcher.low_threshold,
-                                           rh.fg_bg_sampler.batch_size_per_image, rh.fg_bg_sampler.positive_fraction,
-                                           rh.box_coder.weights, rh.score_thresh, rh.nms_thresh,
-                                           rh.detections_per_img)  # fmt: skip
+    model.roi_heads = GroupSoftmaxRoIHeads(
+        group_table,
+        rh.box_roi_pool,
+        rh.box_head,
+        rh.box_predictor,
+        rh.proposal_matcher.high_threshold,
+        rh.proposal_matcher.low_threshold,
+        rh.fg_bg_sampler.batch_size_per_image,
+        rh.fg_bg_sampler.positive_fraction,
+        rh.box_coder.weights,
+        rh.score_thresh,
+        rh.nms_thresh,
+        rh.detections_per_img,
+    )
     return model
 
 
@@ -271,30 +309,71 @@ class GroupSoftmaxDetector(L.LightningModule):
     ``test/AP_50/<class>``), and figures: precision-recall curves and AP per class (validation
     epochs and test), test images with boxes drawn."""
 
-    def __init__(self, classes: list[str], sources: dict[str, dict], backbone: str = "mobilenet_v3_large_fpn",
-                 loss: str = "group_softmax", backbone_weights: str | None = None,
-                 trainable_backbone_layers: int | None = None, anchor_sizes: list[int] | None = None,
-                 min_size: int = 800, max_size: int = 1333,
-                 detector: dict | None = None, lr: float = 0.02, momentum: float = 0.9, weight_decay: float = 1e-4,
-                 warmup_iters: int = 1000, warmup_factor: float = 0.001, lr_steps: tuple[int, ...] = (16, 22),
-                 lr_gamma: float = 0.1, figure_images: int = 6, figure_score_threshold: float = 0.5,
-                 figures_every_n_epochs: int = 1):  # fmt: skip
+    def __init__(
+        self,
+        classes: list[str],
+        sources: dict[str, dict],
+        backbone: str = "mobilenet_v3_large_fpn",
+        loss: str = "group_softmax",
+        backbone_weights: str | None = None,
+        trainable_backbone_layers: int | None = None,
+        anchor_sizes: list[int] | None = None,
+        min_size: int = 800,
+        max_size: int = 1333,
+        detector: dict | None = None,
+        lr: float = 0.02,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        warmup_iters: int = 1000,
+        warmup_factor: float = 0.001,
+        lr_steps: tuple[int, ...] = (16, 22),
+        lr_gamma: float = 0.1,
+        figure_images: int = 6,
+        figure_score_threshold: float = 0.5,
+        figures_every_n_epochs: int = 1,
+    ):
         super().__init__()
         self.class_names = [str(c) for c in classes]
         self.source_names = [str(s) for s in sources]
         label_maps = [dict((spec or {}).get("label_map") or {}) for spec in sources.values()]
         group_table = derive_group_table(label_maps, self.class_names)
-        self.save_hyperparameters({"classes": self.class_names, "source_names": self.source_names,
-                                   "label_maps": label_maps, "backbone": backbone, "loss": loss, "anchor_sizes": anchor_sizes,
-                                   "min_size": min_size, "max_size": max_size, "lr": lr, "momentum": momentum,
-                                   "weight_decay": weight_decay, "warmup_iters": warmup_iters,
-                                   "warmup_factor": warmup_factor, "lr_steps": list(lr_steps), "lr_gamma": lr_gamma,
-                                   "figure_images": figure_images, "figure_score_threshold": figure_score_threshold,
-                                   "figures_every_n_epochs": figures_every_n_epochs}, logger=False)  # fmt: skip
+        self.save_hyperparameters(
+            {
+                "classes": self.class_names,
+                "source_names": self.source_names,
+                "label_maps": label_maps,
+                "backbone": backbone,
+                "loss": loss,
+                "anchor_sizes": anchor_sizes,
+                "min_size": min_size,
+                "max_size": max_size,
+                "lr": lr,
+                "momentum": momentum,
+                "weight_decay": weight_decay,
+                "warmup_iters": warmup_iters,
+                "warmup_factor": warmup_factor,
+                "lr_steps": list(lr_steps),
+                "lr_gamma": lr_gamma,
+                "figure_images": figure_images,
+                "figure_score_threshold": figure_score_threshold,
+                "figures_every_n_epochs": figures_every_n_epochs,
+            },
+            logger=False,
+        )
         self.register_buffer("group_table", group_table)
-        self.net = build_faster_rcnn(backbone, len(self.class_names) + 1, len(self.source_names), group_table, loss,
-                                     backbone_weights, trainable_backbone_layers, anchor_sizes, min_size=min_size,
-                                     max_size=max_size, **dict(detector or {}))  # fmt: skip
+        self.net = build_faster_rcnn(
+            backbone,
+            len(self.class_names) + 1,
+            len(self.source_names),
+            group_table,
+            loss,
+            backbone_weights,
+            trainable_backbone_layers,
+            anchor_sizes,
+            min_size=min_size,
+            max_size=max_size,
+            **dict(detector or {}),
+        )
         self.val_scorer = DetectionScorer(self.class_names, group_table=group_table)
         self.test_scorer = DetectionScorer(self.class_names, group_table=group_table)
         self._shown: list = []
@@ -305,8 +384,10 @@ class GroupSoftmaxDetector(L.LightningModule):
         decide which class is which; silently mixing them would mislabel every box)."""
         stored = state_dict.get("group_table")
         if stored is not None and not torch.equal(stored.cpu(), self.group_table.cpu()):
-            raise ConfigError(f"the checkpoint was trained with the group table {stored.tolist()} but data.classes / "
-                              f"data.sources.*.label_map give {self.group_table.tolist()}: use the run's data config")  # fmt: skip
+            raise ConfigError(
+                f"the checkpoint was trained with the group table {stored.tolist()} but data.classes / "
+                f"data.sources.*.label_map give {self.group_table.tolist()}: use the run's data config"
+            )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def parameter_groups(self) -> dict[str, nn.Module]:
@@ -334,8 +415,10 @@ class GroupSoftmaxDetector(L.LightningModule):
         losses = self.net(images, targets)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite detection loss at step {self.global_step}: "
-                                     f"{ {k: float(v) for k, v in losses.items()} } (lower model.lr?)")  # fmt: skip
+            raise FloatingPointError(
+                f"non-finite detection loss at step {self.global_step}: "
+                f"{ {k: float(v) for k, v in losses.items()} } (lower model.lr?)"
+            )
         bs = len(images)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
         for k, v in losses.items():
@@ -348,9 +431,14 @@ class GroupSoftmaxDetector(L.LightningModule):
         for p in self.net.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
-        opt = torch.optim.SGD([{"params": decay, "weight_decay": hp.weight_decay, "name": "weights"},
-                               {"params": no_decay, "weight_decay": 0.0, "name": "norms_biases"}],
-                              lr=hp.lr, momentum=hp.momentum)  # fmt: skip
+        opt = torch.optim.SGD(
+            [
+                {"params": decay, "weight_decay": hp.weight_decay, "name": "weights"},
+                {"params": no_decay, "weight_decay": 0.0, "name": "norms_biases"},
+            ],
+            lr=hp.lr,
+            momentum=hp.momentum,
+        )
         max_epochs = max(1, self.trainer.max_epochs or 1)
         total = self.trainer.estimated_stepping_batches
         per_epoch = max(1, int(total // max_epochs)) if total != float("inf") else 1
@@ -372,8 +460,13 @@ class GroupSoftmaxDetector(L.LightningModule):
         for image, t, p in zip(images, targets, preds):
             same_source = sum(int(s["source"]) == int(t["source"]) for _, s, _ in self._shown)
             if len(self._shown) < self.hparams.figure_images and same_source < quota:
-                self._shown.append((image.cpu(), {k: v.cpu() for k, v in t.items() if torch.is_tensor(v)},
-                                    {k: v.detach().cpu() for k, v in p.items()}))  # fmt: skip
+                self._shown.append(
+                    (
+                        image.cpu(),
+                        {k: v.cpu() for k, v in t.items() if torch.is_tensor(v)},
+                        {k: v.detach().cpu() for k, v in p.items()},
+                    )
+                )
 
     def on_validation_epoch_start(self) -> None:
         self.val_scorer.reset()
@@ -427,10 +520,16 @@ class GroupSoftmaxDetector(L.LightningModule):
     def _log_figures(self, scores, split: str, suffix: str) -> None:
         if not self.trainer.is_global_zero or self.logger is None:
             return
-        log_figure(self.trainer, pr_curves_figure(scores, f"{split}: precision-recall, IoU 0.5"),
-                   f"figures/{split}/pr_curves{suffix}.png")  # fmt: skip
-        log_figure(self.trainer, per_class_ap_figure(scores, f"{split}: AP per class"),
-                   f"figures/{split}/ap_per_class{suffix}.png")  # fmt: skip
+        log_figure(
+            self.trainer,
+            pr_curves_figure(scores, f"{split}: precision-recall, IoU 0.5"),
+            f"figures/{split}/pr_curves{suffix}.png",
+        )
+        log_figure(
+            self.trainer,
+            per_class_ap_figure(scores, f"{split}: AP per class"),
+            f"figures/{split}/ap_per_class{suffix}.png",
+        )
         if self._shown:
             log_figure(
                 self.trainer,
@@ -440,10 +539,15 @@ class GroupSoftmaxDetector(L.LightningModule):
 
     def _detections_figure(self, shown, split: str):
         images, targets, preds = zip(*shown)
-        return detections_figure(list(images), list(targets), list(preds), self._names(),
-                                 self.hparams.figure_score_threshold,
-                                 f"{split}: ground truth of the image's source (green, dashed); all predictions "
-                                 f"with score >= {self.hparams.figure_score_threshold} (red)")  # fmt: skip
+        return detections_figure(
+            list(images),
+            list(targets),
+            list(preds),
+            self._names(),
+            self.hparams.figure_score_threshold,
+            f"{split}: ground truth of the image's source (green, dashed); all predictions "
+            f"with score >= {self.hparams.figure_score_threshold} (red)",
+        )
 
     # ------------------------------------------------------------------ report
 
@@ -458,8 +562,13 @@ class GroupSoftmaxDetector(L.LightningModule):
             "only on the classes its source annotates. Group table (rows: sources, columns: background + "
             f"classes): {'; '.join(f'{n}: {r}' for n, r in zip(self.source_names, self.group_table.tolist()))}."
         )
-        add_detection_sections(report, scores, self._detections_figure(self.test_outputs["shown"], "test")
-                               if self.test_outputs.get("shown") else None)  # fmt: skip
+        add_detection_sections(
+            report,
+            scores,
+            self._detections_figure(self.test_outputs["shown"], "test")
+            if self.test_outputs.get("shown")
+            else None,
+        )
         return {}
 
 
@@ -468,8 +577,11 @@ def add_detection_sections(report, scores, detections_fig=None) -> None:
     headers, rows = scores.table()
     report.heading("AP per class")
     report.table(headers, rows)
-    report.image(pr_curves_figure(scores), "precision-recall curves per class (IoU 0.5, all areas, 100 detections)",
-                 name="pr_curves")  # fmt: skip
+    report.image(
+        pr_curves_figure(scores),
+        "precision-recall curves per class (IoU 0.5, all areas, 100 detections)",
+        name="pr_curves",
+    )
     report.image(per_class_ap_figure(scores), "AP per class", name="ap_per_class")
     if detections_fig is not None:
         report.image(detections_fig, "test images: ground truth and predictions", name="detections")

@@ -126,8 +126,12 @@ class Pix2Pix(L.LightningModule):
                 for k in ("loss_D", "loss_G", "loss_G_GAN", "loss_G_L1", "D_real", "D_fake")
             }
         )
-        image_metrics = MetricCollection({"psnr": PeakSignalNoiseRatio(data_range=1.0),
-                                          "ssim": StructuralSimilarityIndexMeasure(data_range=1.0)})  # fmt: skip
+        image_metrics = MetricCollection(
+            {
+                "psnr": PeakSignalNoiseRatio(data_range=1.0),
+                "ssim": StructuralSimilarityIndexMeasure(data_range=1.0),
+            }
+        )
         self.val_metrics = image_metrics.clone(prefix="val/")
         self.test_metrics = image_metrics.clone(prefix="test/")
         self.val_l1, self.test_l1 = MeanMetric(), MeanMetric()
@@ -168,8 +172,10 @@ class Pix2Pix(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opts = [torch.optim.Adam(net.parameters(), lr=hp.lr, betas=(hp.beta1, 0.999))
-                for net in (self.generator, self.discriminator)]  # fmt: skip
+        opts = [
+            torch.optim.Adam(net.parameters(), lr=hp.lr, betas=(hp.beta1, 0.999))
+            for net in (self.generator, self.discriminator)
+        ]
         rule = linear_decay(hp.n_epochs, hp.n_epochs_decay, hp.epoch_count)
         scheds = [
             {"scheduler": torch.optim.lr_scheduler.LambdaLR(o, rule), "interval": "epoch"}
@@ -212,12 +218,23 @@ class Pix2Pix(L.LightningModule):
         opt_g.step()
         self.untoggle_optimizer(opt_g)
 
-        values = {"loss_D": loss_d, "loss_G": loss_g, "loss_G_GAN": loss_g_gan, "loss_G_L1": loss_g_l1,
-                  "D_real": pred_real.mean(), "D_fake": pred_fake.mean()}  # fmt: skip
+        values = {
+            "loss_D": loss_d,
+            "loss_G": loss_g,
+            "loss_G_GAN": loss_g_gan,
+            "loss_G_L1": loss_g_l1,
+            "D_real": pred_real.mean(),
+            "D_fake": pred_fake.mean(),
+        }
         for name, value in values.items():
             self.train_means[name](value.detach())
-            self.log(f"train/{name}", self.train_means[name], on_step=False, on_epoch=True,
-                     prog_bar=name in ("loss_D", "loss_G"))  # fmt: skip
+            self.log(
+                f"train/{name}",
+                self.train_means[name],
+                on_step=False,
+                on_epoch=True,
+                prog_bar=name in ("loss_D", "loss_G"),
+            )
 
     def on_train_epoch_end(self) -> None:
         # manual optimisation: the epoch-wise LR schedules are stepped here
@@ -237,8 +254,14 @@ class Pix2Pix(L.LightningModule):
             self.fid.update(fake_u, real=False)
         take = self.hparams.grid_images - len(self._grid)
         for i in range(min(max(take, 0), real_a.shape[0])):
-            self._grid.append((to_unit(real_a[i]).cpu(), fake_u[i].cpu(), real_u[i].cpu(),
-                               Path(batch["path"][i]).name))  # fmt: skip
+            self._grid.append(
+                (
+                    to_unit(real_a[i]).cpu(),
+                    fake_u[i].cpu(),
+                    real_u[i].cpu(),
+                    Path(batch["path"][i]).name,
+                )
+            )
 
     def on_validation_epoch_start(self) -> None:
         self._grid = []
@@ -252,8 +275,10 @@ class Pix2Pix(L.LightningModule):
             not self.trainer.sanity_checking
             and self.current_epoch % max(1, self.hparams.grid_every_n_epochs) == 0
         ):
-            self._log_grid(f"figures/val/grid_epoch{self.current_epoch:03d}.png",
-                           f"validation, epoch {self.current_epoch}")  # fmt: skip
+            self._log_grid(
+                f"figures/val/grid_epoch{self.current_epoch:03d}.png",
+                f"validation, epoch {self.current_epoch}",
+            )
 
     def on_test_epoch_start(self) -> None:
         self._grid = []
@@ -285,8 +310,12 @@ class Pix2Pix(L.LightningModule):
         rows = [
             [t.permute(1, 2, 0).squeeze(-1).numpy() for t in sample[:3]] for sample in self._grid
         ]
-        return image_grid_figure(rows, ["input (A)", "generated G(A)", "target (B)"], title,
-                                 row_labels=[s[3] for s in self._grid])  # fmt: skip
+        return image_grid_figure(
+            rows,
+            ["input (A)", "generated G(A)", "target (B)"],
+            title,
+            row_labels=[s[3] for s in self._grid],
+        )
 
     def _log_grid(self, path: str, title: str) -> None:
         if self._grid and self.trainer.is_global_zero and self.logger is not None:
@@ -304,6 +333,9 @@ class Pix2Pix(L.LightningModule):
         )
         if grid:
             self._grid = grid
-            report.image(self.grid_figure("test results"), "test results: input | generated | target",
-                         name="test_grid")  # fmt: skip
+            report.image(
+                self.grid_figure("test results"),
+                "test results: input | generated | target",
+                name="test_grid",
+            )
         return {}

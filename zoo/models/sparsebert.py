@@ -39,17 +39,37 @@ log = logging.getLogger(__name__)
 
 MASK_ARTIFACT = "masks/attention_mask.pt"
 MASK_MODES = ("dense", "dam_u", "dam_s", "fixed")
-DEFAULT_MASK = {"mode": "dense", "share_layers": True, "symmetric": False, "sampler": "sigmoid",
-                "init_keep_logit": 3.0, "lambda_sparsity": 1e-4, "tau_start": 1.0, "tau_end": 0.1, "lr": 0.05,
-                "from_run": None, "file": None, "max_len": None}  # fmt: skip
+DEFAULT_MASK = {
+    "mode": "dense",
+    "share_layers": True,
+    "symmetric": False,
+    "sampler": "sigmoid",
+    "init_keep_logit": 3.0,
+    "lambda_sparsity": 1e-4,
+    "tau_start": 1.0,
+    "tau_end": 0.1,
+    "lr": 0.05,
+    "from_run": None,
+    "file": None,
+    "max_len": None,
+}
 
 
 class DifferentiableAttentionMask(nn.Module):
     """Learnable keep/drop logit pairs α[..., 0] (keep), α[..., 1] (drop) for every head (and
     layer, unless shared) and every position pair (dam_u) or diagonal offset (dam_s)."""
 
-    def __init__(self, kind: str, num_layers: int, num_heads: int, max_len: int, share_layers: bool = True,
-                 symmetric: bool = False, sampler: str = "sigmoid", init_keep_logit: float = 3.0):  # fmt: skip
+    def __init__(
+        self,
+        kind: str,
+        num_layers: int,
+        num_heads: int,
+        max_len: int,
+        share_layers: bool = True,
+        symmetric: bool = False,
+        sampler: str = "sigmoid",
+        init_keep_logit: float = 3.0,
+    ):
         super().__init__()
         if kind not in ("dam_u", "dam_s"):
             raise ConfigError(f"model.mask.mode={kind!r}: a learned mask is dam_u or dam_s")
@@ -153,9 +173,12 @@ class SparseBert(ClassificationModule):
         )
         if state is not None:
             load_into(net, state)
-        super().__init__(net=net, class_names=class_names,
-                         optimizer=optimizer or partial(torch.optim.AdamW, lr=5e-5, weight_decay=0.01),
-                         scheduler=scheduler)  # fmt: skip
+        super().__init__(
+            net=net,
+            class_names=class_names,
+            optimizer=optimizer or partial(torch.optim.AdamW, lr=5e-5, weight_decay=0.01),
+            scheduler=scheduler,
+        )
         self.bert_config = cfg
         m = {**DEFAULT_MASK, **(mask or {})}
         if m["mode"] not in MASK_MODES:
@@ -165,9 +188,16 @@ class SparseBert(ClassificationModule):
         self.heatmap_every = heatmap_every_n_epochs
         self.dam: DifferentiableAttentionMask | None = None
         if m["mode"] in ("dam_u", "dam_s"):
-            self.dam = DifferentiableAttentionMask(m["mode"], cfg.num_hidden_layers, cfg.num_attention_heads,
-                                                   self.max_len, m["share_layers"], m["symmetric"], m["sampler"],
-                                                   float(m["init_keep_logit"]))  # fmt: skip
+            self.dam = DifferentiableAttentionMask(
+                m["mode"],
+                cfg.num_hidden_layers,
+                cfg.num_attention_heads,
+                self.max_len,
+                m["share_layers"],
+                m["symmetric"],
+                m["sampler"],
+                float(m["init_keep_logit"]),
+            )
         self.register_buffer("fixed_mask", None, persistent=True)
         if m["mode"] == "fixed":
             self.fixed_mask = load_mask(m, tracking_uri)
@@ -210,8 +240,14 @@ class SparseBert(ClassificationModule):
         if self.dam is None:
             return self.parameters()
         weights = [p for n, p in self.named_parameters() if not n.startswith("dam.")]
-        return [{"params": weights},
-                {"params": list(self.dam.parameters()), "lr": float(self.mask_cfg["lr"]), "weight_decay": 0.0}]  # fmt: skip
+        return [
+            {"params": weights},
+            {
+                "params": list(self.dam.parameters()),
+                "lr": float(self.mask_cfg["lr"]),
+                "weight_decay": 0.0,
+            },
+        ]
 
     # ------------------------------------------------------------------ steps
 
@@ -220,8 +256,12 @@ class SparseBert(ClassificationModule):
     ) -> torch.Tensor:
         if masks is None:
             masks = self.current_masks(batch["input_ids"].shape[1], sample=False)
-        return self.net(batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids"),
-                        self._layer_masks(masks))  # fmt: skip
+        return self.net(
+            batch["input_ids"],
+            batch.get("attention_mask"),
+            batch.get("token_type_ids"),
+            self._layer_masks(masks),
+        )
 
     def _step(self, batch):
         searching = self.training and self.dam is not None
@@ -259,8 +299,10 @@ class SparseBert(ClassificationModule):
             not self.trainer.sanity_checking
             and self.current_epoch % max(1, self.heatmap_every) == 0
         ):
-            self._log_heatmap(f"figures/val/attention_masks_epoch{self.current_epoch:03d}.png",
-                              f"attention masks ({self.mask_cfg['mode']}), epoch {self.current_epoch}")  # fmt: skip
+            self._log_heatmap(
+                f"figures/val/attention_masks_epoch{self.current_epoch:03d}.png",
+                f"attention masks ({self.mask_cfg['mode']}), epoch {self.current_epoch}",
+            )
 
     def _log_heatmap(self, path: str, title: str) -> None:
         if self.trainer.is_global_zero and self.logger is not None:
@@ -280,8 +322,10 @@ class SparseBert(ClassificationModule):
         out = Path(self.trainer.default_root_dir) / "masks"
         out.mkdir(parents=True, exist_ok=True)
         mask = self.mask_for_logging().bool().cpu()
-        torch.save({"mask": mask, "mode": self.mask_cfg["mode"], "density": float(mask.float().mean())},
-                   out / "attention_mask.pt")  # fmt: skip
+        torch.save(
+            {"mask": mask, "mode": self.mask_cfg["mode"], "density": float(mask.float().mean())},
+            out / "attention_mask.pt",
+        )
         mlf.experiment.log_artifact(mlf.run_id, str(out / "attention_mask.pt"), "masks")
         vocab = getattr(self.trainer.datamodule, "vocab_file", None)
         if vocab is not None and Path(vocab).is_file():
@@ -293,10 +337,15 @@ class SparseBert(ClassificationModule):
 
         masks = self.mask_for_logging().float().cpu()
         report.heading("Attention masks")
-        report.paragraph(f"mode {self.mask_cfg['mode']}: {masks.mean():.1%} of attention positions kept "
-                         f"(max length {self.max_len}; white = attend).")  # fmt: skip
-        report.image(mask_heatmaps_figure(masks.numpy(), "final attention masks"), "final attention masks",
-                     name="attention_masks")  # fmt: skip
+        report.paragraph(
+            f"mode {self.mask_cfg['mode']}: {masks.mean():.1%} of attention positions kept "
+            f"(max length {self.max_len}; white = attend)."
+        )
+        report.image(
+            mask_heatmaps_figure(masks.numpy(), "final attention masks"),
+            "final attention masks",
+            name="attention_masks",
+        )
         return {**flat, "test/mask_density": float(masks.mean())}
 
 
@@ -315,8 +364,10 @@ def load_mask(m: dict, tracking_uri: str | None) -> torch.Tensor:
         if not path.is_file():
             raise ConfigError(f"model.mask.file={path}: file not found")
     else:
-        raise ConfigError("model.mask.mode=fixed needs model.mask.from_run=<stage-1 mlflow run id> "
-                          "or model.mask.file=<attention_mask.pt>")  # fmt: skip
+        raise ConfigError(
+            "model.mask.mode=fixed needs model.mask.from_run=<stage-1 mlflow run id> "
+            "or model.mask.file=<attention_mask.pt>"
+        )
     data = torch.load(path, map_location="cpu", weights_only=True)
     mask = data["mask"] if isinstance(data, dict) else data
     return mask.bool()

@@ -17,8 +17,15 @@ def per_class_metrics(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, d
     recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
     denom = precision + recall
     f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
-    return {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                   "support": int(actual[i])} for i, name in enumerate(class_names)}  # fmt: skip
+    return {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(actual[i]),
+        }
+        for i, name in enumerate(class_names)
+    }
 
 
 def add_classification_sections(

@@ -20,9 +20,20 @@ def comparison_report(
     labels = [run_label(r) for r in runs]
     report = Report(f"Comparison of {len(runs)} runs")
     report.heading("Runs")
-    report.table(["run", "run id", "experiment", "model", "status", "git commit"],
-                 [[lab, r.info.run_id, r.data.tags.get("zoo.experiment", ""), r.data.tags.get("zoo.model", ""),
-                   r.info.status, r.data.tags.get("zoo.git_commit", "")[:12]] for lab, r in zip(labels, runs)])  # fmt: skip
+    report.table(
+        ["run", "run id", "experiment", "model", "status", "git commit"],
+        [
+            [
+                lab,
+                r.info.run_id,
+                r.data.tags.get("zoo.experiment", ""),
+                r.data.tags.get("zoo.model", ""),
+                r.info.status,
+                r.data.tags.get("zoo.git_commit", "")[:12],
+            ]
+            for lab, r in zip(labels, runs)
+        ],
+    )
 
     report.heading("Final metrics")
     keys = sorted(set().union(*(r.data.metrics for r in runs)))
@@ -37,8 +48,12 @@ def comparison_report(
 
     report.heading("Parameters that differ")
     pkeys = sorted(set().union(*(r.data.params for r in runs)))
-    diff = [[k, *(r.data.params.get(k, "—") for r in runs)] for k in pkeys
-            if len({r.data.params.get(k) for r in runs}) > 1 and not k.startswith(("tracking.", "paths."))]  # fmt: skip
+    diff = [
+        [k, *(r.data.params.get(k, "—") for r in runs)]
+        for k in pkeys
+        if len({r.data.params.get(k) for r in runs}) > 1
+        and not k.startswith(("tracking.", "paths."))
+    ]
     if diff:
         report.table(["param", *labels], diff)
     else:

@@ -97,8 +97,12 @@ class Report:
 
     def to_html(self) -> str:
         e = html.escape
-        out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-               f"<title>{e(self.title)}</title><style>{_CSS}</style></head><body>", f"<h1>{e(self.title)}</h1>"]  # fmt: skip
+        out = [
+            "<!DOCTYPE html>",
+            '<html lang="en"><head><meta charset="utf-8">',
+            f"<title>{e(self.title)}</title><style>{_CSS}</style></head><body>",
+            f"<h1>{e(self.title)}</h1>",
+        ]
         for kind, data in self.blocks:
             if kind == "heading":
                 out.append(f"<h2>{e(data)}</h2>")
@@ -126,8 +130,10 @@ class Report:
             elif kind == "image":
                 name, png, caption = data
                 b64 = base64.b64encode(png).decode("ascii")
-                out.append(f'<figure><img alt="{e(caption)}" data-name="{e(name)}" src="data:image/png;base64,{b64}">'
-                           f"<figcaption>{e(caption)}</figcaption></figure>")  # fmt: skip
+                out.append(
+                    f'<figure><img alt="{e(caption)}" data-name="{e(name)}" src="data:image/png;base64,{b64}">'
+                    f"<figcaption>{e(caption)}</figcaption></figure>"
+                )
             elif kind == "code":
                 text, summary = data
                 pre = f"<pre>{e(text)}</pre>"

@@ -62,12 +62,25 @@ def make_image(rng: np.random.Generator, photos: list[np.ndarray], size: int, ma
     return img, objects
 
 
-def write_demo_detection(out_dir: str | Path, size: int = 128, n_train: int = 120, n_val: int = 30,
-                         n_test: int = 30, seed: int = 0) -> Path:  # fmt: skip
+def write_demo_detection(
+    out_dir: str | Path,
+    size: int = 128,
+    n_train: int = 120,
+    n_val: int = 30,
+    n_test: int = 30,
+    seed: int = 0,
+) -> Path:
     """Write (or reuse, if its manifest matches) both sources under ``out_dir``."""
     out_dir = Path(out_dir)
-    spec = {"version": GENERATOR_VERSION, "size": size, "n_train": n_train, "n_val": n_val, "n_test": n_test,
-            "seed": seed, "sources": {k: list(v) for k, v in SOURCES.items()}}  # fmt: skip
+    spec = {
+        "version": GENERATOR_VERSION,
+        "size": size,
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_test": n_test,
+        "seed": seed,
+        "sources": {k: list(v) for k, v in SOURCES.items()},
+    }
     if manifest_matches(out_dir, spec):
         return out_dir
     rng = np.random.default_rng(seed)
@@ -89,9 +102,16 @@ def write_demo_detection(out_dir: str | Path, size: int = 128, n_train: int = 12
                 images.append({"id": image_id, "file_name": name, "width": size, "height": size})
                 for shape, (x1, y1, x2, y2) in objects:
                     if shape in cat_id:  # the other source's shapes stay unannotated
-                        annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                            "category_id": cat_id[shape], "bbox": [x1, y1, x2 - x1, y2 - y1],
-                                            "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})  # fmt: skip
+                        annotations.append(
+                            {
+                                "id": len(annotations) + 1,
+                                "image_id": image_id,
+                                "category_id": cat_id[shape],
+                                "bbox": [x1, y1, x2 - x1, y2 - y1],
+                                "area": (x2 - x1) * (y2 - y1),
+                                "iscrowd": 0,
+                            }
+                        )
             (tmp / source / f"{split}.json").write_text(
                 json.dumps({"images": images, "annotations": annotations, "categories": categories})
             )

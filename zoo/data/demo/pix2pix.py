@@ -23,8 +23,16 @@ from zoo.data.demo import manifest_matches, publish, staging_dir
 log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = 1
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
-          "retina", "motorcycle")  # fmt: skip
+PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "retina",
+    "motorcycle",
+)
 BANDS = {"train": (0.0, 0.6), "val": (0.6, 0.8), "test": (0.8, 1.0)}
 TASKS = ("edges", "colorize")
 
@@ -77,8 +85,16 @@ def write_demo_aligned(
     if task not in TASKS:
         raise ValueError(f"demo task {task!r}: expected one of {TASKS}")
     out_dir = Path(out_dir)
-    spec = {"version": GENERATOR_VERSION, "task": task, "size": size, "n_train": n_train,
-            "n_val": n_val, "n_test": n_test, "seed": seed, "photos": list(PHOTOS)}  # fmt: skip
+    spec = {
+        "version": GENERATOR_VERSION,
+        "task": task,
+        "size": size,
+        "n_train": n_train,
+        "n_val": n_val,
+        "n_test": n_test,
+        "seed": seed,
+        "photos": list(PHOTOS),
+    }
     if manifest_matches(out_dir, spec):
         return out_dir
     log.info("Writing the pix2pix demo dataset (%s, %dpx) to %s", task, size, out_dir)

@@ -60,8 +60,12 @@ def write_demo_glue(
     for split, wanted in counts.items():
         own = split_pages[split]
         usable = {n: [s for s in pages[n] if split == "train" or s not in seen] for n in own}
-        pairs = [(n, a, b) for n in own for a, b in zip(pages[n], pages[n][1:])
-                 if split == "train" or (a not in seen and b not in seen)]  # fmt: skip
+        pairs = [
+            (n, a, b)
+            for n in own
+            for a, b in zip(pages[n], pages[n][1:])
+            if split == "train" or (a not in seen and b not in seen)
+        ]
         rng.shuffle(pairs)
         rows = []
         for page, a, b in pairs[: (wanted + 1) // 2]:

@@ -91,11 +91,22 @@ def group_softmax_ce(logits, target, group_table, row_group, ignore_index: int):
         table = group_table.to(torch.int32).contiguous()
         grid, block_r, block_c = _row_blocks(n, c)
         _wrap(kern.group_softmax_ce_fwd_kernel)[(grid,)](
-            logits, target.to(torch.int64).contiguous(), table,
-            row_group.to(torch.int64).contiguous(), loss, lse, lse_g,
-            n, c, logits.stride(0), table.stride(0), int(ignore_index),
-            ACC=_acc(logits.dtype), BLOCK_R=block_r, BLOCK_C=block_c,
-        )  # fmt: skip
+            logits,
+            target.to(torch.int64).contiguous(),
+            table,
+            row_group.to(torch.int64).contiguous(),
+            loss,
+            lse,
+            lse_g,
+            n,
+            c,
+            logits.stride(0),
+            table.stride(0),
+            int(ignore_index),
+            ACC=_acc(logits.dtype),
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+        )
     return loss, lse, lse_g
 
 
@@ -110,11 +121,23 @@ def group_softmax_ce_backward(
         table = group_table.to(torch.int32).contiguous()
         grid, block_r, block_c = _row_blocks(n, c)
         _wrap(kern.group_softmax_ce_bwd_kernel)[(grid,)](
-            grad_loss.contiguous(), logits, target.to(torch.int64).contiguous(), table,
-            row_group.to(torch.int64).contiguous(), lse.contiguous(), lse_group.contiguous(),
-            grad, n, c, logits.stride(0), table.stride(0), int(ignore_index),
-            ACC=_acc(logits.dtype), BLOCK_R=block_r, BLOCK_C=block_c,
-        )  # fmt: skip
+            grad_loss.contiguous(),
+            logits,
+            target.to(torch.int64).contiguous(),
+            table,
+            row_group.to(torch.int64).contiguous(),
+            lse.contiguous(),
+            lse_group.contiguous(),
+            grad,
+            n,
+            c,
+            logits.stride(0),
+            table.stride(0),
+            int(ignore_index),
+            ACC=_acc(logits.dtype),
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+        )
     return grad
 
 
@@ -129,9 +152,18 @@ def gumbel_softmax_op(logits, tau: float, hard: bool, seed: int):
     if rows:
         grid, block_r, block_k = _row_blocks(rows, k, 2048)
         _wrap(kern.gumbel_softmax_fwd_kernel)[(grid,)](
-            x, out if hard else soft, soft, rows, k, int(seed), 1.0 / float(tau),
-            HARD=bool(hard), ACC=_acc(x.dtype), BLOCK_R=block_r, BLOCK_K=block_k,
-        )  # fmt: skip
+            x,
+            out if hard else soft,
+            soft,
+            rows,
+            k,
+            int(seed),
+            1.0 / float(tau),
+            HARD=bool(hard),
+            ACC=_acc(x.dtype),
+            BLOCK_R=block_r,
+            BLOCK_K=block_k,
+        )
     return out, soft
 
 
@@ -144,9 +176,16 @@ def gumbel_softmax_backward(grad, soft, tau: float):
     if rows:
         grid, block_r, block_k = _row_blocks(rows, k, 2048)
         _wrap(kern.gumbel_softmax_bwd_kernel)[(grid,)](
-            grad.contiguous(), soft, dz, rows, k, 1.0 / float(tau),
-            ACC=_acc(soft.dtype), BLOCK_R=block_r, BLOCK_K=block_k,
-        )  # fmt: skip
+            grad.contiguous(),
+            soft,
+            dz,
+            rows,
+            k,
+            1.0 / float(tau),
+            ACC=_acc(soft.dtype),
+            BLOCK_R=block_r,
+            BLOCK_K=block_k,
+        )
     return dz
 
 
@@ -161,9 +200,16 @@ def gumbel_sigmoid_op(logits, tau: float, hard: bool, seed: int):
     n = x.numel()
     if n:
         _wrap(kern.gumbel_sigmoid_fwd_kernel)[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](
-            x, out if hard else soft, soft, n, int(seed), 1.0 / float(tau),
-            HARD=bool(hard), ACC=_acc(x.dtype), BLOCK=_ELEMENTWISE_BLOCK,
-        )  # fmt: skip
+            x,
+            out if hard else soft,
+            soft,
+            n,
+            int(seed),
+            1.0 / float(tau),
+            HARD=bool(hard),
+            ACC=_acc(x.dtype),
+            BLOCK=_ELEMENTWISE_BLOCK,
+        )
     return out, soft
 
 
@@ -174,9 +220,14 @@ def gumbel_sigmoid_backward(grad, soft, tau: float):
     n = soft.numel()
     if n:
         _wrap(kern.gumbel_sigmoid_bwd_kernel)[(triton.cdiv(n, _ELEMENTWISE_BLOCK),)](
-            grad.contiguous(), soft, dz, n, 1.0 / float(tau),
-            ACC=_acc(soft.dtype), BLOCK=_ELEMENTWISE_BLOCK,
-        )  # fmt: skip
+            grad.contiguous(),
+            soft,
+            dz,
+            n,
+            1.0 / float(tau),
+            ACC=_acc(soft.dtype),
+            BLOCK=_ELEMENTWISE_BLOCK,
+        )
     return dz
 
 
@@ -284,9 +335,24 @@ def _attention_backward(grad_out, q, k, v, keep_mask, weight, tile_map, out, lse
     dw = dweight if dweight is not None else a.dummy.float()
     sd = _strides(None if dweight is None else _expand4(dweight, (a.b, a.h, a.lq, a.lk)))
     _wrap(kern.attention_bwd_dq_kernel)[(a.b * a.h, triton.cdiv(a.lq, TILE))](
-        q, k, v, do, lse, delta, dq, dw, keep, wt, tiles,
-        *a.common(), *sk, *sw, *sd, *st, **a.meta,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dq,
+        dw,
+        keep,
+        wt,
+        tiles,
+        *a.common(),
+        *sk,
+        *sw,
+        *sd,
+        *st,
+        **a.meta,
+    )
     return dq, dk, dv, dweight
 
 

@@ -37,10 +37,22 @@ def _uniform(seed, index):
 
 @triton.jit
 def group_softmax_ce_fwd_kernel(
-    logits, target, table, row_group, loss, lse_out, lse_group_out,
-    N, C, stride_n, stride_g, ignore_index,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
+    logits,
+    target,
+    table,
+    row_group,
+    loss,
+    lse_out,
+    lse_group_out,
+    N,
+    C,
+    stride_n,
+    stride_g,
+    ignore_index,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_rows = rows < N
     y = tl.load(target + rows, mask=in_rows, other=ignore_index)
@@ -78,10 +90,23 @@ def group_softmax_ce_fwd_kernel(
 
 @triton.jit
 def group_softmax_ce_bwd_kernel(
-    grad_loss, logits, target, table, row_group, lse_in, lse_group_in, grad,
-    N, C, stride_n, stride_g, ignore_index,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
+    grad_loss,
+    logits,
+    target,
+    table,
+    row_group,
+    lse_in,
+    lse_group_in,
+    grad,
+    N,
+    C,
+    stride_n,
+    stride_g,
+    ignore_index,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_rows = rows < N
     y = tl.load(target + rows, mask=in_rows, other=ignore_index)
@@ -118,9 +143,18 @@ def _tempered(logits, seed, rows, cols, inside, K, inv_tau, ACC: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed"])  # a seed of 1 must not become a constant
 def gumbel_softmax_fwd_kernel(
-    logits, out, soft, R, K, seed, inv_tau,
-    HARD: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    logits,
+    out,
+    soft,
+    R,
+    K,
+    seed,
+    inv_tau,
+    HARD: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_rows = rows < R
     best = tl.full((BLOCK_R,), float("-inf"), ACC)
@@ -154,9 +188,16 @@ def gumbel_softmax_fwd_kernel(
 
 @triton.jit
 def gumbel_softmax_bwd_kernel(
-    grad, soft, dz, R, K, inv_tau,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    grad,
+    soft,
+    dz,
+    R,
+    K,
+    inv_tau,
+    ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_rows = rows < R
     dot = tl.zeros((BLOCK_R,), ACC)
@@ -179,9 +220,16 @@ def gumbel_softmax_bwd_kernel(
 
 @triton.jit(do_not_specialize=["seed"])  # a seed of 1 must not become a constant
 def gumbel_sigmoid_fwd_kernel(
-    logits, out, soft, numel, seed, inv_tau,
-    HARD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
+    logits,
+    out,
+    soft,
+    numel,
+    seed,
+    inv_tau,
+    HARD: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < numel
     z = tl.load(logits + offs, mask=inside, other=0.0).to(ACC)
@@ -246,9 +294,22 @@ def _store(base, value, rows, cols, n_rows, n_cols, s_row):
 
 @triton.jit
 def _tile_scores(
-    q, kt, offs_m, offs_n, Lq, Lk, scale, occ, keep_bh, sk_m, sk_n,
-    HAS_KEEP: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-):  # fmt: skip
+    q,
+    kt,
+    offs_m,
+    offs_n,
+    Lq,
+    Lk,
+    scale,
+    occ,
+    keep_bh,
+    sk_m,
+    sk_n,
+    HAS_KEEP: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """S = q k^T * scale for one tile (kt: the keys transposed, [D, N]); -inf where the keep
     mask forbids (read for partial tiles only) or out of range."""
     s = _dot(q, kt, PRECISION, UPCAST).to(ACC) * scale
@@ -261,15 +322,43 @@ def _tile_scores(
 
 @triton.jit
 def attention_fwd_kernel(
-    Q, K, V, Out, Lse, keep, weight, tiles,
-    H, Lq, Lk, D, Dv, scale,
-    sk_b, sk_h, sk_m, sk_n,
-    sw_b, sw_h, sw_m, sw_n,
-    st_b, st_h, st_m, st_n,
-    HAS_KEEP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TILES: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    keep,
+    weight,
+    tiles,
+    H,
+    Lq,
+    Lk,
+    D,
+    Dv,
+    scale,
+    sk_b,
+    sk_h,
+    sk_m,
+    sk_n,
+    sw_b,
+    sw_h,
+    sw_m,
+    sw_n,
+    st_b,
+    st_h,
+    st_m,
+    st_n,
+    HAS_KEEP: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_TILES: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     """Output rows and log-sum-exp of one block of queries: online softmax over key tiles,
     P ~ w exp(S) when a soft mask w is given (HAS_WEIGHT)."""
     bh = tl.program_id(0).to(tl.int64)  # batch x heads on axis 0 (axis 1 is capped at 65535)
@@ -290,8 +379,23 @@ def attention_fwd_kernel(
         if occ != 0:
             offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
             kt = _load(K + bh * Lk * D, offs_d, offs_n, D, Lk, 1, D, 0.0)  # [D, N]
-            s = _tile_scores(q, kt, offs_m, offs_n, Lq, Lk, scale, occ, keep_bh, sk_m, sk_n,
-                             HAS_KEEP, ACC, PRECISION, UPCAST)  # fmt: skip
+            s = _tile_scores(
+                q,
+                kt,
+                offs_m,
+                offs_n,
+                Lq,
+                Lk,
+                scale,
+                occ,
+                keep_bh,
+                sk_m,
+                sk_n,
+                HAS_KEEP,
+                ACC,
+                PRECISION,
+                UPCAST,
+            )
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new).to(ACC)
             p = tl.exp(s - m_safe[:, None])
@@ -319,15 +423,46 @@ def _row_stats(Lse, Delta, bh, offs_m, Lq):
 
 @triton.jit
 def attention_bwd_dkdv_kernel(
-    Q, K, V, dO, Lse, Delta, dK, dV, keep, weight, tiles,
-    H, Lq, Lk, D, Dv, scale,
-    sk_b, sk_h, sk_m, sk_n,
-    sw_b, sw_h, sw_m, sw_n,
-    st_b, st_h, st_m, st_n,
-    HAS_KEEP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TILES: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    dO,
+    Lse,
+    Delta,
+    dK,
+    dV,
+    keep,
+    weight,
+    tiles,
+    H,
+    Lq,
+    Lk,
+    D,
+    Dv,
+    scale,
+    sk_b,
+    sk_h,
+    sk_m,
+    sk_n,
+    sw_b,
+    sw_h,
+    sw_m,
+    sw_n,
+    st_b,
+    st_h,
+    st_m,
+    st_n,
+    HAS_KEEP: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_TILES: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     """dV = sum_i P_ij dO_i, dK = scale sum_i dS_ij q_i for one block of keys (FA2 style: P is
     recomputed from the saved log-sum-exp, dS = P (dP - Delta), dP = dO v^T)."""
     bh = tl.program_id(0).to(tl.int64)
@@ -348,8 +483,23 @@ def attention_bwd_dkdv_kernel(
         if occ != 0:
             offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
             q = _load(Q + bh * Lq * D, offs_m, offs_d, Lq, D, D, 1, 0.0)
-            s = _tile_scores(q, kt, offs_m, offs_n, Lq, Lk, scale, occ, keep_bh, sk_m, sk_n,
-                             HAS_KEEP, ACC, PRECISION, UPCAST)  # fmt: skip
+            s = _tile_scores(
+                q,
+                kt,
+                offs_m,
+                offs_n,
+                Lq,
+                Lk,
+                scale,
+                occ,
+                keep_bh,
+                sk_m,
+                sk_n,
+                HAS_KEEP,
+                ACC,
+                PRECISION,
+                UPCAST,
+            )
             lse, delta = _row_stats(Lse, Delta, bh, offs_m, Lq)
             p = tl.exp(s - lse[:, None])  # 0 where s = -inf (lse of empty rows is +inf)
             if HAS_WEIGHT:
@@ -365,16 +515,50 @@ def attention_bwd_dkdv_kernel(
 
 @triton.jit
 def attention_bwd_dq_kernel(
-    Q, K, V, dO, Lse, Delta, dQ, dW, keep, weight, tiles,
-    H, Lq, Lk, D, Dv, scale,
-    sk_b, sk_h, sk_m, sk_n,
-    sw_b, sw_h, sw_m, sw_n,
-    sd_b, sd_h, sd_m, sd_n,
-    st_b, st_h, st_m, st_n,
-    HAS_KEEP: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_TILES: tl.constexpr,
-    ACC: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    dO,
+    Lse,
+    Delta,
+    dQ,
+    dW,
+    keep,
+    weight,
+    tiles,
+    H,
+    Lq,
+    Lk,
+    D,
+    Dv,
+    scale,
+    sk_b,
+    sk_h,
+    sk_m,
+    sk_n,
+    sw_b,
+    sw_h,
+    sw_m,
+    sw_n,
+    sd_b,
+    sd_h,
+    sd_m,
+    sd_n,
+    st_b,
+    st_h,
+    st_m,
+    st_n,
+    HAS_KEEP: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_TILES: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
     """dQ = scale sum_j dS_ij k_j for one block of queries; with a soft mask w also
     dW_ij = exp(S_ij - lse_i) (dP_ij - Delta_i), added atomically into dW (whose strides sd_*
     are 0 along the dimensions w is broadcast over, so the reduction happens here)."""
@@ -397,8 +581,23 @@ def attention_bwd_dq_kernel(
         if occ != 0:
             offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
             kt = _load(K + bh * Lk * D, offs_d, offs_n, D, Lk, 1, D, 0.0)  # [D, N]
-            s = _tile_scores(q, kt, offs_m, offs_n, Lq, Lk, scale, occ, keep_bh, sk_m, sk_n,
-                             HAS_KEEP, ACC, PRECISION, UPCAST)  # fmt: skip
+            s = _tile_scores(
+                q,
+                kt,
+                offs_m,
+                offs_n,
+                Lq,
+                Lk,
+                scale,
+                occ,
+                keep_bh,
+                sk_m,
+                sk_n,
+                HAS_KEEP,
+                ACC,
+                PRECISION,
+                UPCAST,
+            )
             e = tl.exp(s - lse[:, None])
             vt = _load(V + bh * Lk * Dv, offs_dv, offs_n, Dv, Lk, 1, Dv, 0.0)  # [Dv, N]
             dp_centred = _dot(do, vt, PRECISION, UPCAST).to(ACC) - delta[:, None]

@@ -31,8 +31,14 @@ class CNNRecurrentNet(nn.Module):
         super().__init__()
         if rnn not in ("lstm", "gru"):
             raise ValueError(f"rnn must be 'lstm' or 'gru', got {rnn!r}")
-        for name, v in (("in_channels", in_channels), ("num_classes", num_classes), ("hidden_size", hidden_size),
-                        ("num_layers", num_layers), ("kernel_size", kernel_size), ("pool", pool)):  # fmt: skip
+        for name, v in (
+            ("in_channels", in_channels),
+            ("num_classes", num_classes),
+            ("hidden_size", hidden_size),
+            ("num_layers", num_layers),
+            ("kernel_size", kernel_size),
+            ("pool", pool),
+        ):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not conv_channels or any(int(c) < 1 for c in conv_channels):
@@ -55,9 +61,13 @@ class CNNRecurrentNet(nn.Module):
         self.features = nn.Sequential(*layers)
         rnn_cls = nn.LSTM if rnn == "lstm" else nn.GRU
         self.rnn = rnn_cls(
-            input_size=c_in, hidden_size=hidden_size, num_layers=num_layers, batch_first=True,
-            bidirectional=bidirectional, dropout=dropout if num_layers > 1 else 0.0,
-        )  # fmt: skip
+            input_size=c_in,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            batch_first=True,
+            bidirectional=bidirectional,
+            dropout=dropout if num_layers > 1 else 0.0,
+        )
         self.num_directions = 2 if bidirectional else 1
         self.head = nn.Sequential(
             nn.Dropout(dropout), nn.Linear(hidden_size * self.num_directions, num_classes)

@@ -163,14 +163,21 @@ class ResnetGenerator(nn.Module):
         ]
         for i in range(2):
             mult = 2**i
-            layers += [nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=bias),
-                       norm_fn(ngf * mult * 2), nn.ReLU(True)]  # fmt: skip
+            layers += [
+                nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=bias),
+                norm_fn(ngf * mult * 2),
+                nn.ReLU(True),
+            ]
         layers += [ResnetBlock(ngf * 4, norm, use_dropout) for _ in range(n_blocks)]
         for i in range(2):
             mult = 2 ** (2 - i)
-            layers += [nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1,
-                                          output_padding=1, bias=bias),
-                       norm_fn(ngf * mult // 2), nn.ReLU(True)]  # fmt: skip
+            layers += [
+                nn.ConvTranspose2d(
+                    ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1, bias=bias
+                ),
+                norm_fn(ngf * mult // 2),
+                nn.ReLU(True),
+            ]
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, output_nc, 7), nn.Tanh()]
         self.model = nn.Sequential(*layers)
 
@@ -195,12 +202,18 @@ class NLayerDiscriminator(nn.Module):
         mult = 1
         for n in range(1, n_layers):
             prev, mult = mult, min(2**n, 8)
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=2, padding=1, bias=bias),
-                       norm_fn(ndf * mult), nn.LeakyReLU(0.2, True)]  # fmt: skip
+            layers += [
+                nn.Conv2d(ndf * prev, ndf * mult, 4, stride=2, padding=1, bias=bias),
+                norm_fn(ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
         prev, mult = mult, min(2**n_layers, 8)
-        layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=1, padding=1, bias=bias),
-                   norm_fn(ndf * mult), nn.LeakyReLU(0.2, True),
-                   nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1)]  # fmt: skip
+        layers += [
+            nn.Conv2d(ndf * prev, ndf * mult, 4, stride=1, padding=1, bias=bias),
+            norm_fn(ndf * mult),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1),
+        ]
         self.model = nn.Sequential(*layers)
         self.n_layers = n_layers
 
@@ -222,10 +235,13 @@ class PixelDiscriminator(nn.Module):
         super().__init__()
         norm_fn, bias = norm_layer(norm), _uses_bias(norm)
         self.model = nn.Sequential(
-            nn.Conv2d(input_nc, ndf, 1), nn.LeakyReLU(0.2, True),
-            nn.Conv2d(ndf, ndf * 2, 1, bias=bias), norm_fn(ndf * 2), nn.LeakyReLU(0.2, True),
+            nn.Conv2d(input_nc, ndf, 1),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(ndf, ndf * 2, 1, bias=bias),
+            norm_fn(ndf * 2),
+            nn.LeakyReLU(0.2, True),
             nn.Conv2d(ndf * 2, 1, 1, bias=bias),
-        )  # fmt: skip
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
