@@ -28,7 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 _COUNTER = itertools.count()
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-EEG_EXPERIMENTS = [e for e in EXPERIMENTS if e.startswith("eeg_")]
 
 
 @pytest.fixture(scope="session")

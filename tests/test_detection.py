@@ -24,7 +24,7 @@ from zoo.models.detection import (
     rpn_group_table,
     warmup_multistep,
 )
-from zoo.pipeline import evaluate, train
+from zoo.pipeline import evaluate
 
 CLASSES = ["circle", "square", "triangle", "cross"]
 SOURCES = {
@@ -598,57 +598,6 @@ def test_evaluate_scores_a_results_file_and_writes_the_report(make_cfg, tmp_path
         [e.experiment_id for e in client.search_experiments()], "tags.`zoo.kind` = 'evaluation'"
     )
     assert any(r.data.metrics.get("test/mAP") == pytest.approx(metrics["test/mAP"]) for r in runs)
-
-
-# --------------------------------------------------------------------------- end to end
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("experiment", ["detection_groupsoftmax_demo", "detection_softmax_demo"])
-def test_fast_run_logs_map_and_report(make_cfg, tracking_uri, tmp_path, experiment):
-    cfg = make_cfg(
-        [
-            f"experiment={experiment}",
-            "debug=fast",
-            "data.subset=2",
-            f"tracking.experiment_name=fast-{experiment}",
-        ]
-    )
-    train(cfg)
-    client = MlflowClient(tracking_uri)
-    (run,) = client.search_runs([client.get_experiment_by_name(f"fast-{experiment}").experiment_id])
-    m, params, tags = run.data.metrics, run.data.params, run.data.tags
-    for key in (
-        "train/loss",
-        "train/loss_classifier",
-        "train/loss_objectness",
-        "val/mAP",
-        "val/mAP_50",
-        "val/AR_100",
-        "val/voc07_mAP_50",
-        "test/mAP",
-        "test/mAP_75",
-        "test/voc_mAP_50",
-    ):
-        assert key in m, key
-    assert 0 <= m["val/mAP"] <= 1
-    assert params["model.loss"] == (
-        "softmax" if experiment == "detection_softmax_demo" else "group_softmax"
-    )
-    assert tags["zoo.group_table"] == "a: [0, 1, 2, 0, 0]; b: [0, 0, 0, 3, 4]"
-    arts = {f.path for f in client.list_artifacts(run.info.run_id, "figures/test")}
-    assert {
-        "figures/test/pr_curves.png",
-        "figures/test/ap_per_class.png",
-        "figures/test/detections.png",
-    } <= arts
-    out = tmp_path / "report"
-    metrics = evaluate(
-        make_cfg([f"run_id={run.info.run_id}", f"output_dir={out}"], config_name="evaluate")
-    )
-    assert metrics["test/mAP"] == pytest.approx(m["test/mAP"], abs=1e-6)
-    html = (out / "report.html").read_text()
-    assert "Detection results" in html and "AP per class" in html and "group table" in html.lower()
 
 
 def test_coco_cctsdb_config_group_table(make_cfg):

@@ -63,7 +63,7 @@ def test_report_macro_f1_matches_torchmetrics():
     import torch
     from torchmetrics.functional.classification import multiclass_f1_score
 
-    from zoo.reports.classification import add_classification_sections
+    from zoo.reports.classification import classification_sections
 
     target = torch.tensor([1, 1, 1, 2, 2, 3, 3, 3, 3])  # class 0 never appears nor is predicted
     preds = torch.tensor([1, 3, 1, 3, 2, 3, 1, 3, 3])
@@ -71,7 +71,12 @@ def test_report_macro_f1_matches_torchmetrics():
     for t, p in zip(target, preds):
         cm[t, p] += 1
     report = Report("r")
-    add_classification_sections(report, {"confusion_matrix": cm}, ["a", "b", "c", "d"])
+    sections = classification_sections(cm, ["a", "b", "c", "d"])
+    flat = {}
+    for section in sections:
+        flat.update(report.add(section))
+    assert flat["test/f1/b"] == pytest.approx(2 * (2 / 3) * (2 / 3) / (4 / 3))  # P = R = 2/3
+    assert any(kind == "image" for kind, _ in report.blocks)
     table = next(data for kind, data in report.blocks if kind == "table")
     macro_f1 = table[1][-1][3]
     assert macro_f1 == pytest.approx(multiclass_f1_score(preds, target, 4, average="macro").item())

@@ -6,10 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import EEG_EXPERIMENTS
 from zoo import tracking
 from zoo.pipeline import evaluate, train
 
@@ -24,58 +22,6 @@ def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
 def _runs(client: MlflowClient, experiment: str = "zoo"):
     exp = client.get_experiment_by_name(experiment)
     return client.search_runs([exp.experiment_id]) if exp else []
-
-
-@pytest.mark.parametrize("experiment", EEG_EXPERIMENTS)
-def test_fast_run_logs_everything_to_mlflow(make_cfg, tracking_uri, experiment):
-    cfg = make_cfg(
-        [f"experiment={experiment}", "debug=fast", "tracking.experiment_name=fast-" + experiment]
-    )
-    best = train(cfg)
-    client = MlflowClient(tracking_uri)
-    (run,) = _runs(client, "fast-" + experiment)
-    assert run.info.status == "FINISHED"
-    assert run.info.run_name.startswith(experiment + "-")
-    params, tags, metrics = run.data.params, run.data.tags, run.data.metrics
-    # the resolved config, flattened
-    assert params["model.net.rnn"] == cfg.model.net.rnn
-    assert params["trainer.max_epochs"] == "1"
-    assert params["data.channels"] == "eeg" and params["model.net.conv_channels"] == "[32, 64, 64]"
-    assert int(params["model/params/total"]) > 10_000
-    assert params["model/params/trainable"] == params["model/params/total"]
-    for key in (
-        "zoo.model",
-        "zoo.data",
-        "zoo.experiment",
-        "zoo.git_commit",
-        "zoo.version",
-        "zoo.command",
-    ):
-        assert tags.get(key), key
-    assert tags["zoo.experiment"] == experiment and tags["zoo.model"] == cfg.model.net.rnn.join(
-        ["eeg_cnn_", ""]
-    )
-    for key in (
-        "train/loss",
-        "train/acc",
-        "val/loss",
-        "val/acc",
-        "val/f1_macro",
-        "val/f1_macro_best",
-        "test/loss",
-        "test/acc",
-        "test/f1_macro",
-    ):
-        assert key in metrics, key
-    assert best == pytest.approx(metrics["val/f1_macro_best"])
-    arts = _artifacts(client, run.info.run_id)
-    assert "config/config.yaml" in arts and "figures/test/confusion_matrix.png" in arts
-    assert "figures/val/confusion_matrix_epoch000.png" in arts
-    assert tags[tracking.TAG_BEST_CKPT] in arts and tags[tracking.TAG_BEST_CKPT].endswith(".ckpt")
-    logged = yaml.safe_load(
-        Path(client.download_artifacts(run.info.run_id, "config/config.yaml")).read_text()
-    )
-    assert logged["model"]["net"]["rnn"] == cfg.model.net.rnn and logged["data"]["num_classes"] == 4
 
 
 def test_long_param_values_point_to_the_artifact():
@@ -234,3 +180,41 @@ def test_explicit_run_id_and_failed_job(make_cfg, tracking_uri, tmp_path):
     runs = _runs(client, name)
     assert [r.info.run_id for r in runs] == [run.info.run_id] and runs[0].info.status == "FINISHED"
     assert "val/loss" in runs[0].data.metrics
+
+
+def test_registered_model_is_evaluated_from_the_registry(make_cfg, tracking_uri, tmp_path):
+    name = "registry"
+    cfg = make_cfg(
+        [
+            "debug=fast",
+            f"tracking.experiment_name={name}",
+            "registry.model_name=eeg-demo",
+            "tracking.system_metrics=true",
+            "tracking.system_metrics_interval=1",
+        ]
+    )
+    train(cfg)
+    client = MlflowClient(tracking_uri)
+    (run,) = _runs(client, name)
+    (version,) = client.search_model_versions("name='eeg-demo'")
+    assert version.version == "1" and version.run_id == run.info.run_id
+    assert run.data.tags[tracking.TAG_REGISTERED] == "models:/eeg-demo/1"
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), run.data.metrics
+
+    out = tmp_path / "report"
+    metrics = evaluate(
+        make_cfg(["model_uri=models:/eeg-demo/1", f"output_dir={out}"], config_name="evaluate")
+    )
+    for key in ("test/acc", "test/f1_macro", "test/loss"):
+        assert metrics[key] == pytest.approx(run.data.metrics[key], abs=1e-5), key
+    assert "mlflow model models:/eeg-demo/1" in (out / "report.md").read_text()
+    assert "report/report.html" in _artifacts(client, run.info.run_id)  # the model's run
+
+    from zoo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model_uri=models:/eeg-demo/7: no such model"):
+        evaluate(make_cfg(["model_uri=models:/eeg-demo/7"], config_name="evaluate"))
+    with pytest.raises(ConfigError, match="give one of run_id=, ckpt_path=, model_uri="):
+        evaluate(
+            make_cfg([f"run_id={run.info.run_id}", "model_uri=models:/eeg-demo/1"], "evaluate")
+        )

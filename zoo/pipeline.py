@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-import zoo
 from zoo import kernels, tracking
+from zoo.callbacks import RunInfo, TrackOutputs
 from zoo.errors import ConfigError, one_line
 from zoo.reports import Report
 
@@ -59,22 +60,6 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
 
 
-class RunInfo(L.Callback):
-    """Stores the mlflow run id and the resolved config in every checkpoint, so a resumed job
-    continues the same run and a bare checkpoint can be evaluated without its config."""
-
-    def __init__(self, cfg: DictConfig, run: tracking.TrainingRun):
-        self.config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-        self.run = run
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        checkpoint["zoo"] = {
-            "mlflow_run_id": self.run.run_id,
-            "config": self.config_yaml,
-            "version": zoo.__version__,
-        }
-
-
 def _run_id_for(cfg: DictConfig, ckpt: dict | None) -> str | None:
     """run_id= wins; otherwise a resumed checkpoint's run, if the tracking store has it."""
     if cfg.get("run_id"):
@@ -92,6 +77,15 @@ def _run_id_for(cfg: DictConfig, ckpt: dict | None) -> str | None:
                 tracking.resolve_tracking_uri(cfg.tracking.tracking_uri),
             )
     return None
+
+
+def log_best_model(run: tracking.TrainingRun, cfg: DictConfig, model, datamodule, best_path: str):
+    """The best checkpoint's weights as the run's mlflow Model (registered when
+    registry.model_name is set)."""
+    if best_path:
+        model.load_state_dict(read_checkpoint(best_path)["state_dict"])
+    name = OmegaConf.select(cfg, "registry.model_name") or None
+    return run.log_model(model, cfg, datamodule, registered_model_name=name)
 
 
 @rank_zero_only
@@ -138,13 +132,20 @@ def train(cfg: DictConfig) -> float | None:
     run = tracking.TrainingRun(
         next((lg for lg in loggers if isinstance(lg, tracking.MLFlowLogger)), None)
     )
-    callbacks = build_all(cfg.get("callbacks"), "callbacks") + [RunInfo(cfg, run)]
+    callbacks = build_all(cfg.get("callbacks"), "callbacks") + [
+        RunInfo(cfg, run),
+        TrackOutputs(run),
+    ]
     if not loggers:  # logger=none: Lightning's LR monitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
 
     with run.guard():
         run.start(cfg, model, resumed=ckpt is not None or bool(cfg.get("run_id")))
+        if OmegaConf.select(cfg, "tracking.system_metrics"):
+            run.start_system_metrics(
+                float(OmegaConf.select(cfg, "tracking.system_metrics_interval") or 10)
+            )
         if cfg.get("train", True):
             trainer.fit(
                 model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
@@ -164,6 +165,10 @@ def train(cfg: DictConfig) -> float | None:
                 k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")
             }
         run.set_tag("zoo.kernels", kernels.used_backend())
+        model_info = None
+        if run.active and OmegaConf.select(cfg, "tracking.log_model") is not False:
+            model_info = log_best_model(run, cfg, model, datamodule, best_path)
+    run.stop_system_metrics()
     run.finish()
 
     monitor = getattr(ckpt_cb, "monitor", None) or "-"
@@ -178,6 +183,11 @@ def train(cfg: DictConfig) -> float | None:
             f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else uri
         )
         summary["report"] = f"python evaluate.py run_id={run.run_id}"
+    if model_info is not None:
+        summary["mlflow model"] = model_info.model_uri
+        if model_info.registered_model_version:
+            name = OmegaConf.select(cfg, "registry.model_name")
+            summary["registered"] = f"models:/{name}/{model_info.registered_model_version}"
     print_summary(summary)
     return float(best_score) if best_score is not None else None
 
@@ -185,68 +195,123 @@ def train(cfg: DictConfig) -> float | None:
 # --------------------------------------------------------------------------- evaluate
 
 
-def _config_digest(cfg: DictConfig) -> tuple[str, str]:
-    text = OmegaConf.to_yaml(cfg, resolve=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16], text
+@dataclass
+class Source:
+    """What evaluate.py evaluates: a training config and weights, and the run it belongs to."""
+
+    description: str
+    train_cfg: DictConfig
+    state_dict: dict[str, Any]
+    run_id: str | None
+    stem: str  # names the report folder
 
 
-def evaluate(cfg: DictConfig) -> dict[str, float]:
-    """Rebuild data + model from a run (or a checkpoint), test, and write/log a report."""
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """evaluate.py: dispatch to one of the modes (see conf/evaluate.yaml)."""
     configure_kernels(cfg)
     task = cfg.get("task")
     if task is not None and task != "detection":
         raise ConfigError(f"task={task!r}: the only model-free evaluation is task=detection")
-    if task == "detection" and not (cfg.get("run_id") or cfg.get("ckpt_path")):
-        from zoo.reports.detection import coco_files_report
-
-        return coco_files_report(cfg)
+    given = [k for k in ("run_id", "ckpt_path", "model_uri") if cfg.get(k)]
+    if task == "detection" and not given:
+        return evaluate_results_file(cfg)
     if cfg.get("run_ids"):
         return compare(cfg)
-    uri = cfg.tracking.tracking_uri
+    if len(given) > 1:
+        raise ConfigError(f"give one of run_id=, ckpt_path=, model_uri= (got {', '.join(given)})")
+    source = resolve_source(cfg)
+    metrics, sections, datamodule = test_source(cfg, source)
+    report, flat = model_report(source, metrics, sections, datamodule)
+    write_report(cfg, report, flat, source.run_id, source.stem, "Report")
+    return flat
+
+
+# ------------------------------------------------------------- step 1: resolve the source
+
+
+def resolve_source(cfg: DictConfig) -> Source:
     if cfg.get("run_id"):
-        _, run = tracking.get_run(cfg.run_id, uri)
-        train_cfg = tracking.load_run_config(cfg.run_id, uri)
-        artifact = run.data.tags.get(tracking.TAG_BEST_CKPT)
-        if not artifact:
-            raise ConfigError(
-                f"run_id={cfg.run_id}: the run logged no best checkpoint (tag {tracking.TAG_BEST_CKPT}); "
-                "was it trained with logger=mlflow to the end?"
-            )
-        ckpt_path = tracking.download_artifact(cfg.run_id, artifact, uri)
-        state = read_checkpoint(ckpt_path)
-        target_run, source = cfg.run_id, f"mlflow run {cfg.run_id} ({artifact})"
-    elif cfg.get("ckpt_path"):
-        ckpt_path, source = Path(cfg.ckpt_path), f"checkpoint {cfg.ckpt_path}"
-        state = read_checkpoint(ckpt_path)
-        meta = state.get("zoo", {})
-        if meta.get("config"):
-            train_cfg = OmegaConf.create(meta["config"])
-        elif cfg.get("model") and cfg.get("data"):
-            train_cfg = cfg
-        else:
-            raise ConfigError(
-                f"ckpt_path={ckpt_path} carries no config: also give experiment=<name> it was trained with"
-            )
-        target_run = meta.get("mlflow_run_id")
-        if target_run:
-            try:
-                tracking.get_run(target_run, uri)
-            except ConfigError:
-                target_run = None
+        return source_from_run(cfg)
+    if cfg.get("ckpt_path"):
+        return source_from_checkpoint(cfg)
+    if cfg.get("model_uri"):
+        return source_from_model_uri(cfg)
+    raise ConfigError(
+        "evaluate.py needs run_id=<mlflow run id>, ckpt_path=<file> [experiment=<name>], "
+        "model_uri=<models:/name/version or runs:/id/model>, or 'run_ids=[<id1>,<id2>]' for a "
+        "comparison"
+    )
+
+
+def source_from_run(cfg: DictConfig) -> Source:
+    uri = cfg.tracking.tracking_uri
+    _, run = tracking.get_run(cfg.run_id, uri)
+    artifact = run.data.tags.get(tracking.TAG_BEST_CKPT)
+    if not artifact:
+        raise ConfigError(
+            f"run_id={cfg.run_id}: the run logged no best checkpoint (tag "
+            f"{tracking.TAG_BEST_CKPT}); was it trained with logger=mlflow to the end?"
+        )
+    state = read_checkpoint(tracking.download_artifact(cfg.run_id, artifact, uri))
+    return Source(
+        description=f"mlflow run {cfg.run_id} ({artifact})",
+        train_cfg=tracking.load_run_config(cfg.run_id, uri),
+        state_dict=state["state_dict"],
+        run_id=str(cfg.run_id),
+        stem=str(cfg.run_id),
+    )
+
+
+def source_from_checkpoint(cfg: DictConfig) -> Source:
+    path = Path(cfg.ckpt_path)
+    state = read_checkpoint(path)
+    meta = state.get("zoo", {})
+    if meta.get("config"):
+        train_cfg = OmegaConf.create(meta["config"])
+    elif cfg.get("model") and cfg.get("data"):
+        train_cfg = cfg
     else:
         raise ConfigError(
-            "evaluate.py needs run_id=<mlflow run id>, ckpt_path=<file> [experiment=<name>], "
-            "or 'run_ids=[<id1>,<id2>]' for a comparison"
+            f"ckpt_path={path} carries no config: also give experiment=<name> it was trained with"
         )
+    run_id = meta.get("mlflow_run_id")
+    if run_id:
+        try:
+            tracking.get_run(run_id, cfg.tracking.tracking_uri)
+        except ConfigError:
+            run_id = None
+    return Source(f"checkpoint {path}", train_cfg, state["state_dict"], run_id, path.stem)
 
+
+def source_from_model_uri(cfg: DictConfig) -> Source:
+    """A logged (or registered) zoo model: its config and weights travel inside it."""
+    model_uri = str(cfg.model_uri)
+    local = tracking.download_model(model_uri, cfg.tracking.tracking_uri)
+    artifacts = local.artifacts
+    state = torch.load(artifacts["weights"], map_location="cpu", weights_only=True)
+    run_id = local.run_id
+    stem = model_uri.replace(":/", "-").replace("/", "-")
+    return Source(
+        f"mlflow model {model_uri}", OmegaConf.load(artifacts["config"]), state, run_id, stem
+    )
+
+
+# ------------------------------------------------------------- step 2: test
+
+
+def test_source(cfg: DictConfig, source: Source):
+    """Rebuild data and model, load the weights, test; returns (metrics, report sections,
+    data module)."""
+    train_cfg = source.train_cfg
     datamodule = build(train_cfg.data, "data")
     model = build(train_cfg.model, "model")
-    model.load_state_dict(state["state_dict"])
+    model.load_state_dict(source.state_dict)
     limit = (
         cfg.get("limit_test_batches")
         or OmegaConf.select(train_cfg, "trainer.limit_test_batches")
         or 1.0
     )
+    outputs = TrackOutputs()  # collects the sections; nothing is logged while testing here
     trainer = L.Trainer(
         accelerator=cfg.get("accelerator", "auto"),
         devices=1,
@@ -254,65 +319,107 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         enable_checkpointing=False,
         enable_model_summary=False,
         limit_test_batches=limit,
-        callbacks=build_all(cfg.get("callbacks"), "callbacks"),
+        callbacks=[*build_all(cfg.get("callbacks"), "callbacks"), outputs],
     )
     results = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     metrics = {k: float(v) for k, v in sorted(results.items())}
+    return metrics, outputs.sections, datamodule
 
+
+# ------------------------------------------------------------- step 3: the report
+
+
+def model_report(source: Source, metrics: dict[str, float], sections, datamodule):
+    """The evaluation report of a model; returns (report, metrics for metrics.json)."""
+    train_cfg = source.train_cfg
     name = train_cfg.get("name") or "model"
     report = Report(f"Evaluation report: {name}")
     report.key_values(
         {
-            "evaluated": source,
+            "evaluated": source.description,
             "experiment": name,
-            "mlflow run": target_run or "-",
+            "mlflow run": source.run_id or "-",
             "model": OmegaConf.select(train_cfg, "model._target_"),
             "data": OmegaConf.select(train_cfg, "data._target_"),
             "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-        },
-        ("", ""),
+        }
     )
     report.heading("Test metrics")
     report.table(["metric", "value"], [[k, v] for k, v in metrics.items()])
-    if hasattr(model, "add_report_sections"):
-        metrics.update(model.add_report_sections(report) or {})
+    flat = dict(metrics)
+    for section in sections:
+        flat.update(report.add(section))
     if hasattr(datamodule, "summary"):
         report.heading("Dataset")
-        report.key_values(datamodule.summary(), ("", ""))
-    digest, yaml_text = _config_digest(train_cfg)
+        report.key_values(datamodule.summary())
+    yaml_text = OmegaConf.to_yaml(train_cfg, resolve=True)
+    keys = ("trainer.max_epochs", "data.protocol", "data.batch_size")
     report.heading("Config digest")
     report.key_values(
         {
-            "sha256 (first 16)": digest,
+            "sha256 (first 16)": hashlib.sha256(yaml_text.encode()).hexdigest()[:16],
             "seed": train_cfg.get("seed"),
             **{
                 k: OmegaConf.select(train_cfg, k)
-                for k in ("trainer.max_epochs", "data.protocol", "data.batch_size")
+                for k in keys
                 if OmegaConf.select(train_cfg, k) is not None
             },
-        },
-        ("", ""),
+        }
     )
     report.code(yaml_text, "full resolved config")
+    return report, flat
 
+
+def write_report(
+    cfg: DictConfig, report: Report, metrics: dict, run_id: str | None, stem: str, what: str
+) -> Path:
+    """Write the report (Markdown, HTML, metrics.json) and log it to ``run_id`` under report/."""
     out_dir = Path(
         cfg.get("output_dir")
-        or Path(cfg.paths.log_dir)
-        / "reports"
-        / f"{target_run or Path(ckpt_path).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        or Path(cfg.paths.log_dir) / "reports" / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     files = report.write(out_dir, metrics)
-    if target_run:
-        tracking.client(uri).log_artifacts(target_run, str(out_dir), "report")
-    print(
-        f"\nReport written to {out_dir}\n  {files['html']}\n  {files['markdown']}\n  {files['metrics']}"
-        + (f"\n  (also logged to mlflow run {target_run} under report/)" if target_run else ""),
-        flush=True,
-    )
+    if run_id:
+        tracking.client(cfg.tracking.tracking_uri).log_artifacts(run_id, str(out_dir), "report")
+    lines = [f"\n{what} written to {out_dir}", f"  {files['html']}", f"  {files['markdown']}"]
+    if "metrics" in files:
+        lines.append(f"  {files['metrics']}")
+    if run_id:
+        lines.append(f"  (also logged to mlflow run {run_id} under report/)")
+    print("\n".join(lines), flush=True)
+    return out_dir
+
+
+# ------------------------------------------------------------- the other modes
+
+
+def evaluate_results_file(cfg: DictConfig) -> dict[str, float]:
+    """task=detection: score a COCO results file; the report goes to a new run."""
+    from zoo.reports.detection import coco_files_report
+
+    report, metrics = coco_files_report(cfg)
+    run_id = None
+    if cfg.get("log_to_mlflow", True):
+        run_id = tracking.create_run(
+            cfg.tracking.tracking_uri,
+            cfg.tracking.experiment_name,
+            f"detection-eval-{time.strftime('%Y%m%d-%H%M%S')}",
+            {tracking.TAG_KIND: "evaluation", "zoo.task": "detection"},
+        )
+        client = tracking.client(cfg.tracking.tracking_uri)
+        client.log_param(run_id, "annotations", str(cfg.annotations))
+        client.log_param(run_id, "predictions", str(cfg.predictions))
+        for key, value in metrics.items():
+            if value == value and value >= 0:  # NaN: no class scored; -1: no ground truth
+                client.log_metric(run_id, key, value)
+    stem = f"detection-{Path(str(cfg.predictions)).stem}"
+    write_report(cfg, report, metrics, run_id, stem, "Detection report")
+    if run_id:
+        tracking.client(cfg.tracking.tracking_uri).set_terminated(run_id, "FINISHED")
     return metrics
 
 
-def compare(cfg: DictConfig) -> dict[str, float]:
+def compare(cfg: DictConfig) -> dict[str, Any]:
     """Comparison report of several runs, logged to a new run of kind 'comparison'."""
     from zoo.reports.comparison import comparison_report
 
@@ -320,25 +427,15 @@ def compare(cfg: DictConfig) -> dict[str, float]:
     ids = [str(r) for r in cfg.run_ids]
     if len(ids) < 2:
         raise ConfigError(f"run_ids={ids}: give at least two runs to compare")
-    client = tracking.client(uri)
     runs = [tracking.get_run(i, uri)[1] for i in ids]
-    report, flat = comparison_report(client, runs)
-    out_dir = Path(
-        cfg.get("output_dir")
-        or Path(cfg.paths.log_dir) / "reports" / f"comparison-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
-    files = report.write(out_dir, flat)
+    report, flat = comparison_report(tracking.client(uri), runs)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
     new_id = tracking.create_run(
         uri,
         cfg.tracking.experiment_name,
-        f"comparison-{time.strftime('%Y%m%d-%H%M%S')}",
+        f"comparison-{stamp}",
         {tracking.TAG_KIND: "comparison", "zoo.compared_runs": ",".join(ids)},
     )
-    client.log_artifacts(new_id, str(out_dir), "report")
-    client.set_terminated(new_id, "FINISHED")
-    print(
-        f"\nComparison report written to {out_dir}\n  {files['html']}\n  {files['markdown']}\n"
-        f"  (logged to new mlflow run {new_id}, tag {tracking.TAG_KIND}=comparison)",
-        flush=True,
-    )
+    write_report(cfg, report, flat, new_id, "comparison", "Comparison report")
+    tracking.client(uri).set_terminated(new_id, "FINISHED")
     return {"comparison_run_id": new_id, **flat}

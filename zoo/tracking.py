@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +34,8 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # mlflow's own default store
 CONFIG_ARTIFACT = "config/config.yaml"
 TAG_KIND = "zoo.kind"
 TAG_BEST_CKPT = "zoo.best_checkpoint"
+TAG_MODEL_URI = "zoo.model_uri"
+TAG_REGISTERED = "zoo.registered_model"
 
 
 def resolve_tracking_uri(cfg_value: str | None = None) -> str:
@@ -179,6 +183,40 @@ def flatten_params(cfg: DictConfig | dict, artifact: str = CONFIG_ARTIFACT) -> d
     return out
 
 
+def system_tags(cfg: DictConfig, commit: str) -> dict[str, str]:
+    """mlflow's own system tags, so the UI shows the source, its commit, the user and the
+    experiment's description."""
+    import getpass
+
+    from mlflow.entities import SourceType
+
+    script = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0] else None
+    tags = {
+        "mlflow.source.type": SourceType.to_string(SourceType.LOCAL),
+        "mlflow.user": getpass.getuser(),
+    }
+    if script is not None and script.is_file():
+        tags["mlflow.source.name"] = str(script)
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+        repo = _git(["remote", "get-url", "origin"])
+        if repo:
+            tags["mlflow.source.git.repoURL"] = repo
+    description = cfg.get("description")
+    if description:
+        tags["mlflow.note.content"] = str(description).strip()
+    return tags
+
+
+def _git(args: list[str]) -> str | None:
+    here = Path(zoo.__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
 def git_commit() -> str:
     here = Path(zoo.__file__).resolve().parent
     try:
@@ -240,31 +278,17 @@ def log_params(mlflow_client, run_id: str, params: dict[str, str]) -> dict[str, 
     return changed
 
 
-def find_mlflow_logger(trainer) -> MLFlowLogger | None:
-    for lg in getattr(trainer, "loggers", []) or []:
-        if isinstance(lg, MLFlowLogger):
-            return lg
-    return None
-
-
-def log_figure(trainer, fig, artifact_file: str) -> None:
-    """Log a matplotlib figure to the trainer's mlflow run (rank 0 only); always closes it."""
-    from zoo.plotting import close
-
-    try:
-        mlf = find_mlflow_logger(trainer)
-        if mlf is not None and trainer.is_global_zero:
-            mlf.experiment.log_figure(mlf.run_id, fig, artifact_file)
-    finally:
-        close(fig)
-
-
 class TrainingRun:
     """The mlflow side of one training job: tags, params, config and checkpoint artifacts, and
     the run's final status. A no-op without an mlflow logger and on non-zero ranks."""
 
     def __init__(self, logger: MLFlowLogger | None):
         self.logger = logger if rank_zero_only.rank == 0 else None
+        self._system_metrics = None
+
+    @property
+    def active(self) -> bool:
+        return self.logger is not None
 
     @property
     def run_id(self) -> str | None:
@@ -282,14 +306,14 @@ class TrainingRun:
             c.update_run(run_id, status="RUNNING")
         choices = _hydra_choices()
         commit = git_commit()
-        tags = {
+        tags = system_tags(cfg, commit)
+        tags |= {
             "zoo.model": choices.get("model") or str(OmegaConf.select(cfg, "model._target_")),
             "zoo.data": choices.get("data") or str(OmegaConf.select(cfg, "data._target_")),
             "zoo.experiment": str(cfg.get("name") or choices.get("experiment")),
             "zoo.version": zoo.__version__,
             "zoo.command": " ".join(shlex.quote(a) for a in sys.argv),
             TAG_KIND: "train",
-            "mlflow.source.git.commit": commit,
             "zoo.git_commit": commit,
         }
         tags.update({f"zoo.tag.{k}": str(v) for k, v in (cfg.get("tags") or {}).items()})
@@ -317,6 +341,92 @@ class TrainingRun:
             )
         counts = count_parameters(model)
         log_params(c, run_id, {k: str(v) for k, v in counts.items()})
+
+    def start_system_metrics(self, sampling_interval: float = 10.0) -> None:
+        """mlflow's system metrics (CPU, memory, disk, network; GPU with pynvml) for this run."""
+        if self.logger is None or self._system_metrics is not None:
+            return
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system_metrics = SystemMetricsMonitor(
+            self.run_id, sampling_interval=sampling_interval, samples_before_logging=1
+        )
+        self._system_metrics.start()
+
+    def stop_system_metrics(self) -> None:
+        if self._system_metrics is not None:
+            self._system_metrics.finish()
+            self._system_metrics = None
+
+    def log_output(self, item) -> None:
+        """Log one record a model emitted (``zoo.outputs``: Figure, File, Tag, Count)."""
+        from zoo.outputs import Count, Figure, File, Tag
+
+        if self.logger is None:
+            return
+        c, run_id = self.client, self.run_id
+        if isinstance(item, Figure):
+            from zoo.plotting import close
+
+            fig = item.build()
+            try:
+                c.log_figure(run_id, fig, item.path)
+            finally:
+                close(fig)
+        elif isinstance(item, File):
+            folder, name = os.path.split(item.path)
+            with tempfile.TemporaryDirectory(prefix="zoo-file-") as tmp:
+                local = Path(tmp) / name
+                if item.write is not None:
+                    item.write(local)
+                else:
+                    shutil.copyfile(item.source, local)
+                c.log_artifact(run_id, str(local), folder or None)
+        elif isinstance(item, Tag):
+            c.set_tag(run_id, item.key, item.value)
+        elif isinstance(item, Count):
+            c.log_metric(run_id, item.key, float(item.value), step=0)
+        else:
+            raise TypeError(f"cannot log {type(item).__name__} to mlflow")
+
+    def log_datasets(self, infos) -> None:
+        """The data module's splits as the run's inputs (the UI's "Datasets" column)."""
+        if self.logger is None or not infos:
+            return
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for info in infos:
+            # what mlflow.data's local artifact source writes for a path
+            dataset = Dataset(
+                name=info.name,
+                digest=info.digest,
+                source_type="local",
+                source=json.dumps({"uri": info.source}),
+                profile=json.dumps({"num_samples": info.num_samples}),
+            )
+            inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", info.context)]))
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def log_model(self, module, cfg: DictConfig, datamodule, registered_model_name=None):
+        """The module as an mlflow Model of this run (``zoo.serving``); returns its ModelInfo."""
+        if self.logger is None:
+            return None
+        from zoo.serving import log_model
+
+        info = log_model(
+            module, cfg, datamodule, self.run_id, self.logger._tracking_uri, registered_model_name
+        )
+        self.client.set_tag(self.run_id, TAG_MODEL_URI, info.model_uri)
+        if registered_model_name:
+            self.client.set_tag(
+                self.run_id,
+                TAG_REGISTERED,
+                f"models:/{registered_model_name}/{info.registered_model_version}",
+            )
+        return info
 
     def log_artifact(self, path: str | Path, artifact_dir: str) -> str | None:
         if self.logger is None or not path or not Path(path).is_file():
@@ -440,3 +550,45 @@ def load_run_config(run_id: str, uri: str | None = None) -> DictConfig:
     """The resolved config a training run logged (config/config.yaml)."""
     path = download_artifact(run_id, CONFIG_ARTIFACT, uri)
     return OmegaConf.load(path)
+
+
+@dataclass
+class LocalModel:
+    """A zoo model downloaded from mlflow: its artifacts (name -> local file) and source run."""
+
+    path: Path
+    artifacts: dict[str, Path]
+    run_id: str | None
+
+
+def download_model(model_uri: str, uri: str | None = None) -> LocalModel:
+    """Download a logged or registered zoo model (``models:/<name>/<version>``,
+    ``runs:/<run id>/model``, ``models:/<model id>``) and find its config and weights."""
+    import mlflow.artifacts
+    from mlflow.models import Model
+
+    tracking_uri = open_store(uri)
+    try:
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=model_uri,
+                dst_path=tempfile.mkdtemp(prefix="zoo-model-"),
+                tracking_uri=tracking_uri,
+            )
+        )
+        meta = Model.load(str(local))
+    except Exception as exc:
+        raise ConfigError(
+            f"model_uri={model_uri}: no such model in tracking store {tracking_uri} "
+            f"({type(exc).__name__}: {one_line(str(exc))[:300]})"
+        ) from None
+    flavor = meta.flavors.get("python_function", {})
+    artifacts = {
+        name: local / spec["path"] for name, spec in (flavor.get("artifacts") or {}).items()
+    }
+    if not {"config", "weights"} <= set(artifacts):
+        raise ConfigError(
+            f"model_uri={model_uri}: not a zoo model (its python_function flavour has no config "
+            "and weights artifacts)"
+        )
+    return LocalModel(local, artifacts, meta.run_id)

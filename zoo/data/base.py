@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
+
+from zoo.outputs import DatasetInfo
+
+MAX_DIGEST_FILES = 20_000  # a listing digest stops here (huge image folders)
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -35,3 +41,48 @@ class SplitDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", shuffle=False)
+
+    # ------------------------------------------------------------------ what it serves
+
+    def dataset_name(self) -> str:
+        """The datasets' name in mlflow (default: the data folder's name)."""
+        data_dir = getattr(self, "data_dir", None)
+        return Path(data_dir).name if data_dir else type(self).__name__
+
+    def dataset_files(self, split: str) -> list[Path]:
+        """The files a split is read from (default: every file under ``data_dir``)."""
+        data_dir = getattr(self, "data_dir", None)
+        if not data_dir or not Path(data_dir).is_dir():
+            return []
+        files = []
+        for path in sorted(Path(data_dir).rglob("*")):
+            if path.is_file():
+                files.append(path)
+                if len(files) >= MAX_DIGEST_FILES:
+                    break
+        return files
+
+    def dataset_inputs(self) -> list[DatasetInfo]:
+        """Each split set up so far: name, digest (of its files' names and sizes, the split
+        and its sample count) and source, for mlflow's run inputs."""
+        out = []
+        for split, dataset in getattr(self, "datasets", {}).items():
+            files = self.dataset_files(split)
+            data_dir = getattr(self, "data_dir", None)
+            source = Path(data_dir) if data_dir else (files[0].parent if files else Path("."))
+            digest = hashlib.sha256(f"{split}:{len(dataset)}".encode())
+            for path in files:
+                digest.update(
+                    f"{path.relative_to(source) if path.is_relative_to(source) else path}"
+                    f":{path.stat().st_size};".encode()
+                )
+            out.append(
+                DatasetInfo(
+                    context=split,
+                    name=f"{self.dataset_name()}-{split}",
+                    digest=digest.hexdigest()[:12],
+                    source=str(source.resolve()),
+                    num_samples=len(dataset),
+                )
+            )
+        return out

@@ -625,6 +625,19 @@ class DetectionDataModule(SplitDataModule):
                     self.records(split), train=split == "train", flip=self.flip
                 )
 
+    def dataset_files(self, split: str) -> list[Path]:
+        """The annotation files of the sources that have ``split`` (image folders can hold
+        a hundred thousand files; the annotations name them all)."""
+        files = []
+        for spec in self.sources.values():
+            split_spec = spec.get(split) or {}
+            root = Path(spec.get("root") or ".")
+            if split_spec.get("annotations"):
+                files.append(root / split_spec["annotations"])
+            elif split_spec.get("image_set"):  # VOC: the image-set list
+                files.append(root / "ImageSets" / "Main" / f"{split_spec['image_set']}.txt")
+        return [f for f in files if f.is_file()]
+
     def skipped(self) -> dict[str, int]:
         """Skipped annotations per split and reason (logged as ``data/skipped/...`` metrics by the model)."""
         out: Counter = Counter()

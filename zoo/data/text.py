@@ -94,15 +94,31 @@ def read_glue_tsv(
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path, lowercase: bool = True):
+    """A WordPiece vocabulary learned from ``texts``, cached in ``out_dir`` under a digest of
+    the texts and options. The trainer breaks frequency ties differently in every process, so
+    without the cache a job that evaluates a model would tokenize with another vocabulary than
+    the job that trained it."""
+    import hashlib
+    import os
+    import tempfile
+
     from tokenizers import BertWordPieceTokenizer
 
-    tok = BertWordPieceTokenizer(lowercase=lowercase)
-    tok.train_from_iterator(
-        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save_model(str(out_dir))
-    return tok, out_dir / "vocab.txt"
+    key = hashlib.sha256(f"{vocab_size}|{lowercase}|".encode())
+    for text in texts:
+        key.update(text.encode())
+        key.update(b"\0")
+    vocab = out_dir / f"vocab-{key.hexdigest()[:16]}.txt"
+    if not vocab.is_file():
+        tok = BertWordPieceTokenizer(lowercase=lowercase)
+        tok.train_from_iterator(
+            texts, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS
+        )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            tok.save_model(tmp)
+            os.replace(Path(tmp) / "vocab.txt", vocab)  # atomic: concurrent jobs agree
+    return load_tokenizer(vocab, lowercase), vocab
 
 
 def load_tokenizer(vocab: Path, lowercase: bool = True):

@@ -1,12 +1,11 @@
 """A Lightning module for any classifier: loss, shared metric names, confusion matrices, and the
-predictions evaluate.py turns into a report. Model families subclass it or use it directly."""
+report sections evaluate.py writes. Model families subclass it or use it directly."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-import lightning as L
+import numpy as np
 import torch
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, MetricCollection
@@ -16,10 +15,12 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
-from zoo.tracking import log_figure
+from zoo.models.base import OptimizerFactory, SchedulerFactory, ZooModule, scheduler_config
+from zoo.outputs import Figure
+from zoo.reports.classification import classification_sections
 
 
-class ClassificationModule(L.LightningModule):
+class ClassificationModule(ZooModule):
     """Cross-entropy classifier around an injected ``net``.
 
     Logs ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/f1_macro`` (and their
@@ -30,9 +31,9 @@ class ClassificationModule(L.LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        optimizer: Callable[..., torch.optim.Optimizer],
+        optimizer: OptimizerFactory,
         class_names: Sequence[str],
-        scheduler: Callable[..., Any] | None = None,
+        scheduler: SchedulerFactory | None = None,
         label_smoothing: float = 0.0,
         confusion_matrix_every_n_epochs: int = 1,
     ):
@@ -66,8 +67,6 @@ class ClassificationModule(L.LightningModule):
         self.test_cm = MulticlassConfusionMatrix(n)
         self.val_acc_best, self.val_f1_best = MaxMetric(), MaxMetric()
         self.cm_every = confusion_matrix_every_n_epochs
-        self.test_outputs: dict[str, torch.Tensor] = {}
-        self._test_parts: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -109,15 +108,12 @@ class ClassificationModule(L.LightningModule):
         self.log("val/f1_macro_best", self.val_f1_best.compute(), sync_dist=True)
         cm = self.val_cm.compute()
         self.val_cm.reset()
-        if not self.trainer.sanity_checking and self.current_epoch % max(1, self.cm_every) == 0:
-            self._log_confusion(
+        if self.epoch_due(self.cm_every):
+            self._emit_confusion(
                 cm,
                 f"figures/val/confusion_matrix_epoch{self.current_epoch:03d}.png",
                 f"val confusion matrix, epoch {self.current_epoch}",
             )
-
-    def on_test_epoch_start(self) -> None:
-        self._test_parts = []
 
     def test_step(self, batch, batch_idx: int) -> None:
         loss, logits, y = self._step(batch)
@@ -126,33 +122,18 @@ class ClassificationModule(L.LightningModule):
         self.test_cm.update(logits, y)
         self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
         self.log_dict(self.test_metrics, on_step=False, on_epoch=True)
-        self._test_parts.append((logits.detach().softmax(-1).cpu(), y.detach().cpu()))
 
     def on_test_epoch_end(self) -> None:
-        cm = self.test_cm.compute()
+        cm = self.test_cm.compute().cpu().numpy()
         self.test_cm.reset()
-        probs = (
-            torch.cat([p for p, _ in self._test_parts])
-            if self._test_parts
-            else torch.empty(0, len(self.class_names))
-        )
-        target = (
-            torch.cat([t for _, t in self._test_parts])
-            if self._test_parts
-            else torch.empty(0, dtype=torch.long)
-        )
-        self.test_outputs = {"probs": probs, "target": target, "confusion_matrix": cm.cpu()}
-        self._log_confusion(cm, "figures/test/confusion_matrix.png", "test confusion matrix")
+        self._emit_confusion(cm, "figures/test/confusion_matrix.png", "test confusion matrix")
+        self.emit(*classification_sections(cm, self.class_names, "test"))
 
-    def _log_confusion(self, cm: torch.Tensor, path: str, title: str) -> None:
-        if self.trainer.is_global_zero and self.logger is not None:
-            from zoo.plotting import confusion_matrix_figure
+    def _emit_confusion(self, cm, path: str, title: str) -> None:
+        from zoo.plotting import confusion_matrix_figure
 
-            log_figure(
-                self.trainer,
-                confusion_matrix_figure(cm.cpu().numpy(), self.class_names, title),
-                path,
-            )
+        cm = np.asarray(cm.cpu() if torch.is_tensor(cm) else cm)
+        self.emit(Figure(path, lambda: confusion_matrix_figure(cm, self.class_names, title)))
 
     def optimizer_params(self):
         """What the optimizer gets: all parameters (subclasses may return param groups)."""
@@ -160,21 +141,18 @@ class ClassificationModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.optimizer_params())
-        if self.scheduler_factory is None:
+        scheduler = scheduler_config(self.scheduler_factory, optimizer)
+        if scheduler is None:
             return optimizer
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {
-                "scheduler": self.scheduler_factory(optimizer=optimizer),
-                "interval": "epoch",
-            },
-        }
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
-    def add_report_sections(
-        self, report, outputs: dict[str, torch.Tensor] | None = None
-    ) -> dict[str, float]:
-        """Per-class precision/recall/F1 and the confusion matrix of the last test run; returns
-        the per-class metrics (``test/f1/<class>``, ...) for metrics.json."""
-        from zoo.reports.classification import add_classification_sections
+    # ------------------------------------------------------------------ serving
 
-        return add_classification_sections(report, outputs or self.test_outputs, self.class_names)
+    def serving_input(self, batch) -> np.ndarray:
+        return batch[0].detach().cpu().numpy()
+
+    @torch.no_grad()
+    def serve(self, inputs: np.ndarray) -> np.ndarray:
+        """Class probabilities [B, classes] for a batch of inputs."""
+        x = torch.as_tensor(inputs, device=self.device)
+        return self(x).softmax(-1).cpu().numpy()

@@ -20,10 +20,12 @@ GroupSoftmax is compared against in the mlflow UI.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
-import lightning as L
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,7 +49,9 @@ from zoo.metrics.detection import (
     per_class_ap_figure,
     pr_curves_figure,
 )
-from zoo.tracking import find_mlflow_logger, log_figure
+from zoo.models.base import ZooModule
+from zoo.outputs import Count, Figure, File, Section, Tag
+from zoo.reports.detection import detection_sections
 
 log = logging.getLogger(__name__)
 
@@ -297,7 +301,7 @@ def warmup_multistep(warmup_iters: int, warmup_factor: float, milestones: list[i
 # --------------------------------------------------------------------------- Lightning module
 
 
-class GroupSoftmaxDetector(L.LightningModule):
+class GroupSoftmaxDetector(ZooModule):
     """Faster R-CNN trained on several label sources at once.
 
     ``classes`` / ``sources`` come from the data config (``${data.classes}``, ``${data.sources}``):
@@ -377,7 +381,6 @@ class GroupSoftmaxDetector(L.LightningModule):
         self.val_scorer = DetectionScorer(self.class_names, group_table=group_table)
         self.test_scorer = DetectionScorer(self.class_names, group_table=group_table)
         self._shown: list = []
-        self.test_outputs: dict = {}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Refuses weights trained with another group table (the label maps of the data config
@@ -397,16 +400,13 @@ class GroupSoftmaxDetector(L.LightningModule):
         return self.net(images)
 
     def on_fit_start(self) -> None:
-        mlf = find_mlflow_logger(self.trainer)
-        if mlf is None or not self.trainer.is_global_zero:
-            return
-        dm = getattr(self.trainer, "datamodule", None)
         table = "; ".join(
             f"{n}: {row}" for n, row in zip(self.source_names, self.group_table.tolist())
         )
-        mlf.experiment.set_tag(mlf.run_id, "zoo.group_table", table[:5000])
+        self.emit(Tag("zoo.group_table", table[:5000]))
+        dm = getattr(self.trainer, "datamodule", None)
         for key, n in (dm.skipped() if hasattr(dm, "skipped") else {}).items():
-            mlf.experiment.log_metric(mlf.run_id, f"data/skipped/{key}", n)
+            self.emit(Count(f"data/skipped/{key}", n))
 
     # ------------------------------------------------------------------ training
 
@@ -477,9 +477,8 @@ class GroupSoftmaxDetector(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         scores = self._log_scores("val", self.val_scorer)
-        every = max(1, self.hparams.figures_every_n_epochs)
-        if not self.trainer.sanity_checking and self.current_epoch % every == 0:
-            self._log_figures(scores, "val", f"_epoch{self.current_epoch:03d}")
+        if self.epoch_due(self.hparams.figures_every_n_epochs):
+            self._emit_figures(scores, "val", f"_epoch{self.current_epoch:03d}")
 
     def on_test_epoch_start(self) -> None:
         self.test_scorer.reset()
@@ -494,13 +493,24 @@ class GroupSoftmaxDetector(L.LightningModule):
             for key in ("AP", "AP_50"):
                 if row[key] == row[key]:  # not NaN
                     self.log(f"test/{key}/{row['class']}", row[key], sync_dist=True)
-        self.test_outputs = {"scores": scores, "shown": list(self._shown)}
-        self._log_figures(scores, "test", "")
-        mlf = find_mlflow_logger(self.trainer)
-        if mlf is not None and self.trainer.is_global_zero:  # what was scored, as COCO files
-            gt, results = self.test_scorer.to_coco()
-            mlf.experiment.log_dict(mlf.run_id, gt, "predictions/test_groundtruth.json")
-            mlf.experiment.log_dict(mlf.run_id, results, "predictions/test_results.json")
+        self._emit_figures(scores, "test", "")
+        gt, results = self.test_scorer.to_coco()  # what was scored, as COCO files
+        self.emit(
+            File("predictions/test_groundtruth.json", write=lambda path: _write_json(gt, path)),
+            File("predictions/test_results.json", write=lambda path: _write_json(results, path)),
+        )
+        groups = "; ".join(
+            f"{n}: {r}" for n, r in zip(self.source_names, self.group_table.tolist())
+        )
+        intro = Section("Detection results").paragraph(
+            "COCO metrics from torchmetrics' MeanAveragePrecision (faster_coco_eval backend); "
+            "VOC AP@.5 from zoo.metrics.voc (VOC2007 11-point and VOC2010+ all-point). Each test "
+            "image is scored only on the classes its source annotates. Group table (rows: "
+            f"sources, columns: background + classes): {groups}."
+        )
+        shown = list(self._shown)
+        draw = (lambda: self._detections_figure(shown, "test")) if shown else None
+        self.emit(intro, *detection_sections(scores, draw))
 
     def _log_scores(self, split: str, scorer: DetectionScorer):
         scorer.gather()  # DDP: every rank scores all images (a mean of per-shard mAPs is not the mAP)
@@ -517,24 +527,24 @@ class GroupSoftmaxDetector(L.LightningModule):
     def _names(self) -> dict[int, str]:
         return {i + 1: n for i, n in enumerate(self.class_names)}
 
-    def _log_figures(self, scores, split: str, suffix: str) -> None:
-        if not self.trainer.is_global_zero or self.logger is None:
-            return
-        log_figure(
-            self.trainer,
-            pr_curves_figure(scores, f"{split}: precision-recall, IoU 0.5"),
-            f"figures/{split}/pr_curves{suffix}.png",
-        )
-        log_figure(
-            self.trainer,
-            per_class_ap_figure(scores, f"{split}: AP per class"),
-            f"figures/{split}/ap_per_class{suffix}.png",
+    def _emit_figures(self, scores, split: str, suffix: str) -> None:
+        self.emit(
+            Figure(
+                f"figures/{split}/pr_curves{suffix}.png",
+                lambda: pr_curves_figure(scores, f"{split}: precision-recall, IoU 0.5"),
+            ),
+            Figure(
+                f"figures/{split}/ap_per_class{suffix}.png",
+                lambda: per_class_ap_figure(scores, f"{split}: AP per class"),
+            ),
         )
         if self._shown:
-            log_figure(
-                self.trainer,
-                self._detections_figure(self._shown, split),
-                f"figures/{split}/detections{suffix}.png",
+            shown = list(self._shown)
+            self.emit(
+                Figure(
+                    f"figures/{split}/detections{suffix}.png",
+                    lambda: self._detections_figure(shown, split),
+                )
             )
 
     def _detections_figure(self, shown, split: str):
@@ -549,39 +559,37 @@ class GroupSoftmaxDetector(L.LightningModule):
             f"with score >= {self.hparams.figure_score_threshold} (red)",
         )
 
-    # ------------------------------------------------------------------ report
+    # ------------------------------------------------------------------ serving
 
-    def add_report_sections(self, report) -> dict[str, float]:
-        scores = self.test_outputs.get("scores")
-        if scores is None:
-            return {}
-        report.heading("Detection results")
-        report.paragraph(
-            "COCO metrics from torchmetrics' MeanAveragePrecision (faster_coco_eval backend); VOC AP@.5 "
-            "from zoo.metrics.voc (VOC2007 11-point and VOC2010+ all-point). Each test image is scored "
-            "only on the classes its source annotates. Group table (rows: sources, columns: background + "
-            f"classes): {'; '.join(f'{n}: {r}' for n, r in zip(self.source_names, self.group_table.tolist()))}."
+    def serving_input(self, batch) -> np.ndarray:
+        images, _ = batch
+        return images[0][None].detach().cpu().numpy()
+
+    @torch.no_grad()
+    def serve(self, inputs: np.ndarray) -> pd.DataFrame:
+        """Detections for images [B, 3, H, W] in [0, 1]: one row per box (image index, class
+        id and name, score, x1, y1, x2, y2 in pixels)."""
+        images = list(torch.as_tensor(inputs, device=self.device))
+        rows = []
+        for i, pred in enumerate(self.net(images)):
+            for box, label, score in zip(
+                pred["boxes"].tolist(), pred["labels"].tolist(), pred["scores"].tolist()
+            ):
+                rows.append([i, label, self.class_names[label - 1], score, *box])
+        columns = ["image", "label", "class", "score", "x1", "y1", "x2", "y2"]
+        frame = pd.DataFrame(rows, columns=columns)
+        return frame.astype(
+            {
+                "image": "int64",
+                "label": "int64",
+                "score": "float64",
+                "x1": "float64",
+                "y1": "float64",
+                "x2": "float64",
+                "y2": "float64",
+            }
         )
-        add_detection_sections(
-            report,
-            scores,
-            self._detections_figure(self.test_outputs["shown"], "test")
-            if self.test_outputs.get("shown")
-            else None,
-        )
-        return {}
 
 
-def add_detection_sections(report, scores, detections_fig=None) -> None:
-    """Per-class AP table, PR curves, AP chart and (optionally) images with boxes drawn."""
-    headers, rows = scores.table()
-    report.heading("AP per class")
-    report.table(headers, rows)
-    report.image(
-        pr_curves_figure(scores),
-        "precision-recall curves per class (IoU 0.5, all areas, 100 detections)",
-        name="pr_curves",
-    )
-    report.image(per_class_ap_figure(scores), "AP per class", name="ap_per_class")
-    if detections_fig is not None:
-        report.image(detections_fig, "test images: ground truth and predictions", name="detections")
+def _write_json(data, path: Path) -> None:
+    Path(path).write_text(json.dumps(data))

@@ -16,14 +16,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import lightning as L
+import numpy as np
 import torch
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from zoo.models.base import ZooModule
 from zoo.models.components.pix2pix_nets import define_discriminator, define_generator, init_weights
-from zoo.tracking import find_mlflow_logger, log_figure
+from zoo.outputs import Figure, Section, Tag
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x + 1) / 2).clamp(0, 1)
 
 
-class Pix2Pix(L.LightningModule):
+class Pix2Pix(ZooModule):
     """pix2pix with the reference's option names (`netG`, `netD`, `n_layers_D`, `ngf`, `ndf`,
     `norm`, `gan_mode`, `lambda_L1`, `n_epochs`, `n_epochs_decay`, ...). The networks are
     ``self.generator`` and ``self.discriminator``.
@@ -137,7 +138,6 @@ class Pix2Pix(L.LightningModule):
         self.val_l1, self.test_l1 = MeanMetric(), MeanMetric()
         self.fid, self.fid_note = self._make_fid(fid)
         self._grid: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]] = []
-        self.test_outputs: dict = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -166,9 +166,7 @@ class Pix2Pix(L.LightningModule):
         return {"generator": self.generator, "discriminator": self.discriminator}
 
     def on_fit_start(self) -> None:
-        mlf = find_mlflow_logger(self.trainer)
-        if mlf is not None and self.trainer.is_global_zero:
-            mlf.experiment.set_tag(mlf.run_id, "zoo.fid", self.fid_note)
+        self.emit(Tag("zoo.fid", self.fid_note))
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -271,11 +269,8 @@ class Pix2Pix(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val", self.val_metrics, self.val_l1)
-        if (
-            not self.trainer.sanity_checking
-            and self.current_epoch % max(1, self.hparams.grid_every_n_epochs) == 0
-        ):
-            self._log_grid(
+        if self.epoch_due(self.hparams.grid_every_n_epochs):
+            self._emit_grid(
                 f"figures/val/grid_epoch{self.current_epoch:03d}.png",
                 f"validation, epoch {self.current_epoch}",
             )
@@ -287,9 +282,20 @@ class Pix2Pix(L.LightningModule):
         self._eval_step(batch, self.test_metrics, self.test_l1)
 
     def on_test_epoch_end(self) -> None:
-        values = self._log_epoch_metrics("test", self.test_metrics, self.test_l1)
-        self.test_outputs = {"grid": list(self._grid), "metrics": values}
-        self._log_grid("figures/test/grid.png", "test")
+        self._log_epoch_metrics("test", self.test_metrics, self.test_l1)
+        self._emit_grid("figures/test/grid.png", "test")
+        section = Section("Test results").paragraph(
+            f"{len(self._grid)} test images: input | generated | target. L1 in [-1, 1] pixel "
+            f"units; PSNR and SSIM on [0, 1] images. FID: {self.fid_note}."
+        )
+        if self._grid:
+            grid = list(self._grid)
+            section.image(
+                "test_grid",
+                "test results: input | generated | target",
+                lambda: grid_figure(grid, "test results"),
+            )
+        self.emit(section)
 
     def _log_epoch_metrics(
         self, split: str, metrics: MetricCollection, l1: MeanMetric
@@ -304,38 +310,30 @@ class Pix2Pix(L.LightningModule):
             self.log(name, value, prog_bar=True, sync_dist=True)
         return {k: float(v) for k, v in values.items()}
 
-    def grid_figure(self, title: str):
-        from zoo.plotting import image_grid_figure
+    def _emit_grid(self, path: str, title: str) -> None:
+        if self._grid:
+            grid = list(self._grid)
+            self.emit(Figure(path, lambda: grid_figure(grid, title)))
 
-        rows = [
-            [t.permute(1, 2, 0).squeeze(-1).numpy() for t in sample[:3]] for sample in self._grid
-        ]
-        return image_grid_figure(
-            rows,
-            ["input (A)", "generated G(A)", "target (B)"],
-            title,
-            row_labels=[s[3] for s in self._grid],
-        )
+    # ------------------------------------------------------------------ serving
 
-    def _log_grid(self, path: str, title: str) -> None:
-        if self._grid and self.trainer.is_global_zero and self.logger is not None:
-            log_figure(self.trainer, self.grid_figure(title), path)
+    def serving_input(self, batch) -> np.ndarray:
+        return batch["A"].detach().cpu().numpy()
 
-    # ------------------------------------------------------------------ report
+    @torch.no_grad()
+    def serve(self, inputs: np.ndarray) -> np.ndarray:
+        """G(A) for input images A [B, input_nc, H, W] in [-1, 1]; outputs in [-1, 1]."""
+        return self.generator(torch.as_tensor(inputs, device=self.device)).cpu().numpy()
 
-    def add_report_sections(self, report) -> dict[str, float]:
-        """evaluate.py: the test grid (metrics are already in the report's table)."""
-        grid = self.test_outputs.get("grid") or []
-        report.heading("Test results")
-        report.paragraph(
-            f"{len(grid)} test images: input | generated | target. L1 in [-1, 1] pixel units; "
-            f"PSNR and SSIM on [0, 1] images. FID: {self.fid_note}."
-        )
-        if grid:
-            self._grid = grid
-            report.image(
-                self.grid_figure("test results"),
-                "test results: input | generated | target",
-                name="test_grid",
-            )
-        return {}
+
+def grid_figure(grid, title: str):
+    """input | generated | target rows of (A, G(A), B, file name) samples in [0, 1]."""
+    from zoo.plotting import image_grid_figure
+
+    rows = [[t.permute(1, 2, 0).squeeze(-1).numpy() for t in sample[:3]] for sample in grid]
+    return image_grid_figure(
+        rows,
+        ["input (A)", "generated G(A)", "target (B)"],
+        title,
+        row_labels=[s[3] for s in grid],
+    )

@@ -26,6 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -33,7 +34,8 @@ from zoo import kernels
 from zoo.errors import ConfigError
 from zoo.models.classification import ClassificationModule
 from zoo.models.components.bert import BertConfig, BertMLMHead, BertModel
-from zoo.tracking import find_mlflow_logger, log_figure
+from zoo.outputs import Figure, File, Section
+from zoo.plotting import mask_heatmaps_figure
 
 log = logging.getLogger(__name__)
 
@@ -295,58 +297,55 @@ class SparseBert(ClassificationModule):
         density = float(self.mask_for_logging().float().mean())
         self.log("val/mask_density", density)
         self.log("val/mask_sparsity", 1.0 - density)
-        if (
-            not self.trainer.sanity_checking
-            and self.current_epoch % max(1, self.heatmap_every) == 0
-        ):
-            self._log_heatmap(
-                f"figures/val/attention_masks_epoch{self.current_epoch:03d}.png",
-                f"attention masks ({self.mask_cfg['mode']}), epoch {self.current_epoch}",
-            )
-
-    def _log_heatmap(self, path: str, title: str) -> None:
-        if self.trainer.is_global_zero and self.logger is not None:
-            from zoo.plotting import mask_heatmaps_figure
-
-            log_figure(
-                self.trainer,
-                mask_heatmaps_figure(self.mask_for_logging().float().cpu().numpy(), title),
-                path,
+        if self.epoch_due(self.heatmap_every):
+            masks = self.mask_for_logging().float().cpu().numpy()
+            title = f"attention masks ({self.mask_cfg['mode']}), epoch {self.current_epoch}"
+            self.emit(
+                Figure(
+                    f"figures/val/attention_masks_epoch{self.current_epoch:03d}.png",
+                    lambda: mask_heatmaps_figure(masks, title),
+                )
             )
 
     def on_fit_end(self) -> None:
-        """Save the binarised mask (and the tokenizer vocab) to the run for stage 2 / reuse."""
-        mlf = find_mlflow_logger(self.trainer)
-        if mlf is None or not self.trainer.is_global_zero:
-            return
-        out = Path(self.trainer.default_root_dir) / "masks"
-        out.mkdir(parents=True, exist_ok=True)
+        """The binarised mask (what stage 2 reads) and the tokenizer vocab, for the run."""
         mask = self.mask_for_logging().bool().cpu()
-        torch.save(
-            {"mask": mask, "mode": self.mask_cfg["mode"], "density": float(mask.float().mean())},
-            out / "attention_mask.pt",
-        )
-        mlf.experiment.log_artifact(mlf.run_id, str(out / "attention_mask.pt"), "masks")
+        payload = {
+            "mask": mask,
+            "mode": self.mask_cfg["mode"],
+            "density": float(mask.float().mean()),
+        }
+        self.emit(File(MASK_ARTIFACT, write=lambda path: torch.save(payload, path)))
         vocab = getattr(self.trainer.datamodule, "vocab_file", None)
         if vocab is not None and Path(vocab).is_file():
-            mlf.experiment.log_artifact(mlf.run_id, str(vocab), "tokenizer")
+            self.emit(File("tokenizer/vocab.txt", source=Path(vocab)))
 
-    def add_report_sections(self, report, outputs=None) -> dict[str, float]:
-        flat = super().add_report_sections(report, outputs)
-        from zoo.plotting import mask_heatmaps_figure
-
-        masks = self.mask_for_logging().float().cpu()
-        report.heading("Attention masks")
-        report.paragraph(
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        masks = self.mask_for_logging().float().cpu().numpy()
+        section = Section("Attention masks").paragraph(
             f"mode {self.mask_cfg['mode']}: {masks.mean():.1%} of attention positions kept "
             f"(max length {self.max_len}; white = attend)."
         )
-        report.image(
-            mask_heatmaps_figure(masks.numpy(), "final attention masks"),
+        section.image(
+            "attention_masks",
             "final attention masks",
-            name="attention_masks",
+            lambda: mask_heatmaps_figure(masks, "final attention masks"),
         )
-        return {**flat, "test/mask_density": float(masks.mean())}
+        section.metrics["test/mask_density"] = float(masks.mean())
+        self.emit(section)
+
+    # ------------------------------------------------------------------ serving
+
+    def serving_input(self, batch) -> dict[str, np.ndarray]:
+        keys = ("input_ids", "attention_mask", "token_type_ids")
+        return {k: batch[k].detach().cpu().numpy() for k in keys if k in batch}
+
+    @torch.no_grad()
+    def serve(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Class probabilities [B, classes] for token ids (and attention / token-type masks)."""
+        batch = {k: torch.as_tensor(np.asarray(v), device=self.device) for k, v in inputs.items()}
+        return self(batch).softmax(-1).cpu().numpy()
 
 
 # --------------------------------------------------------------------------- loading

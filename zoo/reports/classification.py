@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from zoo.reports.report import Report
+from zoo.outputs import Section
 
 
 def per_class_metrics(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, dict[str, float]]:
@@ -28,15 +28,15 @@ def per_class_metrics(cm: np.ndarray, class_names: Sequence[str]) -> dict[str, d
     }
 
 
-def add_classification_sections(
-    report: Report, outputs: dict, class_names: Sequence[str], split: str = "test"
-) -> dict[str, float]:
-    """Adds the sections; returns flat per-class metrics (``test/precision/HVHA``, ...)."""
+def classification_sections(
+    confusion_matrix: np.ndarray, class_names: Sequence[str], split: str = "test"
+) -> list[Section]:
+    """Per-class precision / recall / F1 (with flat metrics ``test/precision/HVHA``, ...) and
+    the confusion matrix, from a confusion matrix (rows: true, columns: predicted)."""
     from zoo.plotting import confusion_matrix_figure
 
-    cm = np.asarray(outputs["confusion_matrix"])
+    cm = np.asarray(confusion_matrix)
     per_class = per_class_metrics(cm, class_names)
-    report.heading("Per-class precision, recall and F1")
     rows = [
         [name, m["precision"], m["recall"], m["f1"], m["support"]] for name, m in per_class.items()
     ]
@@ -47,15 +47,14 @@ def add_classification_sections(
         for k in ("precision", "recall", "f1")
     ]
     rows.append(["macro average", *macro, int(cm.sum())])
-    report.table(["class", "precision", "recall", "F1", "support"], rows)
-    report.heading("Confusion matrix")
-    report.image(
-        confusion_matrix_figure(cm, class_names, f"{split} confusion matrix"),
-        f"{split} confusion matrix (counts; colour = fraction of the true class)",
-        "confusion_matrix",
-    )
-    flat = {}
+    scores = Section("Per-class precision, recall and F1")
+    scores.table(["class", "precision", "recall", "F1", "support"], rows)
     for name, m in per_class.items():
         for k in ("precision", "recall", "f1"):
-            flat[f"{split}/{k}/{name}"] = m[k]
-    return flat
+            scores.metrics[f"{split}/{k}/{name}"] = m[k]
+    matrix = Section("Confusion matrix").image(
+        "confusion_matrix",
+        f"{split} confusion matrix (counts; colour = fraction of the true class)",
+        lambda: confusion_matrix_figure(cm, class_names, f"{split} confusion matrix"),
+    )
+    return [scores, matrix]

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from zoo.outputs import Section
+
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#1d2433}
 h1{border-bottom:2px solid #3b6fd8;padding-bottom:.3em}h2{margin-top:1.8em;color:#23408e}
@@ -23,7 +25,7 @@ pre{background:#f6f8fa;padding:1em;overflow:auto;font-size:.85em}details summary
 """
 
 
-def fmt(value: Any) -> str:
+def format_value(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
     return str(value)
@@ -62,6 +64,17 @@ class Report:
             png = buf.getvalue()
         self.blocks.append(("image", (name or _slug(caption), png, caption)))
 
+    def add(self, section: Section) -> dict[str, float]:
+        """Append a model's section (``zoo.outputs.Section``); returns its extra metrics."""
+        self.heading(section.title)
+        for kind, data in section.blocks:
+            if kind == "image":
+                name, caption, build = data
+                self.image(build(), caption, name)
+            else:
+                self.blocks.append((kind, data))
+        return dict(section.metrics)
+
     def code(self, text: str, summary: str | None = None) -> None:
         self.blocks.append(("code", (text, summary)))
 
@@ -76,7 +89,7 @@ class Report:
                 lines += [data, ""]
             elif kind == "table":
                 headers, rows = data
-                esc = lambda v: fmt(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+                esc = lambda v: format_value(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
                 lines.append("| " + " | ".join(esc(h) for h in headers) + " |")
                 lines.append("|" + "|".join("---" for _ in headers) + "|")
                 lines += ["| " + " | ".join(esc(v) for v in r) + " |" for r in rows]
@@ -120,9 +133,9 @@ class Report:
                 out.append("<tbody>")
                 for r in rows:
                     cells = "".join(
-                        f'<td class="num">{e(fmt(v))}</td>'
+                        f'<td class="num">{e(format_value(v))}</td>'
                         if isinstance(v, (int, float))
-                        else f"<td>{e(fmt(v))}</td>"
+                        else f"<td>{e(format_value(v))}</td>"
                         for v in r
                     )
                     out.append(f"<tr>{cells}</tr>")

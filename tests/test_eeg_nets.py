@@ -1,4 +1,4 @@
-"""Every model config builds, runs forward/backward, and can actually learn."""
+"""The EEG networks (every conf/model/eeg_* config): forward/backward, variants, learning."""
 
 from __future__ import annotations
 
