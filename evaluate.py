@@ -8,12 +8,12 @@ from pathlib import Path
 import hydra
 
 import zoo.config  # noqa: F401  (registers the config resolvers)
-from zoo.cli import check_group_choices, entry
+from zoo.cli import check_group_choices, exit_cleanly_on_user_errors
 from zoo.pipeline import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
-@entry
+@exit_cleanly_on_user_errors
 def main(cfg):
     evaluate(cfg)
 

@@ -131,7 +131,8 @@ def main() -> None:
     preds, targets = coco_to_tensors(gt, results)  # float64 boxes: what pycocotools reads
     print(
         f"{args.images} images, {len(gt['annotations'])} ground-truth boxes "
-        f"({sum(a['iscrowd'] for a in gt['annotations'])} crowd), {len(results)} detections, {args.classes} classes"
+        f"({sum(a['iscrowd'] for a in gt['annotations'])} crowd), {len(results)} detections, "
+        f"{args.classes} classes"
     )
 
     t0 = time.perf_counter()
@@ -153,14 +154,16 @@ def main() -> None:
         print(f"{name:<12}{a:>14.6f}{b:>14.6f}{abs(a - b):>12.2e}")
     worst = max(abs(a - b) for a, b in zip(theirs, ours))
     print(
-        f"\nlargest difference: {worst:.2e} ({'identical within 1e-4' if worst <= 1e-4 else 'DIFFERENT'})"
+        f"\nlargest difference: {worst:.2e} "
+        f"({'identical within 1e-4' if worst <= 1e-4 else 'DIFFERENT'})"
     )
     print(f"pycocotools COCOeval (loadRes + evaluate + accumulate + summarize): {t_theirs:7.2f} s")
     print(f"ours (torchmetrics MeanAveragePrecision, faster_coco_eval):         {t_ours:7.2f} s")
     print(f"ratio: ours is {t_theirs / t_ours:.2f}x faster")
     print(
         f"\nour full scorer (COCO per class + VOC07/VOC AP@.5 per class): {t_full:.2f} s "
-        f"(VOC07 mAP@.5 {full.metrics['voc07_mAP_50']:.4f}, VOC mAP@.5 {full.metrics['voc_mAP_50']:.4f})"
+        f"(VOC07 mAP@.5 {full.metrics['voc07_mAP_50']:.4f}, VOC mAP@.5 "
+        f"{full.metrics['voc_mAP_50']:.4f})"
     )
 
 

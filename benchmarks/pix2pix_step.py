@@ -92,7 +92,8 @@ def demo_throughput(batches: int) -> None:
     print(
         f"pix2pix_demo ({cfg.model.netG}, ngf {cfg.model.ngf}, {cfg.data.crop_size}px, batch "
         f"{cfg.data.batch_size}): {timer.samples / total:.1f} samples/s "
-        f"({len(dm.datasets['train'])} training images: {len(dm.datasets['train']) / (timer.samples / total):.0f} s per epoch)"
+        f"({len(dm.datasets['train'])} training images: "
+        f"{len(dm.datasets['train']) / (timer.samples / total):.0f} s per epoch)"
     )
 
 

@@ -121,7 +121,8 @@ def search_worker(variant: str, length: int, batch_size: int, reps: int) -> dict
 
 def search_comparison(length: int, batch_size: int, reps: int) -> None:
     print(
-        f"\nmask search vs dense SDPA: hidden 768, 12 heads, 4 layers, batch {batch_size}, L={length} "
+        f"\nmask search vs dense SDPA: hidden 768, 12 heads, 4 layers, batch {batch_size}, "
+        f"L={length} "
         f"(each variant in its own process; memory = peak RSS above the RSS before the first step)"
     )
     results = {}
@@ -147,7 +148,8 @@ def search_comparison(length: int, batch_size: int, reps: int) -> None:
         r, base = results[variant], results["dense_sdpa"]
         print(
             f"  {label:32s} {r['time'] * 1e3:8.0f} ms  peak +{r['peak'] / 2**20:7.0f} MiB  "
-            f"-> {r['time'] / base['time']:.2f}x time, {r['peak'] / base['peak']:.2f}x memory of dense SDPA"
+            f"-> {r['time'] / base['time']:.2f}x time, {r['peak'] / base['peak']:.2f}x memory of "
+            "dense SDPA"
         )
 
 
@@ -191,7 +193,8 @@ def main() -> None:
     path = Path("/tmp/zoo_bench_mask.pt")
     torch.save({"mask": mask}, path)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernels backend {kernels.backend()}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernels backend "
+        f"{kernels.backend()}, "
         f"L={length}, batch 4, mask density {mask.float().mean():.1%}"
     )
     torch.manual_seed(0)
@@ -200,7 +203,8 @@ def main() -> None:
     t_dense, t_fixed = step_time(dense, batch, args.reps), step_time(fixed, batch, args.reps)
     print(f"dense attention:         {t_dense * 1e3:8.1f} ms per training step")
     print(
-        f"learned mask (stage 2):  {t_fixed * 1e3:8.1f} ms per training step  -> {t_dense / t_fixed:.2f}x faster"
+        f"learned mask (stage 2):  {t_fixed * 1e3:8.1f} ms per training step  -> "
+        f"{t_dense / t_fixed:.2f}x faster"
     )
     # the attention alone (one layer's shapes, forward + backward) shows what the mask buys there
     q, k, v = (torch.randn(4, 4, length, 64, generator=g).requires_grad_() for _ in range(3))
@@ -213,14 +217,17 @@ def main() -> None:
     t_am = statistics.median(_times(lambda: attn(mask), args.reps))
     share = 4 * t_ad / t_dense
     print(
-        f"  attention alone (x4 layers): dense {4 * t_ad * 1e3:.1f} ms, masked {4 * t_am * 1e3:.1f} ms "
-        f"({t_ad / t_am:.2f}x); attention is {share:.0%} of the dense step, the rest (linear layers, "
+        f"  attention alone (x4 layers): dense {4 * t_ad * 1e3:.1f} ms, masked "
+        f"{4 * t_am * 1e3:.1f} ms "
+        f"({t_ad / t_am:.2f}x); attention is {share:.0%} of the dense step, the rest (linear "
+        "layers, "
         "layer norms, optimizer) does not shrink with the mask"
     )
     search = SparseBert(["a", "b"], bert=bert, mask={"mode": "dam_s"})
     t_search = step_time(search, batch, max(2, args.reps // 2))
     print(
-        f"mask search (stage 1):   {t_search * 1e3:8.1f} ms per training step ({t_search / t_dense:.2f}x dense; "
+        f"mask search (stage 1):   {t_search * 1e3:8.1f} ms per training step "
+        f"({t_search / t_dense:.2f}x dense; "
         "dense-cost differentiable mask path)"
     )
     search_comparison(args.length, args.batch, max(2, args.reps // 2))

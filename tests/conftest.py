@@ -5,8 +5,12 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -103,13 +107,57 @@ def start_cli(script: str, args: list[str], cwd: Path, env_extra: dict | None = 
     )
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start within 60 s")
+        yield url, tmp_path / "server-artifacts"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
 
-def render_in_chromium(html: Path, profile_dir: Path) -> dict:
-    """Open an HTML report in headless Debian chromium; returns its title, every image's
-    (loaded, width, height), the number of table rows and requests other than data: URLs."""
+@contextmanager
+def chromium(profile_dir: Path, window: str = "1400,1000"):
+    """A headless Debian chromium driven by selenium (skips where it is not installed, fails
+    instead under ZOO_REQUIRE_BROWSER=1, which .ci/run sets)."""
     if not (CHROMIUM and CHROMEDRIVER):
         if os.environ.get("ZOO_REQUIRE_BROWSER") == "1":  # set by .ci/run, which installs them
             pytest.fail("chromium/chromedriver not found but ZOO_REQUIRE_BROWSER=1")
@@ -129,26 +177,34 @@ def render_in_chromium(html: Path, profile_dir: Path) -> dict:
         "--disable-background-networking",
         "--disable-component-update",
         "--no-first-run",
+        f"--window-size={window}",
         f"--user-data-dir={profile_dir}",
     ):
         opts.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def render_in_chromium(html: Path, profile_dir: Path) -> dict:
+    """Open an HTML report in headless chromium; returns its title, every image's (loaded,
+    width, height), the number of table rows and requests other than data: URLs."""
+    with chromium(profile_dir) as driver:
         driver.get(Path(html).as_uri())
-        script = "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
+        images = (
+            "return Array.from(document.images)"
+            ".map(i => [i.complete, i.naturalWidth, i.naturalHeight])"
+        )
+        resources = "return performance.getEntriesByType('resource').map(e => e.name)"
         return {
             "title": driver.title,
-            "images": driver.execute_script(script),
+            "images": driver.execute_script(images),
             "table_rows": driver.execute_script(
                 "return document.querySelectorAll('table tr').length"
             ),
             "external_requests": [
-                u
-                for u in driver.execute_script(
-                    "return performance.getEntriesByType('resource').map(e => e.name)"
-                )
-                if not u.startswith("data:")
+                u for u in driver.execute_script(resources) if not u.startswith("data:")
             ],
         }
-    finally:
-        driver.quit()

@@ -330,7 +330,8 @@ def test_data_module_joins_coco_cctsdb_and_voc_sources(tmp_path):
     }
     with pytest.raises(
         DataError,
-        match=r"train.txt:2 box \[1.0, 1.0, 70.0, 9.0\] in a 64x48 image: outside image \(set data.on_bad=skip",
+        match=r"train.txt:2 box \[1.0, 1.0, 70.0, 9.0\] in a 64x48 image: outside image \(set "
+        r"data.on_bad=skip",
     ):
         DetectionDataModule(CLASSES, sources).setup("fit")
     dm = DetectionDataModule(CLASSES, sources, on_bad="skip", batch_size=3, flip=0.0)
@@ -514,7 +515,8 @@ def _gather_worker(
 
 
 def test_ddp_ranks_score_the_whole_split(tmp_path):
-    """Each rank holds half of the images; after gather() every rank reports the full split's mAP."""
+    """Each rank holds half of the images; after gather() every rank reports the full split's
+    mAP."""
     import socket
 
     gt_path, res_path = _coco_fixture(tmp_path)

@@ -269,7 +269,8 @@ def test_gumbel_softmax_bfloat16(impl):
 
 
 def test_gumbel_softmax_argmax_frequencies_follow_softmax(impl):
-    """Sampling statistics: argmax frequencies of hard samples match softmax(logits) (chi-square)."""
+    """Sampling statistics: argmax frequencies of hard samples match softmax(logits)
+    (chi-square)."""
     logits = torch.tensor([1.5, 0.2, -1.0, 0.7, 0.0])
     n = 20000
     x = impl.put(logits.expand(n, -1))
@@ -742,7 +743,8 @@ with warnings.catch_warnings(record=True) as caught:
     print("backend", K.backend())
     out = K.masked_attention(*(torch.randn(1, 1, 5, 4) for _ in range(3)))
     K.backend()
-print("warnings", [str(w.message)[:60] for w in caught if issubclass(w.category, K.KernelFallbackWarning)])
+fallbacks = [w for w in caught if issubclass(w.category, K.KernelFallbackWarning)]
+print("warnings", [str(w.message)[:60] for w in fallbacks])
 K.set_backend("compiled")
 try:
     K.backend()

@@ -167,9 +167,14 @@ def test_sparsity_penalty_drives_density_down():
 GLUE_SAMPLES = {
     "sst2": "sentence\tlabel\na fine film\t1\nboring\t0\n",
     "cola": "gj04\t1\t\tThe cat sat.\ngj04\t0\t*\tCat the sat.\n",
-    "mrpc": "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tHe said so.\tSo he said.\n0\t3\t4\tA\tB\n",
-    "qnli": "index\tquestion\tsentence\tlabel\n0\tWho?\tHim.\tentailment\n1\tWhy?\tNo.\tnot_entailment\n",
-    "rte": "index\tsentence1\tsentence2\tlabel\n0\tA dog runs.\tAn animal moves.\tentailment\n1\tX\tY\tnot_entailment\n",
+    "mrpc": "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t1\t2\tHe said so.\tSo he "
+    "said.\n0\t3\t4\tA\tB\n",
+    "qnli": (
+        "index\tquestion\tsentence\tlabel\n0\tWho?\tHim.\tentailment\n"
+        "1\tWhy?\tNo.\tnot_entailment\n"
+    ),
+    "rte": "index\tsentence1\tsentence2\tlabel\n0\tA dog runs.\tAn animal "
+    "moves.\tentailment\n1\tX\tY\tnot_entailment\n",
 }
 
 

@@ -197,7 +197,7 @@ def test_registered_model_is_evaluated_from_the_registry(make_cfg, tracking_uri,
     client = MlflowClient(tracking_uri)
     (run,) = _runs(client, name)
     (version,) = client.search_model_versions("name='eeg-demo'")
-    assert version.version == "1" and version.run_id == run.info.run_id
+    assert str(version.version) == "1" and version.run_id == run.info.run_id
     assert run.data.tags[tracking.TAG_REGISTERED] == "models:/eeg-demo/1"
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), run.data.metrics
 

@@ -68,7 +68,7 @@ def friendly_message(exc: BaseException) -> str:
     return str(exc)
 
 
-def entry(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+def exit_cleanly_on_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     """Wrap a Hydra task: user errors print one paragraph and exit with status 2."""
 
     @functools.wraps(task)

@@ -72,7 +72,8 @@ def resolve(cfg: DictConfig) -> None:
     except MissingMandatoryValue as exc:
         key = getattr(exc, "full_key", None) or "?"
         raise ConfigError(
-            f"config key '{key}' must be set (it is '???' in the config); e.g. python train.py {key}=<value>"
+            f"config key '{key}' must be set (it is '???' in the config); e.g. python train.py "
+            f"{key}=<value>"
         ) from None
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None) or "?"
@@ -134,8 +135,15 @@ def check_override_types(
         value = line.split("=", 1)[1]
         raise ConfigError(
             f"bad value for '{key}': got {value!r}, expected {_EXPECTED[old_kind]} "
-            f"(its default is {OmegaConf.to_yaml(old).strip() if isinstance(old, (DictConfig, ListConfig)) else old!r})."
+            f"(its default is "
+            f"{_show(old)})."
         )
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_yaml(value).strip()
+    return repr(value)
 
 
 def iter_flat(cfg: Any, prefix: str = "", sep: str = ".") -> Iterator[tuple[str, Any]]:

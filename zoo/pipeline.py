@@ -56,7 +56,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
         raise ConfigError(
-            f"ckpt_path={path}: not a loadable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+            f"ckpt_path={path}: not a loadable checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0]})"
         ) from None
 
 

@@ -98,7 +98,8 @@ def image_grid_figure(
 
 
 def mask_heatmaps_figure(masks: np.ndarray, title: str = "", row_label: str = "layer"):
-    """masks [S, H, L, L] in [0, 1]: one heatmap per (set, head); white = attend, black = dropped."""
+    """masks [S, H, L, L] in [0, 1]: one heatmap per (set, head); white = attend, black =
+    dropped."""
     masks = np.asarray(masks, dtype=np.float32)
     s, h = masks.shape[:2]
     fig, axes = plt.subplots(s, h, figsize=(2.0 * h + 0.6, 2.0 * s + 0.6), dpi=100, squeeze=False)

@@ -542,7 +542,8 @@ def download_artifact(
         )
     except Exception as exc:
         raise ConfigError(
-            f"run {run_id}: could not download artifact '{artifact_path}' ({str(exc).splitlines()[0]})"
+            f"run {run_id}: could not download artifact '{artifact_path}' "
+            f"({str(exc).splitlines()[0]})"
         ) from None
 
 

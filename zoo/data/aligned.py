@@ -13,6 +13,7 @@ Values are scaled to [-1, 1].
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,8 @@ def check_aligned_image(path: Path) -> tuple[int, int]:
         raise DataError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from None
     if w % 2:
         raise DataError(
-            f"{path}: width {w} is odd; an aligned image is A|B side by side (width = 2 x A's width)"
+            f"{path}: width {w} is odd; an aligned image is A|B side by side (width = 2 x A's "
+            "width)"
         )
     return w, h
 
@@ -156,7 +158,8 @@ class AlignedDataset(Dataset):
 class AlignedDataModule(SplitDataModule):
     """Aligned A|B image pairs from ``data_dir/{train,val,test}``.
 
-    ``demo`` (options of ``zoo.data.demo.pix2pix.write_demo_aligned``) first writes an offline
+    ``demo`` (a writer such as ``zoo.data.demo.pix2pix.write_demo_aligned``, injected) first
+    writes an offline
     dataset built from scikit-image's sample photographs into ``data_dir`` in this format.
     ``subset`` keeps the first N images of each split (debug runs).
     """
@@ -175,7 +178,7 @@ class AlignedDataModule(SplitDataModule):
         num_workers: int = 0,
         val_split: str = "val",
         subset: int | None = None,
-        demo: dict | None = None,
+        demo: Callable[..., object] | None = None,
     ):
         super().__init__()
         if direction not in ("AtoB", "BtoA"):
@@ -193,10 +196,7 @@ class AlignedDataModule(SplitDataModule):
         self.datasets: dict[str, AlignedDataset] = {}
 
     def prepare_data(self) -> None:
-        if self.demo:
-            from zoo.data.demo.pix2pix import write_demo_aligned
-
-            write_demo_aligned(self.data_dir, **self.demo)
+        self.write_demo()
 
     def _dataset(self, split: str, train: bool) -> AlignedDataset:
         files = list_images(self.data_dir / split)

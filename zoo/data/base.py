@@ -23,6 +23,15 @@ class SplitDataModule(L.LightningDataModule):
     datasets: dict[str, Dataset]
     collate_fn: Callable | None = None  # e.g. padding to the longest sequence of a batch
 
+    demo: Callable[..., object] | None = None
+
+    def write_demo(self, **options) -> None:
+        """Write the offline demo dataset into ``data_dir`` when the config injects a writer
+        (``data.demo``: a ``_partial_`` of a ``zoo.data.demo`` function); the writers reuse
+        what a previous job wrote."""
+        if self.demo is not None:
+            self.demo(self.data_dir, **options)
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         return DataLoader(
             self.datasets[split],

@@ -12,6 +12,7 @@ import logging
 import pickle
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,61 +23,21 @@ from scipy import signal
 from torch.utils.data import Dataset
 
 from zoo.data.base import SplitDataModule
+from zoo.data.deap_format import (  # noqa: F401  (re-exported: the format's names)
+    ALL_CHANNELS,
+    BASELINE_SAMPLES,
+    EEG_CHANNELS,
+    LABEL_COLUMNS,
+    N_CHANNELS,
+    N_LABELS,
+    N_SAMPLES,
+    PERIPHERAL_CHANNELS,
+    SFREQ,
+)
 from zoo.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-SFREQ = 128
-N_CHANNELS = 40
-N_SAMPLES = 8064
-BASELINE_SAMPLES = 3 * SFREQ
-N_LABELS = 4
-EEG_CHANNELS = [
-    "Fp1",
-    "AF3",
-    "F3",
-    "F7",
-    "FC5",
-    "FC1",
-    "C3",
-    "T7",
-    "CP5",
-    "CP1",
-    "P3",
-    "P7",
-    "PO3",
-    "O1",
-    "Oz",
-    "Pz",
-    "Fp2",
-    "AF4",
-    "Fz",
-    "F4",
-    "F8",
-    "FC6",
-    "FC2",
-    "Cz",
-    "C4",
-    "T8",
-    "CP6",
-    "CP2",
-    "P4",
-    "P8",
-    "PO4",
-    "O2",
-]
-PERIPHERAL_CHANNELS = [
-    "hEOG",
-    "vEOG",
-    "zEMG",
-    "tEMG",
-    "GSR",
-    "Respiration",
-    "Plethysmograph",
-    "Temperature",
-]
-ALL_CHANNELS = EEG_CHANNELS + PERIPHERAL_CHANNELS
-LABEL_COLUMNS = ["valence", "arousal", "dominance", "liking"]
 CLASS_NAMES = {
     "quadrant": ["HVHA", "HVLA", "LVHA", "LVLA"],
     "valence": ["LV", "HV"],
@@ -91,7 +52,8 @@ def resolve_channels(spec: Any) -> list[str]:
     if isinstance(spec, str):
         if spec not in presets:
             raise ConfigError(
-                f"data.channels={spec!r}: expected one of {sorted(presets)} or a list of channel names"
+                f"data.channels={spec!r}: expected one of {sorted(presets)} or a list of channel "
+                "names"
             )
         return list(presets[spec])
     names = [str(c) for c in spec]
@@ -292,7 +254,8 @@ def split_trials(
     if protocol == "trial_kfold":
         if not 3 <= n_folds or not 0 <= fold < n_folds:
             raise ConfigError(
-                f"data.n_folds={n_folds}, data.fold={fold}: need n_folds >= 3 and 0 <= fold < n_folds"
+                f"data.n_folds={n_folds}, data.fold={fold}: need n_folds >= 3 and 0 <= fold < "
+                "n_folds"
             )
         for s in subjects:
             rows = np.flatnonzero(trials.subject == s)
@@ -307,7 +270,8 @@ def split_trials(
         test_subject = int(subjects[0]) if test_subject is None else int(test_subject)
         if test_subject not in subjects:
             raise ConfigError(
-                f"data.test_subject={test_subject} is not among the loaded subjects {subjects.tolist()}"
+                f"data.test_subject={test_subject} is not among the loaded subjects "
+                f"{subjects.tolist()}"
             )
         split[trials.subject == test_subject] = "test"
         for s in subjects[subjects != test_subject]:
@@ -392,7 +356,8 @@ class _RandomWindowSubset(Dataset):
 class DeapDataModule(SplitDataModule):
     """DEAP windows for emotion classification with leak-free evaluation protocols.
 
-    ``demo`` (a dict of generator options) writes DEAP-format files into ``data_dir`` first, so
+    ``demo`` (a writer such as ``zoo.data.demo.deap.write_demo_deap``, injected) writes
+    DEAP-format files into ``data_dir`` first, so
     the demo goes through exactly the loader used for the real dataset.
     """
 
@@ -420,7 +385,7 @@ class DeapDataModule(SplitDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         subset: int | None = None,
-        demo: dict | None = None,
+        demo: Callable[..., object] | None = None,
         class_names: list[str] | None = None,
         num_classes: int | None = None,
         num_channels: int | None = None,
@@ -436,13 +401,15 @@ class DeapDataModule(SplitDataModule):
         ):
             if given is not None and (list(given) if key == "class_names" else given) != derived:
                 raise ConfigError(
-                    f"data.{key}={given!r} does not match data.target/channels (expected {derived!r})"
+                    f"data.{key}={given!r} does not match data.target/channels (expected "
+                    f"{derived!r})"
                 )
         if protocol not in PROTOCOLS:
             raise ConfigError(f"data.protocol={protocol!r}: expected one of {list(PROTOCOLS)}")
         if protocol == "random_windows" and not allow_leaky_split:
             raise ConfigError(
-                "data.protocol=random_windows splits windows of the same trial across train and test "
+                "data.protocol=random_windows splits windows of the same trial across train and "
+                "test "
                 "(overlapping windows leak); set data.allow_leaky_split=true to use it anyway."
             )
         if not 0 <= overlap < 1:
@@ -451,7 +418,8 @@ class DeapDataModule(SplitDataModule):
         self.step = max(1, int(round(self.window * (1 - overlap))))
         if not 8 <= self.window <= N_SAMPLES - BASELINE_SAMPLES:
             raise ConfigError(
-                f"data.window_seconds={window_seconds}: window must be 8..{N_SAMPLES - BASELINE_SAMPLES} samples"
+                f"data.window_seconds={window_seconds}: window must be "
+                f"8..{N_SAMPLES - BASELINE_SAMPLES} samples"
             )
         self.subjects, self.subset, self.target, self.threshold = (
             subjects,
@@ -471,7 +439,7 @@ class DeapDataModule(SplitDataModule):
             seed=split_seed,
         )
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.demo = dict(demo) if demo else None
+        self.demo = demo
         self.datasets: dict[str, Dataset] = {}
         self.norm_stats: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -494,15 +462,15 @@ class DeapDataModule(SplitDataModule):
 
     def prepare_data(self) -> None:
         if self.demo is not None:
-            from zoo.data.demo.deap import write_demo_deap
-
-            opts = dict(self.demo)
+            options = {}
             if self.subset is not None:  # only build what will be read
-                opts["n_subjects"] = min(int(opts.get("n_subjects", 4)), int(self.subset))
-            write_demo_deap(self.data_dir, **opts)
+                n = getattr(self.demo, "keywords", {}).get("n_subjects", self.subset)
+                options["n_subjects"] = min(int(n), int(self.subset))
+            self.write_demo(**options)
         if not self.data_dir.is_dir():
             raise DataError(
-                f"data.data_dir={self.data_dir}: directory not found (expected DEAP's data_preprocessed_python folder)"
+                f"data.data_dir={self.data_dir}: directory not found (expected DEAP's "
+                "data_preprocessed_python folder)"
             )
         missing = [
             str(subject_path(self.data_dir, s))
@@ -534,7 +502,8 @@ class DeapDataModule(SplitDataModule):
         trials = self.load_trials()
         if self.protocol == "random_windows":
             warnings.warn(
-                "data.protocol=random_windows: windows of one trial are spread over train/val/test; "
+                "data.protocol=random_windows: windows of one trial are spread over "
+                "train/val/test; "
                 "test scores will be optimistic (leaky split).",
                 stacklevel=2,
             )

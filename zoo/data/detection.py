@@ -23,6 +23,7 @@ import json
 import logging
 import xml.etree.ElementTree as ET
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,13 +174,17 @@ def derive_group_table(label_maps: list[dict[str, str | None]], classes: list[st
                 continue
             if unified not in index:
                 raise ConfigError(
-                    f"label map of source {s}: {src_name!r} -> {unified!r}, which is not one of the classes {classes}"
+                    f"label map of source {s}: {src_name!r} -> {unified!r}, which is not one of "
+                    f"the classes {classes}"
                 )
             table[s, index[unified]] = index[unified]
     return table
 
 
-class _Checker:
+class AnnotationChecker:
+    """Validates one source's annotations: a bad one raises a DataError naming it (on_bad=error)
+    or is skipped and counted in the source's LoadReport (on_bad=skip)."""
+
     def __init__(self, source: str, on_bad: str):
         if on_bad not in ("error", "skip"):
             raise ConfigError(f"on_bad={on_bad!r}: expected 'error' or 'skip'")
@@ -188,7 +193,8 @@ class _Checker:
     def bad(self, reason: str, where: str) -> None:
         if self.on_bad == "error":
             raise DataError(
-                f"{where}: {reason.replace('_', ' ')} (set data.on_bad=skip to skip and count such annotations)"
+                f"{where}: {reason.replace('_', ' ')} (set data.on_bad=skip to skip and count such "
+                "annotations)"
             )
         self.report.skipped[reason] += 1
 
@@ -233,7 +239,8 @@ def _map_label(
     """Unified 1-based id; None when the source's class is mapped to null (ignored on purpose)."""
     if name not in label_map:
         raise ConfigError(
-            f"{where}: category {name!r} has no entry in this source's label map {sorted(label_map)}"
+            f"{where}: category {name!r} has no entry in this source's label map "
+            f"{sorted(label_map)}"
         )
     unified = label_map[name]
     return None if unified is None else classes.index(unified) + 1
@@ -256,7 +263,7 @@ def load_coco(
         raise DataError(f"{ann_file}: malformed JSON ({exc})") from None
     if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
         raise DataError(f"{ann_file}: not COCO JSON (needs images, annotations, categories)")
-    check = _Checker(ann_file.name, on_bad)
+    check = AnnotationChecker(ann_file.name, on_bad)
     cats = {}
     for k, c in enumerate(data["categories"]):
         with entry_errors(f"{ann_file}: categories[{k}]"):
@@ -272,7 +279,8 @@ def load_coco(
             images[im["id"]] = (path, int(im["width"]), int(im["height"]))
             by_image[im["id"]] = []
     for k, a in enumerate(data["annotations"]):
-        where = f"{ann_file}: annotation id {a.get('id') if isinstance(a, dict) else None} (annotations[{k}])"
+        ann_id = a.get("id") if isinstance(a, dict) else None
+        where = f"{ann_file}: annotation id {ann_id} (annotations[{k}])"
         with entry_errors(where):
             if a["image_id"] not in images:
                 if a["image_id"] not in all_ids:
@@ -321,7 +329,7 @@ def load_cctsdb(
     ann_file, image_dir = Path(ann_file), Path(image_dir)
     if not ann_file.is_file():
         raise DataError(f"{ann_file}: file not found")
-    check = _Checker(ann_file.name, on_bad)
+    check = AnnotationChecker(ann_file.name, on_bad)
     per_image: dict[str, list] = {}
     sizes: dict[str, tuple[int, int] | None] = {}
     for lineno, line in enumerate(ann_file.read_text().splitlines(), start=1):
@@ -380,7 +388,7 @@ def load_voc(
     ids_file = root / "ImageSets" / "Main" / f"{image_set}.txt"
     if not ids_file.is_file():
         raise DataError(f"{ids_file}: file not found")
-    check = _Checker(f"VOC {image_set}", on_bad)
+    check = AnnotationChecker(f"VOC {image_set}", on_bad)
     records = []
     for i, image_id in enumerate(x.strip() for x in ids_file.read_text().splitlines() if x.strip()):
         xml_path = root / "Annotations" / f"{image_id}.xml"
@@ -453,7 +461,8 @@ def load_source(
         raise ConfigError(f"data.sources.{name}.format={fmt!r}: expected one of {list(FORMATS)}")
     if not spec.get("label_map"):
         raise ConfigError(
-            f"data.sources.{name}.label_map is missing: map each of its classes to one of {classes} (or null)"
+            f"data.sources.{name}.label_map is missing: map each of its classes to one of "
+            f"{classes} (or null)"
         )
     split_spec = spec.get(split)
     if not split_spec:
@@ -543,7 +552,8 @@ class DetectionDataModule(SplitDataModule):
     given) is derived from the label maps, and every sample carries its source row. A source
     without a split (e.g. a dataset only used for training) contributes nothing to it.
     ``on_bad``: ``error`` (default) or ``skip`` (skip and count, logged per file and kept in
-    ``load_reports``). ``demo`` (options of ``zoo.data.demo.detection.write_demo_detection``)
+    ``load_reports``). ``demo`` (a writer such as
+    ``zoo.data.demo.detection.write_demo_detection``, injected)
     first writes the offline two-source demo into ``data_dir``.
     """
 
@@ -559,7 +569,7 @@ class DetectionDataModule(SplitDataModule):
         num_workers: int = 0,
         flip: float = 0.5,
         subset: int | None = None,
-        demo: dict | None = None,
+        demo: Callable[..., object] | None = None,
     ):
         super().__init__()
         if not classes or len(set(classes)) != len(classes):
@@ -586,10 +596,7 @@ class DetectionDataModule(SplitDataModule):
         return list(self.sources)
 
     def prepare_data(self) -> None:
-        if self.demo:
-            from zoo.data.demo.detection import write_demo_detection
-
-            write_demo_detection(self.data_dir, **self.demo)
+        self.write_demo()
 
     def records(self, split: str) -> list[Record]:
         out, reports = [], []
@@ -639,7 +646,8 @@ class DetectionDataModule(SplitDataModule):
         return [f for f in files if f.is_file()]
 
     def skipped(self) -> dict[str, int]:
-        """Skipped annotations per split and reason (logged as ``data/skipped/...`` metrics by the model)."""
+        """Skipped annotations per split and reason (the model emits them as ``data/skipped/...``
+        counts)."""
         out: Counter = Counter()
         for split, reports in self.load_reports.items():
             for rep in reports:

@@ -5,8 +5,9 @@
   error naming the file and line. Download GLUE yourself (e.g. with the ``glue`` data script of
   the GLUE benchmark) and point ``data.data_dir`` at one task's folder (train.tsv, dev.tsv).
 - Tokenizer: WordPiece from the ``tokenizers`` library, either from a checkpoint's vocab.txt
-  (``data.tokenizer.vocab``) or trained on the training texts (written to
-  ``<data_dir>/tokenizer/vocab.txt`` and logged to the run as an artifact).
+  (``data.tokenizer.vocab``) or trained on the training texts (cached as
+  ``<data_dir>/tokenizer/vocab-<digest>.txt``, so every job on the same texts tokenizes alike,
+  and logged to the run as ``tokenizer/vocab.txt``).
 - Splits: train.tsv, dev.tsv for validation; test.tsv when it has labels (GLUE's own test sets
   have none, then test metrics use dev.tsv, which the data summary says).
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import logging
-import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,8 @@ def read_glue_tsv(
                 continue
             if len(row) < need:
                 raise DataError(
-                    f"{path}:{lineno}: expected at least {need} tab-separated columns, got {len(row)}"
+                    f"{path}:{lineno}: expected at least {need} tab-separated columns, got "
+                    f"{len(row)}"
                 )
             texts.append(tuple(row[i] for i in text_idx))
             if label_idx is not None:
@@ -163,7 +165,8 @@ def pad_collate(batch: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
 class GlueDataModule(SplitDataModule):
     """One GLUE-format task from ``data_dir`` (train.tsv, dev.tsv[, test.tsv]).
 
-    ``demo`` (options of ``zoo.data.demo.pydoc.write_demo_glue``) first writes the offline
+    ``demo`` (a writer such as ``zoo.data.demo.pydoc.write_demo_glue``, injected) first writes
+    the offline
     pydoc_continuity task into ``data_dir``."""
 
     collate_fn = staticmethod(pad_collate)
@@ -177,7 +180,7 @@ class GlueDataModule(SplitDataModule):
         num_workers: int = 0,
         tokenizer: dict | None = None,
         subset: int | None = None,
-        demo: dict | None = None,
+        demo: Callable[..., object] | None = None,
         num_labels: int | None = None,
         class_names: list[str] | None = None,
     ):
@@ -200,10 +203,7 @@ class GlueDataModule(SplitDataModule):
         self.test_source = "test.tsv"
 
     def prepare_data(self) -> None:
-        if self.demo:
-            from zoo.data.demo.pydoc import write_demo_glue
-
-            write_demo_glue(self.data_dir, **self.demo)
+        self.write_demo()
 
     def _tokenizer(self, train_texts: list[tuple[str, ...]]):
         if self.tok_cfg["vocab"]:
@@ -266,26 +266,3 @@ class GlueDataModule(SplitDataModule):
                 f"{len(ds)} ({', '.join(f'{c}: {n}' for c, n in zip(self.class_names, counts))})"
             )
         return out
-
-
-def sentences_of(text: str, min_words: int = 5, max_words: int = 60) -> list[str]:
-    """Prose sentences of a documentation page (indented code/grammar blocks and headings
-    dropped)."""
-    import re
-
-    out = []
-    for para in re.split(r"\n\s*\n", text):
-        lines = para.splitlines()
-        if not lines or lines[0].startswith((" ", "\t")) or set(lines[-1].strip()) <= set("*=-~^"):
-            continue
-        joined = " ".join(line.strip() for line in lines)
-        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"(])", joined):
-            if min_words <= len(s.split()) <= max_words:
-                out.append(s.replace("\t", " "))
-    return out
-
-
-def shuffled(items: list, seed: int) -> list:
-    items = list(items)
-    random.Random(seed).shuffle(items)
-    return items

@@ -3,7 +3,8 @@
 Public ops (both backends share argument checking and semantics):
 
 - ``group_softmax_cross_entropy(logits, target, group_table, row_group, ignore_index, reduction)``
-- ``gumbel_softmax(logits, tau, hard, dim, generator)`` / ``gumbel_sigmoid(logits, tau, hard, generator)``
+- ``gumbel_softmax(logits, tau, hard, dim, generator)`` /
+  ``gumbel_sigmoid(logits, tau, hard, generator)``
 - ``masked_attention(q, k, v, keep_mask, scale)``
 - ``soft_masked_attention(q, k, v, mask, scale, keep_mask)``
 
@@ -224,7 +225,8 @@ def group_softmax_cross_entropy(
             )
     if group_table.dim() != 2 or group_table.shape[1] != c or group_table.is_floating_point():
         raise ValueError(
-            f"group_table must be an integer [G, C={c}] tensor, got {tuple(group_table.shape)} {group_table.dtype}"
+            f"group_table must be an integer [G, C={c}] tensor, got {tuple(group_table.shape)} "
+            f"{group_table.dtype}"
         )
     for name, t in (("target", target), ("group_table", group_table), ("row_group", row_group)):
         if t.device != logits.device:
@@ -330,7 +332,8 @@ def _bad_dim(dim: int, t: torch.Tensor) -> int:
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int, int, int]:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
-            f"q, k, v must be [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+            f"q, k, v must be [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
         )
     b, h, lq, d = q.shape
     lk = k.shape[2]
@@ -358,7 +361,8 @@ def _check_mask(
             raise RuntimeError
     except RuntimeError:
         raise ValueError(
-            f"{name} of shape {tuple(mask.shape)} does not broadcast to [B, H, Lq, Lk] = {list(full)}"
+            f"{name} of shape {tuple(mask.shape)} does not broadcast to [B, H, Lq, Lk] = "
+            f"{list(full)}"
         ) from None
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)

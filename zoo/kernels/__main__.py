@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", nargs="?", default="build", choices=["build", "info"])
     args = parser.parse_args(argv)
     print(
-        f"torch {torch.__version__} (CUDA {torch.version.cuda}), CPU capability {_build.cpu_capability()}"
+        f"torch {torch.__version__} (CUDA {torch.version.cuda}), CPU capability "
+        f"{_build.cpu_capability()}"
     )
     print(f"compiler flags: {' '.join(_build.cflags())}")
     print(f"CUDA tensors: {_triton_status()}")

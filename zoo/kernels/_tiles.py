@@ -41,11 +41,11 @@ def compute_tile_map(
 ) -> torch.Tensor:
     """int8 [Bm, Hm, ceil(Lq / tile), ceil(Lk / tile)] of EMPTY / PARTIAL / FULL for a bool mask
     broadcast to ``shape`` = [B, H, Lq, Lk] (Bm, Hm are 1 where the mask broadcasts)."""
-    m = _owned(mask, shape)
-    bm, hm, lq, lk = m.shape
+    owned = _owned(mask, shape)
+    bm, hm, lq, lk = owned.shape
     nq, nk = -(-lq // tile), -(-lk // tile)
     pad = (0, nk * tile - lk, 0, nq * tile - lq)
-    m8 = m.to(torch.uint8)
+    m8 = owned.to(torch.uint8)
     # padding counts as "not kept" for any() and as "kept" for all()
     anyk = F.pad(m8, pad, value=0).view(bm, hm, nq, tile, nk, tile).amax(dim=(3, 5))
     allk = F.pad(m8, pad, value=1).view(bm, hm, nq, tile, nk, tile).amin(dim=(3, 5))

@@ -393,7 +393,8 @@ def score_coco_files(
     gt = _read_json(annotations, "annotations")
     if not isinstance(gt, dict) or not {"images", "annotations", "categories"} <= set(gt):
         raise DataError(
-            f"annotations={annotations}: not COCO ground truth (needs images, annotations, categories)"
+            f"annotations={annotations}: not COCO ground truth (needs images, annotations, "
+            "categories)"
         )
     results = _read_json(predictions, "predictions")
     if not isinstance(results, list):

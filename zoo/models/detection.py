@@ -220,7 +220,8 @@ def build_faster_rcnn(
         if anchor_sizes is not None:
             if len(anchor_sizes) != 5:
                 raise ConfigError(
-                    f"model.anchor_sizes={list(anchor_sizes)}: resnet50_fpn has 5 FPN levels, give 5 sizes"
+                    f"model.anchor_sizes={list(anchor_sizes)}: resnet50_fpn has 5 FPN levels, give "
+                    "5 sizes"
                 )
             anchor_generator = AnchorGenerator(
                 tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * 5
@@ -265,20 +266,20 @@ def build_faster_rcnn(
         old.nms_thresh,
         old.score_thresh,
     )
-    rh = model.roi_heads
+    heads = model.roi_heads
     model.roi_heads = GroupSoftmaxRoIHeads(
         group_table,
-        rh.box_roi_pool,
-        rh.box_head,
-        rh.box_predictor,
-        rh.proposal_matcher.high_threshold,
-        rh.proposal_matcher.low_threshold,
-        rh.fg_bg_sampler.batch_size_per_image,
-        rh.fg_bg_sampler.positive_fraction,
-        rh.box_coder.weights,
-        rh.score_thresh,
-        rh.nms_thresh,
-        rh.detections_per_img,
+        heads.box_roi_pool,
+        heads.box_head,
+        heads.box_predictor,
+        heads.proposal_matcher.high_threshold,
+        heads.proposal_matcher.low_threshold,
+        heads.fg_bg_sampler.batch_size_per_image,
+        heads.fg_bg_sampler.positive_fraction,
+        heads.box_coder.weights,
+        heads.score_thresh,
+        heads.nms_thresh,
+        heads.detections_per_img,
     )
     return model
 
@@ -388,8 +389,10 @@ class GroupSoftmaxDetector(ZooModule):
         stored = state_dict.get("group_table")
         if stored is not None and not torch.equal(stored.cpu(), self.group_table.cpu()):
             raise ConfigError(
-                f"the checkpoint was trained with the group table {stored.tolist()} but data.classes / "
-                f"data.sources.*.label_map give {self.group_table.tolist()}: use the run's data config"
+                f"the checkpoint was trained with the group table {stored.tolist()} but "
+                "data.classes / "
+                f"data.sources.*.label_map give {self.group_table.tolist()}: use the run's data "
+                "config"
             )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
@@ -513,12 +516,14 @@ class GroupSoftmaxDetector(ZooModule):
         self.emit(intro, *detection_sections(scores, draw))
 
     def _log_scores(self, split: str, scorer: DetectionScorer):
-        scorer.gather()  # DDP: every rank scores all images (a mean of per-shard mAPs is not the mAP)
+        # DDP: every rank scores all images (a mean of per-shard mAPs is not the mAP)
+        scorer.gather()
         scores = scorer.compute()
         for name, value in scores.metrics.items():
             # -1: no ground truth of that size; NaN: no class scored
             if value == value and value >= 0:
-                # identical on every rank after gather(); sync_dist keeps Lightning's DDP check quiet
+                # identical on every rank after gather(); sync_dist keeps Lightning's DDP
+                # check quiet
                 self.log(
                     f"{split}/{name}", value, prog_bar=name in ("mAP", "mAP_50"), sync_dist=True
                 )

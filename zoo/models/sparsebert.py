@@ -32,6 +32,7 @@ from torch import nn
 
 from zoo import kernels
 from zoo.errors import ConfigError
+from zoo.fetch import fetch
 from zoo.models.classification import ClassificationModule
 from zoo.models.components.bert import BertConfig, BertMLMHead, BertModel
 from zoo.outputs import Figure, File, Section
@@ -182,27 +183,27 @@ class SparseBert(ClassificationModule):
             scheduler=scheduler,
         )
         self.bert_config = cfg
-        m = {**DEFAULT_MASK, **(mask or {})}
-        if m["mode"] not in MASK_MODES:
-            raise ConfigError(f"model.mask.mode={m['mode']!r}: expected one of {MASK_MODES}")
-        self.mask_cfg = m
-        self.max_len = int(m["max_len"] or cfg.max_position_embeddings)
+        mask_cfg = {**DEFAULT_MASK, **(mask or {})}
+        if mask_cfg["mode"] not in MASK_MODES:
+            raise ConfigError(f"model.mask.mode={mask_cfg['mode']!r}: expected one of {MASK_MODES}")
+        self.mask_cfg = mask_cfg
+        self.max_len = int(mask_cfg["max_len"] or cfg.max_position_embeddings)
         self.heatmap_every = heatmap_every_n_epochs
         self.dam: DifferentiableAttentionMask | None = None
-        if m["mode"] in ("dam_u", "dam_s"):
+        if mask_cfg["mode"] in ("dam_u", "dam_s"):
             self.dam = DifferentiableAttentionMask(
-                m["mode"],
+                mask_cfg["mode"],
                 cfg.num_hidden_layers,
                 cfg.num_attention_heads,
                 self.max_len,
-                m["share_layers"],
-                m["symmetric"],
-                m["sampler"],
-                float(m["init_keep_logit"]),
+                mask_cfg["share_layers"],
+                mask_cfg["symmetric"],
+                mask_cfg["sampler"],
+                float(mask_cfg["init_keep_logit"]),
             )
         self.register_buffer("fixed_mask", None, persistent=True)
-        if m["mode"] == "fixed":
-            self.fixed_mask = load_mask(m, tracking_uri)
+        if mask_cfg["mode"] == "fixed":
+            self.fixed_mask = load_mask(mask_cfg, tracking_uri)
             self._check_fixed(self.fixed_mask)
 
     # ------------------------------------------------------------------ masks
@@ -215,7 +216,8 @@ class SparseBert(ClassificationModule):
             or mask.shape[0] not in (1, cfg.num_hidden_layers)
         ):
             raise ConfigError(
-                f"model.mask: the loaded mask has shape {tuple(mask.shape)}; this model needs [1 or "
+                f"model.mask: the loaded mask has shape {tuple(mask.shape)}; this model needs [1 "
+                "or "
                 f"{cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads, L, L]"
             )
         self.max_len = mask.shape[-1]
@@ -353,19 +355,13 @@ class SparseBert(ClassificationModule):
 
 def load_mask(m: dict, tracking_uri: str | None) -> torch.Tensor:
     if m.get("from_run"):
-        from zoo import tracking
-
-        path = tracking.download_artifact(
-            str(m["from_run"]), MASK_ARTIFACT, tracking.resolve_tracking_uri(tracking_uri)
-        )
+        path = fetch(f"runs:/{m['from_run']}/{MASK_ARTIFACT}", "model.mask.from_run", tracking_uri)
     elif m.get("file"):
-        path = Path(m["file"])
-        if not path.is_file():
-            raise ConfigError(f"model.mask.file={path}: file not found")
+        path = fetch(m["file"], "model.mask.file", tracking_uri)
     else:
         raise ConfigError(
             "model.mask.mode=fixed needs model.mask.from_run=<stage-1 mlflow run id> "
-            "or model.mask.file=<attention_mask.pt>"
+            "or model.mask.file=<attention_mask.pt or an mlflow artifact URI>"
         )
     data = torch.load(path, map_location="cpu", weights_only=True)
     mask = data["mask"] if isinstance(data, dict) else data

@@ -33,7 +33,8 @@ def _images_figure(scorer, gt: dict, image_dir: Path, n: int, threshold: float):
         path = image_dir / gt["images"][i]["file_name"]
         if not path.is_file():
             raise ConfigError(
-                f"images={image_dir}: {path.name} (image id {gt['images'][i]['id']}) not found there"
+                f"images={image_dir}: {path.name} (image id {gt['images'][i]['id']}) not found "
+                "there"
             )
         with Image.open(path) as im:
             images.append(

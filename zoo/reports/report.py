@@ -15,12 +15,19 @@ from typing import Any
 from zoo.outputs import Section
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#1d2433}
-h1{border-bottom:2px solid #3b6fd8;padding-bottom:.3em}h2{margin-top:1.8em;color:#23408e}
-table{border-collapse:collapse;margin:.8em 0;font-size:.92em}th,td{border:1px solid #ccd3e0;padding:.35em .7em;text-align:left}
-th{background:#eef2fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
-figure{margin:1em 0}figcaption{color:#555;font-size:.9em}img{max-width:100%;height:auto;border:1px solid #e3e7ef}
-pre{background:#f6f8fa;padding:1em;overflow:auto;font-size:.85em}details summary{cursor:pointer;color:#23408e}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;color:#1d2433;
+     max-width:1100px;margin:2em auto;padding:0 1em}
+h1{border-bottom:2px solid #3b6fd8;padding-bottom:.3em}
+h2{margin-top:1.8em;color:#23408e}
+table{border-collapse:collapse;margin:.8em 0;font-size:.92em}
+th,td{border:1px solid #ccd3e0;padding:.35em .7em;text-align:left}
+th{background:#eef2fa}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+figure{margin:1em 0}
+figcaption{color:#555;font-size:.9em}
+img{max-width:100%;height:auto;border:1px solid #e3e7ef}
+pre{background:#f6f8fa;padding:1em;overflow:auto;font-size:.85em}
+details summary{cursor:pointer;color:#23408e}
 .meta{color:#555}
 """
 
@@ -144,7 +151,8 @@ class Report:
                 name, png, caption = data
                 b64 = base64.b64encode(png).decode("ascii")
                 out.append(
-                    f'<figure><img alt="{e(caption)}" data-name="{e(name)}" src="data:image/png;base64,{b64}">'
+                    f'<figure><img alt="{e(caption)}" data-name="{e(name)}" '
+                    f'src="data:image/png;base64,{b64}">'
                     f"<figcaption>{e(caption)}</figcaption></figure>"
                 )
             elif kind == "code":

@@ -18,7 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
-from zoo.data.deap import ALL_CHANNELS, BASELINE_SAMPLES, EEG_CHANNELS, N_CHANNELS, N_SAMPLES, SFREQ
+from zoo.data.deap_format import (
+    ALL_CHANNELS,
+    BASELINE_SAMPLES,
+    EEG_CHANNELS,
+    N_CHANNELS,
+    N_SAMPLES,
+    SFREQ,
+)
 
 log = logging.getLogger(__name__)
 

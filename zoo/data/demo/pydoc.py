@@ -15,7 +15,6 @@ import random
 from pathlib import Path
 
 from zoo.data.demo import manifest_matches
-from zoo.data.text import sentences_of
 
 GENERATOR_VERSION = 2
 
@@ -83,3 +82,20 @@ def write_demo_glue(
     )
     (out_dir / "demo.json").write_text(json.dumps(spec, indent=1))
     return out_dir
+
+
+def sentences_of(text: str, min_words: int = 5, max_words: int = 60) -> list[str]:
+    """Prose sentences of a documentation page (indented code/grammar blocks and headings
+    dropped)."""
+    import re
+
+    out = []
+    for para in re.split(r"\n\s*\n", text):
+        lines = para.splitlines()
+        if not lines or lines[0].startswith((" ", "\t")) or set(lines[-1].strip()) <= set("*=-~^"):
+            continue
+        joined = " ".join(line.strip() for line in lines)
+        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z\"(])", joined):
+            if min_words <= len(s.split()) <= max_words:
+                out.append(s.replace("\t", " "))
+    return out

@@ -2,7 +2,8 @@
 ``zoo.kernels.masked_attention``, so a per-head keep mask (padding composed with a learned
 sparse mask) turns into skipped work. While a mask is searched, the sampled float mask goes
 through ``zoo.kernels.soft_masked_attention`` (one [H, L, L] mask shared by the batch, padding
-applied inside the kernel), so no [B, H, L, L] tensor is built. Module and parameter names follow HuggingFace's
+applied inside the kernel), so no [B, H, L, L] tensor is built. Module and parameter names
+follow HuggingFace's
 ``BertModel`` exactly, so its checkpoints load with a plain state-dict copy (see
 ``zoo.models.sparsebert.from_pretrained``).
 
@@ -78,7 +79,8 @@ class BertEmbeddings(nn.Module):
         length = input_ids.shape[1]
         if length > self.position_embeddings.num_embeddings:
             raise ValueError(
-                f"sequence length {length} exceeds max_position_embeddings={self.position_embeddings.num_embeddings}"
+                f"sequence length {length} exceeds "
+                f"max_position_embeddings={self.position_embeddings.num_embeddings}"
             )
         positions = torch.arange(length, device=input_ids.device)[None]
         if token_type_ids is None:
@@ -96,7 +98,8 @@ class BertSelfAttention(nn.Module):
         super().__init__()
         if cfg.hidden_size % cfg.num_attention_heads:
             raise ValueError(
-                f"hidden_size {cfg.hidden_size} is not a multiple of num_attention_heads {cfg.num_attention_heads}"
+                f"hidden_size {cfg.hidden_size} is not a multiple of num_attention_heads "
+                f"{cfg.num_attention_heads}"
             )
         self.heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads

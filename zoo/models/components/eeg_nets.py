@@ -43,7 +43,8 @@ class CNNRecurrentNet(nn.Module):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not conv_channels or any(int(c) < 1 for c in conv_channels):
             raise ValueError(
-                f"conv_channels must be a non-empty list of positive ints, got {list(conv_channels)}"
+                f"conv_channels must be a non-empty list of positive ints, got "
+                f"{list(conv_channels)}"
             )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")

@@ -113,8 +113,10 @@ class UnetGenerator(nn.Module):
         size = 2**self.num_downs
         if x.shape[-1] % size or x.shape[-2] % size:
             raise ValueError(
-                f"unet with {self.num_downs} downsamplings needs height and width divisible by {size}, "
-                f"got {tuple(x.shape[-2:])} (use a matching netG, e.g. unet_{x.shape[-1]}, or crop_size)"
+                f"unet with {self.num_downs} downsamplings needs height and width divisible by "
+                f"{size}, "
+                f"got {tuple(x.shape[-2:])} (use a matching netG, e.g. unet_{x.shape[-1]}, or "
+                "crop_size)"
             )
         return self.model(x)
 

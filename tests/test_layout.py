@@ -1,0 +1,86 @@
+"""The package's shape: no import cycles; models know nothing of mlflow or the tracking layer;
+reports never import a model module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ZOO = Path(__file__).resolve().parents[1] / "zoo"
+
+
+def _imports() -> dict[str, set[str]]:
+    """Module -> the modules it imports, at top level or inside functions. One exception: a
+    function-level import of the module's own parent package (``zoo.kernels.triton``'s public
+    wrappers call ``zoo.kernels`` at call time, by design)."""
+    paths = sorted(ZOO.rglob("*.py"))
+
+    def name_of(path: Path) -> str:
+        return ".".join(path.relative_to(ZOO.parent).with_suffix("").parts).removesuffix(
+            ".__init__"
+        )
+
+    modules = {name_of(p) for p in paths}
+    graph = {}
+    for path in paths:
+        name = name_of(path)
+        tree = ast.parse(path.read_text())
+        top_level = {id(n) for n in tree.body}
+        deps = set()
+        for node in ast.walk(tree):
+            found = set()
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                # `from package import submodule` depends on the submodule only
+                subs = {f"{node.module}.{a.name}" for a in node.names} & modules
+                found = subs if len(subs) == len(node.names) else {node.module} | subs
+            elif isinstance(node, ast.Import):
+                found = {a.name for a in node.names}
+            if id(node) not in top_level:
+                found = {d for d in found if not name.startswith(d + ".")}
+            deps |= found
+        graph[name] = deps
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    done, stack = set(), []
+
+    def visit(mod: str) -> list[str] | None:
+        if mod in stack:
+            return stack[stack.index(mod) :] + [mod]
+        if mod in done or mod not in graph:
+            return None
+        stack.append(mod)
+        for dep in sorted(graph[mod] - {mod}):
+            found = visit(dep)
+            if found:
+                return found
+        stack.pop()
+        done.add(mod)
+        return None
+
+    for mod in sorted(graph):
+        found = visit(mod)
+        if found:
+            return found
+    return None
+
+
+def test_no_import_cycles():
+    assert _cycle(_imports()) is None
+
+
+def test_the_cycle_finder_finds_cycles():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_models_hold_no_tracking_code_and_reports_no_models():
+    graph = _imports()
+    for mod, deps in graph.items():
+        if mod.startswith("zoo.models"):
+            bad = {d for d in deps if d.split(".")[0] == "mlflow" or d.startswith("zoo.tracking")}
+            bad |= {d for d in deps if d.startswith("lightning.pytorch.loggers")}
+            assert not bad, f"{mod} imports {bad}"
+        if mod.startswith("zoo.reports"):
+            assert not {d for d in deps if d.startswith("zoo.models")}, mod
