@@ -57,7 +57,11 @@ def run(model: Pix2Pix, loader: DataLoader, steps: int, warmup: int = 2) -> Step
 
 def paper_step(steps: int) -> None:
     torch.manual_seed(0)
-    model = Pix2Pix(netG="unet_256", netD="basic", fid="off")
+    from hydra.utils import instantiate
+
+    # the paper's configuration: conf/model/pix2pix.yaml's defaults on 3-channel images
+    cfg = compose_cfg(["model=pix2pix", "data=aligned", "model.fid=off"])
+    model = instantiate(cfg.model)
     a = torch.rand(steps + 2, 3, 256, 256) * 2 - 1
     items = [{"A": a[i], "B": a[i].flip(-1), "path": f"{i}"} for i in range(len(a))]
     timer = run(model, DataLoader(items, batch_size=1), steps)
@@ -68,29 +72,33 @@ def paper_step(steps: int) -> None:
     )
 
 
-def demo_throughput(batches: int) -> None:
+def compose_cfg(overrides: list[str]):
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
+    from hydra.core.hydra_config import HydraConfig
 
     import zoo.config  # noqa: F401  (resolvers)
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
-            "train",
-            overrides=["experiment=pix2pix_demo", "hydra.job.chdir=false"],
-            return_hydra_config=True,
+            "train", overrides=[*overrides, "hydra.job.chdir=false"], return_hydra_config=True
         )
-    from hydra.core.hydra_config import HydraConfig
-
     HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def demo_throughput(batches: int) -> None:
+    from hydra.utils import instantiate
+
+    cfg = compose_cfg(["experiment=pix2pix_demo"])
     dm = instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
     model = instantiate(cfg.model)
     timer = run(model, dm.train_dataloader(), batches)
     total = sum(timer.times)
+    gen = cfg.model.generator
     print(
-        f"pix2pix_demo ({cfg.model.netG}, ngf {cfg.model.ngf}, {cfg.data.crop_size}px, batch "
+        f"pix2pix_demo ({gen.netG}, ngf {gen.ngf}, {cfg.data.crop_size}px, batch "
         f"{cfg.data.batch_size}): {timer.samples / total:.1f} samples/s "
         f"({len(dm.datasets['train'])} training images: "
         f"{len(dm.datasets['train']) / (timer.samples / total):.0f} s per epoch)"

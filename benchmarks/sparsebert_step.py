@@ -32,9 +32,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout
 from zoo import kernels  # noqa: E402
 from zoo.models.sparsebert import SparseBert  # noqa: E402
+
+
+def conf_mask(**options) -> dict:
+    """model.mask of conf/model/sparsebert.yaml (where its defaults live), with options."""
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(ROOT / "conf" / "model" / "sparsebert.yaml")
+    return {**OmegaConf.to_container(conf.mask), **options}
 
 
 def step_time(model: SparseBert, batch: dict, reps: int, warmup: int = 2) -> float:
@@ -103,7 +112,8 @@ def search_worker(variant: str, length: int, batch_size: int, reps: int) -> dict
         "intermediate_size": 3072,
         "max_position_embeddings": length,
     }
-    mask = {"mode": "dense"} if variant == "dense_sdpa" else {"mode": variant.split("_unfused")[0]}
+    mode = "dense" if variant == "dense_sdpa" else variant.split("_unfused")[0]
+    mask = conf_mask(mode=mode)
     torch.manual_seed(0)
     model = SparseBert(["a", "b"], bert=bert, mask=mask)
     g = torch.Generator().manual_seed(0)
@@ -199,7 +209,7 @@ def main() -> None:
     )
     torch.manual_seed(0)
     dense = SparseBert(["a", "b"], bert=bert)
-    fixed = SparseBert(["a", "b"], bert=bert, mask={"mode": "fixed", "file": str(path)})
+    fixed = SparseBert(["a", "b"], bert=bert, mask=conf_mask(mode="fixed", file=str(path)))
     t_dense, t_fixed = step_time(dense, batch, args.reps), step_time(fixed, batch, args.reps)
     print(f"dense attention:         {t_dense * 1e3:8.1f} ms per training step")
     print(
@@ -223,7 +233,7 @@ def main() -> None:
         "layers, "
         "layer norms, optimizer) does not shrink with the mask"
     )
-    search = SparseBert(["a", "b"], bert=bert, mask={"mode": "dam_s"})
+    search = SparseBert(["a", "b"], bert=bert, mask=conf_mask(mode="dam_s"))
     t_search = step_time(search, batch, max(2, args.reps // 2))
     print(
         f"mask search (stage 1):   {t_search * 1e3:8.1f} ms per training step "

@@ -67,6 +67,19 @@ def compose_cfg(
     return cfg
 
 
+def build_model(overrides: list[str], **kwargs):
+    """The Lightning module a train config composes to: every default comes from conf/
+    (``kwargs`` replace arguments of the model node, e.g. ``sources=``)."""
+    import tempfile
+
+    from zoo.pipeline import build
+
+    tmp = Path(tempfile.mkdtemp(prefix="zoo-model-"))
+    cfg = compose_cfg("train", list(overrides), tmp, tmp, f"sqlite:///{tmp}/mlflow.db")
+    GlobalHydra.instance().clear()
+    return build(cfg.model, "model", **kwargs)
+
+
 @pytest.fixture
 def make_cfg(tmp_path, data_dir, tracking_uri):
     def _make(overrides: list[str] = (), config_name: str = "train") -> DictConfig:

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import zoo.kernels as K
-from tests.conftest import render_in_chromium
+from tests.conftest import build_model, render_in_chromium
 from zoo.data.detection import DetectionDataModule, DetectionDataset
 from zoo.errors import ConfigError, DataError
 from zoo.metrics.detection import DetectionScorer, score_coco_files
@@ -31,17 +31,24 @@ SOURCES = {
     "a": {"label_map": {"circle": "circle", "square": "square"}},
     "b": {"label_map": {"triangle": "triangle", "cross": "cross"}},
 }
-SMALL = {
-    "min_size": 128,
-    "max_size": 128,
-    "detector": {
-        "box_batch_size_per_image": 64,
-        "rpn_pre_nms_top_n_train": 300,
-        "rpn_post_nms_top_n_train": 100,
-        "rpn_pre_nms_top_n_test": 300,
-        "rpn_post_nms_top_n_test": 100,
-    },
-}
+SMALL = [  # the demo experiment's config, lighter still
+    "model.net.min_size=128",
+    "model.net.max_size=128",
+    "model.net.box_batch_size_per_image=64",
+    "model.net.rpn_pre_nms_top_n_train=300",
+    "model.net.rpn_post_nms_top_n_train=100",
+    "model.net.rpn_pre_nms_top_n_test=300",
+    "model.net.rpn_post_nms_top_n_test=100",
+]
+
+
+def detector(*overrides: str, small: bool = True, **kwargs) -> GroupSoftmaxDetector:
+    """The detection demo's model from conf/, with overrides (CLASSES and SOURCES are the
+    demo data's)."""
+    return build_model(
+        ["experiment=detection_groupsoftmax_demo", *(SMALL if small else []), *overrides],
+        **kwargs,
+    )
 
 
 def _batch(source: int, n: int = 2, seed: int = 0):
@@ -82,7 +89,7 @@ def test_group_softmax_heads_never_teach_unlabelled_classes_as_background(record
     """Source a's background RoIs / anchors must not push down b's classes (or b's RPN foreground);
     the plain softmax baseline does push them down."""
     torch.manual_seed(0)
-    model = GroupSoftmaxDetector(CLASSES, SOURCES, **SMALL)
+    model = detector()
     model.train()
     losses = model.net(*_batch(source=0))
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
@@ -107,7 +114,7 @@ def test_group_softmax_heads_never_teach_unlabelled_classes_as_background(record
     ).all()
 
     record_group_softmax.clear()
-    baseline = GroupSoftmaxDetector(CLASSES, SOURCES, loss="softmax", **SMALL)
+    baseline = detector("model.net.loss=softmax")
     baseline.train()
     captured = {}
 
@@ -124,12 +131,10 @@ def test_group_softmax_heads_never_teach_unlabelled_classes_as_background(record
 @pytest.mark.parametrize("loss", ["group_softmax", "softmax"])
 def test_resnet50_fpn_trains_and_predicts(loss):
     torch.manual_seed(0)
-    model = GroupSoftmaxDetector(
-        CLASSES,
-        SOURCES,
-        backbone="resnet50_fpn",
-        loss=loss,
-        **{**SMALL, "anchor_sizes": [16, 32, 64, 128, 256]},
+    model = detector(
+        "model.net.backbone=resnet50_fpn",
+        f"model.net.loss={loss}",
+        "model.net.anchor_sizes=[16,32,64,128,256]",
     )
     assert sum(p.numel() for p in model.net.backbone.parameters()) > 25_000_000
     assert model.net.rpn.anchor_generator.sizes == ((16,), (32,), (64,), (128,), (256,))
@@ -148,12 +153,12 @@ def test_resnet50_fpn_trains_and_predicts(loss):
         out["labels"]
     )
     with pytest.raises(ConfigError, match="5 FPN levels"):
-        GroupSoftmaxDetector(CLASSES, SOURCES, backbone="resnet50_fpn", anchor_sizes=[32, 64])
+        detector("model.net.backbone=resnet50_fpn", "model.net.anchor_sizes=[32,64]")
 
 
 def test_proposal_score_is_one_minus_background_probability(monkeypatch):
     torch.manual_seed(0)
-    model = GroupSoftmaxDetector(CLASSES, SOURCES, **SMALL).eval()
+    model = detector().eval()
     rpn = model.net.rpn
     seen = {}
     original = rpn.filter_proposals
@@ -191,22 +196,22 @@ def test_backbone_weights_are_loaded_from_a_local_file(tmp_path):
     ref = mobilenet_v3_large()
     path = tmp_path / "mobilenet_v3_large.pth"
     torch.save(ref.state_dict(), path)
-    model = GroupSoftmaxDetector(CLASSES, SOURCES, backbone_weights=str(path), **SMALL)
+    model = detector(f"model.net.backbone_weights={path}")
     body = model.net.backbone.body
     torch.testing.assert_close(body["0"][0].weight, ref.features[0][0].weight)
     assert not body["0"][0].weight.requires_grad  # torchvision: 3 trainable stages with weights
     with pytest.raises(ConfigError, match="not found"):
-        GroupSoftmaxDetector(CLASSES, SOURCES, backbone_weights=str(tmp_path / "nope.pth"))
+        detector(f"model.net.backbone_weights={tmp_path / 'nope.pth'}")
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ConfigError, match="does not fit"):
-        GroupSoftmaxDetector(CLASSES, SOURCES, backbone_weights=str(tmp_path / "other.pth"))
-    other = GroupSoftmaxDetector(
-        CLASSES, {"a": SOURCES["a"], "b": {"label_map": {"cross": "cross"}}}, **SMALL
-    )
+        detector(f"model.net.backbone_weights={tmp_path / 'other.pth'}")
+    # b no longer labels triangles (kwargs merge into the config's sources: None drops it)
+    other = detector(sources={"b": {"label_map": {"triangle": None}}})
+    assert other.group_table.tolist() != model.group_table.tolist()
     with pytest.raises(ConfigError, match="trained with the group table"):
         other.load_state_dict(model.state_dict())
-    with pytest.raises(ConfigError, match="model.loss"):
-        GroupSoftmaxDetector(CLASSES, SOURCES, loss="focal")
+    with pytest.raises(ConfigError, match="model.net.loss"):
+        detector("model.net.loss=focal")
 
 
 # --------------------------------------------------------------------------- data module
@@ -613,4 +618,4 @@ def test_coco_cctsdb_config_group_table(make_cfg):
     table = derive_group_table([s["label_map"] for s in data["sources"].values()], data["classes"])
     assert (table[0, 1:81] > 0).all() and (table[0, 81:] == 0).all()  # COCO: its 80 classes only
     assert (table[1, 1:81] == 0).all() and table[1, 81:].tolist() == [81, 82, 83]
-    assert cfg.model.backbone == "resnet50_fpn" and cfg.trainer.max_epochs == 26
+    assert cfg.model.net.backbone == "resnet50_fpn" and cfg.trainer.max_epochs == 26

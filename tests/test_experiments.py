@@ -185,7 +185,7 @@ def _detection(cfg, run, arts, html, evaluated, client):
     ):
         assert key in m, key
     assert 0 <= m["val/mAP"] <= 1
-    assert run.data.params["model.loss"] == cfg.model.loss
+    assert run.data.params["model.net.loss"] == cfg.model.net.loss
     assert run.data.tags["zoo.group_table"] == "a: [0, 1, 2, 0, 0]; b: [0, 0, 0, 3, 4]"
     assert {
         "figures/test/pr_curves.png",

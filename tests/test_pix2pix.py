@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from tests.conftest import build_model
 from zoo.data.aligned import AlignedDataModule, AlignedDataset, list_images
 from zoo.data.demo.pix2pix import make_input, write_demo_aligned
 from zoo.errors import DataError
@@ -175,9 +176,19 @@ def test_demo_dataset_is_real_photos_in_aligned_format(tmp_path):
 # --------------------------------------------------------------------------- training mechanics
 
 
-def tiny_model(**kw) -> Pix2Pix:
-    args = dict(netG="unet_32", netD="basic", ngf=4, ndf=4, n_epochs=1, n_epochs_decay=3, fid="off")
-    return Pix2Pix(**{**args, **kw})
+def tiny_model(*overrides: str) -> Pix2Pix:
+    return build_model(
+        [
+            "experiment=pix2pix_demo",
+            "model.generator.netG=unet_32",
+            "model.generator.ngf=4",
+            "model.discriminator.ndf=4",
+            "model.scheduler.lr_lambda.n_epochs=1",
+            "model.scheduler.lr_lambda.n_epochs_decay=3",
+            "model.fid=off",
+            *overrides,
+        ]
+    )
 
 
 def tiny_loader(n=4, seed=0):
@@ -190,7 +201,7 @@ def tiny_loader(n=4, seed=0):
 @pytest.mark.parametrize("gan_mode", ["vanilla", "lsgan", "wgangp"])
 def test_one_step_updates_generator_and_discriminator(gan_mode):
     torch.manual_seed(0)
-    model = tiny_model(gan_mode=gan_mode)
+    model = tiny_model(f"model.gan_mode={gan_mode}")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = L.Trainer(
         max_steps=1,

@@ -7,11 +7,20 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
+from tests.conftest import CONF
 from zoo.data.demo.pydoc import write_demo_glue
 from zoo.data.text import GLUE_TASKS, GlueDataModule, read_glue_tsv
 from zoo.errors import DataError
 from zoo.models.sparsebert import DifferentiableAttentionMask, SparseBert, from_pretrained
+
+
+def mask(**options) -> dict:
+    """model.mask of conf/model/sparsebert.yaml (where its defaults live), with options."""
+    conf = OmegaConf.load(CONF / "model" / "sparsebert.yaml")
+    return {**OmegaConf.to_container(conf.mask), **options}
+
 
 TINY = {
     "vocab_size": 120,
@@ -80,7 +89,7 @@ def test_all_ones_mask_equals_dense(tmp_path):
     dense = SparseBert(["a", "b", "c"], bert=TINY).eval()
     torch.save({"mask": torch.ones(1, 4, 40, 40, dtype=torch.bool)}, tmp_path / "ones.pt")
     fixed = SparseBert(
-        ["a", "b", "c"], bert=TINY, mask={"mode": "fixed", "file": str(tmp_path / "ones.pt")}
+        ["a", "b", "c"], bert=TINY, mask=mask(mode="fixed", file=str(tmp_path / "ones.pt"))
     ).eval()
     fixed.net.load_state_dict(dense.net.state_dict())
     b = batch()
@@ -91,7 +100,7 @@ def test_all_ones_mask_equals_dense(tmp_path):
             {"mask": torch.eye(40, dtype=torch.bool).expand(1, 4, 40, 40)}, tmp_path / "eye.pt"
         )
         diag = SparseBert(
-            ["a", "b", "c"], bert=TINY, mask={"mode": "fixed", "file": str(tmp_path / "eye.pt")}
+            ["a", "b", "c"], bert=TINY, mask=mask(mode="fixed", file=str(tmp_path / "eye.pt"))
         ).eval()
         diag.net.load_state_dict(dense.net.state_dict())
         assert not torch.allclose(diag(b), dense(b))
@@ -119,7 +128,7 @@ def test_hard_masks_are_binary_with_straight_through_gradient(kind, sampler):
 def test_gradient_reaches_alpha_through_the_model():
     torch.manual_seed(0)
     model = SparseBert(
-        ["a", "b", "c"], bert=TINY, mask={"mode": "dam_u", "init_keep_logit": 0.0}
+        ["a", "b", "c"], bert=TINY, mask=mask(mode="dam_u", init_keep_logit=0.0)
     ).train()
     loss, _, _ = model._step(batch())
     loss.backward()
@@ -147,7 +156,7 @@ def test_sparsity_penalty_drives_density_down():
     model = SparseBert(
         ["a", "b", "c"],
         bert=TINY,
-        mask={"mode": "dam_u", "lambda_sparsity": 1.0, "init_keep_logit": 1.0},
+        mask=mask(mode="dam_u", lambda_sparsity=1.0, init_keep_logit=1.0),
     )
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
@@ -249,3 +258,14 @@ def test_trained_vocabulary_is_the_same_in_every_process(tmp_path):
 
 
 # --------------------------------------------------------------------------- end to end
+
+
+def test_mask_options_come_from_the_config():
+    from zoo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.mask.mode=dam_s needs model.mask.share_layers"):
+        SparseBert(["a", "b"], bert=TINY, mask={"mode": "dam_s"})
+    with pytest.raises(ConfigError, match="model.mask.mode='nope'"):
+        SparseBert(["a", "b"], bert=TINY, mask=mask(mode="nope"))
+    with pytest.raises(ConfigError, match="model.optimizer is not set"):
+        SparseBert(["a", "b"], bert=TINY).configure_optimizers()

@@ -15,6 +15,7 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
+from zoo.errors import ConfigError
 from zoo.models.base import OptimizerFactory, SchedulerFactory, ZooModule, scheduler_config
 from zoo.outputs import Figure
 from zoo.reports.classification import classification_sections
@@ -31,7 +32,7 @@ class ClassificationModule(ZooModule):
     def __init__(
         self,
         net: nn.Module,
-        optimizer: OptimizerFactory,
+        optimizer: OptimizerFactory | None,
         class_names: Sequence[str],
         scheduler: SchedulerFactory | None = None,
         label_smoothing: float = 0.0,
@@ -140,6 +141,8 @@ class ClassificationModule(ZooModule):
         return self.parameters()
 
     def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ConfigError("model.optimizer is not set: training needs an optimizer partial")
         optimizer = self.optimizer_factory(params=self.optimizer_params())
         scheduler = scheduler_config(self.scheduler_factory, optimizer)
         if scheduler is None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ from zoo.metrics.detection import (
     per_class_ap_figure,
     pr_curves_figure,
 )
-from zoo.models.base import ZooModule
+from zoo.models.base import OptimizerFactory, SchedulerFactory, ZooModule
 from zoo.outputs import Count, Figure, File, Section, Tag
 from zoo.reports.detection import detection_sections
 
@@ -160,12 +161,12 @@ def _load_backbone_weights(net: nn.Module, path: str | Path, backbone: str) -> N
     or ``resnet50-0676ba61.pth``) or a plain state dict of the same network, loaded safely."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"model.backbone_weights={path}: file not found")
+        raise ConfigError(f"model.net.backbone_weights={path}: file not found")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ConfigError(
-            f"model.backbone_weights={path}: not a loadable state dict ({type(exc).__name__}: "
+            f"model.net.backbone_weights={path}: not a loadable state dict ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0]})"
         ) from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
@@ -176,7 +177,8 @@ def _load_backbone_weights(net: nn.Module, path: str | Path, backbone: str) -> N
     missing = [k for k in missing if not k.startswith(drop)]
     if missing or unexpected:
         raise ConfigError(
-            f"model.backbone_weights={path}: does not fit {backbone} (missing {missing[:3]}..., "
+            f"model.net.backbone_weights={path}: does not fit {backbone} "
+            f"(missing {missing[:3]}..., "
             f"unexpected {unexpected[:3]}...)"
         )
     log.info("Loaded %s backbone weights from %s", backbone, path)
@@ -201,9 +203,9 @@ def build_faster_rcnn(
     from torchvision.models import mobilenet_v3_large, resnet50
 
     if backbone not in BACKBONES:
-        raise ConfigError(f"model.backbone={backbone!r}: expected one of {list(BACKBONES)}")
+        raise ConfigError(f"model.net.backbone={backbone!r}: expected one of {list(BACKBONES)}")
     if loss not in LOSSES:
-        raise ConfigError(f"model.loss={loss!r}: expected one of {list(LOSSES)}")
+        raise ConfigError(f"model.net.loss={loss!r}: expected one of {list(LOSSES)}")
     pretrained = backbone_weights is not None
     norm = misc_nn_ops.FrozenBatchNorm2d if pretrained else nn.BatchNorm2d
     if backbone == "resnet50_fpn":
@@ -220,8 +222,8 @@ def build_faster_rcnn(
         if anchor_sizes is not None:
             if len(anchor_sizes) != 5:
                 raise ConfigError(
-                    f"model.anchor_sizes={list(anchor_sizes)}: resnet50_fpn has 5 FPN levels, give "
-                    "5 sizes"
+                    f"model.net.anchor_sizes={list(anchor_sizes)}: resnet50_fpn has 5 FPN "
+                    "levels, give 5 sizes"
                 )
             anchor_generator = AnchorGenerator(
                 tuple((int(s),) for s in anchor_sizes), ((0.5, 1.0, 2.0),) * 5
@@ -299,6 +301,21 @@ def warmup_multistep(warmup_iters: int, warmup_factor: float, milestones: list[i
     return factor
 
 
+def warmup_multistep_lr(
+    optimizer: torch.optim.Optimizer,
+    steps_per_epoch: int,
+    warmup_iters: int,
+    warmup_factor: float,
+    lr_steps: list[int],
+    gamma: float,
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """torchvision's detection schedule, stepped per iteration: ``warmup_iters`` of linear
+    warmup (at most one epoch), then x ``gamma`` at each epoch of ``lr_steps``."""
+    warmup = min(warmup_iters, steps_per_epoch - 1) if warmup_iters else 0
+    rule = warmup_multistep(warmup, warmup_factor, [e * steps_per_epoch for e in lr_steps], gamma)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, rule)
+
+
 # --------------------------------------------------------------------------- Lightning module
 
 
@@ -318,25 +335,19 @@ class GroupSoftmaxDetector(ZooModule):
         self,
         classes: list[str],
         sources: dict[str, dict],
-        backbone: str = "mobilenet_v3_large_fpn",
-        loss: str = "group_softmax",
-        backbone_weights: str | None = None,
-        trainable_backbone_layers: int | None = None,
-        anchor_sizes: list[int] | None = None,
-        min_size: int = 800,
-        max_size: int = 1333,
-        detector: dict | None = None,
-        lr: float = 0.02,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-4,
-        warmup_iters: int = 1000,
-        warmup_factor: float = 0.001,
-        lr_steps: tuple[int, ...] = (16, 22),
-        lr_gamma: float = 0.1,
-        figure_images: int = 6,
-        figure_score_threshold: float = 0.5,
-        figures_every_n_epochs: int = 1,
+        net: Callable[..., nn.Module],
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None,
+        figure_images: int,
+        figure_score_threshold: float,
+        figures_every_n_epochs: int,
     ):
+        """``net``: a partial of :func:`build_faster_rcnn` (backbone, loss, sizes, further
+        FasterRCNN arguments); the module adds the class and source counts and the group table,
+        derived from ``classes`` / ``sources``. ``optimizer``: a partial of an optimizer, given
+        two parameter groups (weights; norms and biases, without weight decay).
+        ``scheduler``: a partial called with ``optimizer`` and ``steps_per_epoch``, stepped per
+        iteration (:func:`warmup_multistep_lr`)."""
         super().__init__()
         self.class_names = [str(c) for c in classes]
         self.source_names = [str(s) for s in sources]
@@ -347,18 +358,6 @@ class GroupSoftmaxDetector(ZooModule):
                 "classes": self.class_names,
                 "source_names": self.source_names,
                 "label_maps": label_maps,
-                "backbone": backbone,
-                "loss": loss,
-                "anchor_sizes": anchor_sizes,
-                "min_size": min_size,
-                "max_size": max_size,
-                "lr": lr,
-                "momentum": momentum,
-                "weight_decay": weight_decay,
-                "warmup_iters": warmup_iters,
-                "warmup_factor": warmup_factor,
-                "lr_steps": list(lr_steps),
-                "lr_gamma": lr_gamma,
                 "figure_images": figure_images,
                 "figure_score_threshold": figure_score_threshold,
                 "figures_every_n_epochs": figures_every_n_epochs,
@@ -366,19 +365,12 @@ class GroupSoftmaxDetector(ZooModule):
             logger=False,
         )
         self.register_buffer("group_table", group_table)
-        self.net = build_faster_rcnn(
-            backbone,
-            len(self.class_names) + 1,
-            len(self.source_names),
-            group_table,
-            loss,
-            backbone_weights,
-            trainable_backbone_layers,
-            anchor_sizes,
-            min_size=min_size,
-            max_size=max_size,
-            **dict(detector or {}),
+        self.net = net(
+            num_classes=len(self.class_names) + 1,
+            num_sources=len(self.source_names),
+            group_table=group_table,
         )
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.val_scorer = DetectionScorer(self.class_names, group_table=group_table)
         self.test_scorer = DetectionScorer(self.class_names, group_table=group_table)
         self._shown: list = []
@@ -420,7 +412,7 @@ class GroupSoftmaxDetector(ZooModule):
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"non-finite detection loss at step {self.global_step}: "
-                f"{ {k: float(v) for k, v in losses.items()} } (lower model.lr?)"
+                f"{ {k: float(v) for k, v in losses.items()} } (lower model.optimizer.lr?)"
             )
         bs = len(images)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=bs)
@@ -429,27 +421,22 @@ class GroupSoftmaxDetector(ZooModule):
         return loss
 
     def configure_optimizers(self):
-        hp = self.hparams
         decay, no_decay = [], []
         for p in self.net.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim <= 1 else decay).append(p)
-        opt = torch.optim.SGD(
-            [
-                {"params": decay, "weight_decay": hp.weight_decay, "name": "weights"},
+        opt = self.optimizer_factory(
+            params=[
+                {"params": decay, "name": "weights"},
                 {"params": no_decay, "weight_decay": 0.0, "name": "norms_biases"},
-            ],
-            lr=hp.lr,
-            momentum=hp.momentum,
+            ]
         )
+        if self.scheduler_factory is None:
+            return opt
         max_epochs = max(1, self.trainer.max_epochs or 1)
         total = self.trainer.estimated_stepping_batches
         per_epoch = max(1, int(total // max_epochs)) if total != float("inf") else 1
-        warmup = min(hp.warmup_iters, per_epoch - 1) if hp.warmup_iters else 0
-        rule = warmup_multistep(
-            warmup, hp.warmup_factor, [e * per_epoch for e in hp.lr_steps], hp.lr_gamma
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, rule)
+        sched = self.scheduler_factory(optimizer=opt, steps_per_epoch=per_epoch)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ------------------------------------------------------------------ evaluation

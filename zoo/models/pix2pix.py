@@ -6,7 +6,8 @@ Lightning manual optimisation, one D step then one G step per batch, as the auth
     L_D = ½ [GAN(D(A, G(A)), fake) + GAN(D(A, B), real)]  (+ λ_gp · gradient penalty for wgangp)
     L_G = GAN(D(A, G(A)), real) + λ_L1 · |G(A) − B|₁
 Adam (lr 2e-4, β = (0.5, 0.999)) for both; learning rate constant for ``n_epochs`` epochs, then
-linearly to zero over ``n_epochs_decay`` (the reference's ``linear`` policy). Both optimisers and
+linearly to zero over ``n_epochs_decay`` (the reference's ``linear`` policy). Networks,
+optimizer and schedule are injected from ``conf/model/pix2pix.yaml``. Both optimisers and
 both schedulers live in Lightning checkpoints, so a resumed run continues with exactly the same
 learning rate and Adam moments.
 """
@@ -22,8 +23,8 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from zoo.models.base import ZooModule
-from zoo.models.components.pix2pix_nets import define_discriminator, define_generator, init_weights
+from zoo.models.base import OptimizerFactory, SchedulerFactory, ZooModule, scheduler_config
+from zoo.models.components.pix2pix_nets import init_weights
 from zoo.outputs import Figure, Section, Tag
 
 log = logging.getLogger(__name__)
@@ -88,37 +89,27 @@ class Pix2Pix(ZooModule):
 
     def __init__(
         self,
-        netG: str = "unet_256",
-        netD: str = "basic",
-        input_nc: int = 3,
-        output_nc: int = 3,
-        ngf: int = 64,
-        ndf: int = 64,
-        n_layers_D: int = 3,
-        norm: str = "batch",
-        no_dropout: bool = False,
-        init_gain: float = 0.02,
-        gan_mode: str = "vanilla",
-        lambda_L1: float = 100.0,
-        lambda_gp: float = 10.0,
-        lr: float = 2e-4,
-        beta1: float = 0.5,
-        n_epochs: int = 100,
-        n_epochs_decay: int = 100,
-        epoch_count: int = 1,
-        grid_images: int = 6,
-        grid_every_n_epochs: int = 1,
-        fid: str | bool = "auto",
+        generator: nn.Module,
+        discriminator: nn.Module,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None,
+        init_gain: float,
+        gan_mode: str,
+        lambda_L1: float,
+        lambda_gp: float,
+        grid_images: int,
+        grid_every_n_epochs: int,
+        fid: str | bool,
     ):
         super().__init__()
-        self.save_hyperparameters(logger=False)  # plain values only: weights_only checkpoints
+        # plain values only: checkpoints load with weights_only=True
+        self.save_hyperparameters(
+            ignore=["generator", "discriminator", "optimizer", "scheduler"], logger=False
+        )
         self.automatic_optimization = False
-        self.generator = init_weights(
-            define_generator(netG, input_nc, output_nc, ngf, norm, not no_dropout), init_gain
-        )
-        self.discriminator = init_weights(
-            define_discriminator(netD, input_nc + output_nc, ndf, n_layers_D, norm), init_gain
-        )
+        self.generator = init_weights(generator, init_gain)
+        self.discriminator = init_weights(discriminator, init_gain)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.criterion_gan = GANLoss(gan_mode)
         self.criterion_l1 = nn.L1Loss()
         self.train_means = nn.ModuleDict(
@@ -169,17 +160,14 @@ class Pix2Pix(ZooModule):
         self.emit(Tag("zoo.fid", self.fid_note))
 
     def configure_optimizers(self):
-        hp = self.hparams
+        """One optimizer (and schedule) per network, from the same injected factories (the
+        reference's Adam(lr 2e-4, betas (0.5, 0.999)) and linear decay: conf/model/pix2pix.yaml)."""
         opts = [
-            torch.optim.Adam(net.parameters(), lr=hp.lr, betas=(hp.beta1, 0.999))
+            self.optimizer_factory(params=net.parameters())
             for net in (self.generator, self.discriminator)
         ]
-        rule = linear_decay(hp.n_epochs, hp.n_epochs_decay, hp.epoch_count)
-        scheds = [
-            {"scheduler": torch.optim.lr_scheduler.LambdaLR(o, rule), "interval": "epoch"}
-            for o in opts
-        ]
-        return opts, scheds
+        scheds = [scheduler_config(self.scheduler_factory, o) for o in opts]
+        return opts, [s for s in scheds if s is not None]
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         return self.generator(a)
@@ -236,7 +224,8 @@ class Pix2Pix(ZooModule):
 
     def on_train_epoch_end(self) -> None:
         # manual optimisation: the epoch-wise LR schedules are stepped here
-        for scheduler in self.lr_schedulers():
+        schedulers = self.lr_schedulers() or []
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
             scheduler.step()
 
     # ------------------------------------------------------------------ evaluation

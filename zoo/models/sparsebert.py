@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -33,6 +31,7 @@ from torch import nn
 from zoo import kernels
 from zoo.errors import ConfigError
 from zoo.fetch import fetch
+from zoo.models.base import OptimizerFactory, SchedulerFactory
 from zoo.models.classification import ClassificationModule
 from zoo.models.components.bert import BertConfig, BertMLMHead, BertModel
 from zoo.outputs import Figure, File, Section
@@ -42,19 +41,30 @@ log = logging.getLogger(__name__)
 
 MASK_ARTIFACT = "masks/attention_mask.pt"
 MASK_MODES = ("dense", "dam_u", "dam_s", "fixed")
-DEFAULT_MASK = {
-    "mode": "dense",
-    "share_layers": True,
-    "symmetric": False,
-    "sampler": "sigmoid",
-    "init_keep_logit": 3.0,
-    "lambda_sparsity": 1e-4,
-    "tau_start": 1.0,
-    "tau_end": 0.1,
-    "lr": 0.05,
-    "from_run": None,
-    "file": None,
-    "max_len": None,
+# what each mask mode reads from model.mask (the values live in conf/model/sparsebert.yaml)
+MASK_KEYS = {
+    "dense": (),
+    "dam_u": (
+        "share_layers",
+        "symmetric",
+        "sampler",
+        "init_keep_logit",
+        "lambda_sparsity",
+        "lr",
+        "tau_start",
+        "tau_end",
+    ),
+    "dam_s": (
+        "share_layers",
+        "symmetric",
+        "sampler",
+        "init_keep_logit",
+        "lambda_sparsity",
+        "lr",
+        "tau_start",
+        "tau_end",
+    ),
+    "fixed": (),
 }
 
 
@@ -159,8 +169,8 @@ class SparseBert(ClassificationModule):
         bert: dict | None = None,
         pretrained: str | None = None,
         mask: dict | None = None,
-        optimizer: Any = None,
-        scheduler: Any = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
         heatmap_every_n_epochs: int = 1,
         tracking_uri: str | None = None,
     ):
@@ -179,15 +189,13 @@ class SparseBert(ClassificationModule):
         super().__init__(
             net=net,
             class_names=class_names,
-            optimizer=optimizer or partial(torch.optim.AdamW, lr=5e-5, weight_decay=0.01),
+            optimizer=optimizer,
             scheduler=scheduler,
         )
         self.bert_config = cfg
-        mask_cfg = {**DEFAULT_MASK, **(mask or {})}
-        if mask_cfg["mode"] not in MASK_MODES:
-            raise ConfigError(f"model.mask.mode={mask_cfg['mode']!r}: expected one of {MASK_MODES}")
+        mask_cfg = check_mask_config(mask or {"mode": "dense"})
         self.mask_cfg = mask_cfg
-        self.max_len = int(mask_cfg["max_len"] or cfg.max_position_embeddings)
+        self.max_len = int(mask_cfg.get("max_len") or cfg.max_position_embeddings)
         self.heatmap_every = heatmap_every_n_epochs
         self.dam: DifferentiableAttentionMask | None = None
         if mask_cfg["mode"] in ("dam_u", "dam_s"):
@@ -351,6 +359,21 @@ class SparseBert(ClassificationModule):
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def check_mask_config(mask: dict) -> dict:
+    """``model.mask`` with every key its mode reads (no defaults here: they are in conf/)."""
+    mask = dict(mask)
+    mode = mask.get("mode")
+    if mode not in MASK_MODES:
+        raise ConfigError(f"model.mask.mode={mode!r}: expected one of {list(MASK_MODES)}")
+    missing = [k for k in MASK_KEYS[mode] if mask.get(k) is None]
+    if missing:
+        raise ConfigError(
+            f"model.mask.mode={mode} needs model.mask.{', model.mask.'.join(missing)} "
+            "(conf/model/sparsebert.yaml sets them all)"
+        )
+    return mask
 
 
 def load_mask(m: dict, tracking_uri: str | None) -> torch.Tensor:
