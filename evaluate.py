@@ -1,6 +1,7 @@
 """Evaluate a trained run and write a report: ``python evaluate.py run_id=<mlflow run id>``,
-``python evaluate.py ckpt_path=<file> experiment=<name>`` or
-``python evaluate.py 'run_ids=[<id1>,<id2>]'`` for a comparison."""
+``python evaluate.py ckpt_path=<file> experiment=<name>``, ``python evaluate.py
+model_uri=models:/<name>/<version>``, or ``python evaluate.py 'run_ids=[<id1>,<id2>]'`` for a
+comparison."""
 
 import sys
 from pathlib import Path
@@ -9,12 +10,13 @@ import hydra
 
 import zoo.config  # noqa: F401  (registers the config resolvers)
 from zoo.cli import check_group_choices, exit_cleanly_on_user_errors
-from zoo.pipeline import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 @exit_cleanly_on_user_errors
 def main(cfg):
+    from zoo.pipeline import evaluate  # torch, Lightning, mlflow: only once the config is checked
+
     evaluate(cfg)
 
 

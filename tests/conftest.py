@@ -126,8 +126,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real ``mlflow server`` (sqlite store, local artifacts) for the session: its start
+    takes ~20 s here. Tests keep apart by experiment name."""
+    tmp_path = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     proc = subprocess.Popen(
         [

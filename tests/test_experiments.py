@@ -166,7 +166,7 @@ def _pix2pix(cfg, run, arts, html, evaluated, client):
     assert 0 < m["val/ssim"] <= 1 and m["val/psnr"] > 0
     assert int(params["model/params/generator"]) > 1_000_000
     assert int(params["model/params/discriminator"]) > 100_000
-    assert params["model.netG"] == "unet_64" and params["model.lambda_L1"] == "100.0"
+    assert params["model.generator.netG"] == "unet_64" and params["model.lambda_L1"] == "100.0"
     assert run.data.tags["zoo.fid"].startswith(("skipped", "on"))
     assert {"figures/val/grid_epoch000.png", "figures/test/grid.png"} <= arts
     assert "Test results" in html and "test/ssim" in html

@@ -10,6 +10,7 @@ example come from one real batch of the run's data module.
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -79,14 +80,21 @@ def example_batch(datamodule) -> Any:
 
 @contextmanager
 def _tracking_uri(uri: str) -> Iterator[None]:
+    """mlflow's global tracking URI set to ``uri`` for a block (``Model.log`` reads only the
+    global one); the previous URI and MLFLOW_TRACKING_URI (which mlflow also sets) come back."""
     import mlflow
 
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
     mlflow.set_tracking_uri(uri)
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous or "")
+        mlflow.set_tracking_uri(previous)  # None unsets the variable
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
 def log_model(

@@ -42,30 +42,9 @@ log = logging.getLogger(__name__)
 MASK_ARTIFACT = "masks/attention_mask.pt"
 MASK_MODES = ("dense", "dam_u", "dam_s", "fixed")
 # what each mask mode reads from model.mask (the values live in conf/model/sparsebert.yaml)
-MASK_KEYS = {
-    "dense": (),
-    "dam_u": (
-        "share_layers",
-        "symmetric",
-        "sampler",
-        "init_keep_logit",
-        "lambda_sparsity",
-        "lr",
-        "tau_start",
-        "tau_end",
-    ),
-    "dam_s": (
-        "share_layers",
-        "symmetric",
-        "sampler",
-        "init_keep_logit",
-        "lambda_sparsity",
-        "lr",
-        "tau_start",
-        "tau_end",
-    ),
-    "fixed": (),
-}
+SEARCH_KEYS = ("share_layers", "symmetric", "sampler", "init_keep_logit", "lambda_sparsity", "lr")
+SEARCH_KEYS += ("tau_start", "tau_end")
+MASK_KEYS = {"dense": (), "dam_u": SEARCH_KEYS, "dam_s": SEARCH_KEYS, "fixed": ()}
 
 
 class DifferentiableAttentionMask(nn.Module):
