@@ -107,6 +107,9 @@ def test_experiment_end_to_end(make_cfg, tracking_uri, tmp_path, monkeypatch, ex
 
     # the logged mlflow Model: loads with pyfunc and predicts what the module predicts
     model_uri = tags[tracking.TAG_MODEL_URI]
+    logged = client.get_logged_model(model_uri.rsplit("/", 1)[-1])
+    assert logged.experiment_id == run.info.experiment_id and logged.source_run_id == run_id
+    assert [o.model_id for o in run.outputs.model_outputs] == [logged.model_id]
     pyfunc = mlflow.pyfunc.load_model(model_uri)
     assert pyfunc.metadata.signature is not None
     example = pyfunc.metadata.load_input_example(

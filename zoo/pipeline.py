@@ -14,6 +14,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -130,9 +131,7 @@ def train(cfg: DictConfig) -> float | None:
     for name, node in loggers_cfg.items():
         extra = {"run_id": _run_id_for(cfg, ckpt)} if name in mlflow_loggers else {}
         loggers.append(build(node, f"logger.{name}", **extra))
-    run = tracking.TrainingRun(
-        next((lg for lg in loggers if isinstance(lg, tracking.MLFlowLogger)), None)
-    )
+    run = tracking.TrainingRun(next((lg for lg in loggers if isinstance(lg, MLFlowLogger)), None))
     callbacks = build_all(cfg.get("callbacks"), "callbacks") + [
         RunInfo(cfg, run),
         TrackOutputs(run),

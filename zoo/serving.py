@@ -122,6 +122,15 @@ def log_model(
         config.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         torch.save(module.state_dict(), weights)
         with _tracking_uri(tracking_uri):
+            # created here, in the run's experiment: left to Model.log, a model logged without
+            # an active fluent run lands in the Default experiment
+            client = mlflow.MlflowClient(tracking_uri)
+            logged = client.create_logged_model(
+                experiment_id=client.get_run(run_id).info.experiment_id,
+                name=MODEL_NAME,
+                source_run_id=run_id,
+                model_type=type(module).__name__,
+            )
             return Model.log(
                 artifact_path=None,
                 name=MODEL_NAME,
@@ -135,6 +144,7 @@ def log_model(
                 registered_model_name=registered_model_name,
                 await_registration_for=60 if registered_model_name else 0,
                 flavor_name="python_model",
+                model_id=logged.model_id,
             )
 
 

@@ -1,6 +1,7 @@
 """mlflow helpers: the run of a training job, params without truncation, tags, artifacts,
 figures, and run lookup for evaluate.py. All writes go through MlflowClient with an explicit
-run id (no global "active run"), so multirun jobs cannot leak into each other."""
+run id (no global "active run"), so multirun jobs cannot leak into each other. No Lightning at
+module level: a process that only opens a store or looks a run up stays light."""
 
 from __future__ import annotations
 
@@ -17,16 +18,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 import zoo
 from zoo.config import iter_flat
 from zoo.errors import ConfigError, TrackingError, one_line
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import MLFlowLogger
 
 log = logging.getLogger(__name__)
 
@@ -252,19 +254,6 @@ def count_parameters(model) -> dict[str, int]:
     return out
 
 
-class ZooMLFlowLogger(MLFlowLogger):
-    """Lightning's MLFlowLogger, with hyper-parameters logged without silent truncation
-    (Lightning cuts every value to 250 characters)."""
-
-    def __init__(self, *args, tracking_uri: str | None = None, **kwargs):
-        super().__init__(*args, tracking_uri=open_store(tracking_uri), **kwargs)
-
-    @rank_zero_only
-    def log_hyperparams(self, params) -> None:
-        params = params if isinstance(params, dict) else vars(params)
-        log_params(self.experiment, self.run_id, flatten_params(params))
-
-
 def log_params(mlflow_client, run_id: str, params: dict[str, str]) -> dict[str, tuple[str, str]]:
     """Log params in batches; keys already logged with another value (a resumed run whose
     config changed) are not re-logged but returned as {key: (old, new)}."""
@@ -283,6 +272,8 @@ class TrainingRun:
     the run's final status. A no-op without an mlflow logger and on non-zero ranks."""
 
     def __init__(self, logger: MLFlowLogger | None):
+        from lightning.pytorch.utilities import rank_zero_only
+
         self.logger = logger if rank_zero_only.rank == 0 else None
         self._system_metrics = None
 

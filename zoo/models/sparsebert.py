@@ -84,14 +84,14 @@ class DifferentiableAttentionMask(nn.Module):
         i = torch.arange(length, device=self.alpha.device)
         return (i[:, None] - i[None, :]).abs()
 
-    def _expand(self, m: torch.Tensor, length: int) -> torch.Tensor:
+    def _expand(self, values: torch.Tensor, length: int) -> torch.Tensor:
         """Per-offset values [S, H, L] -> Toeplitz [S, H, L, L] (dam_s); dam_u: crop/symmetrise."""
         if self.kind == "dam_s":
-            return m[..., :length][..., self._offsets(length)]
-        m = m[..., :length, :length]
+            return values[..., :length][..., self._offsets(length)]
+        values = values[..., :length, :length]
         if self.symmetric:
-            m = torch.triu(m) + torch.triu(m, 1).transpose(-1, -2)
-        return m
+            values = torch.triu(values) + torch.triu(values, 1).transpose(-1, -2)
+        return values
 
     def keep_logits(self, length: int) -> torch.Tensor:
         """α_keep − α_drop as [S, H, L, L]."""
@@ -102,12 +102,12 @@ class DifferentiableAttentionMask(nn.Module):
         per free parameter (per offset for dam_s, per upper-triangle entry when symmetric), so the
         structure holds exactly in every sample."""
         if self.sampler == "sigmoid":
-            m = kernels.gumbel_sigmoid(
+            values = kernels.gumbel_sigmoid(
                 self.alpha[..., 0] - self.alpha[..., 1], tau=self.tau, hard=True
             )
         else:
-            m = kernels.gumbel_softmax(self.alpha, tau=self.tau, hard=True, dim=-1)[..., 0]
-        return self._expand(m, length)
+            values = kernels.gumbel_softmax(self.alpha, tau=self.tau, hard=True, dim=-1)[..., 0]
+        return self._expand(values, length)
 
     def binary(self, length: int) -> torch.Tensor:
         """The binarised mask (keep iff α_keep > α_drop), bool [S, H, L, L]."""
