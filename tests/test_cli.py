@@ -1,4 +1,5 @@
-"""The command line as users run it: multirun, DDP, optuna sweeps, a real mlflow server."""
+"""The command line as users run it: DDP, optuna sweeps (multirun and a real mlflow server:
+tests/test_tracking_server.py)."""
 
 from __future__ import annotations
 
@@ -14,22 +15,6 @@ def _runs(uri: str, experiment: str = "zoo"):
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     return client, (client.search_runs([exp.experiment_id]) if exp else [])
-
-
-@pytest.mark.slow
-def test_multirun_gives_one_mlflow_run_per_job(tmp_path, data_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = run_cli(
-        "train.py",
-        ["-m", "experiment=eeg_cnn_lstm,eeg_cnn_gru", "debug=fast"],
-        tmp_path,
-        {"MLFLOW_TRACKING_URI": uri},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _, runs = _runs(uri)
-    assert sorted(r.data.tags["zoo.experiment"] for r in runs) == ["eeg_cnn_gru", "eeg_cnn_lstm"]
-    assert all(r.info.status == "FINISHED" and "test/acc" in r.data.metrics for r in runs)
-    assert "zoo run summary" in proc.stdout and "mlflow ui --backend-store-uri" in proc.stdout
 
 
 @pytest.mark.slow
@@ -75,26 +60,3 @@ def test_optuna_sweep(tmp_path, data_dir):
         Path(tmp_path, "logs", "train", "multiruns").rglob("optimization_results.yaml")
     ).read_text()
     assert "best_value" in best
-
-
-@pytest.mark.slow
-def test_http_tracking_server_train_and_evaluate(tmp_path, data_dir, mlflow_server):
-    url, artifact_root = mlflow_server
-    work = tmp_path / "work"
-    work.mkdir()
-    proc = run_cli("train.py", ["debug=fast"], work, {"MLFLOW_TRACKING_URI": url})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not (work / "mlflow.db").exists()  # nothing went to the local default store
-    client, (run,) = _runs(url)
-    assert "test/acc" in run.data.metrics
-    assert list(artifact_root.rglob("config.yaml")), "artifacts were not uploaded to the server"
-    out = tmp_path / "report"
-    proc = run_cli(
-        "evaluate.py",
-        [f"run_id={run.info.run_id}", f"output_dir={out}"],
-        work,
-        {"MLFLOW_TRACKING_URI": url},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert str(out) in proc.stdout and (out / "report.html").is_file()
-    assert any(a.path == "report" for a in client.list_artifacts(run.info.run_id))

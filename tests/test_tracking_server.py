@@ -1,6 +1,7 @@
-"""What a user sees in the mlflow UI (a real ``mlflow server``, headless chromium): a run page
-with the description, source and commit, datasets, metrics and params; a logged figure; and the
-compare page of two runs."""
+"""A real ``mlflow server``, as a team uses it: a multirun of two experiments trains into it
+(one run per job, artifacts uploaded), ``evaluate.py`` reports on a run through it, and the
+mlflow UI in headless chromium shows the run page (description, source commit, datasets,
+metrics, params), a logged figure and the compare page of the two runs."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import chromium
-from zoo.pipeline import train
+from tests.conftest import chromium, run_cli
 
 
 def _wait_for_text(driver, texts: list[str], timeout: float = 60.0) -> str:
@@ -28,19 +28,40 @@ def _wait_for_text(driver, texts: list[str], timeout: float = 60.0) -> str:
 
 
 @pytest.mark.slow
-def test_run_and_compare_pages_show_metrics_params_and_figures(make_cfg, mlflow_server, tmp_path):
-    url, _ = mlflow_server
-    for experiment in ("eeg_cnn_lstm", "eeg_cnn_gru"):
-        cfg = make_cfg([f"experiment={experiment}", "debug=fast", "tracking.experiment_name=ui"])
-        cfg.tracking.tracking_uri = url
-        cfg.logger.mlflow.tracking_uri = url
-        train(cfg)
+def test_multirun_into_a_server_then_evaluate_and_browse(tmp_path, data_dir, mlflow_server):
+    url, artifact_root = mlflow_server
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {"MLFLOW_TRACKING_URI": url}
+    proc = run_cli(
+        "train.py",
+        [
+            "-m",
+            "experiment=eeg_cnn_lstm,eeg_cnn_gru",
+            "debug=fast",
+            "tracking.experiment_name=team",
+        ],
+        work,
+        env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (work / "mlflow.db").exists()  # nothing went to the local default store
+    assert "zoo run summary" in proc.stdout and url in proc.stdout
     client = MlflowClient(url)
-    exp = client.get_experiment_by_name("ui")
+    exp = client.get_experiment_by_name("team")
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
-    assert len(runs) == 2
+    assert [r.data.tags["zoo.experiment"] for r in runs] == ["eeg_cnn_lstm", "eeg_cnn_gru"]
+    assert all(r.info.status == "FINISHED" and "test/acc" in r.data.metrics for r in runs)
+    assert list(artifact_root.rglob("config.yaml")), "artifacts were not uploaded to the server"
+
     run = runs[0]
+    out = tmp_path / "report"
+    proc = run_cli("evaluate.py", [f"run_id={run.info.run_id}", f"output_dir={out}"], work, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert str(out) in proc.stdout and (out / "report.html").is_file()
+    assert any(a.path == "report" for a in client.list_artifacts(run.info.run_id))
     commit = run.data.tags["mlflow.source.git.commit"]
+    assert run.data.tags["mlflow.source.name"].endswith("train.py")
 
     with chromium(tmp_path / "profile", window="1600,1200") as driver:
         driver.get(f"{url}/#/experiments/{exp.experiment_id}/runs/{run.info.run_id}")
@@ -52,7 +73,8 @@ def test_run_and_compare_pages_show_metrics_params_and_figures(make_cfg, mlflow_
                 "val/loss",
                 "model.net.rnn",  # params
                 "deap_demo-train",  # datasets
-                commit[:7],  # source commit
+                "train.py",  # source
+                commit[:7],  # and its commit
             ],
         )
 
