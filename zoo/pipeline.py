@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from zoo import kernels, tracking
+from zoo import kernels, legacy, tracking
 from zoo.callbacks import RunInfo, TrackOutputs
 from zoo.errors import ConfigError, one_line
 from zoo.reports import Report
@@ -255,7 +255,7 @@ def source_from_run(cfg: DictConfig) -> Source:
     state = read_checkpoint(tracking.download_artifact(cfg.run_id, artifact, uri))
     return Source(
         description=f"mlflow run {cfg.run_id} ({artifact})",
-        train_cfg=tracking.load_run_config(cfg.run_id, uri),
+        train_cfg=legacy.upgrade(tracking.load_run_config(cfg.run_id, uri)),
         state_dict=state["state_dict"],
         run_id=str(cfg.run_id),
         stem=str(cfg.run_id),
@@ -267,7 +267,7 @@ def source_from_checkpoint(cfg: DictConfig) -> Source:
     state = read_checkpoint(path)
     meta = state.get("zoo", {})
     if meta.get("config"):
-        train_cfg = OmegaConf.create(meta["config"])
+        train_cfg = legacy.upgrade(OmegaConf.create(meta["config"]))
     elif cfg.get("model") and cfg.get("data"):
         train_cfg = cfg
     else:

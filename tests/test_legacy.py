@@ -1,0 +1,98 @@
+"""Runs and checkpoints from before issue 15 (flat pix2pix / detection model keys) still
+evaluate: their logged configs are upgraded to the injected shape with the same values."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import OmegaConf
+
+from tests.conftest import build_model
+from zoo import legacy
+from zoo.pipeline import build
+
+OLD_PIX2PIX = {  # conf/model/pix2pix.yaml as pix2pix_demo resolved it before issue 15
+    "_target_": "zoo.models.pix2pix.Pix2Pix",
+    "netG": "unet_64",
+    "netD": "basic",
+    "input_nc": 3,
+    "output_nc": 3,
+    "ngf": 8,
+    "ndf": 8,
+    "n_layers_D": 3,
+    "norm": "batch",
+    "no_dropout": False,
+    "init_gain": 0.02,
+    "gan_mode": "lsgan",
+    "lambda_L1": 100.0,
+    "lambda_gp": 10.0,
+    "lr": 0.0003,
+    "beta1": 0.4,
+    "n_epochs": 10,
+    "n_epochs_decay": 10,
+    "epoch_count": 1,
+    "grid_images": 6,
+    "grid_every_n_epochs": 1,
+    "fid": "off",
+}
+
+OLD_DETECTOR = {
+    "_target_": "zoo.models.detection.GroupSoftmaxDetector",
+    "_convert_": "all",
+    "classes": ["circle", "square", "triangle", "cross"],
+    "sources": {
+        "a": {"label_map": {"circle": "circle", "square": "square"}},
+        "b": {"label_map": {"triangle": "triangle", "cross": "cross"}},
+    },
+    "backbone": "mobilenet_v3_large_fpn",
+    "loss": "softmax",
+    "backbone_weights": None,
+    "trainable_backbone_layers": None,
+    "anchor_sizes": None,
+    "min_size": 128,
+    "max_size": 128,
+    "detector": {"box_batch_size_per_image": 64},
+    "lr": 0.01,
+    "momentum": 0.9,
+    "weight_decay": 0.0001,
+    "warmup_iters": 100,
+    "warmup_factor": 0.001,
+    "lr_steps": [8],
+    "lr_gamma": 0.1,
+    "figure_images": 6,
+    "figure_score_threshold": 0.5,
+    "figures_every_n_epochs": 1,
+}
+
+
+def _upgraded(model: dict):
+    cfg = legacy.upgrade(OmegaConf.create({"name": "old", "model": model}))
+    return cfg, build(cfg.model, "model")
+
+
+def test_an_old_pix2pix_config_builds_the_same_model():
+    cfg, old = _upgraded(OLD_PIX2PIX)
+    assert cfg.model.generator.netG == "unet_64" and cfg.model.discriminator.input_nc == 6
+    assert cfg.model.optimizer.betas == [0.4, 0.999] and old.hparams.gan_mode == "lsgan"
+    new = build_model(
+        ["experiment=pix2pix_demo", "model.generator.ngf=8", "model.discriminator.ndf=8"]
+    )
+    assert {k: v.shape for k, v in old.state_dict().items()} == {
+        k: v.shape for k, v in new.state_dict().items()
+    }
+    old.load_state_dict(new.state_dict())  # an old checkpoint's weights load as they are
+    (opt, _), _ = old.configure_optimizers()
+    assert opt.defaults["lr"] == 0.0003 and tuple(opt.defaults["betas"]) == (0.4, 0.999)
+
+
+def test_an_old_detection_config_builds_the_same_model():
+    cfg, old = _upgraded(OLD_DETECTOR)
+    assert cfg.model.net.loss == "softmax" and cfg.model.net.box_batch_size_per_image == 64
+    assert cfg.model.scheduler.gamma == 0.1 and cfg.model.optimizer.lr == 0.01
+    assert old.net.transform.min_size == (128,)
+    assert old.net.roi_heads.fg_bg_sampler.batch_size_per_image == 64
+    assert torch.equal(old.group_table, torch.tensor([[0, 1, 2, 0, 0], [0, 0, 0, 3, 4]]))
+
+
+def test_current_configs_are_left_alone():
+    cfg = OmegaConf.create({"model": {"_target_": "zoo.models.pix2pix.Pix2Pix", "generator": {}}})
+    assert legacy.upgrade(cfg) is cfg
