@@ -218,3 +218,17 @@ def test_registered_model_is_evaluated_from_the_registry(make_cfg, tracking_uri,
         evaluate(
             make_cfg([f"run_id={run.info.run_id}", "model_uri=models:/eeg-demo/1"], "evaluate")
         )
+
+
+def test_a_model_that_cannot_be_logged_keeps_the_run(make_cfg, tracking_uri, monkeypatch):
+    import zoo.serving
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no space left on the artifact store")
+
+    monkeypatch.setattr(zoo.serving, "log_model", broken)
+    train(make_cfg(["debug=fast", "tracking.experiment_name=unloggable", "test=false"]))
+    (run,) = _runs(MlflowClient(tracking_uri), "unloggable")
+    assert run.info.status == "FINISHED" and "val/loss" in run.data.metrics
+    assert "no space left" in run.data.tags["zoo.model_error"]
+    assert tracking.TAG_MODEL_URI not in run.data.tags and run.data.tags[tracking.TAG_BEST_CKPT]

@@ -81,13 +81,43 @@ def _run_id_for(cfg: DictConfig, ckpt: dict | None) -> str | None:
     return None
 
 
+def fit_and_test(cfg: DictConfig, trainer: L.Trainer, model, datamodule):
+    """Fit (unless train=false) and test the best checkpoint (unless test=false); returns the
+    best checkpoint's path, its monitored score and the test metrics."""
+    if cfg.get("train", True):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    ckpt_cb = trainer.checkpoint_callback
+    best_path = getattr(ckpt_cb, "best_model_path", "") or ""
+    best_score = getattr(ckpt_cb, "best_model_score", None)
+    test_metrics = {}
+    if cfg.get("test", True):
+        if not best_path:
+            log.warning("No best checkpoint (checkpointing off?): testing the current weights.")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
+        test_metrics = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")
+        }
+    return best_path, best_score, test_metrics
+
+
 def log_best_model(run: tracking.TrainingRun, cfg: DictConfig, model, datamodule, best_path: str):
     """The best checkpoint's weights as the run's mlflow Model (registered when
     registry.model_name is set)."""
     if best_path:
         model.load_state_dict(read_checkpoint(best_path)["state_dict"])
     name = OmegaConf.select(cfg, "registry.model_name") or None
-    return run.log_model(model, cfg, datamodule, registered_model_name=name)
+    try:
+        return run.log_model(model, cfg, datamodule, registered_model_name=name)
+    except Exception as exc:  # the run's metrics and checkpoint are logged: keep them FINISHED
+        reason = f"{type(exc).__name__}: {one_line(str(exc))[:300]}"
+        log.warning(
+            "The model could not be logged as an mlflow Model (%s); the run keeps its "
+            "checkpoint (tag %s).",
+            reason,
+            tracking.TAG_BEST_CKPT,
+        )
+        run.set_tag("zoo.model_error", reason)
+        return None
 
 
 @rank_zero_only
@@ -146,29 +176,16 @@ def train(cfg: DictConfig) -> float | None:
             run.start_system_metrics(
                 float(OmegaConf.select(cfg, "tracking.system_metrics_interval") or 10)
             )
-        if cfg.get("train", True):
-            trainer.fit(
-                model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True
-            )
+        try:
+            best_path, best_score, test_metrics = fit_and_test(cfg, trainer, model, datamodule)
+        finally:
+            run.stop_system_metrics()
         ckpt_cb = trainer.checkpoint_callback
-        best_path = getattr(ckpt_cb, "best_model_path", "") or ""
-        best_score = getattr(ckpt_cb, "best_model_score", None)
         run.log_best_checkpoint(best_path)  # a no-op on ranks other than 0
-        test_metrics = {}
-        if cfg.get("test", True):
-            if not best_path:
-                log.warning("No best checkpoint (checkpointing off?): testing the current weights.")
-            trainer.test(
-                model, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True
-            )
-            test_metrics = {
-                k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")
-            }
         run.set_tag("zoo.kernels", kernels.used_backend())
         model_info = None
         if run.active and OmegaConf.select(cfg, "tracking.log_model") is not False:
             model_info = log_best_model(run, cfg, model, datamodule, best_path)
-    run.stop_system_metrics()
     run.finish()
 
     monitor = getattr(ckpt_cb, "monitor", None) or "-"
