@@ -15,6 +15,27 @@ MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # mlflow's own default store
 
 
+def resolve_tracking_uri(cfg_value: str | None = None) -> str:
+    """Config key beats MLFLOW_TRACKING_URI beats mlflow's default sqlite store."""
+    return cfg_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def download(artifact_uri: str, tracking_uri: str, failure: str, dst: str | None = None) -> Path:
+    """mlflow's download of ``artifact_uri``; a failure raises ConfigError("<failure> (why)")."""
+    import mlflow.artifacts
+
+    try:
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=artifact_uri,
+                dst_path=dst or tempfile.mkdtemp(prefix="zoo-fetch-"),
+                tracking_uri=tracking_uri,
+            )
+        )
+    except Exception as exc:
+        raise ConfigError(f"{failure} ({type(exc).__name__}: {one_line(str(exc))[:300]})") from None
+
+
 def fetch(uri: str | Path, key: str, tracking_uri: str | None = None) -> Path:
     """The local path of ``uri`` (downloaded if it is an mlflow artifact URI); ``key`` names
     the config key in errors."""
@@ -24,19 +45,5 @@ def fetch(uri: str | Path, key: str, tracking_uri: str | None = None) -> Path:
         if not path.is_file():
             raise ConfigError(f"{key}={text}: file not found")
         return path
-    import mlflow.artifacts
-
-    store = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-    try:
-        return Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=text,
-                dst_path=tempfile.mkdtemp(prefix="zoo-fetch-"),
-                tracking_uri=store,
-            )
-        )
-    except Exception as exc:
-        raise ConfigError(
-            f"{key}={text}: could not download it from tracking store {store} "
-            f"({type(exc).__name__}: {one_line(str(exc))[:300]})"
-        ) from None
+    store = resolve_tracking_uri(tracking_uri)
+    return download(text, store, f"{key}={text}: could not download it from tracking store {store}")

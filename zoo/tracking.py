@@ -26,23 +26,18 @@ from omegaconf import DictConfig, OmegaConf
 import zoo
 from zoo.config import iter_flat
 from zoo.errors import ConfigError, TrackingError, one_line
+from zoo.fetch import download, resolve_tracking_uri
 
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import MLFlowLogger
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # mlflow's own default store
 CONFIG_ARTIFACT = "config/config.yaml"
 TAG_KIND = "zoo.kind"
 TAG_BEST_CKPT = "zoo.best_checkpoint"
 TAG_MODEL_URI = "zoo.model_uri"
 TAG_REGISTERED = "zoo.registered_model"
-
-
-def resolve_tracking_uri(cfg_value: str | None = None) -> str:
-    """Config key beats MLFLOW_TRACKING_URI beats mlflow's default sqlite store."""
-    return cfg_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def client(uri: str | None = None):
@@ -519,23 +514,12 @@ def get_run(run_id: str, uri: str | None = None):
 def download_artifact(
     run_id: str, artifact_path: str, uri: str | None = None, dst: str | None = None
 ) -> Path:
-    import mlflow.artifacts
-
-    dst = dst or tempfile.mkdtemp(prefix="zoo-artifacts-")
-    try:
-        return Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=run_id,
-                artifact_path=artifact_path,
-                dst_path=dst,
-                tracking_uri=resolve_tracking_uri(uri),
-            )
-        )
-    except Exception as exc:
-        raise ConfigError(
-            f"run {run_id}: could not download artifact '{artifact_path}' "
-            f"({str(exc).splitlines()[0]})"
-        ) from None
+    return download(
+        f"runs:/{run_id}/{artifact_path}",
+        resolve_tracking_uri(uri),
+        f"run {run_id}: could not download artifact '{artifact_path}'",
+        dst,
+    )
 
 
 def load_run_config(run_id: str, uri: str | None = None) -> DictConfig:
@@ -556,24 +540,15 @@ class LocalModel:
 def download_model(model_uri: str, uri: str | None = None) -> LocalModel:
     """Download a logged or registered zoo model (``models:/<name>/<version>``,
     ``runs:/<run id>/model``, ``models:/<model id>``) and find its config and weights."""
-    import mlflow.artifacts
     from mlflow.models import Model
 
     tracking_uri = open_store(uri)
+    failure = f"model_uri={model_uri}: no such model in tracking store {tracking_uri}"
+    local = download(model_uri, tracking_uri, failure)
     try:
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=model_uri,
-                dst_path=tempfile.mkdtemp(prefix="zoo-model-"),
-                tracking_uri=tracking_uri,
-            )
-        )
         meta = Model.load(str(local))
     except Exception as exc:
-        raise ConfigError(
-            f"model_uri={model_uri}: no such model in tracking store {tracking_uri} "
-            f"({type(exc).__name__}: {one_line(str(exc))[:300]})"
-        ) from None
+        raise ConfigError(f"{failure} ({type(exc).__name__}: {one_line(str(exc))[:300]})") from None
     flavor = meta.flavors.get("python_function", {})
     artifacts = {
         name: local / spec["path"] for name, spec in (flavor.get("artifacts") or {}).items()
