@@ -67,6 +67,14 @@ def compose_cfg(
     return cfg
 
 
+def artifacts(client, run_id: str, path: str = "") -> set[str]:
+    """Every artifact path of an mlflow run (recursively)."""
+    out = set()
+    for item in client.list_artifacts(run_id, path):
+        out |= artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
 def build_model(overrides: list[str], **kwargs):
     """The Lightning module a train config composes to: every default comes from conf/
     (``kwargs`` replace arguments of the model node, e.g. ``sources=``)."""

@@ -18,12 +18,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import EXPERIMENTS, compose_cfg
+from tests.conftest import EXPERIMENTS, artifacts, compose_cfg
 from zoo import tracking
 from zoo.pipeline import build, evaluate, read_checkpoint, train
 
 
-def _has_demo(experiment: str, tmp_path_factory=None) -> bool:
+def _has_demo(experiment: str) -> bool:
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="zoo-compose-"))
@@ -32,13 +32,6 @@ def _has_demo(experiment: str, tmp_path_factory=None) -> bool:
 
 
 DEMO_EXPERIMENTS = [e for e in EXPERIMENTS if _has_demo(e)]
-
-
-def artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
-    out = set()
-    for item in client.list_artifacts(run_id, path):
-        out |= artifacts(client, run_id, item.path) if item.is_dir else {item.path}
-    return out
 
 
 # stage-2 experiments: (the stage-1 experiment, the key that takes its run id)

@@ -8,15 +8,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.conftest import artifacts
 from zoo import tracking
 from zoo.pipeline import evaluate, train
-
-
-def _artifacts(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
-    out = set()
-    for item in client.list_artifacts(run_id, path):
-        out |= _artifacts(client, run_id, item.path) if item.is_dir else {item.path}
-    return out
 
 
 def _runs(client: MlflowClient, experiment: str = "zoo"):
@@ -62,7 +56,7 @@ def test_resume_continues_the_same_run(make_cfg, tracking_uri, tmp_path):
     assert len(history) == 2  # epoch 0 from the first job, epoch 1 from the resumed one
     assert runs[0].info.status == "FINISHED" and "test/acc" in runs[0].data.metrics
     assert runs[0].data.tags["zoo.resumed_from"] == str(last)
-    assert any(a.startswith("config/config-resume-") for a in _artifacts(client, run.info.run_id))
+    assert any(a.startswith("config/config-resume-") for a in artifacts(client, run.info.run_id))
 
 
 def test_train_then_evaluate_round_trip(make_cfg, tracking_uri, tmp_path):
@@ -94,7 +88,7 @@ def test_train_then_evaluate_round_trip(make_cfg, tracking_uri, tmp_path):
     assert (out / "images" / "confusion_matrix.png").stat().st_size > 1000
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
-    arts = _artifacts(client, run_id)
+    arts = artifacts(client, run_id)
     assert {"report/report.md", "report/report.html", "report/metrics.json"} <= arts
 
     # the same checkpoint, evaluated from the file (its config travels inside it)
@@ -133,7 +127,7 @@ def test_comparison_report(make_cfg, tracking_uri, tmp_path):
     assert "Final metrics" in md and "Learning curves" in md and "model.net.rnn" in md
     assert ids[0][:8] in md and ids[1][:8] in md
     assert (out / "images" / "learning_curves.png").is_file()
-    assert "report/report.html" in _artifacts(client, new.info.run_id)
+    assert "report/report.html" in artifacts(client, new.info.run_id)
 
 
 def test_evaluate_errors(make_cfg, tmp_path):
@@ -165,7 +159,7 @@ def test_explicit_run_id_and_failed_job(make_cfg, tracking_uri, tmp_path):
     (run,) = _runs(client, name)
     assert run.info.status == "FAILED"
     assert run.data.params["data.data_dir"] == str(tmp_path / "nope")  # what was logged stays
-    assert "config/config.yaml" in _artifacts(client, run.info.run_id)
+    assert "config/config.yaml" in artifacts(client, run.info.run_id)
     # re-run the job into the same run with run_id=
     train(
         make_cfg(
@@ -208,7 +202,7 @@ def test_registered_model_is_evaluated_from_the_registry(make_cfg, tracking_uri,
     for key in ("test/acc", "test/f1_macro", "test/loss"):
         assert metrics[key] == pytest.approx(run.data.metrics[key], abs=1e-5), key
     assert "mlflow model models:/eeg-demo/1" in (out / "report.md").read_text()
-    assert "report/report.html" in _artifacts(client, run.info.run_id)  # the model's run
+    assert "report/report.html" in artifacts(client, run.info.run_id)  # the model's run
 
     from zoo.errors import ConfigError
 
