@@ -69,7 +69,8 @@ def friendly_message(exc: BaseException) -> str:
 
 
 def exit_cleanly_on_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Wrap a Hydra task: user errors print one paragraph and exit with status 2."""
+    """Wrap a Hydra task: user errors print one paragraph and exit with status 2 (3: the job
+    finished but its tracking records are still queued)."""
 
     @functools.wraps(task)
     def wrapped(cfg: DictConfig):
@@ -89,7 +90,7 @@ def exit_cleanly_on_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[
                 f"\n{kind}: {msg}\n(set HYDRA_FULL_ERROR=1 to see the traceback)", file=sys.stderr
             )
             log.debug("user error", exc_info=exc)
-            sys.exit(EXIT_USER_ERROR)
+            sys.exit(getattr(exc, "exit_code", EXIT_USER_ERROR))
 
     return wrapped
 

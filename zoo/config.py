@@ -38,9 +38,24 @@ def _coco_classes() -> list[str]:
     return OmegaConf.create(list(COCO_CLASSES))
 
 
+def _job_dir_name(fallback: str) -> str:
+    """The launcher's job id where there is one, so that every process of a job (torchrun
+    ranks, SLURM tasks) and a requeued SLURM job share one output dir; else ``fallback``."""
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array:
+        return f"slurm-{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm-{os.environ['SLURM_JOB_ID']}"
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    if run_id and run_id != "none":
+        return f"torchrun-{run_id}"
+    return fallback
+
+
 _RESOLVERS = {
     "len": lambda x: len(x),
     "zoo_cwd": lambda: os.getcwd(),
+    "zoo_job_dir": _job_dir_name,
     "zoo_add": lambda *xs: sum(int(x) for x in xs),
     "zoo_deap_channels": _deap_channels,
     "zoo_deap_classes": _deap_classes,

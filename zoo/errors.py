@@ -2,7 +2,11 @@
 
 
 class ZooError(Exception):
-    """An error caused by the user's input (config, files, arguments), not by a bug."""
+    """An error caused by the user's input (config, files, arguments) or the job's
+    surroundings (servers, signals), not by a bug. The entry points print it as one
+    paragraph and exit with ``exit_code``."""
+
+    exit_code = 2
 
 
 class ConfigError(ZooError):
@@ -15,6 +19,12 @@ class DataError(ZooError):
 
 class TrackingError(ZooError):
     """The tracking store or server cannot be used (unreachable, unwritable)."""
+
+
+class TrackingUndelivered(TrackingError):
+    """The job finished, but the tracking server did not answer: records are queued on disk."""
+
+    exit_code = 3
 
 
 def one_line(text: str) -> str:

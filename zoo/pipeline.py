@@ -18,9 +18,9 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from zoo import kernels, legacy, tracking
+from zoo import faults, kernels, legacy, tracking
 from zoo.callbacks import RunInfo, TrackOutputs
-from zoo.errors import ConfigError, one_line
+from zoo.errors import ConfigError, TrackingUndelivered, one_line
 from zoo.reports import Report
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,12 @@ def _run_id_for(cfg: DictConfig, ckpt: dict | None) -> str | None:
     return None
 
 
-def fit_and_test(cfg: DictConfig, trainer: L.Trainer, model, datamodule):
-    """Fit (unless train=false) and test the best checkpoint (unless test=false); returns the
-    best checkpoint's path, its monitored score and the test metrics."""
+def fit_and_test(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt_path=None):
+    """Fit (unless train=false; resuming from ``ckpt_path``) and test the best checkpoint
+    (unless test=false); returns the best checkpoint's path, its monitored score and the test
+    metrics."""
     if cfg.get("train", True):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     ckpt_cb = trainer.checkpoint_callback
     best_path = getattr(ckpt_cb, "best_model_path", "") or ""
     best_score = getattr(ckpt_cb, "best_model_score", None)
@@ -153,7 +154,8 @@ def train(cfg: DictConfig) -> float | None:
         tracking.ensure_experiment(uri, node.get("experiment_name") or "lightning_logs")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    ckpt = read_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    resume = faults.resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir)
+    ckpt = read_checkpoint(resume) if resume else None
 
     datamodule = build(cfg.data, "data")
     model = build(cfg.model, "model")
@@ -162,31 +164,53 @@ def train(cfg: DictConfig) -> float | None:
         extra = {"run_id": _run_id_for(cfg, ckpt)} if name in mlflow_loggers else {}
         loggers.append(build(node, f"logger.{name}", **extra))
     run = tracking.TrainingRun(next((lg for lg in loggers if isinstance(lg, MLFlowLogger)), None))
+    stopper = faults.StopSafely()
     callbacks = build_all(cfg.get("callbacks"), "callbacks") + [
         RunInfo(cfg, run),
         TrackOutputs(run),
+        faults.RandomState(),
+        faults.CarryCheckpoints(resume),
+        stopper,
     ]
     if not loggers:  # logger=none: Lightning's LR monitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False)
+    plugins = {} if cfg.trainer.get("plugins") else {"plugins": [faults.AtomicCheckpointIO()]}
+    trainer: L.Trainer = build(
+        cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, **plugins
+    )
 
-    with run.guard():
-        run.start(cfg, model, resumed=ckpt is not None or bool(cfg.get("run_id")))
-        if OmegaConf.select(cfg, "tracking.system_metrics"):
-            run.start_system_metrics(
-                float(OmegaConf.select(cfg, "tracking.system_metrics_interval") or 10)
-            )
-        try:
-            best_path, best_score, test_metrics = fit_and_test(cfg, trainer, model, datamodule)
-        finally:
-            run.stop_system_metrics()
-        ckpt_cb = trainer.checkpoint_callback
-        run.log_best_checkpoint(best_path)  # a no-op on ranks other than 0
-        run.set_tag("zoo.kernels", kernels.used_backend())
-        model_info = None
-        if run.active and OmegaConf.select(cfg, "tracking.log_model") is not False:
-            model_info = log_best_model(run, cfg, model, datamodule, best_path)
-    run.finish()
+    stopper.install_signal_handlers()
+    try:
+        with run.guard(stopper):
+            run.start(cfg, model, resumed=ckpt is not None or bool(cfg.get("run_id")))
+            if OmegaConf.select(cfg, "tracking.system_metrics"):
+                run.start_system_metrics(
+                    float(OmegaConf.select(cfg, "tracking.system_metrics_interval") or 10)
+                )
+            try:
+                best_path, best_score, test_metrics = fit_and_test(
+                    cfg, trainer, model, datamodule, resume
+                )
+            finally:
+                run.stop_system_metrics()
+            ckpt_cb = trainer.checkpoint_callback
+            run.log_best_checkpoint(best_path)  # a no-op on ranks other than 0
+            run.set_tag("zoo.kernels", kernels.used_backend())
+            model_info = None
+            if run.active and OmegaConf.select(cfg, "tracking.log_model") is not False:
+                name = OmegaConf.select(cfg, "registry.model_name") or None
+                if run.pending and best_path:  # the server is down: log it when it is back
+                    run.defer_model(best_path, name)
+                else:
+                    model_info = log_best_model(run, cfg, model, datamodule, best_path)
+        run.finish()
+    except BaseException:
+        if stopper.exit_code is not None:  # SIGINT: 130, SIGTERM: 143 (the run is KILLED)
+            raise SystemExit(stopper.exit_code) from None
+        raise
+    finally:
+        stopper.restore_signal_handlers()
+    undelivered = deliver_queue(run, cfg)
 
     monitor = getattr(ckpt_cb, "monitor", None) or "-"
     summary = {"experiment": cfg.get("name"), "mlflow run id": run.run_id or "(mlflow logging off)"}
@@ -205,8 +229,30 @@ def train(cfg: DictConfig) -> float | None:
         if model_info.registered_model_version:
             name = OmegaConf.select(cfg, "registry.model_name")
             summary["registered"] = f"models:/{name}/{model_info.registered_model_version}"
+    if undelivered:
+        summary["tracking"] = f"{run.pending} records queued in {run.queue_dir}"
     print_summary(summary)
+    if undelivered:
+        raise undelivered
     return float(best_score) if best_score is not None else None
+
+
+def deliver_queue(run: tracking.TrainingRun, cfg: DictConfig) -> TrackingUndelivered | None:
+    """At the end of a job, deliver what an outage queued (waiting up to tracking.outage_wait
+    seconds for the server); the error to raise if the server is still down."""
+    if not run.pending:
+        return None
+    wait = float(OmegaConf.select(cfg, "tracking.outage_wait") or 0)
+    log.warning("Delivering %d queued tracking records (waiting up to %.0f s).", run.pending, wait)
+    if run.flush(wait):
+        return None
+    return TrackingUndelivered(
+        f"the tracking server {tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)} did "
+        f"not answer by the end of the job. Training finished and its checkpoints are in "
+        f"{cfg.paths.output_dir}; {run.pending} tracking records of run {run.run_id} (metrics, "
+        f"tags, artifacts, its end) are queued in {run.queue_dir}. When the server is back, "
+        f"deliver them into the same run with: python -m zoo.delivery {cfg.paths.output_dir}"
+    )
 
 
 # --------------------------------------------------------------------------- evaluate

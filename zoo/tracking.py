@@ -71,6 +71,7 @@ def open_store(uri: str | None = None) -> str:
             _init_sqlite_store(uri)
         elif uri.startswith(("http://", "https://")):
             _check_server(uri)
+            _bound_mlflow_retries()
         _ready_stores.add(uri)
     return uri
 
@@ -132,6 +133,21 @@ def _check_server(uri: str) -> None:
         "tracking.tracking_uri / MLFLOW_TRACKING_URI to a running server or a local store such "
         "as sqlite:///mlflow.db, or train without tracking with logger=none. Nothing was logged."
     )
+
+
+# mlflow retries a failed request 7 times with exponential backoff and a 120 s timeout: minutes
+# per call while a server is down. A job bounds that (the user's own settings win); what cannot
+# be delivered is queued (zoo.delivery) instead of waited for.
+MLFLOW_HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+def _bound_mlflow_retries() -> None:
+    for key, value in MLFLOW_HTTP_LIMITS.items():
+        os.environ.setdefault(key, value)
 
 
 def _connection_reason(exc: Exception) -> str:
@@ -254,7 +270,14 @@ def log_params(mlflow_client, run_id: str, params: dict[str, str]) -> dict[str, 
     config changed) are not re-logged but returned as {key: (old, new)}."""
     from mlflow.entities import Param
 
-    existing = mlflow_client.get_run(run_id).data.params
+    from zoo.queueing import is_outage
+
+    try:
+        existing = mlflow_client.get_run(run_id).data.params
+    except Exception as exc:  # server down: log them all (the queue delivers them later)
+        if not is_outage(exc):
+            raise
+        existing = {}
     changed = {k: (existing[k], v) for k, v in params.items() if k in existing and existing[k] != v}
     todo = [Param(k, v) for k, v in params.items() if k not in existing]
     for i in range(0, len(todo), 100):
@@ -435,22 +458,49 @@ class TrainingRun:
             self.client.set_terminated(self.run_id, status)
 
     @contextmanager
-    def guard(self) -> Iterator[None]:
-        """Mark the run FAILED (or KILLED) if the job dies; what was logged stays."""
+    def guard(self, stopper=None) -> Iterator[None]:
+        """Mark the run KILLED (a signal: ``stopper`` is the job's ``zoo.faults.StopSafely``)
+        or FAILED, with the reason in tag ``zoo.failure``, if the job dies; what was logged
+        stays."""
         try:
             yield
-        except KeyboardInterrupt:
-            self._safe_finish("KILLED")
-            raise
-        except BaseException:
-            self._safe_finish("FAILED")
+        except BaseException as exc:
+            killed = isinstance(exc, KeyboardInterrupt) or (
+                stopper is not None and stopper.status == "KILLED"
+            )
+            if not killed:
+                reason = getattr(stopper, "failure", None) or (
+                    f"{type(exc).__name__}: {one_line(str(exc))[:400]}"
+                )
+                self._safe(lambda: self.set_tag("zoo.failure", reason))
+            self._safe(lambda: self.finish("KILLED" if killed else "FAILED"))
             raise
 
-    def _safe_finish(self, status: str) -> None:
+    # ---------------------------------------------------------------- outages
+    @property
+    def pending(self) -> int:
+        """Writes queued while the tracking server does not answer (``zoo.queueing``)."""
+        return getattr(self.client, "pending", 0) if self.logger is not None else 0
+
+    def flush(self, wait_s: float = 0.0) -> bool:
+        """Deliver queued writes, retrying for up to ``wait_s``; True when none are left."""
+        flush = getattr(self.client, "flush", None)
+        return flush(wait_s) if callable(flush) else True
+
+    def defer_model(self, checkpoint: str, registered_model_name: str | None) -> None:
+        """Queue the logging of the mlflow Model (the server is down at the end of the job)."""
+        self.client.defer_model(self.run_id, checkpoint, registered_model_name)
+
+    @property
+    def queue_dir(self):
+        queue = getattr(self.client, "queue", None)
+        return queue.folder if queue is not None else None
+
+    def _safe(self, write) -> None:
         try:
-            self.finish(status)
+            write()
         except Exception as exc:  # never hide the original error
-            log.warning("could not mark mlflow run %s as %s: %s", self.run_id, status, exc)
+            log.warning("could not update mlflow run %s: %s", self.run_id, exc)
 
 
 def _hydra_choices() -> dict[str, str]:

@@ -86,12 +86,25 @@ class ClassificationModule(ZooModule):
         return loss
 
     def on_train_start(self) -> None:
-        # sanity-check batches must not count towards the best values
+        # sanity-check batches must not count towards the epoch's values
         self.val_loss.reset()
         self.val_metrics.reset()
         self.val_cm.reset()
-        self.val_acc_best.reset()
-        self.val_f1_best.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the best values so far (a resumed job continues them; torchmetrics states are not
+        # part of the state dict)
+        checkpoint["val_best"] = {
+            "acc": self.val_acc_best.max_value.detach().clone(),
+            "f1_macro": self.val_f1_best.max_value.detach().clone(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        best = checkpoint.get("val_best") or {}
+        for key, metric in (("acc", self.val_acc_best), ("f1_macro", self.val_f1_best)):
+            metric.reset()
+            if key in best and torch.isfinite(best[key]):
+                metric.update(best[key])
 
     def validation_step(self, batch, batch_idx: int) -> None:
         loss, logits, y = self._step(batch)
@@ -103,10 +116,11 @@ class ClassificationModule(ZooModule):
 
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
-        self.val_acc_best(values["val/acc"])
-        self.val_f1_best(values["val/f1_macro"])
-        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
-        self.log("val/f1_macro_best", self.val_f1_best.compute(), sync_dist=True)
+        if not self.trainer.sanity_checking:  # sanity-check batches are not an epoch
+            self.val_acc_best(values["val/acc"])
+            self.val_f1_best(values["val/f1_macro"])
+            self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
+            self.log("val/f1_macro_best", self.val_f1_best.compute(), sync_dist=True)
         cm = self.val_cm.compute()
         self.val_cm.reset()
         if self.epoch_due(self.cm_every):

@@ -174,7 +174,7 @@ class Pix2Pix(ZooModule):
 
     # ------------------------------------------------------------------ training
 
-    def training_step(self, batch, batch_idx: int) -> None:
+    def training_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         opt_g, opt_d = self.optimizers()
         real_a, real_b = batch["A"], batch["B"]
         fake_b = self.generator(real_a)
@@ -221,6 +221,8 @@ class Pix2Pix(ZooModule):
                 on_epoch=True,
                 prog_bar=name in ("loss_D", "loss_G"),
             )
+        # the losses by name (manual optimisation): zoo.faults stops on a non-finite one
+        return {"loss_D": loss_d.detach(), "loss_G": loss_g.detach()}
 
     def on_train_epoch_end(self) -> None:
         # manual optimisation: the epoch-wise LR schedules are stepped here

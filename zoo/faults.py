@@ -1,0 +1,366 @@
+"""What keeps a training job's work when it is killed, signalled or diverges.
+
+- ``AtomicCheckpointIO``: checkpoints are written to a temporary file beside the target, synced
+  and renamed over it, so a kill during the write never leaves a torn ``last.ckpt``.
+- ``RandomState``: the RNG states (torch, CUDA, numpy, python) travel in every checkpoint and
+  are restored on resume, so a resumed seeded run draws what the uninterrupted one drew (data
+  order included: the samplers and DataLoader workers seed themselves from torch's RNG).
+- ``CarryCheckpoints``: a resumed job, whatever its output dir, keeps the checkpoint callback's
+  state (best score and path, top-k, last) and carries the earlier best checkpoints forward.
+- ``StopSafely``: SIGINT and SIGTERM stop at the next batch boundary, save ``last.ckpt`` and
+  end the run KILLED; a non-finite loss stops the job at once and keeps the last good
+  checkpoint.
+- ``resume_checkpoint``: where a job resumes from (``ckpt_path=``, or on SLURM the newest of
+  Lightning's ``hpc_ckpt_*.ckpt`` and ``last.ckpt`` in the job's output dir after a requeue).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import tempfile
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from zoo.errors import ZooError
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(ZooError):
+    """The loss became NaN or infinite: training stopped."""
+
+
+# --------------------------------------------------------------------------- atomic saves
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """torch.save to a temporary file in the target's folder, fsync, then rename over the
+    target: readers see the old file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with suppress(OSError):  # the rename itself survives a power cut once the folder is synced
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO with atomic local writes. (Lightning's own "transaction" writes
+    to the system temp dir and moves the file, which is a copy, not a rename, whenever /tmp is
+    another filesystem, and never syncs.) Remote URLs keep Lightning's path."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_torch_save(checkpoint, path)
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def rng_states() -> dict[str, Any]:
+    """Every RNG a training step may draw from, as tensors and plain values (loadable with
+    torch.load(weights_only=True))."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    n = states["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RandomState(L.Callback):
+    """Saves the RNG states in every checkpoint and restores them when a job resumes.
+
+    Lightning restores callback states before the sanity check (which it runs inside
+    ``isolate_rng``) and before the first training batch draws, so a job resumed from an
+    end-of-epoch checkpoint draws exactly what the uninterrupted job drew after that save.
+    With DDP each rank restores rank 0's states (the checkpoint is rank 0's)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return rng_states()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            set_rng_states(state_dict)
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if src.resolve() == dst.resolve():
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with suppress(FileNotFoundError):
+        dst.unlink()
+    try:
+        os.link(src, dst)  # checkpoints are replaced by rename, never rewritten: a link is safe
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+class CarryCheckpoints(L.Callback):
+    """A job resumed from ``ckpt_path`` keeps what its checkpoint callbacks knew.
+
+    Lightning drops a ModelCheckpoint's best score, top-k and last path when the checkpoint
+    folder changed (a resumed job writes to a new output dir), so the resumed job's "best"
+    restarts from scratch and the test uses a worse model. Before Lightning restores the
+    callbacks, this copies (hard-links) the earlier best/top-k/last checkpoints into the new
+    folder and rewrites the saved state to point there."""
+
+    def __init__(self, ckpt_path: str | Path | None):
+        self.ckpt_path = Path(ckpt_path) if ckpt_path else None
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        saved = checkpoint.get("callbacks") or {}
+        for cb in trainer.checkpoint_callbacks:
+            state = saved.get(cb.state_key)
+            if not isinstance(cb, ModelCheckpoint) or not state or not cb.dirpath:
+                continue
+            old_dir = state.get("dirpath")
+            if old_dir and os.path.realpath(old_dir) == os.path.realpath(cb.dirpath):
+                continue
+            state.update(self._carried(state, Path(cb.dirpath)))
+            state["dirpath"] = cb.dirpath
+
+    def _find(self, path: str) -> Path | None:
+        if not path:
+            return None
+        p = Path(path)
+        if p.is_file():
+            return p
+        if self.ckpt_path is not None:  # the folder moved: look beside the resumed checkpoint
+            beside = self.ckpt_path.parent / p.name
+            if beside.is_file():
+                return beside
+        log.warning("checkpoint %s from before the resume is gone: not carried forward", path)
+        return None
+
+    def _carried(self, state: dict, new_dir: Path) -> dict[str, Any]:
+        moved: dict[str, str] = {}
+
+        def carry(path: str) -> str:
+            if path in moved:
+                return moved[path]
+            src = self._find(path)
+            if src is None:
+                moved[path] = ""
+                return ""
+            dst = new_dir / src.name
+            _link_or_copy(src, dst)
+            moved[path] = str(dst)
+            return str(dst)
+
+        top_k = {carry(p): v for p, v in (state.get("best_k_models") or {}).items()}
+        return {
+            "best_k_models": {p: v for p, v in top_k.items() if p},
+            "best_model_path": carry(state.get("best_model_path", "")),
+            "kth_best_model_path": carry(state.get("kth_best_model_path", "")),
+            "last_model_path": carry(state.get("last_model_path", "")),
+        }
+
+
+def _hpc_version(path: Path) -> int:
+    match = re.search(r"hpc_ckpt_(\d+)\.ckpt$", path.name)
+    return int(match.group(1)) if match else -1
+
+
+def resume_checkpoint(ckpt_path: str | None, output_dir: str | Path) -> str | None:
+    """The checkpoint a job resumes from: ``ckpt_path=`` when given; on SLURM (a requeued job
+    finds its own output dir, pinned by the job id) the newest of Lightning's HPC checkpoint
+    (saved on the requeue signal) and ``checkpoints/last.ckpt`` (saved on SIGTERM)."""
+    if ckpt_path:
+        return str(ckpt_path)
+    if not SLURMEnvironment.detect():
+        return None
+    out = Path(output_dir)
+    candidates = sorted(out.glob("hpc_ckpt_*.ckpt"), key=_hpc_version)[-1:]
+    candidates += [p for p in [out / "checkpoints" / "last.ckpt"] if p.is_file()]
+    if not candidates:
+        return None
+    newest = max(candidates, key=lambda p: p.stat().st_mtime_ns)
+    log.info("SLURM job %s: resuming from %s", os.environ.get("SLURM_JOB_ID"), newest)
+    return str(newest)
+
+
+# --------------------------------------------------------------------------- stopping safely
+
+
+class StopSafely(L.Callback):
+    """Stops a job so that nothing is lost.
+
+    - SIGINT (Ctrl-C) and SIGTERM: the current batch finishes, ``last.ckpt`` is saved, the run
+      ends KILLED and the process exits with 130 / 143. A second Ctrl-C stops at once.
+      (SIGTERM reaches Lightning's own handler during fit and test; outside them, and for
+      SIGINT, the handlers installed by ``install_signal_handlers`` apply.)
+    - A NaN or infinite loss: the job stops before anything else is saved (the last good
+      checkpoint stays the last one), with a message naming the epoch and step.
+    """
+
+    def __init__(self) -> None:
+        self.signal: int | None = None  # the signal that stopped the job
+        self.failure: str | None = None  # why the job failed, for the run's zoo.failure tag
+        self._pending_sigint = False
+        self._pending_sigterm = False
+        self._in_trainer = False
+        self._previous: dict[int, Any] = {}
+
+    # ---------------------------------------------------------------- process signals
+    def install_signal_handlers(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handle)
+
+    def restore_signal_handlers(self) -> None:
+        for signum, handler in self._previous.items():
+            with suppress(ValueError, TypeError):
+                signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGTERM:
+            self.signal = signal.SIGTERM
+            if self._in_trainer:  # stop at the batch end (Lightning's own handler does too)
+                self._pending_sigterm = True
+                return
+            raise SIGTERMException()
+        self.signal = signal.SIGINT
+        if self._in_trainer and not self._pending_sigint:
+            self._pending_sigint = True
+            log.warning("Ctrl-C: stopping after this batch and saving last.ckpt (again: now)")
+            return
+        raise KeyboardInterrupt
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._in_trainer = True
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self._in_trainer = False
+
+    # ---------------------------------------------------------------- batch checks
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        bad = _non_finite(outputs)
+        if bad is not None:
+            name, value = bad
+            ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+            kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was saved yet"
+            self.failure = (
+                f"non-finite loss: {name} = {value} at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step} (batch {batch_idx})"
+            )
+            raise NonFiniteLoss(
+                f"training stopped: {name} became {value} at epoch {trainer.current_epoch}, "
+                f"step {trainer.global_step} (batch {batch_idx} of the epoch); {kept}, and the "
+                "run is marked FAILED (tag zoo.failure). Lower the learning rate, clip "
+                "gradients (trainer.gradient_clip_val) or look for bad values in the data."
+            )
+        self._stop_if_asked()
+
+    def on_validation_batch_end(self, trainer, *args, **kwargs) -> None:
+        self._stop_if_asked()
+
+    def _stop_if_asked(self) -> None:
+        if self._pending_sigterm:
+            self._pending_sigterm = False
+            raise SIGTERMException()
+        if self._pending_sigint:
+            self._pending_sigint = False
+            raise KeyboardInterrupt
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, NonFiniteLoss):
+            return
+        if isinstance(exception, SIGTERMException) or trainer.received_sigterm:
+            self.signal = signal.SIGTERM
+        elif isinstance(exception, KeyboardInterrupt):
+            self.signal = signal.SIGINT
+        else:
+            return
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            save_last(trainer)
+
+    @property
+    def status(self) -> str:
+        """The mlflow status of a job that ended with an exception."""
+        return "KILLED" if self.signal is not None and self.failure is None else "FAILED"
+
+    @property
+    def exit_code(self) -> int | None:
+        return None if self.signal is None else 128 + int(self.signal)
+
+
+def save_last(trainer) -> str | None:
+    """Save the trainer's current state as its checkpoint callback's ``last.ckpt``."""
+    cb = trainer.checkpoint_callback
+    if not isinstance(cb, ModelCheckpoint) or not cb.dirpath or not cb.save_last:
+        return None
+    path = os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION)
+    trainer.save_checkpoint(path)
+    cb.last_model_path = path
+    log.warning("saved %s (epoch %d, step %d)", path, trainer.current_epoch, trainer.global_step)
+    return path
+
+
+def _non_finite(outputs) -> tuple[str, float] | None:
+    """The first non-finite scalar loss in a training step's outputs (a tensor, or a dict of
+    them: manual-optimisation modules return their losses by name)."""
+    if isinstance(outputs, torch.Tensor):
+        items = [("loss", outputs)]
+    elif isinstance(outputs, dict):
+        items = [(k, v) for k, v in outputs.items() if isinstance(v, torch.Tensor)]
+    else:
+        return None
+    for name, value in items:
+        if value.numel() == 1 and not torch.isfinite(value.detach()).all():
+            return name, float(value.detach())
+    return None
