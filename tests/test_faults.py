@@ -3,18 +3,23 @@ once on one new sqlite store."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import ROOT, run_cli, start_cli
-from zoo import tracking
+from zoo import faults, tracking
 from zoo.errors import ConfigError
+from zoo.pipeline import read_checkpoint
 
 
 def _closed_port() -> int:
@@ -107,3 +112,247 @@ def test_four_training_jobs_start_at_once_on_a_new_store(tmp_path, data_dir):
     runs = client.search_runs([client.get_experiment_by_name("zoo").experiment_id])
     assert len(runs) == 4
     assert all(r.info.status == "FINISHED" and "test/acc" in r.data.metrics for r in runs)
+
+
+# --------------------------------------------------------------------------- kill and resume
+
+# a short seeded, deterministic EEG run; every epoch ends with last.ckpt
+RESUMABLE = [
+    "data.subset=1",
+    "data.num_workers=0",
+    "trainer.max_epochs=4",
+    "trainer.limit_train_batches=10",
+    "trainer.deterministic=true",
+    "seed=7",
+    "callbacks.early_stopping=null",
+    "callbacks.rich_progress_bar=null",
+    "tracking.log_model=false",
+]
+
+
+def _epoch_of(ckpt: Path) -> int:
+    try:
+        return int(torch.load(ckpt, map_location="cpu", weights_only=True)["epoch"])
+    except (FileNotFoundError, RuntimeError, EOFError, KeyError):
+        return -1
+
+
+def _wait_for_epoch(proc, ckpt: Path, epoch: int, timeout: float = 300) -> None:
+    """Until ``ckpt`` holds the end of ``epoch`` (atomic writes: it is never half-written)."""
+    deadline = time.monotonic() + timeout
+    while _epoch_of(ckpt) < epoch:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"no checkpoint of epoch {epoch} in {timeout} s"
+        time.sleep(0.05)
+
+
+def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, data_dir):
+    """kill -9 after epoch 2 (of 0-3), resume from last.ckpt into a new output dir: the same
+    mlflow run, one point per epoch, val/test metrics bit-equal to the uninterrupted run, and
+    the best checkpoint and best score from before the kill kept (the resumed job used to
+    forget them and test a worse model)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": uri}
+    whole = start_cli(
+        "train.py", [*RESUMABLE, f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path, env
+    )
+    first = start_cli(
+        "train.py", [*RESUMABLE, f"hydra.run.dir={tmp_path / 'first'}"], tmp_path, env
+    )
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    _wait_for_epoch(first, last, 2)
+    os.kill(first.pid, signal.SIGKILL)
+    first.communicate()
+    killed_at = _epoch_of(last)
+    resumed = run_cli(
+        "train.py",
+        [*RESUMABLE, f"ckpt_path={last}", f"hydra.run.dir={tmp_path / 'resumed'}"],
+        tmp_path,
+        env,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, err = whole.communicate(timeout=600)
+    assert whole.returncode == 0, err[-3000:]
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("zoo").experiment_id])
+    assert len(runs) == 2, "the resumed job must continue the killed job's run"
+    by_dir = {r.data.params["paths.output_dir"]: r for r in runs}
+    a, b = by_dir[str(tmp_path / "whole")], by_dir[str(tmp_path / "first")]
+    assert b.info.status == "FINISHED"
+    for key in ("val/f1_macro", "val/acc", "val/loss", "val/f1_macro_best", "train/loss"):
+        ha, hb = _history(client, a.info.run_id, key), _history(client, b.info.run_id, key)
+        assert len(ha) == 4 and len({s for s, _ in hb}) == len(hb), (key, hb)
+        assert hb == ha, f"{key} differs after a kill at epoch {killed_at}: {hb} vs {ha}"
+    for key in ("test/acc", "test/f1_macro", "test/loss"):
+        assert b.data.metrics[key] == a.data.metrics[key], key
+    best_a = Path(a.data.tags["zoo.best_checkpoint"]).name
+    # the case that used to fail: the best epoch came before the kill, later ones are worse
+    assert int(best_a.removeprefix("best-epoch").removesuffix(".ckpt")) <= killed_at < 3
+    assert b.data.tags["zoo.best_checkpoint"].endswith(best_a)
+    assert (tmp_path / "resumed" / "checkpoints" / best_a).is_file()
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+SAVE_SLOWLY = """
+import sys, torch
+from tests import faultinject
+from zoo import faults
+faults.torch.save = faultinject.slow_torch_save  # the write takes ~5 s
+faults.AtomicCheckpointIO().save_checkpoint({"w": torch.full((200_000,), 2.0)}, sys.argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_a_kill_during_a_checkpoint_write_leaves_the_old_checkpoint(tmp_path):
+    path = tmp_path / "last.ckpt"
+    faults.AtomicCheckpointIO().save_checkpoint({"w": torch.ones(200_000)}, path)
+    assert oct(path.stat().st_mode & 0o777) != oct(0o600)  # umask applies, not mkstemp's 0600
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SAVE_SLOWLY, str(path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout.readline().strip() == "writing", proc.stderr.read()[-2000:]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    old = torch.load(path, weights_only=True)
+    assert torch.equal(old["w"], torch.ones(200_000))  # intact: the new bytes went elsewhere
+    assert len(list(tmp_path.glob(".last.ckpt.*.tmp"))) == 1  # the killed writer's
+    # the next save replaces it, and clears what the killed writer left
+    faults.AtomicCheckpointIO().save_checkpoint({"w": torch.zeros(3)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.zeros(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_corrupt_checkpoint_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "last.ckpt"
+    faults.atomic_torch_save({"w": torch.ones(1000)}, path)
+    path.write_bytes(path.read_bytes()[:-200])  # torn by a non-atomic writer
+    with pytest.raises(ConfigError, match=f"ckpt_path={path}: not a loadable checkpoint"):
+        read_checkpoint(path)
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def _run_of(uri: str):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("zoo").experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_last_ckpt_and_marks_the_run_killed(tmp_path, data_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    proc = start_cli(
+        "train.py",
+        [*RESUMABLE, "trainer.max_epochs=50", f"hydra.run.dir={out}"],
+        tmp_path,
+        {"MLFLOW_TRACKING_URI": uri},
+    )
+    last = out / "checkpoints" / "last.ckpt"
+    _wait_for_epoch(proc, last, 0)
+    saved_at = last.stat().st_mtime_ns
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert last.stat().st_mtime_ns > saved_at  # saved again, at the interruption
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["global_step"] > 10 * (state["epoch"])  # mid-epoch: no work lost
+    _, run = _run_of(uri)
+    assert run.info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_slurm_requeue_continues_the_same_run(tmp_path, data_dir):
+    """SLURM preemption through Lightning's SLURM environment: SIGUSR1 saves an HPC checkpoint
+    and requeues the job (`scontrol requeue`); SLURM then sends SIGTERM (last.ckpt saved, exit
+    143). The requeued job (same SLURM_JOB_ID: the same output dir) resumes from the newer
+    checkpoint and finishes the same mlflow run."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    requeues = tmp_path / "scontrol.log"
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {requeues}\n')
+    scontrol.chmod(0o755)
+    slurm = {
+        "MLFLOW_TRACKING_URI": uri,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "zoo-train",
+        "SLURM_NTASKS": "1",
+        "SLURM_NODELIST": "localhost",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+    }
+    args = [*RESUMABLE, "trainer.max_epochs=3"]
+    out = tmp_path / "logs" / "train" / "runs" / "slurm-4242"  # pinned by the job id
+    proc = start_cli("train.py", args, tmp_path, slurm)
+    _wait_for_epoch(proc, out / "checkpoints" / "last.ckpt", 0)
+    proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 60
+    while not requeues.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    assert requeues.read_text().split() == ["requeue", "4242"]
+    assert list(out.glob("hpc_ckpt_*.ckpt"))
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    _, run = _run_of(uri)
+    assert run.info.status == "KILLED"
+
+    again = run_cli("train.py", args, tmp_path, slurm)  # the requeued job
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr
+    client, run = _run_of(uri)
+    assert run.info.status == "FINISHED"
+    assert len(_history(client, run.info.run_id, "val/loss")) == 3
+
+
+# --------------------------------------------------------------------------- non-finite loss
+
+
+@pytest.mark.slow
+def test_a_nan_loss_stops_the_job_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    proc = run_cli(
+        "train.py",
+        [
+            *RESUMABLE,
+            f"hydra.run.dir={out}",
+            "+callbacks.nan._target_=tests.faultinject.NaNBatch",
+            "+callbacks.nan.at_step=13",  # epoch 1 (10 batches per epoch), batch 3
+        ],
+        tmp_path,
+        {"MLFLOW_TRACKING_URI": uri},
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "loss became nan at epoch 1, step 14 (batch 3 of the epoch)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    client, run = _run_of(uri)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["zoo.failure"].startswith("non-finite loss: loss = nan at epoch 1")
+    ckpts = sorted((out / "checkpoints").glob("*.ckpt"))
+    assert ckpts
+    for path in ckpts:  # only the good epoch 0 was saved, and it is finite
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        assert state["epoch"] == 0
+        assert all(
+            torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point()
+        )
+    assert len(_history(client, run.info.run_id, "val/loss")) == 1

@@ -47,13 +47,26 @@ class NonFiniteLoss(ZooError):
 # --------------------------------------------------------------------------- atomic saves
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()  # read once, at import (setting it is process-wide)
+
+
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """torch.save to a temporary file in the target's folder, fsync, then rename over the
     target: readers see the old file or the new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer killed mid-write
+        with suppress(OSError):
+            stale.unlink()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # what open() would give, not mkstemp's 0600
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()

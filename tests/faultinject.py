@@ -1,0 +1,50 @@
+"""Faults injected into real training processes by the fault tests, as Lightning callbacks
+added from the command line (``+callbacks.<name>._target_=tests.faultinject.<Class>``)."""
+
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+
+class NaNBatch(L.Callback):
+    """Turns the inputs of the batch at global step ``at_step`` into NaN (a corrupt sample)."""
+
+    def __init__(self, at_step: int):
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.at_step:
+            batch[0].fill_(float("nan"))
+
+
+class SlowEpochs(L.Callback):
+    """Each training epoch ends ``seconds`` later: a job long enough to outlive an outage."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        time.sleep(self.seconds)
+
+
+_torch_save = torch.save
+
+
+def slow_torch_save(obj, f, chunks: int = 20, pause: float = 0.25) -> None:
+    """torch.save that writes its bytes slowly, announcing the first chunk on stdout (patched
+    over torch.save by a test)."""
+    import io
+
+    buffer = io.BytesIO()
+    _torch_save(obj, buffer)
+    data = buffer.getvalue()
+    step = max(1, len(data) // chunks)
+    for i in range(0, len(data), step):
+        f.write(data[i : i + step])
+        f.flush()
+        if i == 0:
+            print("writing", flush=True)
+        time.sleep(pause)
