@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -134,12 +136,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """One real ``mlflow server`` (sqlite store, local artifacts) for the session: its start
-    takes ~20 s here. Tests keep apart by experiment name."""
-    tmp_path = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
+def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
+    """A real ``mlflow server`` on loopback (sqlite store and artifacts under ``folder``), in
+    its own process group; returns once it answers (its start takes ~10-20 s here)."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -150,28 +149,46 @@ def mlflow_server(tmp_path_factory):
             "127.0.0.1",
             "--port",
             str(port),
+            "--workers",
+            "1",
             "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
+            f"sqlite:///{folder / 'server.db'}",
             "--artifacts-destination",
-            str(tmp_path / "server-artifacts"),
+            str(folder / "server-artifacts"),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
+    for _ in range(240):
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
+                return proc
+        except OSError:
+            time.sleep(0.25)
+        assert proc.poll() is None, "mlflow server exited"
+    stop_mlflow_server(proc)
+    pytest.fail("mlflow server did not start within 60 s")
+
+
+def stop_mlflow_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop a server from start_mlflow_server and its workers (SIGKILL: a crash)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real ``mlflow server`` for the session. Tests keep apart by experiment name."""
+    tmp_path = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = start_mlflow_server(tmp_path, port)
     try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start within 60 s")
-        yield url, tmp_path / "server-artifacts"
+        yield f"http://127.0.0.1:{port}", tmp_path / "server-artifacts"
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_mlflow_server(proc)
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -16,7 +16,16 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, run_cli, start_cli
+from tests.conftest import (
+    ROOT,
+    artifacts,
+    cli_env,
+    free_port,
+    run_cli,
+    start_cli,
+    start_mlflow_server,
+    stop_mlflow_server,
+)
 from zoo import faults, tracking
 from zoo.errors import ConfigError
 from zoo.pipeline import read_checkpoint
@@ -317,7 +326,7 @@ def test_slurm_requeue_continues_the_same_run(tmp_path, data_dir):
 
     again = run_cli("train.py", args, tmp_path, slurm)  # the requeued job
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "resuming from" in again.stderr
+    assert "SLURM job 4242: resuming from" in again.stdout + again.stderr
     client, run = _run_of(uri)
     assert run.info.status == "FINISHED"
     assert len(_history(client, run.info.run_id, "val/loss")) == 3
@@ -356,3 +365,73 @@ def test_a_nan_loss_stops_the_job_and_keeps_the_last_good_checkpoint(tmp_path, d
             torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point()
         )
     assert len(_history(client, run.info.run_id, "val/loss")) == 1
+
+
+# --------------------------------------------------------------------------- server outages
+
+
+@pytest.mark.slow
+def test_a_60_s_tracking_server_outage_loses_nothing(tmp_path, data_dir):
+    """A real mlflow server is killed (SIGKILL) after epoch 2 of the short job of two and
+    restarted 60 s later on the same store. The long job outlives the outage: its queue is delivered while it
+    trains. The short one ends during the outage: it exits 3 with the command that delivers its
+    queue (its mlflow Model included), which is then run. Both runs end FINISHED with every
+    epoch's metrics and their checkpoint artifacts."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = start_mlflow_server(tmp_path, port)
+    env = {"MLFLOW_TRACKING_URI": uri}
+    slow = "+callbacks.slow._target_=tests.faultinject.SlowEpochs"
+    long_args = [*RESUMABLE, "trainer.max_epochs=10", slow, "+callbacks.slow.seconds=8"]
+    short_args = [*RESUMABLE, slow, "+callbacks.slow.seconds=4", "tracking.outage_wait=0"]
+    short_args += ["tracking.log_model=true"]
+    long = start_cli("train.py", [*long_args, f"hydra.run.dir={tmp_path / 'long'}"], tmp_path, env)
+    short = start_cli(
+        "train.py", [*short_args, f"hydra.run.dir={tmp_path / 'short'}"], tmp_path, env
+    )
+    try:
+        _wait_for_epoch(short, tmp_path / "short" / "checkpoints" / "last.ckpt", 1)
+        stop_mlflow_server(server, signal.SIGKILL)
+        down_at = time.monotonic()
+
+        _, short_err = short.communicate(timeout=300)  # ends while the server is down
+        assert short.returncode == 3, short_err[-3000:]
+        assert f"python -m zoo.delivery {tmp_path / 'short'}" in short_err
+        assert long.poll() is None, "the long job must outlive the outage"
+
+        time.sleep(max(0.0, 60 - (time.monotonic() - down_at)))
+        server = start_mlflow_server(tmp_path, port)
+        delivered = subprocess.run(  # the short job's queue, while the long job trains on
+            [sys.executable, "-m", "zoo.delivery", str(tmp_path / "short")],
+            cwd=tmp_path,
+            env=cli_env(env),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert delivered.returncode == 0, delivered.stderr[-3000:]
+        long_out, long_err = long.communicate(timeout=600)
+        assert long.returncode == 0, long_err[-3000:]
+        assert "answers again: delivered" in long_out + long_err
+
+        client = MlflowClient(uri)
+        runs = client.search_runs([client.get_experiment_by_name("zoo").experiment_id])
+        by_dir = {Path(r.data.params["paths.output_dir"]).name: r for r in runs}
+        assert sorted(by_dir) == ["long", "short"]
+        for name, epochs in (("long", 10), ("short", 4)):
+            run = by_dir[name]
+            assert run.info.status == "FINISHED", name
+            for key in ("val/loss", "val/f1_macro", "train/loss"):
+                steps = [s for s, _ in _history(client, run.info.run_id, key)]
+                assert len(steps) == epochs == len(set(steps)), (name, key, steps)
+            assert "test/f1_macro" in run.data.metrics
+            files = artifacts(client, run.info.run_id)
+            assert f"{run.data.tags['zoo.best_checkpoint']}" in files, (name, files)
+            assert "config/config.yaml" in files
+        assert by_dir["short"].data.tags["zoo.model_uri"].startswith("models:/")
+        assert not (tmp_path / "short" / "tracking-queue" / "failed.jsonl").exists()
+    finally:
+        for proc in (long, short):
+            if proc.poll() is None:
+                proc.kill()
+        stop_mlflow_server(server)

@@ -62,12 +62,13 @@ def is_outage(exc: BaseException) -> bool:
     queueing), rather than because the request was wrong."""
     import requests
     from mlflow.exceptions import MlflowException, RestException
+    from requests.exceptions import RetryError
 
     seen: set[int] = set()
     err: BaseException | None = exc
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, (requests.ConnectionError, requests.Timeout, requests.RetryError)):
+        if isinstance(err, (requests.ConnectionError, requests.Timeout, RetryError)):
             return True
         if isinstance(err, (ConnectionError, TimeoutError)):
             return True

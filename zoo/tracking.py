@@ -139,8 +139,8 @@ def _check_server(uri: str) -> None:
 # per call while a server is down. A job bounds that (the user's own settings win); what cannot
 # be delivered is queued (zoo.delivery) instead of waited for.
 MLFLOW_HTTP_LIMITS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
 
