@@ -373,10 +373,10 @@ def test_a_nan_loss_stops_the_job_and_keeps_the_last_good_checkpoint(tmp_path, d
 @pytest.mark.slow
 def test_a_60_s_tracking_server_outage_loses_nothing(tmp_path, data_dir):
     """A real mlflow server is killed (SIGKILL) after epoch 2 of the short job of two and
-    restarted 60 s later on the same store. The long job outlives the outage: its queue is delivered while it
-    trains. The short one ends during the outage: it exits 3 with the command that delivers its
-    queue (its mlflow Model included), which is then run. Both runs end FINISHED with every
-    epoch's metrics and their checkpoint artifacts."""
+    restarted 60 s later on the same store. The long job outlives the outage: its queue is
+    delivered while it trains. The short one ends during the outage: it exits 3 with the
+    command that delivers its queue (its mlflow Model included), which is then run. Both runs
+    end FINISHED with every epoch's metrics and their checkpoint artifacts."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = start_mlflow_server(tmp_path, port)
@@ -435,3 +435,76 @@ def test_a_60_s_tracking_server_outage_loses_nothing(tmp_path, data_dir):
             if proc.poll() is None:
                 proc.kill()
         stop_mlflow_server(server)
+
+
+def test_what_counts_as_an_outage():
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    from zoo.queueing import is_outage
+
+    def wrapped(inner: BaseException) -> MlflowException:  # as mlflow's http_request raises
+        try:
+            raise inner
+        except BaseException:
+            try:
+                raise MlflowException("API request to http://x failed with exception ...")
+            except MlflowException as exc:
+                return exc
+
+    assert is_outage(wrapped(requests.ConnectionError("Connection refused")))
+    assert is_outage(wrapped(requests.exceptions.RetryError("too many 503 error responses")))
+    assert is_outage(requests.ReadTimeout("read timed out"))
+    assert is_outage(RestException({"error_code": "INTERNAL_ERROR", "message": "db down"}))
+    # a request the server understood and refused is not an outage: it must not be queued
+    assert not is_outage(RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "x"}))
+    assert not is_outage(MlflowException("Changing param values is not allowed"))
+    assert not is_outage(ValueError("bug"))
+
+
+def test_queued_calls_survive_the_journal(tmp_path):
+    """What a queued write keeps: mlflow entities and plain values, and a copy of an artifact
+    as it was when logged."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
+
+    from zoo.queueing import OPS, DeliveryQueue, _decode
+
+    artifact = tmp_path / "last.ckpt"
+    artifact.write_text("epoch 1")
+    queue = DeliveryQueue(tmp_path / "queue", "http://127.0.0.1:1")
+    metrics, params = [Metric("val/loss", 0.5, 1700000000000, 9)], [Param("seed", "7")]
+    dataset = Dataset("train", "abc", "local", '{"uri": "x"}', profile='{"num_samples": 3}')
+    inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])]
+    queue.append("log_batch", {"run_id": "r", "metrics": metrics, "params": params})
+    queue.append("log_inputs", {"run_id": "r", "datasets": inputs})
+    queue.append("log_artifact", {"run_id": "r", "local_path": str(artifact)})
+    artifact.write_text("epoch 2")  # overwritten after it was queued
+    queue.close()
+
+    ops = [json.loads(line) for line in (tmp_path / "queue" / OPS).read_text().splitlines()]
+    assert [op["method"] for op in ops] == ["log_batch", "log_inputs", "log_artifact"]
+    batch = _decode(ops[0]["kwargs"])
+    assert (batch["metrics"][0].key, batch["metrics"][0].value, batch["metrics"][0].step) == (
+        "val/loss",
+        0.5,
+        9,
+    )
+    assert batch["metrics"][0].timestamp == 1700000000000 and batch["params"][0].value == "7"
+    ds = _decode(ops[1]["kwargs"])["datasets"][0]
+    assert (ds.dataset.digest, ds.tags[0].value) == ("abc", "train")
+    assert Path(ops[2]["kwargs"]["local_path"]).read_text() == "epoch 1"
+    assert DeliveryQueue(tmp_path / "queue", "x").pending == 3  # a new process sees them
+
+
+def test_delivery_of_a_folder_without_a_queue_is_a_clear_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "zoo.delivery", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert f"{tmp_path}: no tracking queue here" in proc.stderr

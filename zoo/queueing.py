@@ -195,16 +195,13 @@ class DeliveryQueue:
             self._written += 1
 
     def _keep(self, src: Path, seq: int) -> str:
-        """A copy (hard link where possible) of an artifact as it is now."""
+        """A copy of an artifact as it is now (not a link: files may be rewritten in place)."""
         dst = self.folder / "blobs" / f"{seq:08d}" / src.name
         dst.parent.mkdir(parents=True, exist_ok=True)
         if src.is_dir():
             shutil.copytree(src, dst)
         else:
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
+            shutil.copy2(src, dst)
         return str(dst)
 
     def outage(self, exc: BaseException) -> None:

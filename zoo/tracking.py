@@ -417,7 +417,17 @@ class TrainingRun:
                 profile=json.dumps({"num_samples": info.num_samples}),
             )
             inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", info.context)]))
-        self.client.log_inputs(self.run_id, datasets=inputs)
+        for attempt in range(5):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except Exception as exc:
+                # jobs logging the same dataset at once race in mlflow's store ("UNIQUE
+                # constraint failed: datasets..." / "duplicate key"): the loser finds it next time
+                text = str(exc)
+                if attempt == 4 or not ("UNIQUE constraint" in text or "duplicate key" in text):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     def log_model(self, module, cfg: DictConfig, datamodule, registered_model_name=None):
         """The module as an mlflow Model of this run (``zoo.serving``); returns its ModelInfo."""
