@@ -36,6 +36,12 @@ _COUNTER = itertools.count()
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``waits`` first: under xdist their waiting then overlaps the CPU-bound
+    tests instead of ending the run on one busy worker."""
+    items.sort(key=lambda item: item.get_closest_marker("waits") is None)
+
+
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
     """One demo data folder for the whole session (generated once, on first use)."""

@@ -373,6 +373,7 @@ def test_a_nan_loss_stops_the_job_and_keeps_the_last_good_checkpoint(tmp_path, d
 
 
 @pytest.mark.slow
+@pytest.mark.waits
 def test_a_60_s_tracking_server_outage_loses_nothing(tmp_path, data_dir):
     """A real mlflow server is killed (SIGKILL) after epoch 2 of the short job of two and
     restarted 60 s later on the same store. The long job outlives the outage: its queue is

@@ -23,6 +23,7 @@ import re
 import shutil
 import signal
 import tempfile
+import threading
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -270,6 +271,8 @@ class StopSafely(L.Callback):
 
     # ---------------------------------------------------------------- process signals
     def install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers (a job run by a threaded launcher)
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handle)
