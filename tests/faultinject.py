@@ -4,6 +4,7 @@ added from the command line (``+callbacks.<name>._target_=tests.faultinject.<Cla
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -31,6 +32,18 @@ class SlowEpochs(L.Callback):
 
 
 _torch_save = torch.save
+
+
+class HoldEpoch(L.Callback):
+    """Holds the end of epoch ``at_epoch`` until the file ``until`` exists (a test's signal)."""
+
+    def __init__(self, at_epoch: int, until: str):
+        self.at_epoch, self.until = at_epoch, Path(until)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.at_epoch:
+            while not self.until.exists():
+                time.sleep(0.2)
 
 
 def slow_torch_save(obj, f, chunks: int = 20, pause: float = 0.25) -> None:

@@ -325,10 +325,13 @@ def test_slurm_requeue_continues_the_same_run(tmp_path, data_dir):
     assert proc.returncode == 143, err[-3000:]
     _, run = _run_of(uri)
     assert run.info.status == "KILLED"
+    last = out / "checkpoints" / "last.ckpt"  # saved on SIGTERM, after the HPC checkpoint
+    assert last.stat().st_mtime_ns > max(p.stat().st_mtime_ns for p in out.glob("hpc_ckpt_*"))
 
-    again = run_cli("train.py", args, tmp_path, slurm)  # the requeued job
+    requeued = {**slurm, "SLURM_RESTART_COUNT": "1"}  # what SLURM sets on a requeued job
+    again = run_cli("train.py", args, tmp_path, requeued)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "SLURM job 4242: resuming from" in again.stdout + again.stderr
+    assert f"SLURM job 4242: resuming from {last}" in again.stdout + again.stderr
     client, run = _run_of(uri)
     assert run.info.status == "FINISHED"
     assert len(_history(client, run.info.run_id, "val/loss")) == 3
@@ -375,25 +378,30 @@ def test_a_nan_loss_stops_the_job_and_keeps_the_last_good_checkpoint(tmp_path, d
 @pytest.mark.slow
 @pytest.mark.waits
 def test_a_60_s_tracking_server_outage_loses_nothing(tmp_path, data_dir):
-    """A real mlflow server is killed (SIGKILL) after epoch 2 of the short job of two and
-    restarted 60 s later on the same store. The long job outlives the outage: its queue is
-    delivered while it trains. The short one ends during the outage: it exits 3 with the
-    command that delivers its queue (its mlflow Model included), which is then run. Both runs
-    end FINISHED with every epoch's metrics and their checkpoint artifacts."""
+    """A real mlflow server is killed (SIGKILL) after epoch 2 of two jobs and restarted 60 s
+    later on the same store. The long job outlives the outage (it trains epochs 3-5 during it,
+    then holds until the server is back): its queue is delivered while it trains on. The short
+    one ends during the outage: it exits 3 with the command that delivers its queue (its mlflow
+    Model included), which is then run. Both runs end FINISHED with every epoch's metrics and
+    their checkpoint artifacts."""
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = start_mlflow_server(tmp_path, port)
     env = {"MLFLOW_TRACKING_URI": uri}
+    back = tmp_path / "server-is-back"
     slow = "+callbacks.slow._target_=tests.faultinject.SlowEpochs"
-    long_args = [*RESUMABLE, "trainer.max_epochs=10", slow, "+callbacks.slow.seconds=8"]
-    short_args = [*RESUMABLE, slow, "+callbacks.slow.seconds=4", "tracking.outage_wait=0"]
+    long_args = [*RESUMABLE, "trainer.max_epochs=6", slow, "+callbacks.slow.seconds=3"]
+    long_args += ["+callbacks.hold._target_=tests.faultinject.HoldEpoch"]
+    long_args += ["+callbacks.hold.at_epoch=4", f"+callbacks.hold.until={back}"]
+    short_args = [*RESUMABLE, slow, "+callbacks.slow.seconds=6", "tracking.outage_wait=0"]
     short_args += ["tracking.log_model=true"]
     long = start_cli("train.py", [*long_args, f"hydra.run.dir={tmp_path / 'long'}"], tmp_path, env)
     short = start_cli(
         "train.py", [*short_args, f"hydra.run.dir={tmp_path / 'short'}"], tmp_path, env
     )
     try:
-        _wait_for_epoch(short, tmp_path / "short" / "checkpoints" / "last.ckpt", 1)
+        _wait_for_epoch(long, tmp_path / "long" / "checkpoints" / "last.ckpt", 1)
+        assert short.poll() is None, "the short job must still be training when the server dies"
         stop_mlflow_server(server, signal.SIGKILL)
         down_at = time.monotonic()
 
@@ -404,6 +412,7 @@ def test_a_60_s_tracking_server_outage_loses_nothing(tmp_path, data_dir):
 
         time.sleep(max(0.0, 60 - (time.monotonic() - down_at)))
         server = start_mlflow_server(tmp_path, port)
+        back.touch()  # the long job trains on: its next writes find the server again
         delivered = subprocess.run(  # the short job's queue, while the long job trains on
             [sys.executable, "-m", "zoo.delivery", str(tmp_path / "short")],
             cwd=tmp_path,
@@ -421,7 +430,7 @@ def test_a_60_s_tracking_server_outage_loses_nothing(tmp_path, data_dir):
         runs = client.search_runs([client.get_experiment_by_name("zoo").experiment_id])
         by_dir = {Path(r.data.params["paths.output_dir"]).name: r for r in runs}
         assert sorted(by_dir) == ["long", "short"]
-        for name, epochs in (("long", 10), ("short", 4)):
+        for name, epochs in (("long", 6), ("short", 4)):
             run = by_dir[name]
             assert run.info.status == "FINISHED", name
             for key in ("val/loss", "val/f1_macro", "train/loss"):

@@ -230,16 +230,19 @@ def _hpc_version(path: Path) -> int:
 
 
 def resume_checkpoint(ckpt_path: str | None, output_dir: str | Path) -> str | None:
-    """The checkpoint a job resumes from: ``ckpt_path=`` when given; on SLURM (a requeued job
-    finds its own output dir, pinned by the job id) the newest of Lightning's HPC checkpoint
-    (saved on the requeue signal) and ``checkpoints/last.ckpt`` (saved on SIGTERM)."""
+    """The checkpoint a job resumes from: ``ckpt_path=`` when given. On SLURM (where the output
+    dir is pinned by the job id, so a requeued job finds its own): the newest of Lightning's HPC
+    checkpoint (saved on the requeue signal) and, once SLURM has restarted the job
+    (``SLURM_RESTART_COUNT``), ``checkpoints/last.ckpt`` (saved on SIGTERM)."""
     if ckpt_path:
         return str(ckpt_path)
     if not SLURMEnvironment.detect():
         return None
     out = Path(output_dir)
     candidates = sorted(out.glob("hpc_ckpt_*.ckpt"), key=_hpc_version)[-1:]
-    candidates += [p for p in [out / "checkpoints" / "last.ckpt"] if p.is_file()]
+    last = out / "checkpoints" / "last.ckpt"
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0 and last.is_file():
+        candidates.append(last)
     if not candidates:
         return None
     newest = max(candidates, key=lambda p: p.stat().st_mtime_ns)
