@@ -520,3 +520,28 @@ def test_delivery_of_a_folder_without_a_queue_is_a_clear_error(tmp_path):
     )
     assert proc.returncode == 2
     assert f"{tmp_path}: no tracking queue here" in proc.stderr
+
+
+def test_a_resumed_job_does_not_log_the_killed_jobs_last_points_twice(tmp_path):
+    """The killed job logged step 29's metrics but died before its checkpoint (step 19) was
+    written: the resumed job trains steps 20-29 again and logs 29 and 39; step 29 stays one
+    point (the first)."""
+    from zoo.loggers import ZooMLFlowLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    killed = ZooMLFlowLogger(experiment_name="zoo", tracking_uri=uri)
+    for step, value in ((9, 0.1), (19, 0.2), (29, 0.3)):
+        killed.log_metrics({"val/loss": value, "val/acc": 1 - value}, step=step)
+    resumed = ZooMLFlowLogger(experiment_name="zoo", tracking_uri=uri, run_id=killed.run_id)
+    resumed.resume_after(19)
+    resumed.log_metrics({"val/loss": 0.31, "val/acc": 0.69, "lr": 0.01}, step=29)
+    resumed.log_metrics({"val/loss": 0.4, "val/acc": 0.6}, step=39)
+    client = MlflowClient(uri)
+    assert _history(client, killed.run_id, "val/loss") == [
+        (9, 0.1),
+        (19, 0.2),
+        (29, 0.3),
+        (39, 0.4),
+    ]
+    assert len(_history(client, killed.run_id, "val/acc")) == 4
+    assert _history(client, killed.run_id, "lr") == [(29, 0.01)]  # new at step 29: logged

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from zoo import faults, kernels, legacy, tracking
 from zoo.callbacks import RunInfo, TrackOutputs
 from zoo.errors import ConfigError, TrackingUndelivered, one_line
+from zoo.loggers import ZooMLFlowLogger
 from zoo.reports import Report
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,8 @@ def train(cfg: DictConfig) -> float | None:
         extra = {"run_id": _run_id_for(cfg, ckpt)} if name in mlflow_loggers else {}
         loggers.append(build(node, f"logger.{name}", **extra))
     run = tracking.TrainingRun(next((lg for lg in loggers if isinstance(lg, MLFlowLogger)), None))
+    if ckpt is not None and isinstance(run.logger, ZooMLFlowLogger):
+        run.logger.resume_after(int(ckpt.get("global_step", 0)))
     stopper = faults.StopSafely()
     callbacks = build_all(cfg.get("callbacks"), "callbacks") + [
         RunInfo(cfg, run),
