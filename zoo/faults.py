@@ -257,9 +257,10 @@ class StopSafely(L.Callback):
     """Stops a job so that nothing is lost.
 
     - SIGINT (Ctrl-C) and SIGTERM: the current batch finishes, ``last.ckpt`` is saved, the run
-      ends KILLED and the process exits with 130 / 143. A second Ctrl-C stops at once.
-      (SIGTERM reaches Lightning's own handler during fit and test; outside them, and for
-      SIGINT, the handlers installed by ``install_signal_handlers`` apply.)
+      ends KILLED and the process exits with 130 / 143. A second signal stops at once. Inside
+      a trainer both go through Lightning's own graceful stop (its SIGTERM flag, checked at
+      each batch boundary and broadcast to every DDP rank, so all ranks save the same step);
+      outside one (between fit and test, while the model is logged) they stop the job at once.
     - A NaN or infinite loss: the job stops before anything else is saved (the last good
       checkpoint stays the last one), with a message naming the epoch and step.
     """
@@ -267,9 +268,7 @@ class StopSafely(L.Callback):
     def __init__(self) -> None:
         self.signal: int | None = None  # the signal that stopped the job
         self.failure: str | None = None  # why the job failed, for the run's zoo.failure tag
-        self._pending_sigint = False
-        self._pending_sigterm = False
-        self._in_trainer = False
+        self._trainer = None
         self._previous: dict[int, Any] = {}
 
     # ---------------------------------------------------------------- process signals
@@ -287,65 +286,53 @@ class StopSafely(L.Callback):
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGTERM:
-            self.signal = signal.SIGTERM
-            if self._in_trainer:  # stop at the batch end (Lightning's own handler does too)
-                self._pending_sigterm = True
-                return
-            raise SIGTERMException()
-        self.signal = signal.SIGINT
-        if self._in_trainer and not self._pending_sigint:
-            self._pending_sigint = True
-            log.warning("Ctrl-C: stopping after this batch and saving last.ckpt (again: now)")
+        first = self.signal is None
+        if first:
+            self.signal = signum
+        connector = getattr(self._trainer, "_signal_connector", None)
+        if first and connector is not None:
+            connector.received_sigterm = True  # Lightning stops at the next batch boundary
+            if signum == signal.SIGINT:
+                log.warning("Ctrl-C: stopping after this batch and saving last.ckpt (again: now)")
             return
-        raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SIGTERMException()
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self._in_trainer = True
+        self._trainer = trainer
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
-        self._in_trainer = False
+        self._trainer = None
 
     # ---------------------------------------------------------------- batch checks
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         bad = _non_finite(outputs)
-        if bad is not None:
-            name, value = bad
-            ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
-            kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was saved yet"
-            self.failure = (
-                f"non-finite loss: {name} = {value} at epoch {trainer.current_epoch}, step "
-                f"{trainer.global_step} (batch {batch_idx})"
-            )
-            raise NonFiniteLoss(
-                f"training stopped: {name} became {value} at epoch {trainer.current_epoch}, "
-                f"step {trainer.global_step} (batch {batch_idx} of the epoch); {kept}, and the "
-                "run is marked FAILED (tag zoo.failure). Lower the learning rate, clip "
-                "gradients (trainer.gradient_clip_val) or look for bad values in the data."
-            )
-        self._stop_if_asked()
-
-    def on_validation_batch_end(self, trainer, *args, **kwargs) -> None:
-        self._stop_if_asked()
-
-    def _stop_if_asked(self) -> None:
-        if self._pending_sigterm:
-            self._pending_sigterm = False
-            raise SIGTERMException()
-        if self._pending_sigint:
-            self._pending_sigint = False
-            raise KeyboardInterrupt
+        if bad is None:
+            return
+        name, value = bad
+        ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+        kept = f"the last good checkpoint is {ckpt}" if ckpt else "no checkpoint was saved yet"
+        self.failure = (
+            f"non-finite loss: {name} = {value} at epoch {trainer.current_epoch}, step "
+            f"{trainer.global_step} (batch {batch_idx})"
+        )
+        raise NonFiniteLoss(
+            f"training stopped: {name} became {value} at epoch {trainer.current_epoch}, "
+            f"step {trainer.global_step} (batch {batch_idx} of the epoch); {kept}, and the "
+            "run is marked FAILED (tag zoo.failure). Lower the learning rate, clip "
+            "gradients (trainer.gradient_clip_val) or look for bad values in the data."
+        )
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, NonFiniteLoss):
             return
-        if isinstance(exception, SIGTERMException) or trainer.received_sigterm:
-            self.signal = signal.SIGTERM
-        elif isinstance(exception, KeyboardInterrupt):
-            self.signal = signal.SIGINT
-        else:
-            return
-        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+        if self.signal is None:  # a signal that reached Lightning's handler only
+            if isinstance(exception, SIGTERMException):
+                self.signal = signal.SIGTERM
+            elif isinstance(exception, KeyboardInterrupt):
+                self.signal = signal.SIGINT
+        if self.signal is not None and trainer.state.fn == "fit" and not trainer.sanity_checking:
             save_last(trainer)
 
     @property
