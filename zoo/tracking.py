@@ -137,7 +137,7 @@ def _check_server(uri: str) -> None:
 
 # mlflow retries a failed request 7 times with exponential backoff and a 120 s timeout: minutes
 # per call while a server is down. A job bounds that (the user's own settings win); what cannot
-# be delivered is queued (zoo.delivery) instead of waited for.
+# be delivered is queued (zoo.queueing) instead of waited for.
 MLFLOW_HTTP_LIMITS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
