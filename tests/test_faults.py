@@ -452,6 +452,7 @@ def test_a_60_s_tracking_server_outage_loses_nothing(tmp_path, data_dir):
 def test_what_counts_as_an_outage():
     import requests
     from mlflow.exceptions import MlflowException, RestException
+    from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
     from zoo.queueing import is_outage
 
@@ -470,6 +471,8 @@ def test_what_counts_as_an_outage():
     assert is_outage(RestException({"error_code": "INTERNAL_ERROR", "message": "db down"}))
     # a request the server understood and refused is not an outage: it must not be queued
     assert not is_outage(RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "x"}))
+    # what mlflow's SQL stores raise for "database is locked"
+    assert is_outage(MlflowException("database is locked", error_code=TEMPORARILY_UNAVAILABLE))
     assert not is_outage(MlflowException("Changing param values is not allowed"))
     assert not is_outage(ValueError("bug"))
 

@@ -67,12 +67,10 @@ class ZooMLFlowLogger(MLFlowLogger):
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
-        """Lightning's finalize without its read of the run (which fails during an outage)."""
-        if not self._initialized:
-            return
-        status = {"success": "FINISHED", "finished": "FINISHED", "failed": "FAILED"}.get(
-            status, status
-        )
-        if self._checkpoint_callback:
+        """Logs configured checkpoints but leaves the run's status to the job
+        (``zoo.tracking.TrainingRun.finish`` / ``guard``). Lightning calls this at the end of
+        fit (before the test), on an exception, and from its SLURM requeue signal handler,
+        where FINISHED is wrong (the job goes on, and is requeued) and a write can interrupt
+        another write of the same process (sqlite: "database is locked")."""
+        if self._initialized and self._checkpoint_callback:
             self._scan_and_log_checkpoints(self._checkpoint_callback)
-        self.experiment.set_terminated(self.run_id, status)

@@ -76,7 +76,10 @@ def is_outage(exc: BaseException) -> bool:
             return err.response.status_code >= 500
         if isinstance(err, RestException):
             return err.get_http_status_code() >= 500
-        if isinstance(err, MlflowException) and "failed with error code 5" in str(err):
+        if isinstance(err, MlflowException) and (
+            err.error_code == "TEMPORARILY_UNAVAILABLE"  # e.g. sqlite: "database is locked"
+            or "failed with error code 5" in str(err)
+        ):
             return True
         err = err.__cause__ or err.__context__
     return False
