@@ -184,7 +184,8 @@ class CarryCheckpoints(L.Callback):
             old_dir = state.get("dirpath")
             if old_dir and os.path.realpath(old_dir) == os.path.realpath(cb.dirpath):
                 continue
-            state.update(self._carried(state, Path(cb.dirpath)))
+            # every rank rewrites its state; rank 0 alone writes the files (shared folder)
+            state.update(self._carried(state, Path(cb.dirpath), trainer.is_global_zero))
             state["dirpath"] = cb.dirpath
 
     def _find(self, path: str) -> Path | None:
@@ -200,7 +201,7 @@ class CarryCheckpoints(L.Callback):
         log.warning("checkpoint %s from before the resume is gone: not carried forward", path)
         return None
 
-    def _carried(self, state: dict, new_dir: Path) -> dict[str, Any]:
+    def _carried(self, state: dict, new_dir: Path, write: bool) -> dict[str, Any]:
         moved: dict[str, str] = {}
 
         def carry(path: str) -> str:
@@ -211,7 +212,8 @@ class CarryCheckpoints(L.Callback):
                 moved[path] = ""
                 return ""
             dst = new_dir / src.name
-            _link_or_copy(src, dst)
+            if write:
+                _link_or_copy(src, dst)
             moved[path] = str(dst)
             return str(dst)
 
