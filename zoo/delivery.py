@@ -16,8 +16,6 @@ from mlflow.tracking import MlflowClient
 from zoo.errors import TrackingError, ZooError
 from zoo.queueing import LOCK, META, QUEUE_DIR, DeliveryQueue, flock
 
-log = logging.getLogger(__name__)
-
 
 def find_queue(path: str | Path) -> Path:
     path = Path(path)

@@ -304,6 +304,8 @@ def _reason(exc: BaseException) -> str:
 
 
 def flock(handle, blocking: bool) -> bool:
+    """An exclusive lock on an open file, released when it closes; False if another process
+    holds it and ``blocking`` is False."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX

@@ -79,6 +79,8 @@ def open_store(uri: str | None = None) -> str:
 def _init_sqlite_store(uri: str) -> None:
     from mlflow.tracking import MlflowClient
 
+    from zoo.queueing import flock
+
     path = Path(uri[len("sqlite:///") :].split("?", 1)[0])
     if not path.parent.is_dir():
         raise ConfigError(
@@ -87,7 +89,7 @@ def _init_sqlite_store(uri: str) -> None:
         )
     lock_path = path.with_name(path.name + ".lock")
     with open(lock_path, "a") as lock:
-        _lock_file(lock)  # released when the file closes
+        flock(lock, blocking=True)  # released when the file closes
         try:
             MlflowClient(uri).search_experiments(max_results=1)  # creates + migrates, cached
         except Exception as exc:
@@ -95,14 +97,6 @@ def _init_sqlite_store(uri: str) -> None:
                 f"tracking store {uri} cannot be opened ({type(exc).__name__}: "
                 f"{one_line(str(exc))[:300]})"
             ) from exc
-
-
-def _lock_file(handle) -> None:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no cross-process lock
-        return
-    fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
 
 
 def _check_server(uri: str) -> None:
