@@ -95,24 +95,56 @@ def exit_cleanly_on_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[
     return wrapped
 
 
+# options that live in Hydra or its plugins rather than in conf/
+_BUILTIN_OPTIONS = {"hydra/launcher": ["basic"], "hydra/sweeper": ["basic"]}
+
+
+def _refuse(message: str) -> None:
+    print(f"config error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def check_group_choices(argv: list[str], conf_dir: Path) -> None:
     """Before Hydra composes: a `group=option` override naming an option that does not exist in
     conf/<group>/ exits with status 2 and one paragraph listing the available options (Hydra's
-    own message lists them one per line with its search path, which grows with the zoo)."""
+    own message lists them one per line with its search path, which grows with the zoo). The
+    same for `hydra.launcher.<key>=` overrides naming no option of the chosen launcher."""
+    launcher = None
     for arg in argv:
         key, sep, value = arg.lstrip("+").partition("=")
-        if not sep or "/" in key or "." in key or key.startswith(("~", "-")) or "(" in value:
+        if not sep or "." in key or key.startswith(("~", "-")) or "(" in value:
             continue
         group = conf_dir / key
-        if not group.is_dir():
+        if not group.is_dir() or ("/" in key and key not in _BUILTIN_OPTIONS):
             continue
-        available = sorted(p.stem for p in group.glob("*.yaml"))
+        available = sorted(
+            [*(p.stem for p in group.glob("*.yaml")), *_BUILTIN_OPTIONS.get(key, [])]
+        )
         for option in value.split(","):
             option = option.strip()
             if option and option != "null" and option not in available:
-                print(
-                    f"config error: {key}={option!r} is not an option of '{key}' "
-                    f"(conf/{key}/): choose one of {', '.join(available)}.",
-                    file=sys.stderr,
+                _refuse(
+                    f"{key}={option!r} is not an option of '{key}' (conf/{key}/): choose one of "
+                    f"{', '.join(available)}."
                 )
-                raise SystemExit(2)
+        if key == "hydra/launcher":
+            launcher = value.strip()
+    if launcher and (conf_dir / "hydra" / "launcher" / f"{launcher}.yaml").is_file():
+        path = conf_dir / "hydra" / "launcher" / f"{launcher}.yaml"
+        options = [k for k in yaml_keys(path) if not k.startswith("_")]
+        for arg in argv:
+            key, sep, _ = arg.partition("=")
+            if sep and key.startswith("hydra.launcher."):
+                name = key.removeprefix("hydra.launcher.").split(".")[0]
+                if name not in options:
+                    _refuse(
+                        f"{key}: '{name}' is not an option of hydra/launcher={launcher} "
+                        f"(conf/hydra/launcher/{launcher}.yaml): choose one of "
+                        f"{', '.join(options)}."
+                    )
+
+
+def yaml_keys(path: Path) -> list[str]:
+    from omegaconf import OmegaConf
+
+    return [str(k) for k in OmegaConf.load(path).keys()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -75,6 +76,12 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+
+# conf/hydra/launcher/{joblib,submitit_*}.yaml share their names with the launcher plugins'
+# schemas, which Hydra 1.3 still uses to type-check them (a misspelt hydra.launcher key is
+# refused) while warning that this is deprecated; the files are complete on their own for when
+# it goes. (Here rather than in train.py: joblib's worker processes import this module too.)
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/\w+' is validated against")
 
 
 def resolve(cfg: DictConfig) -> None:
