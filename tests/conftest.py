@@ -142,9 +142,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
-    """A real ``mlflow server`` on loopback (sqlite store and artifacts under ``folder``), in
-    its own process group; returns once it answers (its start takes ~10-20 s here)."""
+def start_mlflow_server(
+    folder: Path,
+    port: int,
+    backend: str | None = None,
+    extra_args: tuple[str, ...] = (),
+    env: dict | None = None,
+) -> subprocess.Popen:
+    """A real ``mlflow server`` on loopback (sqlite store unless ``backend`` is given, artifacts
+    under ``folder``), in its own process group; returns once it answers (its start takes
+    ~10-20 s here, more on a new PostgreSQL database: mlflow migrates its schema)."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -158,24 +165,27 @@ def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
             "--workers",
             "1",
             "--backend-store-uri",
-            f"sqlite:///{folder / 'server.db'}",
+            backend or f"sqlite:///{folder / 'server.db'}",
             "--artifacts-destination",
             str(folder / "server-artifacts"),
+            *extra_args,
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=open(folder / "server.log", "w"),  # the server owns it
         start_new_session=True,
+        env={**os.environ, **(env or {})},
     )
     url = f"http://127.0.0.1:{port}"
-    for _ in range(240):
+    for _ in range(480):
         try:
             if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
                 return proc
         except OSError:
             time.sleep(0.25)
-        assert proc.poll() is None, "mlflow server exited"
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited: {(folder / 'server.log').read_text()[-3000:]}")
     stop_mlflow_server(proc)
-    pytest.fail("mlflow server did not start within 60 s")
+    pytest.fail("mlflow server did not start within 120 s")
 
 
 def stop_mlflow_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
@@ -195,6 +205,88 @@ def mlflow_server(tmp_path_factory):
         yield f"http://127.0.0.1:{port}", tmp_path / "server-artifacts"
     finally:
         stop_mlflow_server(proc)
+
+
+def _postgres_bin() -> Path | None:
+    """Debian keeps PostgreSQL's server programs off PATH, in /usr/lib/postgresql/<v>/bin."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: p.parts)
+    return versions[-1].parent if versions else None
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL server on loopback (Debian's package: .ci/run installs it and sets
+    ZOO_REQUIRE_POSTGRES=1, so CI fails rather than skips without it). Yields a function that
+    creates a database and returns its URL (user ``zoo``, password authentication over TCP)."""
+    import pwd
+    import tempfile
+
+    bindir = _postgres_bin()
+    if bindir is None:
+        if os.environ.get("ZOO_REQUIRE_POSTGRES") == "1":
+            pytest.fail("PostgreSQL not found but ZOO_REQUIRE_POSTGRES=1")
+        pytest.skip("needs Debian's postgresql (apt-get install postgresql)")
+    prefix: list[str] = []
+    folder = Path(tempfile.mkdtemp(prefix="zoo-pg-"))  # not under pytest's 0700 tmp: the
+    password = "zoo-test-password"  # server's user must reach it
+    (folder / "pw").write_text(password + "\n")
+    if os.geteuid() == 0:  # PostgreSQL refuses to run as root: run it as Debian's postgres user
+        user = pwd.getpwnam("postgres")
+        prefix = ["runuser", "-u", "postgres", "--"]
+        for path in (folder, folder / "pw"):
+            os.chown(path, user.pw_uid, user.pw_gid)
+    port = free_port()
+    data = folder / "data"
+
+    def pg(*args: str) -> None:
+        subprocess.run([*prefix, *args], check=True, capture_output=True, text=True)
+
+    try:
+        pg(
+            str(bindir / "initdb"),
+            "-D",
+            str(data),
+            "-U",
+            "zoo",
+            f"--pwfile={folder / 'pw'}",
+            "-A",
+            "scram-sha-256",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        )
+        pg(
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data),
+            "-l",
+            str(folder / "log"),
+            "-w",
+            "-o",
+            f"-h 127.0.0.1 -p {port} -k {folder} -c fsync=off",
+            "start",
+        )
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.fail(f"PostgreSQL did not start: {exc.stderr or exc.stdout}")
+    base = f"postgresql://zoo:{password}@127.0.0.1:{port}"
+
+    def create_database(name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"{base}/{name}"
+
+    try:
+        yield create_database
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

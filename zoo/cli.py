@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import InstantiationException
+from hydra.errors import CompactHydraException, InstantiationException
 from omegaconf import DictConfig
 
 from zoo.config import check_override_types, resolve
@@ -62,6 +62,22 @@ def prepare(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+class JobFailed(CompactHydraException):
+    """A multirun job's user error. Hydra records the job as failed, so the sweep decides what
+    to do (the Optuna sweeper marks the trial FAIL and goes on; Hydra's basic sweeper ends the
+    multirun once its jobs are done), and prints this message alone, without a traceback."""
+
+
+def _in_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.get().mode == RunMode.MULTIRUN
+    except ValueError:
+        return False
+
+
 def friendly_message(exc: BaseException) -> str:
     if isinstance(exc, InstantiationException):
         return f"could not build an object from the config: {one_line(str(exc))}"
@@ -86,6 +102,8 @@ def exit_cleanly_on_user_errors(task: Callable[[DictConfig], Any]) -> Callable[[
                 if isinstance(exc, (ConfigError, InstantiationException))
                 else "error"
             )
+            if _in_multirun():
+                raise JobFailed(f"{kind}: {msg}") from None
             print(
                 f"\n{kind}: {msg}\n(set HYDRA_FULL_ERROR=1 to see the traceback)", file=sys.stderr
             )

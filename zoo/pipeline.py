@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from zoo import faults, kernels, legacy, tracking
+from zoo import cluster, faults, kernels, legacy, tracking
 from zoo.callbacks import RunInfo, TrackOutputs
 from zoo.errors import ConfigError, TrackingUndelivered, one_line
 from zoo.loggers import ZooMLFlowLogger
@@ -147,6 +147,7 @@ def train(cfg: DictConfig) -> float | None:
     """Fit, test with the best checkpoint, log everything to mlflow; returns the best monitored
     value (what hyper-parameter sweeps optimise)."""
     configure_kernels(cfg)
+    cluster.check_allocation(cfg.trainer)
     loggers_cfg = cfg.get("logger") or {}
     mlflow_loggers = {n for n, node in loggers_cfg.items() if "MLFlow" in str(node.get("_target_"))}
     for name in mlflow_loggers:  # fail fast on an unreachable store, before any work; create

@@ -111,6 +111,7 @@ def _check_server(uri: str) -> None:
         left = SERVER_CHECK_BUDGET_S - (time.monotonic() - start)
         try:
             requests.get(uri.rstrip("/") + "/health", timeout=max(1.0, min(5.0, left)))
+            _check_login(uri)
             return
         except requests.RequestException as exc:
             reason = _connection_reason(exc)
@@ -127,6 +128,38 @@ def _check_server(uri: str) -> None:
         "tracking.tracking_uri / MLFLOW_TRACKING_URI to a running server or a local store such "
         "as sqlite:///mlflow.db, or train without tracking with logger=none. Nothing was logged."
     )
+
+
+def _check_login(uri: str) -> None:
+    """A server with authentication (``mlflow server --app-name basic-auth``) answers 401 to
+    requests without valid credentials: say so once, naming the variables mlflow reads."""
+    import requests
+
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    auth = (user, os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) if user else None
+    headers = {}
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+    answer = requests.get(
+        uri.rstrip("/") + "/api/2.0/mlflow/experiments/search",
+        params={"max_results": 1},
+        auth=auth,
+        headers=headers,
+        timeout=10,
+    )
+    if answer.status_code in (401, 403):
+        who = f"the credentials of user {user!r} (MLFLOW_TRACKING_USERNAME)" if user else None
+        raise TrackingError(
+            f"the mlflow tracking server {uri} refused "
+            + (
+                f"{who}: check MLFLOW_TRACKING_PASSWORD."
+                if who
+                else "a request without "
+                "credentials: it requires a login. Set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)."
+            )
+            + f" (HTTP {answer.status_code}; nothing was logged)"
+        )
 
 
 # mlflow retries a failed request 7 times with exponential backoff and a 120 s timeout: minutes

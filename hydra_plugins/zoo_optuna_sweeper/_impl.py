@@ -141,7 +141,7 @@ def open_storage(url: str | None, heartbeat: int | None, grace: int | None):
     """The Optuna storage for ``hydra.sweeper.storage`` (None: in memory, this process only)."""
     if not url:
         return None
-    from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError
+    from sqlalchemy.exc import ArgumentError, IntegrityError
 
     engine: dict[str, Any] = {"pool_pre_ping": True}
     if str(url).startswith("sqlite"):
@@ -158,7 +158,7 @@ def open_storage(url: str | None, heartbeat: int | None, grace: int | None):
                 f"hydra.sweeper.storage={redact(url)}: not a database URL ({_one_line(exc)}); "
                 f"e.g. sqlite:///optuna.db or postgresql://user:password@host/db"
             ) from None
-        except (OperationalError, IntegrityError, ModuleNotFoundError) as exc:
+        except Exception as exc:
             last = exc
             racing = isinstance(exc, IntegrityError) or any(
                 s in str(exc) for s in ("already exists", "database is locked")
@@ -166,8 +166,20 @@ def open_storage(url: str | None, heartbeat: int | None, grace: int | None):
             if not racing:
                 break
             time.sleep(0.5)
+    missing = next((e for e in _chain(last) if isinstance(e, ModuleNotFoundError)), None)
+    if missing is not None:
+        raise SweepError(
+            f"hydra.sweeper.storage={redact(url)}: its database driver is not installed "
+            f"({missing}); for PostgreSQL: pip install 'zoo[server]'"
+        )
     reason = _one_line(getattr(last, "orig", None) or last)[:300]
     raise SweepError(f"hydra.sweeper.storage={redact(url)}: cannot open it ({reason})")
+
+
+def _chain(exc: BaseException | None):
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
 
 def claim_worker_id(storage, study_name: str) -> int:
