@@ -57,6 +57,6 @@ def test_optuna_sweep(tmp_path, data_dir):
     lrs = {r.data.params["model.optimizer.lr"] for r in runs}
     assert len(lrs) == 2 and all(lr != "0.001" for lr in lrs)  # sampled, not the default
     best = next(
-        Path(tmp_path, "logs", "train", "multiruns").rglob("optimization_results.yaml")
+        Path(tmp_path, "logs", "train", "optuna", "eeg").glob("optimization_results.yaml")
     ).read_text()
     assert "best_value" in best

@@ -169,6 +169,15 @@ def test_a_storage_that_cannot_be_opened_is_one_paragraph(tmp_path, storage, exp
     assert "Traceback" not in proc.stderr and "pw@" not in proc.stderr  # password not shown
 
 
+def test_an_unreachable_postgresql_store_is_one_paragraph(tmp_path):
+    uri = f"postgresql://zoo:secret@127.0.0.1:{free_port()}/mlflow"
+    proc = run_cli("train.py", ["debug=fast"], tmp_path, {"MLFLOW_TRACKING_URI": uri})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "tracking store postgresql://zoo:***@127.0.0.1" in proc.stderr
+    assert "Connection refused" in proc.stderr or "connection" in proc.stderr.lower()
+    assert "secret" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_a_failing_trial_is_recorded_and_stops_the_sweep_with_a_message(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     proc = run_cli(

@@ -72,6 +72,8 @@ def open_store(uri: str | None = None) -> str:
         elif uri.startswith(("http://", "https://")):
             _check_server(uri)
             _bound_mlflow_retries()
+        elif uri.split(":", 1)[0].split("+", 1)[0] in ("postgresql", "mysql", "mssql"):
+            _check_database(uri)
         _ready_stores.add(uri)
     return uri
 
@@ -97,6 +99,38 @@ def _init_sqlite_store(uri: str) -> None:
                 f"tracking store {uri} cannot be opened ({type(exc).__name__}: "
                 f"{one_line(str(exc))[:300]})"
             ) from exc
+
+
+def _check_database(uri: str) -> None:
+    """A database store used directly (no server): reachable, with its driver installed."""
+    from mlflow.tracking import MlflowClient
+    from sqlalchemy.engine import make_url
+
+    shown = make_url(uri).render_as_string(hide_password=True)
+    try:
+        # one quick connection first: mlflow retries a failed connection 10 times (~3 min)
+        import sqlalchemy
+
+        timeout = {"connect_timeout": 10} if uri.startswith("postgresql") else {}
+        engine = sqlalchemy.create_engine(uri, connect_args=timeout)
+        with engine.connect():
+            pass
+        engine.dispose()
+        MlflowClient(uri).search_experiments(max_results=1)  # creates + migrates a new one
+    except Exception as exc:
+        chain, cause = [], exc
+        while cause is not None:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        if any(isinstance(e, ModuleNotFoundError) for e in chain):
+            hint = "its database driver is not installed: pip install 'zoo[server]'"
+        else:
+            hint = one_line(str(getattr(chain[-1], "orig", None) or chain[-1]))[:300]
+        raise TrackingError(
+            f"tracking store {shown} cannot be opened ({hint}). Check the database URL in "
+            "tracking.tracking_uri / MLFLOW_TRACKING_URI, or log to a local store such as "
+            "sqlite:///mlflow.db. Nothing was logged."
+        ) from None
 
 
 def _check_server(uri: str) -> None:
