@@ -50,7 +50,13 @@ def test_a_multirun_through_a_launcher_is_one_run_per_job(launcher, tmp_path, da
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = run_cli(
         "train.py",
-        ["-m", f"hydra/launcher={launcher}", "experiment=eeg_cnn_lstm,eeg_cnn_gru", "debug=fast"],
+        [
+            "-m",
+            f"hydra/launcher={launcher}",
+            "experiment=eeg_cnn_lstm,eeg_cnn_gru",
+            "debug=fast",
+            "tracking.log_model=false",  # not what this test is about: saves seconds per job
+        ],
         tmp_path,
         {"MLFLOW_TRACKING_URI": uri},
     )
@@ -114,6 +120,7 @@ def test_two_workers_share_one_study(tmp_path, data_dir):
         "hydra.sweeper.n_trials=2",
         f"hydra.sweeper.storage={storage}",
         "hydra.sweeper.study_name=shared",
+        "tracking.log_model=false",
     ]
     workers = [start_cli("train.py", args, tmp_path, {"MLFLOW_TRACKING_URI": uri}) for _ in "ab"]
     outputs = [w.communicate(timeout=600) for w in workers]
@@ -268,7 +275,8 @@ def test_team_server_on_postgresql_with_basic_auth(tmp_path, data_dir, postgres)
             "MLFLOW_TRACKING_PASSWORD": "alice-password-1234",
         }
         started = time.monotonic()
-        proc = run_cli("train.py", ["debug=fast", "tracking.experiment_name=team"], tmp_path, alice)
+        args = ["debug=fast", "tracking.experiment_name=team", "tracking.log_model=false"]
+        proc = run_cli("train.py", args, tmp_path, alice)
         print(f"debug=fast job through the server: {time.monotonic() - started:.1f} s")
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
 
@@ -321,6 +329,7 @@ def test_two_torchrun_agents_train_one_ddp_job(tmp_path, data_dir):
                 "trainer.num_nodes=2",
                 "trainer.devices=1",
                 "debug=fast",
+                "tracking.log_model=false",
             ],
             cwd=tmp_path,
             env=cli_env({"MLFLOW_TRACKING_URI": uri}),
