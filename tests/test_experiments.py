@@ -8,7 +8,10 @@ New experiments join automatically (any ``conf/experiment/*.yaml`` whose data co
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import tempfile
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -190,6 +193,36 @@ def _detection(cfg, run, arts, html, evaluated, client):
         "predictions/test_results.json",
     } <= arts
     assert "Detection results" in html and "AP per class" in html and "group table" in html.lower()
+    # the logged test mAP is pycocotools' COCOeval of what was scored, within 1e-9
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    folder = tempfile.mkdtemp()
+    gt = json.loads(
+        Path(
+            client.download_artifacts(run.info.run_id, "predictions/test_groundtruth.json", folder)
+        ).read_text()
+    )
+    results = json.loads(
+        Path(
+            client.download_artifacts(run.info.run_id, "predictions/test_results.json", folder)
+        ).read_text()
+    )
+    if results:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco = COCO()
+            coco.dataset = gt
+            coco.createIndex()
+            ev = COCOeval(coco, coco.loadRes(results), "bbox")
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+        for i, name in enumerate(("mAP", "mAP_50", "mAP_75")):
+            assert abs(m[f"test/{name}"] - ev.stats[i]) <= 1e-9, (
+                name,
+                m[f"test/{name}"],
+                ev.stats[i],
+            )
 
 
 def _sparsebert(cfg, run, arts, html, evaluated, client):
@@ -215,7 +248,6 @@ def _sparsebert(cfg, run, arts, html, evaluated, client):
 
 
 def _logged_mask(client, run_id: str) -> torch.Tensor:
-    import tempfile
 
     path = client.download_artifacts(run_id, "masks/attention_mask.pt", tempfile.mkdtemp())
     return torch.load(path, weights_only=True)["mask"]

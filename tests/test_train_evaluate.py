@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,12 @@ def test_train_then_evaluate_round_trip(make_cfg, tracking_uri, tmp_path):
     ):
         assert text in md, text
     assert (out / "images" / "confusion_matrix.png").stat().st_size > 1000
+    # the header says how much of the test split was evaluated (3 batches of 64 windows), and
+    # the per-class support adds up to exactly that
+    total = int(re.search(r"test windows\W+(\d+) from", md).group(1))
+    assert f"evaluated on | 192 of {total} test windows (limit_test_batches=3" in md, md[:800]
+    support = re.search(r"macro average \|[^\n]*\| (\d+) \|", md)
+    assert support and int(support.group(1)) == 192 < total
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "http://" not in html and "https://" not in html
     arts = artifacts(client, run_id)

@@ -287,8 +287,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if len(given) > 1:
         raise ConfigError(f"give one of run_id=, ckpt_path=, model_uri= (got {', '.join(given)})")
     source = resolve_source(cfg)
-    metrics, sections, datamodule = test_source(cfg, source)
-    report, flat = model_report(source, metrics, sections, datamodule)
+    metrics, sections, datamodule, coverage = test_source(cfg, source)
+    report, flat = model_report(source, metrics, sections, datamodule, coverage)
     write_report(cfg, report, flat, source.run_id, source.stem, "Report")
     return flat
 
@@ -366,9 +366,43 @@ def source_from_model_uri(cfg: DictConfig) -> Source:
 # ------------------------------------------------------------- step 2: test
 
 
+class CountTested(L.Callback):
+    """Counts the samples a test actually ran over (limit_test_batches may stop it early)."""
+
+    def __init__(self) -> None:
+        self.samples = 0
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        from lightning.pytorch.utilities.data import extract_batch_size
+
+        self.samples += extract_batch_size(batch)
+
+
+@dataclass
+class Coverage:
+    """How much of the test split an evaluation saw."""
+
+    evaluated: int
+    total: int | None
+    unit: str
+    limit: Any = None  # limit_test_batches, where it cut the split
+    subset: Any = None  # data.subset, where the split itself is a subset
+
+    def describe(self) -> str:
+        text = f"{self.evaluated} of {self.total} test {self.unit}"
+        if self.total is None:
+            text = f"{self.evaluated} test {self.unit}"
+        notes = []
+        if self.total is not None and self.evaluated < self.total:
+            notes.append(f"limit_test_batches={self.limit} stopped the test early")
+        if self.subset is not None:
+            notes.append(f"data.subset={self.subset}: the split is itself a subset of the data")
+        return text + (f" ({'; '.join(notes)})" if notes else "")
+
+
 def test_source(cfg: DictConfig, source: Source):
     """Rebuild data and model, load the weights, test; returns (metrics, report sections,
-    data module)."""
+    data module, coverage)."""
     train_cfg = source.train_cfg
     datamodule = build(train_cfg.data, "data")
     model = build(train_cfg.model, "model")
@@ -379,6 +413,7 @@ def test_source(cfg: DictConfig, source: Source):
         or 1.0
     )
     outputs = TrackOutputs()  # collects the sections; nothing is logged while testing here
+    counter = CountTested()
     trainer = L.Trainer(
         accelerator=cfg.get("accelerator", "auto"),
         devices=1,
@@ -386,17 +421,32 @@ def test_source(cfg: DictConfig, source: Source):
         enable_checkpointing=False,
         enable_model_summary=False,
         limit_test_batches=limit,
-        callbacks=[*build_all(cfg.get("callbacks"), "callbacks"), outputs],
+        callbacks=[*build_all(cfg.get("callbacks"), "callbacks"), outputs, counter],
     )
     results = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     metrics = {k: float(v) for k, v in sorted(results.items())}
-    return metrics, outputs.sections, datamodule
+    loader = trainer.test_dataloaders
+    loader = loader[0] if isinstance(loader, (list, tuple)) else loader
+    try:
+        total = len(loader.dataset)
+    except (AttributeError, TypeError):  # an iterable dataset has no length
+        total = None
+    coverage = Coverage(
+        counter.samples,
+        total,
+        getattr(datamodule, "sample_unit", "samples"),
+        limit,
+        OmegaConf.select(train_cfg, "data.subset", default=None),
+    )
+    return metrics, outputs.sections, datamodule, coverage
 
 
 # ------------------------------------------------------------- step 3: the report
 
 
-def model_report(source: Source, metrics: dict[str, float], sections, datamodule):
+def model_report(
+    source: Source, metrics: dict[str, float], sections, datamodule, coverage: Coverage
+):
     """The evaluation report of a model; returns (report, metrics for metrics.json)."""
     train_cfg = source.train_cfg
     name = train_cfg.get("name") or "model"
@@ -404,6 +454,7 @@ def model_report(source: Source, metrics: dict[str, float], sections, datamodule
     report.key_values(
         {
             "evaluated": source.description,
+            "evaluated on": coverage.describe(),
             "experiment": name,
             "mlflow run": source.run_id or "-",
             "model": OmegaConf.select(train_cfg, "model._target_"),
@@ -412,6 +463,13 @@ def model_report(source: Source, metrics: dict[str, float], sections, datamodule
         }
     )
     report.heading("Test metrics")
+    if coverage.total is not None and coverage.evaluated < coverage.total:
+        report.paragraph(
+            f"These metrics (and the per-class support below) cover {coverage.evaluated} of the "
+            f"{coverage.total} test {coverage.unit}: the rest of the test split was not "
+            f"evaluated (limit_test_batches={coverage.limit}; evaluate.py limit_test_batches=1.0 "
+            "evaluates all of it)."
+        )
     report.table(["metric", "value"], [[k, v] for k, v in metrics.items()])
     flat = dict(metrics)
     for section in sections:

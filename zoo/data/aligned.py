@@ -164,6 +164,8 @@ class AlignedDataModule(SplitDataModule):
     ``subset`` keeps the first N images of each split (debug runs).
     """
 
+    sample_unit = "image pairs"
+
     def __init__(
         self,
         data_dir: str,

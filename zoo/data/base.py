@@ -24,6 +24,7 @@ class SplitDataModule(L.LightningDataModule):
     collate_fn: Callable | None = None  # e.g. padding to the longest sequence of a batch
 
     demo: Callable[..., object] | None = None
+    sample_unit = "samples"  # what reports count: "evaluated on 128 of 472 test windows"
 
     def write_demo(self, **options) -> None:
         """Write the offline demo dataset into ``data_dir`` when the config injects a writer

@@ -361,6 +361,8 @@ class DeapDataModule(SplitDataModule):
     the demo goes through exactly the loader used for the real dataset.
     """
 
+    sample_unit = "windows"
+
     def __init__(
         self,
         data_dir: str,

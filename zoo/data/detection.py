@@ -557,6 +557,8 @@ class DetectionDataModule(SplitDataModule):
     first writes the offline two-source demo into ``data_dir``.
     """
 
+    sample_unit = "images"
+
     collate_fn = staticmethod(detection_collate)
 
     def __init__(

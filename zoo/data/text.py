@@ -169,6 +169,8 @@ class GlueDataModule(SplitDataModule):
     the offline
     pydoc_continuity task into ``data_dir``."""
 
+    sample_unit = "examples"
+
     collate_fn = staticmethod(pad_collate)
 
     def __init__(

@@ -1,8 +1,12 @@
 """Detection scoring shared by training (val/test) and ``evaluate.py task=detection``.
 
 - COCO metrics (mAP@[.5:.95], mAP@.5, mAP@.75, small/medium/large, AR@1/10/100) come from
-  torchmetrics' ``MeanAveragePrecision`` with the ``faster_coco_eval`` backend (the same numbers
-  as pycocotools' COCOeval, several times faster; tested and benchmarked against it).
+  faster-coco-eval's ``COCOeval_faster`` driven with COCO dicts in the scored images' own ids
+  and detection order: pycocotools' COCOeval numbers in float64, several times faster (tested
+  against pycocotools on real COCO val2014 annotations, benchmarked in benchmarks/map_eval.py).
+  Not through torchmetrics' ``MeanAveragePrecision``: it renumbers images in update order, which
+  changes how pycocotools' stable sort breaks ties between equal scores of different images
+  (mAP off by up to 1e-4 on real results with 3-decimal scores), and returns float32.
 - VOC AP@.5 per class, VOC2007 11-point and VOC2010+ all-point, from :mod:`zoo.metrics.voc`.
 - Joint datasets: each image is scored only on the classes its source annotates (predictions of
   other classes on it can be neither confirmed nor refuted, so they are dropped before scoring).
@@ -42,16 +46,44 @@ COCO_KEYS = {
 }
 
 
-def mean_average_precision(**kwargs):
-    from torchmetrics.detection import MeanAveragePrecision
+STAT_NAMES = list(COCO_KEYS.values())  # COCOeval.stats order
 
-    logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)  # its summary tables go to INFO
-    # pycocotools' thresholds in float64: torchmetrics' defaults come from a float32 torch.linspace,
-    # and recall values such as 29/100 then land on the other side of a threshold (~1e-4 off)
-    kwargs.setdefault("iou_thresholds", np.linspace(0.5, 0.95, 10).tolist())
-    kwargs.setdefault("rec_thresholds", np.linspace(0.0, 1.0, 101).tolist())
-    return MeanAveragePrecision(
-        box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", **kwargs
+
+@dataclass
+class CocoEvaluation:
+    metrics: dict[str, float]  # the 12 COCO numbers (float64; -1: no ground truth in the range)
+    precision: np.ndarray  # [T, R, K, A, M] as pycocotools' eval["precision"] (-1: no gt)
+    recall: np.ndarray  # [T, K, A, M]
+    cat_ids: list[int]  # the K axis
+
+
+def coco_eval(gt: dict, results: list[dict]) -> CocoEvaluation:
+    """pycocotools' COCOeval (bbox) of a COCO ground truth dict and a results list, computed
+    by faster-coco-eval in float64. Image ids, category ids and the order of the results are
+    used as given: pycocotools breaks ties between equal scores by image id, then by order."""
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)  # summary tables at INFO
+    cat_ids = sorted(int(c["id"]) for c in gt["categories"])
+    n_t, n_r, n_k = 10, 101, len(cat_ids)
+    if not results or not gt["images"]:  # pycocotools cannot load an empty results list
+        has_gt = any(not a.get("iscrowd", 0) for a in gt["annotations"])
+        value = 0.0 if has_gt else -1.0
+        precision = np.full((n_t, n_r, n_k, 4, 3), -1.0)
+        recall = np.full((n_t, n_k, 4, 3), -1.0)
+        return CocoEvaluation(dict.fromkeys(STAT_NAMES, value), precision, recall, cat_ids)
+    coco_gt = COCO(gt)
+    evaluator = COCOeval_faster(coco_gt, coco_gt.loadRes(results), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    stats = np.asarray(evaluator.stats, dtype=np.float64)
+    metrics = {name: float(stats[i]) for i, name in enumerate(STAT_NAMES)}
+    return CocoEvaluation(
+        metrics,
+        np.asarray(evaluator.eval["precision"], dtype=np.float64),
+        np.asarray(evaluator.eval["recall"], dtype=np.float64),
+        [int(c) for c in evaluator.params.catIds],
     )
 
 
@@ -108,6 +140,7 @@ class DetectionScorer:
                 "boxes": p["boxes"].detach().cpu().double().reshape(-1, 4),
                 "scores": p["scores"].detach().cpu().double(),
                 "labels": p["labels"].detach().cpu().long(),
+                **({"xywh": p["xywh"]} if "xywh" in p else {}),  # a results file's own boxes
             }
             if self.group_table is not None and "source" in t:
                 labelled = self.group_table[int(t["source"])].to(p["labels"].device) != 0
@@ -116,6 +149,7 @@ class DetectionScorer:
             boxes = t["boxes"].detach().cpu().double().reshape(-1, 4)
             target = {
                 "boxes": boxes,
+                **({"xywh": t["xywh"]} if "xywh" in t else {}),
                 "labels": t["labels"].detach().cpu().long(),
                 "iscrowd": t.get("iscrowd", torch.zeros(len(boxes), dtype=torch.bool)).cpu().long(),
             }
@@ -150,35 +184,33 @@ class DetectionScorer:
                     self.targets.append(t)
 
     def to_coco(self) -> tuple[dict, list[dict]]:
-        """What was scored as COCO files: (ground truth, results). ``evaluate.py task=detection``
-        on them reproduces :meth:`compute`'s COCO numbers (ignored boxes become ``iscrowd``)."""
+        """What is scored, as COCO dicts: (ground truth, results). Images keep their ids (their
+        position where ids are missing or repeat), results keep their order, and boxes loaded
+        from COCO files keep their own [x, y, w, h]: COCOeval on these is what
+        :meth:`compute` reports (ignored boxes become ``iscrowd``)."""
+        ids = [t.get("image_id") for t in self.targets]
+        if None in ids or len(set(ids)) < len(ids):
+            ids = list(range(len(self.targets)))
         images, anns, results = [], [], []
-        for i, (p, t) in enumerate(zip(self.preds, self.targets)):
-            image_id = int(t.get("image_id", i))
+        for image_id, p, t in zip(ids, self.preds, self.targets):
+            image_id = int(image_id)
             images.append({"id": image_id, "file_name": str(t.get("file_name", image_id))})
             for box, label, crowd, area in zip(
-                t["boxes"].tolist(), t["labels"].tolist(), t["iscrowd"].tolist(), t["area"].tolist()
+                _xywh(t), t["labels"].tolist(), t["iscrowd"].tolist(), t["area"].tolist()
             ):
                 anns.append(
                     {
                         "id": len(anns) + 1,
                         "image_id": image_id,
                         "category_id": int(label),
-                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                        "bbox": box,
                         "area": area,
                         "iscrowd": int(crowd),
                     }
                 )
-            for box, label, score in zip(
-                p["boxes"].tolist(), p["labels"].tolist(), p["scores"].tolist()
-            ):
+            for box, label, score in zip(_xywh(p), p["labels"].tolist(), p["scores"].tolist()):
                 results.append(
-                    {
-                        "image_id": image_id,
-                        "category_id": int(label),
-                        "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
-                        "score": score,
-                    }
+                    {"image_id": image_id, "category_id": int(label), "bbox": box, "score": score}
                 )
         cats = [{"id": int(i), "name": n} for i, n in zip(self.label_ids, self.class_names)]
         return {"images": images, "annotations": anns, "categories": cats}, results
@@ -187,18 +219,11 @@ class DetectionScorer:
 
     def compute(self) -> DetectionScores:
         # per-class numbers come from the accumulated precision/recall arrays (exactly what
-        # pycocotools' summarize() averages), not from class_metrics=True, which re-runs the
-        # whole evaluation once per class
-        metric = mean_average_precision(extended_summary=True)
-        out = {}
-        if self.targets:
-            metric.update(self.preds, self.targets)
-            out = metric.compute()
-        metrics = {name: float(out[k]) for k, name in COCO_KEYS.items() if k in out}
-        labels = [p["labels"] for p in self.preds] + [t["labels"] for t in self.targets]
-        seen = torch.cat(labels).unique().tolist() if labels else []  # torchmetrics' class axis
-        precision = out["precision"].numpy() if "precision" in out else None  # [T, R, K, A, M]
-        recall = out["recall"].numpy() if "recall" in out else None  # [T, K, A, M]
+        # pycocotools' summarize() averages)
+        evaluation = coco_eval(*self.to_coco())
+        metrics = dict(evaluation.metrics)
+        precision, recall = evaluation.precision, evaluation.recall  # [T, R, K, A, M], [T, K, A, M]
+        seen = evaluation.cat_ids
         dets_by_class, gt_by_class = self._voc_inputs()
         per_class, curves, voc07, voc = [], {}, [], []
         for name, label in zip(self.class_names, self.label_ids):
@@ -210,7 +235,7 @@ class DetectionScorer:
                 voc07.append(v07)
                 voc.append(vall)
             ap = ap50 = ar = float("nan")
-            if precision is not None and label in seen:
+            if label in seen:
                 k = seen.index(label)
                 p_all, r_all = precision[:, :, k, 0, -1], recall[:, k, 0, -1]  # all areas, 100 dets
                 if (p_all > -1).any():  # -1: the class has no ground truth
@@ -250,6 +275,14 @@ class DetectionScorer:
                     t["iscrowd"][sel].numpy().astype(bool),
                 )
         return dets, gt
+
+
+def _xywh(boxes: dict) -> list[list[float]]:
+    """COCO [x, y, w, h] boxes: a COCO file's own values where kept, else from xyxy."""
+    if "xywh" in boxes:
+        return boxes["xywh"].tolist()
+    b = boxes["boxes"]
+    return torch.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], 1).tolist()
 
 
 # --------------------------------------------------------------------------- figures
@@ -436,17 +469,20 @@ def coco_to_tensors(
                 f"truth's categories {sorted(cat_ids)}"
             )
 
-    targets = [{"boxes": [], "labels": [], "iscrowd": [], "area": []} for _ in gt["images"]]
+    targets = [
+        {"boxes": [], "xywh": [], "labels": [], "iscrowd": [], "area": []} for _ in gt["images"]
+    ]
     for k, a in enumerate(gt["annotations"]):
         with entry_errors(f"{gt_name}: annotations[{k}]"):
             check_ids(a, f"{gt_name}: annotation id {a.get('id')}")
             x, y, w, h = (float(v) for v in a["bbox"])
             t = targets[index[a["image_id"]]]
             t["boxes"].append([x, y, x + w, y + h])
+            t["xywh"].append([x, y, w, h])
             t["labels"].append(a["category_id"])
             t["iscrowd"].append(int(a.get("iscrowd", 0)))
             t["area"].append(float(a.get("area", w * h)))
-    preds = [{"boxes": [], "scores": [], "labels": []} for _ in gt["images"]]
+    preds = [{"boxes": [], "xywh": [], "scores": [], "labels": []} for _ in gt["images"]]
     for k, d in enumerate(results):
         missing = (
             {"image_id", "category_id", "bbox", "score"} - set(d)
@@ -461,11 +497,13 @@ def coco_to_tensors(
             score = float(d["score"])
         p = preds[index[d["image_id"]]]
         p["boxes"].append([x, y, x + w, y + h])
+        p["xywh"].append([x, y, w, h])
         p["scores"].append(score)
         p["labels"].append(d["category_id"])
     preds = [
         {
             "boxes": torch.tensor(p["boxes"], dtype=torch.float64).reshape(-1, 4),
+            "xywh": torch.tensor(p["xywh"], dtype=torch.float64).reshape(-1, 4),
             "scores": torch.tensor(p["scores"], dtype=torch.float64),
             "labels": torch.tensor(p["labels"], dtype=torch.long),
         }
@@ -474,6 +512,7 @@ def coco_to_tensors(
     targets = [
         {
             "boxes": torch.tensor(t["boxes"], dtype=torch.float64).reshape(-1, 4),
+            "xywh": torch.tensor(t["xywh"], dtype=torch.float64).reshape(-1, 4),
             "labels": torch.tensor(t["labels"], dtype=torch.long),
             "iscrowd": torch.tensor(t["iscrowd"], dtype=torch.long),
             "area": torch.tensor(t["area"], dtype=torch.float64),

@@ -482,7 +482,8 @@ class GroupSoftmaxDetector(ZooModule):
         for row in scores.per_class:
             for key in ("AP", "AP_50"):
                 if row[key] == row[key]:  # not NaN
-                    self.log(f"test/{key}/{row['class']}", row[key], sync_dist=True)
+                    exact = torch.tensor(row[key], dtype=torch.float64)
+                    self.log(f"test/{key}/{row['class']}", exact, sync_dist=True)
         self._emit_figures(scores, "test", "")
         gt, results = self.test_scorer.to_coco()  # what was scored, as COCO files
         self.emit(
@@ -493,7 +494,7 @@ class GroupSoftmaxDetector(ZooModule):
             f"{n}: {r}" for n, r in zip(self.source_names, self.group_table.tolist())
         )
         intro = Section("Detection results").paragraph(
-            "COCO metrics from torchmetrics' MeanAveragePrecision (faster_coco_eval backend); "
+            "COCO metrics: pycocotools' COCOeval as faster-coco-eval computes it (float64); "
             "VOC AP@.5 from zoo.metrics.voc (VOC2007 11-point and VOC2010+ all-point). Each test "
             "image is scored only on the classes its source annotates. Group table (rows: "
             f"sources, columns: background + classes): {groups}."
@@ -511,8 +512,10 @@ class GroupSoftmaxDetector(ZooModule):
             if value == value and value >= 0:
                 # identical on every rank after gather(); sync_dist keeps Lightning's DDP
                 # check quiet
+                # a float64 tensor: Lightning would store a Python float as float32 (~1e-8 off)
+                exact = torch.tensor(value, dtype=torch.float64)
                 self.log(
-                    f"{split}/{name}", value, prog_bar=name in ("mAP", "mAP_50"), sync_dist=True
+                    f"{split}/{name}", exact, prog_bar=name in ("mAP", "mAP_50"), sync_dist=True
                 )
         return scores
 

@@ -90,8 +90,8 @@ def coco_files_report(cfg: DictConfig) -> tuple[Report, dict[str, float]]:
     )
     report.heading("Metrics")
     report.paragraph(
-        "COCO metrics from torchmetrics' MeanAveragePrecision (faster_coco_eval backend, the "
-        "numbers of pycocotools' COCOeval); -1 means no ground truth in that area range. VOC "
+        "COCO metrics: pycocotools' COCOeval as faster-coco-eval computes it (float64, equal "
+        "to pycocotools within 1e-9); -1 means no ground truth in that area range. VOC "
         "AP@.5 treats crowd boxes as 'difficult' (ignored)."
     )
     report.table(["metric", "value"], [[k, v] for k, v in metrics.items()])
