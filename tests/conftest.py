@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import os
 import shutil
@@ -347,3 +348,21 @@ def render_in_chromium(html: Path, profile_dir: Path) -> dict:
                 u for u in driver.execute_script(resources) if not u.startswith("data:")
             ],
         }
+
+
+def pycocotools_eval(gt: dict, results: list[dict]):
+    """pycocotools' COCOeval (bbox) of COCO dicts: the reference our COCO metrics must equal."""
+    import json
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = json.loads(json.dumps(gt))  # pycocotools adds keys to what it is given
+        coco.createIndex()
+        ev = COCOeval(coco, coco.loadRes(json.loads(json.dumps(results))), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev

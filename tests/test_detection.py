@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 import zoo.kernels as K
-from tests.conftest import build_model, render_in_chromium
+from tests.conftest import build_model, pycocotools_eval, render_in_chromium
 from zoo.data.detection import DetectionDataModule, DetectionDataset
 from zoo.errors import ConfigError, DataError
 from zoo.metrics.detection import DetectionScorer, coco_to_tensors, score_coco_files
@@ -617,27 +617,53 @@ def test_real_coco_annotations_score_exactly_like_pycocotools(make_cfg, tmp_path
             t = {k: v for k, v in targets[i].items() if k != "xywh"}
             scorer.update([{**p, "labels": preds[i]["labels"]}], [{**t, "image_id": ids_of(gt)[i]}])
         ours = [scorer.compute().metrics[k] for k in STATS]
-        ref = ev.stats if dtype == torch.float64 else _pycocotools_on_dicts(*scorer.to_coco()).stats
+        ref = ev.stats if dtype == torch.float64 else pycocotools_eval(*scorer.to_coco()).stats
         np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-9, err_msg=str(dtype))
+
+
+def test_logged_coco_metrics_keep_float64(tmp_path):
+    """What the detector logs (Lightning's logged metrics, which loggers receive) is the
+    scorer's float64 value, not Lightning's float32 default: pycocotools' within 1e-9."""
+    import lightning as L
+
+    from zoo.models.detection import GroupSoftmaxDetector
+
+    gt = json.loads(REAL_GT.read_text())
+    preds, targets = coco_to_tensors(gt, json.loads(REAL_RESULTS.read_text()))
+    names, ids = [c["name"] for c in gt["categories"]], [c["id"] for c in gt["categories"]]
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+
+        def test_step(self, batch, batch_idx):
+            pass
+
+        def on_test_epoch_end(self):
+            scorer = DetectionScorer(names, ids)
+            for image, p, t in zip(gt["images"], preds, targets):
+                scorer.update([p], [{**t, "image_id": image["id"]}])
+            GroupSoftmaxDetector._log_scores(self, "test", scorer)
+
+    trainer = L.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.test(Probe(), dataloaders=torch.utils.data.DataLoader([torch.zeros(1)]))
+    ev = _pycocotools_stats(REAL_GT, REAL_RESULTS)
+    logged = trainer.logged_metrics
+    assert logged["test/mAP"].dtype == torch.float64
+    np.testing.assert_allclose(
+        [float(logged[f"test/{k}"]) for k in STATS], ev.stats, rtol=0, atol=1e-9
+    )
 
 
 def ids_of(gt: dict) -> list[int]:
     return [im["id"] for im in gt["images"]]
-
-
-def _pycocotools_on_dicts(gt: dict, results: list[dict]):
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = json.loads(json.dumps(gt))
-        coco.createIndex()
-        ev = COCOeval(coco, coco.loadRes(json.loads(json.dumps(results))), "bbox")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return ev
 
 
 def test_evaluate_scores_a_results_file_and_writes_the_report(make_cfg, tmp_path, tracking_uri):

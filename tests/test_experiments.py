@@ -8,8 +8,6 @@ New experiments join automatically (any ``conf/experiment/*.yaml`` whose data co
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import tempfile
 from pathlib import Path
@@ -21,7 +19,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import EXPERIMENTS, artifacts, compose_cfg
+from tests.conftest import EXPERIMENTS, artifacts, compose_cfg, pycocotools_eval
 from zoo import tracking
 from zoo.pipeline import build, evaluate, read_checkpoint, train
 
@@ -194,9 +192,6 @@ def _detection(cfg, run, arts, html, evaluated, client):
     } <= arts
     assert "Detection results" in html and "AP per class" in html and "group table" in html.lower()
     # the logged test mAP is pycocotools' COCOeval of what was scored, within 1e-9
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     folder = tempfile.mkdtemp()
     gt = json.loads(
         Path(
@@ -209,20 +204,12 @@ def _detection(cfg, run, arts, html, evaluated, client):
         ).read_text()
     )
     if results:
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco = COCO()
-            coco.dataset = gt
-            coco.createIndex()
-            ev = COCOeval(coco, coco.loadRes(results), "bbox")
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-        for i, name in enumerate(("mAP", "mAP_50", "mAP_75")):
-            assert abs(m[f"test/{name}"] - ev.stats[i]) <= 1e-9, (
-                name,
-                m[f"test/{name}"],
-                ev.stats[i],
-            )
+        ev = pycocotools_eval(gt, results)
+        names = ["mAP", "mAP_50", "mAP_75", "mAP_small", "mAP_medium", "mAP_large"]
+        names += ["AR_1", "AR_10", "AR_100", "AR_small", "AR_medium", "AR_large"]
+        for name, value in zip(names, ev.stats):
+            if value >= 0:  # -1: no ground truth of that size, not logged
+                assert abs(m[f"test/{name}"] - value) <= 1e-9, (name, m[f"test/{name}"], value)
 
 
 def _sparsebert(cfg, run, arts, html, evaluated, client):

