@@ -27,6 +27,23 @@ class TrackingUndelivered(TrackingError):
     exit_code = 3
 
 
-def one_line(text: str) -> str:
+def one_line(text: object) -> str:
     """Join a multi-line message (e.g. Hydra's InstantiationException) into one line."""
-    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def causes(exc: BaseException | None):
+    """``exc`` and the exceptions it was raised from or during, outermost first."""
+    while exc is not None:
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def redact_url(url: str) -> str:
+    """A database or server URL without its password, for messages and files."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can parse: keep only what follows the credentials
+        return url.rsplit("@", 1)[-1]

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import zoo
 from zoo.config import iter_flat
-from zoo.errors import ConfigError, TrackingError, one_line
+from zoo.errors import ConfigError, TrackingError, causes, one_line, redact_url
 from zoo.fetch import download, resolve_tracking_uri
 
 if TYPE_CHECKING:
@@ -104,9 +104,8 @@ def _init_sqlite_store(uri: str) -> None:
 def _check_database(uri: str) -> None:
     """A database store used directly (no server): reachable, with its driver installed."""
     from mlflow.tracking import MlflowClient
-    from sqlalchemy.engine import make_url
 
-    shown = make_url(uri).render_as_string(hide_password=True)
+    shown = redact_url(uri)
     try:
         # one quick connection first: mlflow retries a failed connection 10 times (~3 min)
         import sqlalchemy
@@ -118,10 +117,7 @@ def _check_database(uri: str) -> None:
         engine.dispose()
         MlflowClient(uri).search_experiments(max_results=1)  # creates + migrates a new one
     except Exception as exc:
-        chain, cause = [], exc
-        while cause is not None:
-            chain.append(cause)
-            cause = cause.__cause__ or cause.__context__
+        chain = list(causes(exc))
         if any(isinstance(e, ModuleNotFoundError) for e in chain):
             hint = "its database driver is not installed: pip install 'zoo[server]'"
         else:

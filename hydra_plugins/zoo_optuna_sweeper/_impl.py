@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ from optuna.distributions import (
 )
 from optuna.trial import TrialState
 
+from zoo.errors import causes, one_line, redact_url
+
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "optimization_results.yaml"
@@ -50,10 +53,6 @@ class SweepError(Exception):
     """Bad sweep configuration: printed as one paragraph, exit status 2."""
 
 
-def _one_line(text: str) -> str:
-    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
-
-
 def _stop(message: str) -> None:
     print(f"\nsweep error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
@@ -61,14 +60,7 @@ def _stop(message: str) -> None:
 
 def redact(url: str | None) -> str:
     """A storage URL without its password, for messages and the results file."""
-    if not url:
-        return "in-memory"
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]
+    return redact_url(url) if url else "in-memory"
 
 
 # --------------------------------------------------------------------------- search space
@@ -119,7 +111,7 @@ def search_space(
     try:
         parsed = parser.parse_overrides(list(lines.values()))
     except HydraException as exc:
-        raise SweepError(f"cannot parse the sweep: {_one_line(exc)}") from None
+        raise SweepError(f"cannot parse the sweep: {one_line(exc)}") from None
     space, fixed = {}, []
     for override in parsed:
         if override.is_sweep_override():
@@ -152,10 +144,12 @@ def open_storage(url: str | None, heartbeat: int | None, grace: int | None):
     last: Exception | None = None
     for _ in range(5):  # two workers creating a new storage's tables at once: one retries
         try:
-            return optuna.storages.RDBStorage(str(url), engine_kwargs=engine, **extra)
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna's words
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(str(url), engine_kwargs=engine, **extra)
         except ArgumentError as exc:
             raise SweepError(
-                f"hydra.sweeper.storage={redact(url)}: not a database URL ({_one_line(exc)}); "
+                f"hydra.sweeper.storage={redact(url)}: not a database URL ({one_line(exc)}); "
                 f"e.g. sqlite:///optuna.db or postgresql://user:password@host/db"
             ) from None
         except Exception as exc:
@@ -166,20 +160,14 @@ def open_storage(url: str | None, heartbeat: int | None, grace: int | None):
             if not racing:
                 break
             time.sleep(0.5)
-    missing = next((e for e in _chain(last) if isinstance(e, ModuleNotFoundError)), None)
+    missing = next((e for e in causes(last) if isinstance(e, ModuleNotFoundError)), None)
     if missing is not None:
         raise SweepError(
             f"hydra.sweeper.storage={redact(url)}: its database driver is not installed "
             f"({missing}); for PostgreSQL: pip install 'zoo[server]'"
         )
-    reason = _one_line(getattr(last, "orig", None) or last)[:300]
+    reason = one_line(getattr(last, "orig", None) or last)[:300]
     raise SweepError(f"hydra.sweeper.storage={redact(url)}: cannot open it ({reason})")
-
-
-def _chain(exc: BaseException | None):
-    while exc is not None:
-        yield exc
-        exc = exc.__cause__ or exc.__context__
 
 
 def claim_worker_id(storage, study_name: str) -> int:
@@ -325,7 +313,7 @@ class OptunaSweep(Sweeper):
                 for trial in trials:
                     study.tell(trial, state=TrialState.FAIL)
                 self._write_results(study, done, failed)
-                _stop(f"a trial's overrides do not compose: {_one_line(exc)}")
+                _stop(f"a trial's overrides do not compose: {one_line(exc)}")
             for trial, overrides in zip(trials, batch):
                 log.info("Trial %d: %s", trial.number, " ".join(overrides))
             try:
@@ -404,7 +392,7 @@ class OptunaSweep(Sweeper):
         try:
             return instantiate(cfg, **kwargs), seed
         except Exception as exc:
-            raise SweepError(f"hydra.sweeper.sampler: cannot build it ({_one_line(exc)})") from None
+            raise SweepError(f"hydra.sweeper.sampler: cannot build it ({one_line(exc)})") from None
 
     def _overrides(self, trial, fixed: list[str], worker: int) -> tuple[str, ...]:
         lines = [*fixed, *(f"{k}={v}" for k, v in trial.params.items())]
@@ -421,7 +409,7 @@ class OptunaSweep(Sweeper):
     def _values(self, result: JobReturn) -> tuple[list[float] | None, str | None]:
         if result.status != JobStatus.COMPLETED:
             exc = result._return_value
-            return None, _one_line(f"{type(exc).__name__}: {exc}")[:500]
+            return None, one_line(f"{type(exc).__name__}: {exc}")[:500]
         value = result.return_value
         if value is None:
             return None, "the job returned no value to optimise (is a metric monitored?)"
