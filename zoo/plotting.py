@@ -118,5 +118,59 @@ def mask_heatmaps_figure(masks: np.ndarray, title: str = "", row_label: str = "l
     return fig
 
 
+def density_accuracy_figure(rows, chance: float = 0.5):
+    """Test accuracy against attention density: every run a small dot, each method's mean over
+    seeds (± one sd) joined by a line; dense attention as a band at density 1. ``rows`` have
+    ``method``, ``density``, ``acc`` (zoo.studies.sparse_attention.Row)."""
+    styles = {
+        "dense": ("black", "s", "dense"),
+        "dam_s": ("tab:blue", "o", "DAM_s (learned, Toeplitz) + fine-tune"),
+        "dam_u": ("tab:green", "^", "DAM_u (learned, unstructured) + fine-tune"),
+        "random": ("tab:red", "x", "random mask + fine-tune"),
+        "search:dam_s": ("tab:blue", ".", "DAM_s search run (joint)"),
+        "search:dam_u": ("tab:green", ".", "DAM_u search run (joint)"),
+    }
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=100)
+    for method, (color, marker, label) in styles.items():
+        mine = [r for r in rows if r.method == method]
+        if not mine:
+            continue
+        search = method.startswith("search:")
+        if method == "dense":
+            accs = np.array([r.acc for r in mine])
+            ax.axhspan(accs.mean() - accs.std(), accs.mean() + accs.std(), color="0.85", lw=0)
+            ax.axhline(accs.mean(), color=color, lw=1, ls="--")
+        pooled: dict[float, list[float]] = {}
+        for r in mine:
+            pooled.setdefault(round(r.density, 3), []).append(r.acc)
+        xs = np.array(sorted(pooled))
+        means = np.array([np.mean(pooled[x]) for x in xs])
+        sds = np.array([np.std(pooled[x]) for x in xs])
+        ax.scatter(
+            [r.density for r in mine],
+            [r.acc for r in mine],
+            color=color,
+            marker=marker,
+            s=12,
+            alpha=0.35 if not search else 0.6,
+        )
+        if not search:
+            ax.errorbar(xs, means, yerr=sds, color=color, marker=marker, capsize=3, label=label)
+        else:
+            ax.scatter([], [], color=color, marker=marker, label=label)
+    ax.axhline(chance, color="0.5", lw=0.8, ls=":", label="chance")
+    ax.set_xlabel("attention density (share of positions kept)")
+    ax.set_ylabel("test accuracy")
+    ax.set_xlim(0, 1.05)
+    ax.set_title(
+        "Test accuracy against attention density (each dot one run; bars: ± sd over seeds)"
+    )
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
 def close(fig) -> None:
     plt.close(fig)

@@ -7,8 +7,9 @@
   all-MiniLM-L6-v2, a BERT of 6 layers, 384 hidden, 12 heads, with ``tokenizer.json``).
   The zip is unpacked once into ``$ZOO_CACHE_DIR`` (default ``~/.cache/zoo``), under the zip's
   size and mtime, atomically, so concurrent jobs share one copy;
-- ``pkg:<module>/<file.zip>#<member>``: one file of that unpacked checkpoint, e.g.
-  ``pkg:all_minilm_l6_v2/model.zip#tokenizer.json``.
+- ``pkg:<module>/<file.zip>/<member>``: one file of that unpacked checkpoint, e.g.
+  ``pkg:all_minilm_l6_v2/model.zip/tokenizer.json`` (a plain path: Hydra overrides take it
+  unquoted).
 
 Nothing is downloaded: a package that is not installed is a ConfigError naming the pip
 install that provides it.
@@ -37,10 +38,11 @@ def resolve(spec: str | Path) -> Path:
     text = str(spec)
     if not text.startswith("pkg:"):
         return Path(text)
-    ref, _, member = text[len("pkg:") :].partition("#")
-    module, _, inner = ref.partition("/")
+    module, *parts = text[len("pkg:") :].split("/")
+    cut = next((i + 1 for i, part in enumerate(parts) if part.endswith(".zip")), len(parts))
+    inner, member = "/".join(parts[:cut]), "/".join(parts[cut:])
     if not module or not inner:
-        raise ConfigError(f"{text}: expected pkg:<module>/<file.zip>[#<member>]")
+        raise ConfigError(f"{text}: expected pkg:<module>/<file.zip>[/<member>]")
     spec_ = importlib.util.find_spec(module)  # located, not imported: no code of it runs
     if spec_ is None or not spec_.submodule_search_locations:
         dist = PACKAGES.get(module, module.replace("_", "-"))

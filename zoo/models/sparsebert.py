@@ -7,7 +7,10 @@ Mask modes (``model.mask.mode``):
 - ``dam_s``: per head one logit pair per diagonal offset |i - j| (a Toeplitz mask, the released
   code's structured variant);
 - ``fixed``: a binary mask read from a stage-1 mlflow run (``mask.from_run``) or a file
-  (``mask.file``), used through ``zoo.kernels.masked_attention``.
+  (``mask.file``), used through ``zoo.kernels.masked_attention``;
+- ``random``: the baseline the paper compares against: a fixed mask that keeps a uniformly
+  random ``mask.density`` share of the position pairs of each head (exactly round(density · L²)
+  of them, drawn with ``mask.seed``), shared by all layers like the learned masks.
 
 While searching (training steps of dam_u / dam_s), masks are hard samples of a 2-class
 Gumbel-Softmax (``zoo.kernels.gumbel_sigmoid`` of α_keep − α_drop, or ``gumbel_softmax`` over the
@@ -40,11 +43,17 @@ from zoo.plotting import mask_heatmaps_figure
 log = logging.getLogger(__name__)
 
 MASK_ARTIFACT = "masks/attention_mask.pt"
-MASK_MODES = ("dense", "dam_u", "dam_s", "fixed")
+MASK_MODES = ("dense", "dam_u", "dam_s", "fixed", "random")
 # what each mask mode reads from model.mask (the values live in conf/model/sparsebert.yaml)
 SEARCH_KEYS = ("share_layers", "symmetric", "sampler", "init_keep_logit", "lambda_sparsity", "lr")
 SEARCH_KEYS += ("tau_start", "tau_end")
-MASK_KEYS = {"dense": (), "dam_u": SEARCH_KEYS, "dam_s": SEARCH_KEYS, "fixed": ()}
+MASK_KEYS = {
+    "dense": (),
+    "dam_u": SEARCH_KEYS,
+    "dam_s": SEARCH_KEYS,
+    "fixed": (),
+    "random": ("density", "seed"),
+}
 
 
 class DifferentiableAttentionMask(nn.Module):
@@ -152,6 +161,7 @@ class SparseBert(ClassificationModule):
         scheduler: SchedulerFactory | None = None,
         heatmap_every_n_epochs: int = 1,
         tracking_uri: str | None = None,
+        freeze_layers: int = 0,
     ):
         cfg_dict = dict(bert or {})
         state = None
@@ -192,6 +202,11 @@ class SparseBert(ClassificationModule):
         if mask_cfg["mode"] == "fixed":
             self.fixed_mask = load_mask(mask_cfg, tracking_uri)
             self._check_fixed(self.fixed_mask)
+        if mask_cfg["mode"] == "random":
+            self.fixed_mask = random_mask(
+                cfg.num_attention_heads, self.max_len, mask_cfg["density"], mask_cfg["seed"]
+            )
+        self.frozen = freeze(net.bert, freeze_layers)
 
     # ------------------------------------------------------------------ masks
 
@@ -215,7 +230,7 @@ class SparseBert(ClassificationModule):
             raise ValueError(f"sequence length {length} exceeds the mask's max_len {self.max_len}")
         if self.dam is not None:
             return self.dam.sample(length) if sample else self.dam.binary(length)
-        if self.fixed_mask is not None:
+        if self.fixed_mask is not None:  # fixed and random
             return self.fixed_mask[..., :length, :length]
         return None
 
@@ -226,11 +241,13 @@ class SparseBert(ClassificationModule):
         return [masks[0 if masks.shape[0] == 1 else i][None] for i in range(n)]
 
     def optimizer_params(self):
-        """The mask logits get their own learning rate (mask.lr) and no weight decay: they must
-        move by whole units within a short search, the network weights by small steps."""
+        """The trainable weights (``freeze_layers`` leaves the lower ones out); the mask logits
+        get their own learning rate (mask.lr) and no weight decay: they must move by whole units
+        within a short search, the network weights by small steps."""
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
         if self.dam is None:
-            return self.parameters()
-        weights = [p for n, p in self.named_parameters() if not n.startswith("dam.")]
+            return [p for _, p in trainable]
+        weights = [p for n, p in trainable if not n.startswith("dam.")]
         return [
             {"params": weights},
             {
@@ -339,6 +356,40 @@ class SparseBert(ClassificationModule):
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def random_mask(num_heads: int, length: int, density: float, seed: int) -> torch.Tensor:
+    """bool [1, H, L, L]: per head, exactly round(density · L²) position pairs kept, chosen
+    uniformly at random (a generator seeded with ``seed``, so every rank and every rerun draws
+    the same mask)."""
+    density = float(density)
+    if not 0.0 < density <= 1.0:
+        raise ConfigError(f"model.mask.density={density}: expected a share in (0, 1]")
+    keep = round(density * length * length)
+    gen = torch.Generator().manual_seed(int(seed))
+    mask = torch.zeros(num_heads, length * length, dtype=torch.bool)
+    for h in range(num_heads):
+        mask[h, torch.randperm(length * length, generator=gen)[:keep]] = True
+    return mask.view(1, num_heads, length, length)
+
+
+def freeze(bert: nn.Module, layers: int) -> int:
+    """Freeze the embeddings and the lowest ``layers`` encoder layers (their weights only: a
+    learned mask still gets gradients through them). Returns the number of frozen tensors."""
+    layers = int(layers or 0)
+    stack = bert.encoder.layer
+    if not 0 <= layers <= len(stack):
+        raise ConfigError(
+            f"model.freeze_layers={layers}: this encoder has {len(stack)} layers (0 freezes none)"
+        )
+    if layers == 0:
+        return 0
+    params = [*bert.embeddings.parameters()]
+    for layer in stack[:layers]:
+        params += layer.parameters()
+    for p in params:
+        p.requires_grad_(False)
+    return len(params)
 
 
 def check_mask_config(mask: dict) -> dict:

@@ -1,22 +1,31 @@
-"""An offline GLUE-format task from real English text: the CPython documentation that ships with
-every Python (``pydoc_data.topics``, 79 pages on statements, expressions, types, ...).
+"""An offline GLUE-format task from real English text that ships with every Python: the CPython
+documentation (``pydoc_data.topics``, 79 pages on statements, expressions, types, ...) and,
+optionally, the docstrings of the standard library's modules (read with ``ast``, never
+imported: about 650 files, 15,000 prose sentences).
 
 ``pydoc_continuity`` (a sentence-pair task in the format of RTE/QNLI): does sentence2 follow
-sentence1 on the same documentation page (``next``), or is it a sentence from another page
-(``not_next``)? Pages are split between train/dev/test, so no test sentence was seen in
-training. Files: train.tsv, dev.tsv, test.tsv with header ``index sentence1 sentence2 label``,
-plus corpus.txt (every prose sentence, for tokenizer training or MLM).
+sentence1 in the same text (``next``), or is it a sentence from another page or module of the
+same split (``not_next``)? Pages and modules are split between train/dev/test, so no test
+sentence was seen in training. Files: train.tsv, dev.tsv, test.tsv with header
+``index sentence1 sentence2 label``, plus corpus.txt (every prose sentence, for tokenizer
+training or MLM). The texts are those of the Python that writes the task, so they differ a
+little between Python versions (the manifest records which one wrote it).
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import random
 from pathlib import Path
 
 from zoo.data.demo import manifest_matches
+from zoo.errors import ConfigError
 
 GENERATOR_VERSION = 2
+SOURCES = ("topics", "docstrings")
+# standard-library folders whose docstrings are not prose about the library itself
+SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "ensurepip"}
 
 
 def write_demo_glue(
@@ -25,11 +34,22 @@ def write_demo_glue(
     n_dev: int = 500,
     n_test: int = 500,
     seed: int = 0,
+    sources: tuple[str, ...] | list[str] = ("topics",),
+    split: tuple[float, float] | list[float] = (0.8, 0.9),
 ) -> Path:
-    """Write (or reuse, if its manifest matches) the pydoc_continuity task under ``out_dir``."""
-    from pydoc_data.topics import topics
+    """Write (or reuse, if its manifest matches) the pydoc_continuity task under ``out_dir``.
 
+    ``sources``: ``topics`` (the documentation pages) and/or ``docstrings`` (the standard
+    library's docstrings, one group per module file). ``split``: the cumulative shares of the
+    sentences whose groups go to train, then dev (the rest is test)."""
     out_dir = Path(out_dir)
+    sources = list(sources)
+    bad = [x for x in sources if x not in SOURCES] or ([] if sources else ["(none)"])
+    if bad:
+        raise ConfigError(f"data.demo.sources={sources}: expected some of {list(SOURCES)}")
+    cut_train, cut_dev = (float(x) for x in split)
+    if not 0.0 < cut_train < cut_dev < 1.0:
+        raise ConfigError(f"data.demo.split={list(split)}: expected 0 < train < dev < 1")
     spec = {
         "version": GENERATOR_VERSION,
         "n_train": n_train,
@@ -37,33 +57,47 @@ def write_demo_glue(
         "n_test": n_test,
         "seed": seed,
     }
-    if manifest_matches(out_dir, spec):
+    if sources != ["topics"] or (cut_train, cut_dev) != (0.8, 0.9):  # the first demo's spec
+        spec |= {"sources": sources, "split": [cut_train, cut_dev]}
+    if manifest_matches(out_dir, spec, ignore=("python",)):
         return out_dir
     rng = random.Random(seed)
-    pages = {name: sentences_of(text) for name, text in sorted(topics.items())}
-    pages = {k: v for k, v in pages.items() if len(v) >= 2}
-    names = sorted(pages)
+    # group -> its texts, each a list of sentences (pairs never cross a text)
+    groups: dict[str, list[list[str]]] = {}
+    if "topics" in sources:
+        from pydoc_data.topics import topics
+
+        for name, text in sorted(topics.items()):
+            if len(sentences := sentences_of(text)) >= 2:
+                groups[name] = [sentences]
+    if "docstrings" in sources:
+        groups |= {k: v for k, v in stdlib_docstrings().items() if v}
+    names = sorted(groups)
     rng.shuffle(names)
-    # pages by share of sentences: ~80 % train, 10 % dev, 10 % test
-    total = sum(len(pages[n]) for n in names)
-    split_pages: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
+    size = {n: sum(len(t) for t in groups[n]) for n in names}
+    total = sum(size.values())
+    split_groups: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
     acc = 0
     for n in names:
         share = acc / total
-        split_pages["train" if share < 0.8 else "dev" if share < 0.9 else "test"].append(n)
-        acc += len(pages[n])
+        split_groups["train" if share < cut_train else "dev" if share < cut_dev else "test"].append(
+            n
+        )
+        acc += size[n]
     out_dir.mkdir(parents=True, exist_ok=True)
     counts = {"train": n_train, "dev": n_dev, "test": n_test}
-    # some sentences recur on several pages: held-out splits drop any that training has
-    seen = {s for n in split_pages["train"] for s in pages[n]}
-    for split, wanted in counts.items():
-        own = split_pages[split]
-        usable = {n: [s for s in pages[n] if split == "train" or s not in seen] for n in own}
+    # some sentences recur in several groups: held-out splits drop any that training has
+    seen = {s for n in split_groups["train"] for t in groups[n] for s in t}
+    for split_name, wanted in counts.items():
+        own = split_groups[split_name]
+        train = split_name == "train"
+        usable = {n: [s for t in groups[n] for s in t if train or s not in seen] for n in own}
         pairs = [
             (n, a, b)
             for n in own
-            for a, b in zip(pages[n], pages[n][1:])
-            if split == "train" or (a not in seen and b not in seen)
+            for t in groups[n]
+            for a, b in zip(t, t[1:])
+            if train or (a not in seen and b not in seen)
         ]
         rng.shuffle(pairs)
         rows = []
@@ -73,15 +107,42 @@ def write_demo_glue(
             rows.append((a, rng.choice(usable[rng.choice(others)]), "not_next"))
         rng.shuffle(rows)
         rows = rows[:wanted]
-        with (out_dir / f"{split}.tsv").open("w", encoding="utf-8") as f:
+        with (out_dir / f"{split_name}.tsv").open("w", encoding="utf-8") as f:
             f.write("index\tsentence1\tsentence2\tlabel\n")
             for i, (a, b, label) in enumerate(rows):
                 f.write(f"{i}\t{a}\t{b}\t{label}\n")
     (out_dir / "corpus.txt").write_text(
-        "\n".join(s for n in names for s in pages[n]) + "\n", encoding="utf-8"
+        "\n".join(s for n in names for t in groups[n] for s in t) + "\n", encoding="utf-8"
     )
-    (out_dir / "demo.json").write_text(json.dumps(spec, indent=1))
+    manifest = spec | {"python": platform.python_version()}
+    (out_dir / "demo.json").write_text(json.dumps(manifest, indent=1))
     return out_dir
+
+
+def stdlib_docstrings() -> dict[str, list[list[str]]]:
+    """The prose sentences of every docstring (module, class, function) in the standard
+    library's source files, per file (``docstrings:<relative path>``), parsed with ``ast``."""
+    import ast
+    import sysconfig
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    out = {}
+    for path in sorted(lib.rglob("*.py")):
+        rel = path.relative_to(lib)
+        if SKIP_DIRS & set(rel.parts[:-1]):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # a few files are deliberately not valid Python 3 (test data, bad encodings)
+        texts = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node)
+                if doc and len(sentences := sentences_of(doc)) >= 2:
+                    texts.append(sentences)
+        out[f"docstrings:{rel.as_posix()}"] = texts
+    return out
 
 
 def sentences_of(text: str, min_words: int = 5, max_words: int = 60) -> list[str]:

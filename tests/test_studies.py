@@ -1,0 +1,120 @@
+"""zoo.studies.sparse_attention: the accuracy-vs-density study, its stages as real train.py
+multiruns, and its summary (table, figures, a summary run in mlflow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import artifacts, cli_env
+from zoo.studies.sparse_attention import Row, groups, table
+
+
+def test_groups_pool_seeds_per_method_and_lambda_or_density():
+    rows = [
+        Row("random", None, 0.30, 1, 0.60, 0.58, "r1"),
+        Row("dense", None, 1.0, 0, 0.80, 0.79, "d0"),
+        Row("dam_s", 0.1, 0.31, 0, 0.78, 0.77, "f0", "s1"),
+        Row("random", None, 0.30, 0, 0.64, 0.62, "r0"),
+        Row("dam_s", 0.1, 0.31, 1, 0.76, 0.75, "f1", "s1"),
+        Row("dense", None, 1.0, 1, 0.82, 0.80, "d1"),
+        Row("search:dam_s", 0.1, 0.31, 0, 0.70, 0.69, "s1"),
+    ]
+    gs = groups(rows)
+    assert [g.method for g in gs] == ["dense", "dam_s", "random", "search:dam_s"]
+    dense, learned, random_, _ = gs
+    assert dense.seeds == [0, 1] and dense.mean == pytest.approx(0.81)
+    assert dense.std == pytest.approx(0.0141421, abs=1e-6)  # sample sd over the seeds
+    assert learned.accs == [0.78, 0.76] and learned.lam == 0.1
+    assert random_.accs == [0.64, 0.60] and random_.density == pytest.approx(0.30)
+    text = table(gs).splitlines()
+    assert text[2].startswith("| dense |  | 100.0% | 0.8100 ± 0.0141 | 0.8000, 0.8200 |")
+    assert text[3].startswith("| DAM_s | 0.1 | 31.0% | 0.7700 ± 0.0141 |")
+    assert text[5].startswith("| DAM_s search | 0.1 | 31.0% | 0.7000 ± 0.0000 | 0.7000 |")
+
+
+def _study(tmp_path, uri: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "zoo.studies.sparse_attention", *args],
+        cwd=tmp_path,
+        env=cli_env({"MLFLOW_TRACKING_URI": uri}),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.mark.slow
+def test_the_study_runs_every_stage_and_summarises_them(tmp_path, data_dir):
+    """Dense, a DAM_s search, the fine-tune from its mask and a random mask of its density,
+    each a train.py multirun on pretrained MiniLM (debug=fast), then the summary run."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    out = tmp_path / "summary"
+    proc = _study(
+        tmp_path,
+        uri,
+        *("--study", "tiny", "--seeds", "0", "--modes", "dam_s", "--lambdas", "100"),
+        *("--out", str(out), "--", "debug=fast", "tracking.log_model=false"),
+        # two steps must make a mask: start near the keep/drop boundary, take whole steps
+        *("model.mask.init_keep_logit=0.5", "model.mask.lr=1.0"),
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id], "tags.`zoo.tag.study` = 'tiny'")
+    by_kind = {}
+    for r in runs:
+        kind = r.data.tags.get("zoo.experiment") or r.data.tags["zoo.kind"]
+        by_kind.setdefault(kind, []).append(r)
+    assert {k: len(v) for k, v in by_kind.items()} == {
+        "sparsebert_minilm_dense": 1,
+        "sparsebert_minilm_search": 1,
+        "sparsebert_minilm_finetune": 1,
+        "sparsebert_minilm_random": 1,
+        "study": 1,
+    }
+    (search,) = by_kind["sparsebert_minilm_search"]
+    (finetune,) = by_kind["sparsebert_minilm_finetune"]
+    (random_run,) = by_kind["sparsebert_minilm_random"]
+    density = search.data.metrics["val/mask_density"]
+    assert 0.0 < density < 1.0
+    # the fine-tune uses the search's mask, the random run a mask of the same density
+    assert finetune.data.params["model.mask.from_run"] == search.info.run_id
+    assert finetune.data.metrics["val/mask_density"] == pytest.approx(density, abs=1e-9)
+    assert random_run.data.metrics["val/mask_density"] == pytest.approx(density, abs=1 / 4096)
+    mask_file = client.download_artifacts(
+        random_run.info.run_id, "masks/attention_mask.pt", str(tmp_path)
+    )
+    mask = torch.load(mask_file, weights_only=True)["mask"]
+    assert mask.shape == (1, 12, 64, 64)  # MiniLM's 12 heads, the task's 64 tokens
+
+    (summary,) = by_kind["study"]
+    rows = json.loads((out / "results.json").read_text())
+    assert sorted(r["method"] for r in rows) == ["dam_s", "dense", "random", "search:dam_s"]
+    assert {r["run_id"] for r in rows} == {
+        r.info.run_id for k, v in by_kind.items() if k != "study" for r in v
+    }
+    text = (out / "study.md").read_text()
+    assert text.strip() in summary.data.tags["mlflow.note.content"]
+    assert {
+        "study/study.md",
+        "study/results.json",
+        "study/accuracy_vs_density.png",
+        "study/masks_dam_s_lambda100.png",
+    } <= artifacts(client, summary.info.run_id)
+    assert summary.data.metrics["acc_mean/dense"] == pytest.approx(
+        by_kind["sparsebert_minilm_dense"][0].data.metrics["test/acc"]
+    )
+
+    # summarising again (no training) gives the same table; an empty study is one clear error
+    again = _study(tmp_path, uri, "--study", "tiny", "--collect-only", "--out", str(out))
+    assert again.returncode == 0 and (out / "study.md").read_text() == text
+    empty = _study(tmp_path, uri, "--study", "nothing-yet", "--collect-only")
+    assert empty.returncode == 1
+    assert "has no finished run of study 'nothing-yet'" in empty.stderr
+    assert "Traceback" not in empty.stderr
