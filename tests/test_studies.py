@@ -114,6 +114,8 @@ def test_the_study_runs_every_stage_and_summarises_them(tmp_path, data_dir):
     # summarising again (no training) gives the same table; an empty study is one clear error
     again = _study(tmp_path, uri, "--study", "tiny", "--collect-only", "--out", str(out))
     assert again.returncode == 0 and (out / "study.md").read_text() == text
+    summaries = client.search_runs([exp.experiment_id], "tags.`zoo.kind` = 'study'")
+    assert [r.info.run_id for r in summaries] == [summary.info.run_id]  # updated, not added
     empty = _study(tmp_path, uri, "--study", "nothing-yet", "--collect-only")
     assert empty.returncode == 1
     assert "has no finished run of study 'nothing-yet'" in empty.stderr

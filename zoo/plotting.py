@@ -137,15 +137,16 @@ def density_accuracy_figure(rows, chance: float = 0.5):
             continue
         search = method.startswith("search:")
         if method == "dense":
-            accs = np.array([r.acc for r in mine])
-            ax.axhspan(accs.mean() - accs.std(), accs.mean() + accs.std(), color="0.85", lw=0)
-            ax.axhline(accs.mean(), color=color, lw=1, ls="--")
+            accs = [r.acc for r in mine]
+            mean, sd = np.mean(accs), _sd(accs)
+            ax.axhspan(mean - sd, mean + sd, color="0.85", lw=0)
+            ax.axhline(mean, color=color, lw=1, ls="--")
         pooled: dict[float, list[float]] = {}
         for r in mine:
             pooled.setdefault(round(r.density, 3), []).append(r.acc)
         xs = np.array(sorted(pooled))
         means = np.array([np.mean(pooled[x]) for x in xs])
-        sds = np.array([np.std(pooled[x]) for x in xs])
+        sds = np.array([_sd(pooled[x]) for x in xs])
         ax.scatter(
             [r.density for r in mine],
             [r.acc for r in mine],
@@ -170,6 +171,11 @@ def density_accuracy_figure(rows, chance: float = 0.5):
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
+
+
+def _sd(values) -> float:
+    """The sample standard deviation (0 for a single value)."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def close(fig) -> None:

@@ -221,9 +221,8 @@ class GlueDataModule(SplitDataModule):
         if self.tok_cfg["vocab"]:
             from zoo.pretrained import resolve
 
-            self.vocab_file = resolve(
-                self.tok_cfg["vocab"]
-            )  # a file, or pkg:.../model.zip/tokenizer.json
+            # a vocab.txt or tokenizer.json, or pkg:<module>/<zip>/tokenizer.json
+            self.vocab_file = resolve(self.tok_cfg["vocab"])
             return load_tokenizer(self.vocab_file, self.tok_cfg["lowercase"])
         flat = [t for row in train_texts for t in row]
         tok, self.vocab_file = train_tokenizer(

@@ -21,9 +21,9 @@ zoo run in the mlflow experiment ``--experiment``, by default named after the st
 
 ``--stages`` reruns some of them (a stage reads the runs of the earlier ones from mlflow, so an
 interrupted study goes on where it stopped). The summary — a table, the accuracy-vs-density
-plot, the search runs' mask heatmaps — is written to ``--out`` and logged as a run of its own
-(tag ``zoo.kind=study``) whose description is the table: the mlflow UI shows it next to the
-runs it summarises.
+plot, the search runs' mask heatmaps — is written to ``--out`` and logged to the study's
+summary run (tag ``zoo.kind=study``; one per study, updated by every summary) whose
+description is the table: the mlflow UI shows it next to the runs it summarises.
 """
 
 from __future__ import annotations
@@ -265,12 +265,20 @@ def summarise(client, experiment_id: str | None, study: str, out: Path, uri: str
         fig.savefig(out / name, dpi=100)
         close(fig)
     mlflow.set_tracking_uri(uri)
+    # one summary run per study, brought up to date by every summary
+    previous = client.search_runs(
+        [experiment_id],
+        f"tags.`zoo.kind` = 'study' and tags.`zoo.tag.study` = '{study}'",
+        order_by=["attributes.start_time DESC"],
+    )
     with mlflow.start_run(
+        run_id=previous[0].info.run_id if previous else None,
         experiment_id=experiment_id,
         run_name=f"{study}-summary",
         tags={
             "zoo.kind": "study",
             "zoo.tag.study": study,
+            "zoo.study.runs": str(len(rows)),
             "mlflow.note.content": f"Test accuracy against attention density.\n\n{text}",
         },
     ):
