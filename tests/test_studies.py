@@ -12,6 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import artifacts, cli_env
+from zoo.studies import sparse_attention
 from zoo.studies.sparse_attention import Row, groups, table
 
 
@@ -35,7 +36,74 @@ def test_groups_pool_seeds_per_method_and_lambda_or_density():
     text = table(gs).splitlines()
     assert text[2].startswith("| dense |  | 100.0% | 0.8100 ± 0.0141 | 0.8000, 0.8200 |")
     assert text[3].startswith("| DAM_s | 0.1 | 31.0% | 0.7700 ± 0.0141 |")
-    assert text[5].startswith("| DAM_s search | 0.1 | 31.0% | 0.7000 ± 0.0000 | 0.7000 |")
+    assert text[5].startswith("| DAM_s search | 0.1 | 31.0% | 0.7000 (one seed) | 0.7000 |")
+
+
+def test_a_stage_runs_only_the_jobs_without_a_finished_run(tmp_path, monkeypatch):
+    """An interrupted study run again: finished jobs are skipped, a killed one is run again,
+    per seed; ``--rerun`` runs them all."""
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("s")
+
+    def run(stage, status, metrics=None, **params):
+        r = client.create_run(
+            exp,
+            tags={
+                "zoo.kind": "train",
+                "zoo.tag.study": "st",
+                "zoo.experiment": sparse_attention.EXPERIMENTS[stage],
+            },
+        )
+        for k, v in params.items():
+            client.log_param(r.info.run_id, k.replace("__", "."), v)
+        for k, v in (metrics or {}).items():
+            client.log_metric(r.info.run_id, k, v)
+        client.set_terminated(r.info.run_id, status)
+        return r.info.run_id
+
+    run("dense", "FINISHED", seed=0, model__mask__mode="dense")
+    run("dense", "KILLED", seed=1, model__mask__mode="dense")
+    searches = [
+        run(
+            "search",
+            "FINISHED",
+            {"test/acc": 0.7, "val/mask_density": d},
+            seed=0,
+            model__mask__mode="dam_s",
+            model__mask__lambda_sparsity=lam,
+        )
+        for lam, d in ((0.01, 0.9), (0.1, 0.5))
+    ]
+    run(
+        "finetune", "FINISHED", seed=0, model__mask__mode="fixed", model__mask__from_run=searches[1]
+    )
+    run("finetune", "FAILED", seed=1, model__mask__mode="fixed", model__mask__from_run=searches[0])
+    run("random", "FINISHED", seed=1, model__mask__mode="random", model__mask__density=0.5)
+
+    calls = []
+    monkeypatch.setattr(sparse_attention, "multirun", lambda o, *a: calls.append(o[3:]))
+    argv = ["--study", "st", "--experiment", "s", "--seeds", "0", "1", "--modes", "dam_s"]
+    argv += ["--lambdas", "0.01", "0.1", "1.0"]
+
+    def stage(name, *extra):
+        calls.clear()
+        args = sparse_attention.parse([*argv, *extra])
+        sparse_attention.run_stage(name, args, client, exp, {})
+        return calls[:]
+
+    assert stage("dense") == [["seed=1"]]
+    assert stage("search") == [
+        ["seed=0", "model.mask.mode=dam_s", "model.mask.lambda_sparsity=1.0"]
+    ]
+    assert stage("finetune") == [
+        ["seed=0", f"model.mask.from_run={searches[0]}"],
+        ["seed=1", f"model.mask.from_run={searches[1]},{searches[0]}"],
+    ]
+    assert stage("random") == [
+        ["seed=0", "model.mask.density=0.5,0.9"],
+        ["seed=1", "model.mask.density=0.9"],
+    ]
+    assert stage("dense", "--rerun") == [["seed=0,1"]]
 
 
 def _study(tmp_path, uri: str, *args: str) -> subprocess.CompletedProcess:
@@ -55,14 +123,13 @@ def test_the_study_runs_every_stage_and_summarises_them(tmp_path, data_dir):
     each a train.py multirun on pretrained MiniLM (debug=fast), then the summary run."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     out = tmp_path / "summary"
-    proc = _study(
-        tmp_path,
-        uri,
+    study = (
         *("--study", "tiny", "--seeds", "0", "--modes", "dam_s", "--lambdas", "100"),
         *("--out", str(out), "--", "debug=fast", "tracking.log_model=false"),
         # two steps must make a mask: start near the keep/drop boundary, take whole steps
         *("model.mask.init_keep_logit=0.5", "model.mask.lr=1.0"),
     )
+    proc = _study(tmp_path, uri, *study)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("tiny")
@@ -116,6 +183,11 @@ def test_the_study_runs_every_stage_and_summarises_them(tmp_path, data_dir):
     assert again.returncode == 0 and (out / "study.md").read_text() == text
     summaries = client.search_runs([exp.experiment_id], "tags.`zoo.kind` = 'study'")
     assert [r.info.run_id for r in summaries] == [summary.info.run_id]  # updated, not added
+    # the whole study again: every job has a FINISHED run, so nothing is trained twice
+    again = _study(tmp_path, uri, *study)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "train.py" not in again.stdout and again.stdout.count("already finished") == 4
+    assert len(client.search_runs([exp.experiment_id], "")) == len(runs)
     empty = _study(tmp_path, uri, "--study", "nothing-yet", "--collect-only")
     assert empty.returncode == 1
     assert "has no finished run of study 'nothing-yet'" in empty.stderr

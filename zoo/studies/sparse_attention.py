@@ -19,11 +19,14 @@ zoo run in the mlflow experiment ``--experiment``, by default named after the st
 4. ``random``: ``experiment=sparsebert_minilm_random`` at every search run's mask density, for
    every seed.
 
-``--stages`` reruns some of them (a stage reads the runs of the earlier ones from mlflow, so an
-interrupted study goes on where it stopped). The summary — a table, the accuracy-vs-density
-plot, the search runs' mask heatmaps — is written to ``--out`` and logged to the study's
-summary run (tag ``zoo.kind=study``; one per study, updated by every summary) whose
-description is the table: the mlflow UI shows it next to the runs it summarises.
+A stage runs only the jobs that have no FINISHED run in the study yet (``--rerun``: all of
+them), and reads the runs of the earlier stages from mlflow, so a study that was interrupted —
+a killed job, a lost machine — goes on where it stopped when run again.
+
+The summary — a table, the accuracy-vs-density plot, the search runs' mask heatmaps — is
+written to ``--out`` and logged to the study's summary run (tag ``zoo.kind=study``; one per
+study, updated by every summary) whose description is the table: the mlflow UI shows it next
+to the runs it summarises.
 """
 
 from __future__ import annotations
@@ -79,24 +82,55 @@ def multirun(overrides: list[str], train_script: Path, env: dict[str, str]) -> N
         raise StudyError(f"this multirun failed: {' '.join(overrides)} (its jobs' logs say why)")
 
 
+def finished_jobs(client, experiment_id: str | None, study: str, stage: str) -> set[tuple]:
+    """The jobs of ``stage`` that already have a FINISHED run in the study, as the keys
+    ``run_stage`` sweeps over: dense ``(seed,)``; search ``(seed, mode, λ)``; finetune
+    ``(seed, search run id)``; random ``(seed, density)``."""
+    if experiment_id is None:
+        return set()
+    runs = client.search_runs(
+        [experiment_id],
+        "attributes.status = 'FINISHED' and tags.`zoo.kind` = 'train' "
+        f"and tags.`zoo.tag.study` = '{study}' "
+        f"and tags.`zoo.experiment` = '{EXPERIMENTS[stage]}'",
+        max_results=5000,
+    )
+    done = set()
+    for r in runs:
+        p = r.data.params
+        seed = int(p.get("seed", 0))
+        if stage == "dense":
+            done.add((seed,))
+        elif stage == "search":
+            done.add((seed, p.get("model.mask.mode"), float(p["model.mask.lambda_sparsity"])))
+        elif stage == "finetune":
+            done.add((seed, p.get("model.mask.from_run")))
+        else:
+            done.add((seed, round(float(p["model.mask.density"]), 6)))
+    return done
+
+
 def run_stage(stage: str, args, client, experiment_id: str | None, env) -> None:
+    """Run the stage's jobs that have no FINISHED run yet (all of them with ``--rerun``):
+    one multirun per seed (per seed and mode for the search) over the missing values."""
     common = [
         f"experiment={EXPERIMENTS[stage]}",
         f"tracking.experiment_name={args.experiment}",
         f"++tags.study={args.study}",
         *args.overrides,
     ]
-    seeds = "seed=" + ",".join(str(s) for s in args.seeds)
+    done = set() if args.rerun else finished_jobs(client, experiment_id, args.study, stage)
+    jobs: dict[tuple[str, ...], list[str]] = {}  # fixed overrides -> the swept values
     if stage == "dense":
-        sweeps = [[seeds]]
+        todo = [s for s in args.seeds if (s,) not in done]
+        if todo:
+            jobs[()] = ["seed=" + ",".join(str(s) for s in todo)]
     elif stage == "search":
-        sweeps = [
-            [
-                f"seed={args.search_seed}",
-                "model.mask.mode=" + ",".join(args.modes),
-                "model.mask.lambda_sparsity=" + ",".join(str(x) for x in args.lambdas),
-            ]
-        ]
+        for mode in args.modes:
+            todo = [x for x in args.lambdas if (args.search_seed, mode, float(x)) not in done]
+            if todo:
+                fixed = (f"seed={args.search_seed}", f"model.mask.mode={mode}")
+                jobs[fixed] = ["model.mask.lambda_sparsity=" + ",".join(str(x) for x in todo)]
     else:
         rows = collect(client, experiment_id, args.study)
         searches = [r for r in rows if r.method.startswith("search:")]
@@ -106,14 +140,21 @@ def run_stage(stage: str, args, client, experiment_id: str | None, env) -> None:
                 f"{args.experiment!r} has no finished one of study {args.study!r}: run "
                 "--stages search first"
             )
-        if stage == "finetune":
-            ids = ",".join(r.run_id for r in searches)
-            sweeps = [[seeds, f"model.mask.from_run={ids}"]]
-        else:  # random masks at the densities the searches reached
-            densities = sorted({round(r.density, 6) for r in searches})
-            sweeps = [[seeds, "model.mask.density=" + ",".join(str(d) for d in densities)]]
-    for sweep in sweeps:
-        multirun([*common, *sweep], args.train_script, env)
+        for seed in args.seeds:
+            if stage == "finetune":
+                todo = [r.run_id for r in searches if (seed, r.run_id) not in done]
+                key = "model.mask.from_run"
+            else:  # random masks at the densities the searches reached
+                densities = sorted({round(r.density, 6) for r in searches})
+                todo = [str(d) for d in densities if (seed, d) not in done]
+                key = "model.mask.density"
+            if todo:
+                jobs[(f"seed={seed}",)] = [f"{key}=" + ",".join(todo)]
+    skipped = len(done)
+    if skipped:
+        print(f"stage {stage}: {skipped} job(s) already finished, skipped", flush=True)
+    for fixed, sweep in jobs.items():
+        multirun([*common, *fixed, *sweep], args.train_script, env)
 
 
 # --------------------------------------------------------------------------- collecting
@@ -221,12 +262,13 @@ def table(gs: list[Group]) -> str:
     ]
     for g in gs:
         lam = "" if g.lam is None else f"{g.lam:g}"
+        acc = f"{g.mean:.4f} ± {g.std:.4f}" if len(g.accs) > 1 else f"{g.mean:.4f} (one seed)"
         name = {"search:dam_s": "DAM_s search", "search:dam_u": "DAM_u search"}.get(
             g.method,
             g.method if g.method in ("dense", "random") else g.method.replace("dam", "DAM"),
         )
         lines.append(
-            f"| {name} | {lam} | {g.density:.1%} | {g.mean:.4f} ± {g.std:.4f} | "
+            f"| {name} | {lam} | {g.density:.1%} | {acc} | "
             f"{', '.join(f'{a:.4f}' for a in g.accs)} | {float(np.mean(g.f1s)):.4f} | "
             f"{', '.join(map(str, g.seeds))} |"
         )
@@ -314,6 +356,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lambdas", type=float, nargs="+", default=[0.01, 0.1])
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--collect-only", action="store_true", help="only summarise")
+    parser.add_argument(
+        "--rerun", action="store_true", help="run every job, even those already FINISHED"
+    )
     parser.add_argument("--out", type=Path, default=None, help="default logs/studies/<study>")
     parser.add_argument("--train-script", type=Path, default=REPO / "train.py")
     parser.add_argument("overrides", nargs="*", help="after --: overrides for every train.py job")
