@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from zoo import cluster, faults, kernels, legacy, tracking
+from zoo import cluster, faults, kernels, legacy, parallel, tracking
 from zoo.callbacks import RunInfo, TrackOutputs
 from zoo.errors import ConfigError, TrackingUndelivered, one_line
 from zoo.loggers import ZooMLFlowLogger
@@ -51,6 +51,8 @@ def build_all(group: DictConfig | None, key: str, **kwargs) -> list[Any]:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint safely (weights_only=True: tensors and plain containers only)."""
     path = Path(path)
+    if path.is_dir():  # a distributed checkpoint (trainer=model_parallel): gathered whole
+        return parallel.load_distributed_checkpoint(path)
     if not path.is_file():
         raise ConfigError(f"ckpt_path={path}: checkpoint file not found")
     try:
@@ -105,6 +107,8 @@ def fit_and_test(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt_pa
 def log_best_model(run: tracking.TrainingRun, cfg: DictConfig, model, datamodule, best_path: str):
     """The best checkpoint's weights as the run's mlflow Model (registered when
     registry.model_name is set)."""
+    if parallel.is_parallel(model):  # split across processes: log a one-process twin
+        model = build(cfg.model, "model")
     if best_path:
         model.load_state_dict(read_checkpoint(best_path)["state_dict"])
     name = OmegaConf.select(cfg, "registry.model_name") or None
@@ -148,6 +152,7 @@ def train(cfg: DictConfig) -> float | None:
     value (what hyper-parameter sweeps optimise)."""
     configure_kernels(cfg)
     cluster.check_allocation(cfg.trainer)
+    parallel.check_layout(cfg.trainer)
     loggers_cfg = cfg.get("logger") or {}
     mlflow_loggers = {n for n, node in loggers_cfg.items() if "MLFlow" in str(node.get("_target_"))}
     for name in mlflow_loggers:  # fail fast on an unreachable store, before any work; create
@@ -161,6 +166,7 @@ def train(cfg: DictConfig) -> float | None:
 
     datamodule = build(cfg.data, "data")
     model = build(cfg.model, "model")
+    parallel.check_model(model, cfg.trainer)
     loggers = []
     for name, node in loggers_cfg.items():
         extra = {"run_id": _run_id_for(cfg, ckpt)} if name in mlflow_loggers else {}
@@ -198,6 +204,8 @@ def train(cfg: DictConfig) -> float | None:
             finally:
                 run.stop_system_metrics()
             ckpt_cb = trainer.checkpoint_callback
+            if best_path and Path(best_path).is_dir() and run.active:
+                best_path = str(parallel.consolidate(best_path))  # one file, whole weights
             run.log_best_checkpoint(best_path)  # a no-op on ranks other than 0
             run.set_tag("zoo.kernels", kernels.used_backend())
             model_info = None

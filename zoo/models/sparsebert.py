@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torchmetrics
 from torch import nn
 
-from zoo import kernels
+from zoo import kernels, parallel
 from zoo.errors import ConfigError
 from zoo.fetch import fetch
 from zoo.models.base import OptimizerFactory, SchedulerFactory
@@ -103,24 +104,31 @@ class DifferentiableAttentionMask(nn.Module):
         return values
 
     def keep_logits(self, length: int) -> torch.Tensor:
-        """α_keep − α_drop as [S, H, L, L]."""
-        return self._expand(self.alpha[..., 0] - self.alpha[..., 1], length)
+        """α_keep − α_drop as [S, H, L, L] (every head)."""
+        alpha = parallel.full(self.alpha)
+        return self._expand(alpha[..., 0] - alpha[..., 1], length)
 
     def sample(self, length: int) -> torch.Tensor:
         """A hard 0/1 sample [S, H, L, L] with straight-through gradients to α. Sampling happens
         per free parameter (per offset for dam_s, per upper-triangle entry when symmetric), so the
-        structure holds exactly in every sample."""
+        structure holds exactly in every sample. Under tensor parallelism every rank samples all
+        heads from the same random state (so the sample is one process's) and uses its own; the
+        gradient reaches the rank's shard of α."""
+        alpha = parallel.full(self.alpha)  # every head (split across ranks under TP)
         if self.sampler == "sigmoid":
-            values = kernels.gumbel_sigmoid(
-                self.alpha[..., 0] - self.alpha[..., 1], tau=self.tau, hard=True
-            )
+            values = kernels.gumbel_sigmoid(alpha[..., 0] - alpha[..., 1], tau=self.tau, hard=True)
         else:
-            values = kernels.gumbel_softmax(self.alpha, tau=self.tau, hard=True, dim=-1)[..., 0]
+            values = kernels.gumbel_softmax(alpha, tau=self.tau, hard=True, dim=-1)[..., 0]
         return self._expand(values, length)
 
     def binary(self, length: int) -> torch.Tensor:
         """The binarised mask (keep iff α_keep > α_drop), bool [S, H, L, L]."""
         return self.keep_logits(length) > 0
+
+    def forward(self, length: int, sample: bool) -> torch.Tensor:
+        """A sample (searching) or the binarised mask; through ``forward`` so that FSDP2 gathers
+        α over the data-parallel ranks first and reduces its gradient after."""
+        return self.sample(length) if sample else self.binary(length)
 
 
 class BertClassifier(nn.Module):
@@ -207,6 +215,44 @@ class SparseBert(ClassificationModule):
                 cfg.num_attention_heads, self.max_len, mask_cfg["density"], mask_cfg["seed"]
             )
         self.frozen = freeze(net.bert, freeze_layers)
+        self.head_slice: slice | None = None  # this rank's heads under tensor parallelism
+
+    # ------------------------------------------------------------------ model parallelism
+
+    def configure_model(self) -> None:
+        """Lightning's hook: under ``trainer=model_parallel`` (a device mesh), split the model."""
+        if self.device_mesh is not None and self.head_slice is None:
+            self.parallelize(self.device_mesh)
+
+    def check_tensor_parallel(self, size: int) -> None:
+        parallel.check_heads(self.bert_config.num_attention_heads, size)
+
+    def parallelize(self, mesh) -> None:
+        """Megatron-style tensor parallelism on ``mesh["tensor_parallel"]`` (``zoo.parallel``):
+        each rank owns H/tp heads, and the mask logits (DAM) or the mask (fixed, random) are
+        split by head with them; FSDP2 over ``mesh["data_parallel"]``. Metrics are synced over
+        the data-parallel ranks only (tensor-parallel ranks see the same batch)."""
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        parallel.parallelize_bert(self.net.bert, mesh, shard_embeddings=self.net.mlm is None)
+        tp = mesh[parallel.TP]
+        per_rank = self.bert_config.num_attention_heads // tp.size()
+        first = tp.get_local_rank() * per_rank
+        self.head_slice = slice(first, first + per_rank)
+        if self.dam is not None:
+            self.dam.alpha = nn.Parameter(parallel.shard_heads(self.dam.alpha, tp))
+        if self.fixed_mask is not None:
+            self.fixed_mask = parallel.shard_heads(self.fixed_mask, tp)
+        for name, param in self.named_parameters():  # the plan makes new parameters
+            param.requires_grad_(name in trainable)
+        parallel.fully_shard_data_parallel(
+            [*self.net.bert.encoder.layer, *([self.dam] if self.dam is not None else [])],
+            self.net,
+            mesh,
+        )
+        group = mesh[parallel.DP].get_group()
+        for metric in self.modules():
+            if isinstance(metric, torchmetrics.Metric):
+                metric.process_group = group
 
     # ------------------------------------------------------------------ masks
 
@@ -224,15 +270,24 @@ class SparseBert(ClassificationModule):
             )
         self.max_len = mask.shape[-1]
 
-    def current_masks(self, length: int, sample: bool) -> torch.Tensor | None:
-        """[S, H, L, L]: a float hard sample (searching) or a bool mask; None for dense."""
+    def current_masks(self, length: int, sample: bool, heads: str = "all") -> torch.Tensor | None:
+        """[S, H, L, L]: a float hard sample (searching) or a bool mask; None for dense.
+        ``heads="local"``: the heads this rank computes under tensor parallelism (all of them
+        otherwise)."""
         if length > self.max_len and self.mask_cfg["mode"] != "dense":
             raise ValueError(f"sequence length {length} exceeds the mask's max_len {self.max_len}")
         if self.dam is not None:
-            return self.dam.sample(length) if sample else self.dam.binary(length)
-        if self.fixed_mask is not None:  # fixed and random
-            return self.fixed_mask[..., :length, :length]
-        return None
+            masks = self.dam(length, sample)
+        elif self.fixed_mask is not None:  # fixed and random
+            if heads == "local":  # already split by head: no gathering
+                return parallel.local(self.fixed_mask)[..., :length, :length]
+            masks = parallel.full(self.fixed_mask)[..., :length, :length]
+        else:
+            return None
+        return self.local_heads(masks) if heads == "local" else masks
+
+    def local_heads(self, masks: torch.Tensor) -> torch.Tensor:
+        return masks if self.head_slice is None else masks[:, self.head_slice]
 
     def _layer_masks(self, masks: torch.Tensor | None) -> list[torch.Tensor | None] | None:
         if masks is None:
@@ -263,7 +318,7 @@ class SparseBert(ClassificationModule):
         self, batch: dict[str, torch.Tensor], masks: torch.Tensor | None = None
     ) -> torch.Tensor:
         if masks is None:
-            masks = self.current_masks(batch["input_ids"].shape[1], sample=False)
+            masks = self.current_masks(batch["input_ids"].shape[1], sample=False, heads="local")
         return self.net(
             batch["input_ids"],
             batch.get("attention_mask"),
@@ -274,7 +329,7 @@ class SparseBert(ClassificationModule):
     def _step(self, batch):
         searching = self.training and self.dam is not None
         masks = self.current_masks(batch["input_ids"].shape[1], sample=searching)
-        logits = self(batch, masks)
+        logits = self(batch, None if masks is None else self.local_heads(masks))
         loss = self.criterion(logits, batch["labels"])
         if searching:
             density = masks.mean()

@@ -110,8 +110,8 @@ class BertSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, keep_mask: AttentionMask) -> torch.Tensor:
         b, n, _ = x.shape
 
-        def heads(t: torch.Tensor) -> torch.Tensor:
-            return t.view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        def heads(t: torch.Tensor) -> torch.Tensor:  # -1: the rank's heads under TP
+            return t.view(b, n, -1, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.query(x)), heads(self.key(x)), heads(self.value(x))
         scale = 1.0 / math.sqrt(self.head_dim)
