@@ -15,10 +15,11 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import ROOT, artifacts, cli_env, run_cli
 
 
-@pytest.mark.parametrize(("dp", "tp"), [(1, 2), (2, 2)], ids=["tp2", "dp2xtp2"])
+@pytest.mark.parametrize(("dp", "tp"), [(1, 2), (2, 1), (2, 2)], ids=["tp2", "fsdp2", "dp2xtp2"])
 def test_split_model_equals_one_process(tmp_path, dp, tp):
     """Loss and every parameter's gradient on a fixed batch, for dense, DAM_s, DAM_u (a Gumbel
-    sample, same noise) and random masks; dp2xtp2 adds FSDP2 over two data-parallel ranks."""
+    sample, same noise) and random masks; fsdp2 is FSDP2 alone over two data-parallel ranks (each
+    a half of the batch), dp2xtp2 both."""
     out = tmp_path / "parity.json"
     proc = subprocess.run(
         [
@@ -159,3 +160,33 @@ def test_bad_model_parallel_settings_are_one_paragraph(tmp_path, data_dir, overr
     assert proc.returncode != 0
     assert expected in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_layout_check_counts_processes_like_the_launcher(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from zoo.errors import ConfigError
+    from zoo.parallel import check_layout, world_size_of
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+
+    def trainer(**kw):
+        strategy = {"_target_": "lightning.pytorch.strategies.ModelParallelStrategy"}
+        strategy.update(kw.pop("strategy", {}))
+        return OmegaConf.create({"devices": 2, "num_nodes": 1, "strategy": strategy, **kw})
+
+    assert world_size_of(trainer()) == 2
+    assert world_size_of(trainer(devices=[0, 1, 2], num_nodes=2)) == 6
+    assert world_size_of(trainer(devices="0,1")) == 2
+    assert world_size_of(trainer(devices="auto")) is None  # unknown: left to Lightning
+    check_layout(
+        trainer(strategy={"tensor_parallel_size": 2, "data_parallel_size": 2}, num_nodes=2)
+    )
+    with pytest.raises(ConfigError, match=r"= 4 processes, but the job has 2"):
+        check_layout(trainer(strategy={"tensor_parallel_size": 2, "data_parallel_size": 2}))
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size=0: expected a positive"):
+        check_layout(trainer(strategy={"tensor_parallel_size": 0, "data_parallel_size": 1}))
+    monkeypatch.setenv("WORLD_SIZE", "4")  # torchrun's count wins
+    check_layout(trainer(strategy={"tensor_parallel_size": 2, "data_parallel_size": 2}))
+    # other strategies are not this check's business
+    check_layout(OmegaConf.create({"devices": 3, "strategy": "ddp"}))

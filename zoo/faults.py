@@ -243,7 +243,7 @@ def resume_checkpoint(ckpt_path: str | None, output_dir: str | Path) -> str | No
     out = Path(output_dir)
     candidates = sorted(out.glob("hpc_ckpt_*.ckpt"), key=_hpc_version)[-1:]
     last = out / "checkpoints" / "last.ckpt"
-    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0 and last.is_file():
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0 and last.exists():  # file or folder
         candidates.append(last)
     if not candidates:
         return None

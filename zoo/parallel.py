@@ -183,16 +183,21 @@ def is_parallel(model: nn.Module) -> bool:
 META = "meta.pt"  # Lightning's file beside the shards: epoch, step, callbacks, the zoo's metadata
 
 
-def load_distributed_checkpoint(path: str | Path, optimizer: bool = False) -> dict[str, Any]:
+def load_distributed_checkpoint(
+    path: str | Path, weights: bool = True, optimizer: bool = False
+) -> dict[str, Any]:
     """A distributed checkpoint folder (``torch.distributed.checkpoint``, one shard file per
     rank) as one full checkpoint in this process: the weights gathered from every shard into
-    whole tensors, plus its ``meta.pt``. No process group is needed. Loaded with
-    ``weights_only=True``."""
+    whole tensors (unless ``weights=False``), plus its ``meta.pt``. No process group is needed.
+    Loaded with ``weights_only=True``."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise ConfigError(f"ckpt_path={path}: a folder, but not a distributed checkpoint")
+    if not weights:
+        meta = path / META
+        return torch.load(meta, map_location="cpu", weights_only=True) if meta.is_file() else {}
     with tempfile.TemporaryDirectory(prefix="zoo-dcp-") as tmp:
         single = Path(tmp) / "full.pt"
         dcp_to_torch_save(path, single)

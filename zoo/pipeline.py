@@ -48,11 +48,13 @@ def build_all(group: DictConfig | None, key: str, **kwargs) -> list[Any]:
     ]
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint safely (weights_only=True: tensors and plain containers only)."""
+def read_checkpoint(path: str | Path, weights: bool = True) -> dict[str, Any]:
+    """Load a checkpoint safely (weights_only=True: tensors and plain containers only).
+    ``weights=False``: what a resuming job reads (step, the run id); a distributed checkpoint
+    then reads its metadata only."""
     path = Path(path)
     if path.is_dir():  # a distributed checkpoint (trainer=model_parallel): gathered whole
-        return parallel.load_distributed_checkpoint(path)
+        return parallel.load_distributed_checkpoint(path, weights=weights)
     if not path.is_file():
         raise ConfigError(f"ckpt_path={path}: checkpoint file not found")
     try:
@@ -162,7 +164,7 @@ def train(cfg: DictConfig) -> float | None:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     resume = faults.resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir)
-    ckpt = read_checkpoint(resume) if resume else None
+    ckpt = read_checkpoint(resume, weights=False) if resume else None
 
     datamodule = build(cfg.data, "data")
     model = build(cfg.model, "model")
