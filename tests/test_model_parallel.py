@@ -95,6 +95,7 @@ def test_model_parallel_search_resume_finetune_evaluate(tmp_path, data_dir):
         "trainer.max_epochs=2",
     )
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "not carried forward" not in resumed.stdout + resumed.stderr  # best/last folders
     (run,) = client.search_runs([client.get_experiment_by_name("zoo").experiment_id])
     assert run.info.status == "FINISHED"
     epochs = client.get_metric_history(run.info.run_id, "val/mask_density")

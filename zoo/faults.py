@@ -155,6 +155,10 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     if src.resolve() == dst.resolve():
         return
     dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():  # a distributed checkpoint: its shard files are rewritten in place, so
+        shutil.rmtree(dst, ignore_errors=True)  # a link would change the old one too: copy
+        shutil.copytree(src, dst)
+        return
     with suppress(FileNotFoundError):
         dst.unlink()
     try:
@@ -192,11 +196,11 @@ class CarryCheckpoints(L.Callback):
         if not path:
             return None
         p = Path(path)
-        if p.is_file():
+        if p.exists():  # a file, or a distributed checkpoint's folder
             return p
         if self.ckpt_path is not None:  # the folder moved: look beside the resumed checkpoint
             beside = self.ckpt_path.parent / p.name
-            if beside.is_file():
+            if beside.exists():
                 return beside
         log.warning("checkpoint %s from before the resume is gone: not carried forward", path)
         return None
