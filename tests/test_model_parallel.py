@@ -158,7 +158,7 @@ def test_bad_model_parallel_settings_are_one_paragraph(tmp_path, data_dir, overr
         tmp_path,
         {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr[-3000:]  # a user error
     assert expected in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
 
