@@ -34,9 +34,25 @@ def test_groups_pool_seeds_per_method_and_lambda_or_density():
     assert learned.accs == [0.78, 0.76] and learned.lam == 0.1
     assert random_.accs == [0.64, 0.60] and random_.density == pytest.approx(0.30)
     text = table(gs).splitlines()
-    assert text[2].startswith("| dense |  | 100.0% | 0.8100 ± 0.0141 | 0.8000, 0.8200 |")
-    assert text[3].startswith("| DAM_s | 0.1 | 31.0% | 0.7700 ± 0.0141 |")
-    assert text[5].startswith("| DAM_s search | 0.1 | 31.0% | 0.7000 (one seed) | 0.7000 |")
+    assert text[2].startswith("| dense |  | 100.0% |  | 0.8100 ± 0.0141 | 0.8000, 0.8200 |")
+    assert text[3].startswith("| DAM_s | 0.1 | 31.0% |  | 0.7700 ± 0.0141 |")
+    assert text[5].startswith("| DAM_s search | 0.1 | 31.0% |  | 0.7000 (one seed) | 0.7000 |")
+
+
+def test_density_on_tokens_leaves_padding_out():
+    mask = torch.zeros(1, 2, 4, 4, dtype=torch.bool)
+    mask[:, 0, :2, :2] = True  # head 0 keeps the first two tokens' pairs, head 1 nothing
+    assert sparse_attention.token_density(mask, [2]) == pytest.approx(0.5)
+    assert sparse_attention.token_density(mask, [4]) == pytest.approx(4 / 16 / 2)
+    assert sparse_attention.token_density(mask, [2, 4]) == pytest.approx((0.5 + 0.125) / 2)
+    full = torch.ones(3, 2, 4, 4, dtype=torch.bool)  # per-layer masks too
+    assert sparse_attention.token_density(full, [1, 3, 4]) == pytest.approx(1.0)
+    rows = [
+        Row("random", None, 0.3, s, 0.6, 0.6, f"r{s}", None, t) for s, t in ((0, 0.2), (1, 0.4))
+    ]
+    (g,) = groups(rows)
+    assert g.token_density == pytest.approx(0.3)
+    assert table([g]).splitlines()[2].startswith("| random |  | 30.0% | 30.0% | 0.6000 ± 0.0000 |")
 
 
 def test_a_stage_runs_only_the_jobs_without_a_finished_run(tmp_path, monkeypatch):
@@ -163,6 +179,10 @@ def test_the_study_runs_every_stage_and_summarises_them(tmp_path, data_dir):
     (summary,) = by_kind["study"]
     rows = json.loads((out / "results.json").read_text())
     assert sorted(r["method"] for r in rows) == ["dam_s", "dense", "random", "search:dam_s"]
+    # the density on the test split's real tokens (the data rebuilt from the runs' config)
+    dense_row = next(r for r in rows if r["method"] == "dense")
+    assert dense_row["token_density"] == pytest.approx(1.0)
+    assert all(0.0 < r["token_density"] <= 1.0 for r in rows)
     assert {r["run_id"] for r in rows} == {
         r.info.run_id for k, v in by_kind.items() if k != "study" for r in v
     }
@@ -172,6 +192,7 @@ def test_the_study_runs_every_stage_and_summarises_them(tmp_path, data_dir):
         "study/study.md",
         "study/results.json",
         "study/accuracy_vs_density.png",
+        "study/accuracy_vs_token_density.png",
         "study/masks_dam_s_lambda100.png",
     } <= artifacts(client, summary.info.run_id)
     assert summary.data.metrics["acc_mean/dense"] == pytest.approx(

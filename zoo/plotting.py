@@ -118,10 +118,11 @@ def mask_heatmaps_figure(masks: np.ndarray, title: str = "", row_label: str = "l
     return fig
 
 
-def density_accuracy_figure(rows, chance: float = 0.5):
+def density_accuracy_figure(rows, chance: float = 0.5, x: str = "density"):
     """Test accuracy against attention density: every run a small dot, each method's mean over
     seeds (± one sd) joined by a line; dense attention as a band at density 1. ``rows`` have
-    ``method``, ``density``, ``acc`` (zoo.studies.sparse_attention.Row)."""
+    ``method``, ``density``, ``acc`` (zoo.studies.sparse_attention.Row); ``x="token_density"``
+    puts the density on the real tokens (padding left out) on the x axis."""
     styles = {
         "dense": ("black", "s", "dense"),
         "dam_s": ("tab:blue", "o", "DAM_s (learned, Toeplitz) + fine-tune"),
@@ -143,12 +144,12 @@ def density_accuracy_figure(rows, chance: float = 0.5):
             ax.axhline(mean, color=color, lw=1, ls="--")
         pooled: dict[float, list[float]] = {}
         for r in mine:
-            pooled.setdefault(round(r.density, 3), []).append(r.acc)
+            pooled.setdefault(round(getattr(r, x), 3), []).append(r.acc)
         xs = np.array(sorted(pooled))
         means = np.array([np.mean(pooled[x]) for x in xs])
         sds = np.array([_sd(pooled[x]) for x in xs])
         ax.scatter(
-            [r.density for r in mine],
+            [getattr(r, x) for r in mine],
             [r.acc for r in mine],
             color=color,
             marker=marker,
@@ -160,7 +161,11 @@ def density_accuracy_figure(rows, chance: float = 0.5):
         else:
             ax.scatter([], [], color=color, marker=marker, label=label)
     ax.axhline(chance, color="0.5", lw=0.8, ls=":", label="chance")
-    ax.set_xlabel("attention density (share of positions kept)")
+    ax.set_xlabel(
+        "attention density (share of positions kept)"
+        if x == "density"
+        else "density on tokens (share kept among the pairs of real tokens, padding left out)"
+    )
     ax.set_ylabel("test accuracy")
     ax.set_xlim(0, 1.05)
     ax.set_title(

@@ -23,10 +23,12 @@ A stage runs only the jobs that have no FINISHED run in the study yet (``--rerun
 them), and reads the runs of the earlier stages from mlflow, so a study that was interrupted —
 a killed job, a lost machine — goes on where it stopped when run again.
 
-The summary — a table, the accuracy-vs-density plot, the search runs' mask heatmaps — is
+The summary — a table, the accuracy-vs-density plots, the search runs' mask heatmaps — is
 written to ``--out`` and logged to the study's summary run (tag ``zoo.kind=study``; one per
 study, updated by every summary) whose description is the table: the mlflow UI shows it next
-to the runs it summarises.
+to the runs it summarises. Densities are given twice: over the mask's whole L × L square (what
+the search penalises) and over the pairs of real tokens of the test split (padding left out),
+since a learned mask can drop the corner that only padding fills, which a random one cannot.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +72,7 @@ class Row:
     f1: float  # test/f1_macro
     run_id: str
     search_run: str | None = None  # the search a fine-tune's mask comes from
+    token_density: float | None = None  # share kept among the pairs of real tokens (test split)
 
 
 # --------------------------------------------------------------------------- running
@@ -213,6 +216,36 @@ def collect(client, experiment_id: str | None, study: str) -> list[Row]:
     return rows
 
 
+def token_density(mask, lengths: list[int]) -> float:
+    """The share of attention positions a mask keeps among those a sequence really has (its
+    tokens × its tokens, padding left out), averaged over heads, layers and sequences. A
+    density over the whole L × L square counts positions that short sequences never use, so a
+    mask that drops the padded corner looks sparser than it is on the text."""
+    import torch
+
+    kept = mask.float().mean(dim=tuple(range(mask.dim() - 2)))  # [L, L] over layers, heads
+    prefix = kept.cumsum(0).cumsum(1)  # prefix[n-1, n-1] = kept positions among the first n
+    n = torch.as_tensor(lengths, dtype=torch.long).clamp(1, kept.shape[-1])
+    return float((prefix[n - 1, n - 1] / (n * n)).mean())
+
+
+def tested_lengths(run_id: str, uri: str) -> list[int] | None:
+    """Token counts of the test split a run was tested on (its logged data config, rebuilt);
+    None, with a note, where the data cannot be rebuilt here."""
+    from zoo import legacy, tracking
+    from zoo.pipeline import build
+
+    try:
+        cfg = legacy.upgrade(tracking.load_run_config(run_id, uri))
+        data = build(cfg.data, "data")
+        data.prepare_data()
+        data.setup("test")
+        return [int(n) for b in data.test_dataloader() for n in b["attention_mask"].sum(1)]
+    except Exception as exc:  # the summary still stands on the L × L densities
+        print(f"note: no density on tokens ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+
+
 @dataclass
 class Group:
     method: str
@@ -221,6 +254,7 @@ class Group:
     accs: list[float]
     f1s: list[float]
     seeds: list[int]
+    token_density: float | None = None
 
     @property
     def mean(self) -> float:
@@ -248,6 +282,9 @@ def groups(rows: list[Row]) -> list[Group]:
                 [r.acc for r in rs],
                 [r.f1 for r in rs],
                 [r.seed for r in rs],
+                None
+                if any(r.token_density is None for r in rs)
+                else float(np.mean([r.token_density for r in rs])),
             )
         )
     order = {m: i for i, m in enumerate(METHODS)}
@@ -257,18 +294,20 @@ def groups(rows: list[Row]) -> list[Group]:
 def table(gs: list[Group]) -> str:
     """A Markdown table: one row per method and λ / density."""
     lines = [
-        "| method | λ | density | test acc (mean ± sd) | per seed | test macro-F1 | seeds |",
-        "|---|---|---|---|---|---|---|",
+        "| method | λ | density | density on tokens | test acc (mean ± sd) | per seed | "
+        "test macro-F1 | seeds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for g in gs:
         lam = "" if g.lam is None else f"{g.lam:g}"
         acc = f"{g.mean:.4f} ± {g.std:.4f}" if len(g.accs) > 1 else f"{g.mean:.4f} (one seed)"
+        tokens = "" if g.token_density is None else f"{g.token_density:.1%}"
         name = {"search:dam_s": "DAM_s search", "search:dam_u": "DAM_u search"}.get(
             g.method,
             g.method if g.method in ("dense", "random") else g.method.replace("dam", "DAM"),
         )
         lines.append(
-            f"| {name} | {lam} | {g.density:.1%} | {acc} | "
+            f"| {name} | {lam} | {g.density:.1%} | {tokens} | {acc} | "
             f"{', '.join(f'{a:.4f}' for a in g.accs)} | {float(np.mean(g.f1s)):.4f} | "
             f"{', '.join(map(str, g.seeds))} |"
         )
@@ -287,17 +326,25 @@ def summarise(client, experiment_id: str | None, study: str, out: Path, uri: str
     rows = collect(client, experiment_id, study)
     if not rows:
         raise StudyError(f"{uri} has no finished run of study {study!r} yet")
+    masks = {}
+    for r in rows:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = client.download_artifacts(r.run_id, MASK_ARTIFACT, tmp)
+            masks[r.run_id] = torch.load(path, map_location="cpu", weights_only=True)["mask"]
+    lengths = tested_lengths(rows[0].run_id, uri)
+    if lengths is not None:
+        rows = [replace(r, token_density=token_density(masks[r.run_id], lengths)) for r in rows]
     gs = groups(rows)
     out.mkdir(parents=True, exist_ok=True)
     text = table(gs)
     (out / "study.md").write_text(text + "\n")
     (out / "results.json").write_text(json.dumps([asdict(r) for r in rows], indent=1))
     figures = {"accuracy_vs_density.png": density_accuracy_figure(rows)}
+    if lengths is not None:
+        figures["accuracy_vs_token_density.png"] = density_accuracy_figure(rows, x="token_density")
     for r in rows:
         if r.method.startswith("search:"):
-            with tempfile.TemporaryDirectory() as tmp:
-                path = client.download_artifacts(r.run_id, MASK_ARTIFACT, tmp)
-                mask = torch.load(path, map_location="cpu", weights_only=True)["mask"]
+            mask = masks[r.run_id]
             mode = r.method.split(":")[1]
             title = f"{mode} search, λ={r.lam:g}: {r.density:.1%} of positions kept"
             figures[f"masks_{mode}_lambda{r.lam:g}.png"] = mask_heatmaps_figure(
@@ -375,6 +422,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # many small files
     from mlflow.tracking import MlflowClient
 
     uri = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
