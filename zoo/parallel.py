@@ -47,13 +47,19 @@ def world_size_of(trainer_cfg: Any) -> int | None:
     return len(devices) * nodes  # a list of device indices
 
 
+def model_parallel_strategy(trainer_cfg: Any) -> Any | None:
+    """The trainer's strategy node when it is Lightning's ModelParallelStrategy, else None."""
+    strategy = trainer_cfg.get("strategy")
+    if hasattr(strategy, "get") and "ModelParallelStrategy" in str(strategy.get("_target_", "")):
+        return strategy
+    return None
+
+
 def check_layout(trainer_cfg: Any) -> None:
     """``tensor_parallel_size × data_parallel_size`` must be the world size (a ConfigError
     naming the keys, before any process group exists)."""
-    strategy = trainer_cfg.get("strategy")
-    if not hasattr(strategy, "get") or "ModelParallelStrategy" not in str(
-        strategy.get("_target_", "")
-    ):
+    strategy = model_parallel_strategy(trainer_cfg)
+    if strategy is None:
         return
     world = world_size_of(trainer_cfg)
     tp, dp = strategy.get("tensor_parallel_size"), strategy.get("data_parallel_size")
@@ -74,10 +80,8 @@ def check_layout(trainer_cfg: Any) -> None:
 
 def check_model(model: nn.Module, trainer_cfg: Any) -> None:
     """Under ``trainer=model_parallel`` the model must bring a parallel plan."""
-    strategy = trainer_cfg.get("strategy")
-    if not hasattr(strategy, "get") or "ModelParallelStrategy" not in str(
-        strategy.get("_target_", "")
-    ):
+    strategy = model_parallel_strategy(trainer_cfg)
+    if strategy is None:
         return
     if not callable(getattr(model, "parallelize", None)):
         raise ConfigError(
