@@ -141,11 +141,11 @@ def transformer_block_plan() -> dict[str, Any]:
 
 
 def parallelize_bert(bert: nn.Module, mesh, shard_embeddings: bool = True) -> None:
-    """Tensor-parallel BERT encoder on ``mesh[TP]``, FSDP2 on ``mesh[DP]`` when it has more than
-    one rank. The word embeddings are split by vocabulary rows (each rank looks up the ids it
-    holds, one all-reduce) unless ``shard_embeddings`` is false (an MLM head ties them); the
-    position and type embeddings, LayerNorms and pooler stay replicated (a few K–M weights,
-    where splitting would only add communication)."""
+    """Tensor-parallel BERT encoder on ``mesh[TP]`` (FSDP2 over ``mesh[DP]`` is
+    ``fully_shard_data_parallel``'s). The word embeddings are split by vocabulary rows (each
+    rank looks up the ids it holds, one all-reduce) unless ``shard_embeddings`` is false (an MLM
+    head ties them); the position and type embeddings, LayerNorms and pooler stay replicated
+    (a few K–M weights, where splitting would only add communication)."""
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
 
