@@ -2,7 +2,7 @@
 dense attention, learned masks (DAM_s, DAM_u: search, then fine-tune with the fixed mask) and
 random masks of the same densities, over several seeds.
 
-    python -m zoo.studies.sparse_attention                       # the whole study (CPU: ~1 h)
+    python -m zoo.studies.sparse_attention                       # the whole study (2 cores: ~2 h)
     python -m zoo.studies.sparse_attention --seeds 0 1 2 --lambdas 0.01 0.1 \\
         -- trainer=gpu hydra/launcher=joblib hydra.launcher.n_jobs=4   # overrides for every job
     python -m zoo.studies.sparse_attention --collect-only        # summarise the runs so far
