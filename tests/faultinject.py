@@ -31,6 +31,23 @@ class SlowEpochs(L.Callback):
         time.sleep(self.seconds)
 
 
+class AwaitSignalAt(L.Callback):
+    """After global step ``at_step``, touches the file ``ready`` and waits up to ``seconds``
+    for a stop signal: a test's signal then lands at a known step, not by chance at an epoch
+    boundary."""
+
+    def __init__(self, at_step: int, ready: str, seconds: float = 60):
+        self.at_step, self.ready, self.seconds = at_step, Path(ready), seconds
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step != self.at_step:
+            return
+        self.ready.touch()
+        deadline = time.monotonic() + self.seconds
+        while not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
 _torch_save = torch.save
 
 

@@ -157,26 +157,38 @@ def _wait_for_epoch(proc, ckpt: Path, epoch: int, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
+def _wait_for(proc, path: Path, timeout: float = 300) -> None:
+    """Until ``path`` exists (tests.faultinject.AwaitSignalAt's: the job is held at its step)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"no {path.name} in {timeout} s"
+        time.sleep(0.05)
+
+
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
 @pytest.mark.slow
 def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, data_dir):
-    """kill -9 after epoch 2 (of 0-3), resume from last.ckpt into a new output dir: the same
-    mlflow run, one point per epoch, val/test metrics bit-equal to the uninterrupted run, and
-    the best checkpoint and best score from before the kill kept (the resumed job used to
-    forget them and test a worse model)."""
+    """kill -9 mid-epoch 3 (of 0-3), after epoch 2's checkpoint; resume from last.ckpt into a
+    new output dir: the same mlflow run, one point per epoch, val/test metrics bit-equal to
+    the uninterrupted run, and the best checkpoint and best score from before the kill kept
+    (the resumed job used to forget them and test a worse model)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {"MLFLOW_TRACKING_URI": uri}
     whole = start_cli(
         "train.py", [*RESUMABLE, f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path, env
     )
+    ready = tmp_path / "at-step-35"
+    hold = ["+callbacks.wait._target_=tests.faultinject.AwaitSignalAt"]
+    hold += ["+callbacks.wait.at_step=35", f"+callbacks.wait.ready={ready}"]
     first = start_cli(
-        "train.py", [*RESUMABLE, f"hydra.run.dir={tmp_path / 'first'}"], tmp_path, env
+        "train.py", [*RESUMABLE, *hold, f"hydra.run.dir={tmp_path / 'first'}"], tmp_path, env
     )
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    _wait_for_epoch(first, last, 2)
+    _wait_for(first, ready)  # held mid-epoch 3, after epoch 2's checkpoint
     os.kill(first.pid, signal.SIGKILL)
     first.communicate()
     killed_at = _epoch_of(last)
@@ -266,21 +278,28 @@ def _run_of(uri: str):
 def test_ctrl_c_saves_last_ckpt_and_marks_the_run_killed(tmp_path, data_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "out"
+    ready = tmp_path / "at-step-15"
+    # the signal lands after step 15, the 5th batch of epoch 1 (a signal sent right after the
+    # epoch-0 checkpoint could land at the epoch boundary, and prove nothing about mid-epoch)
+    wait = ["+callbacks.wait._target_=tests.faultinject.AwaitSignalAt"]
+    wait += ["+callbacks.wait.at_step=15", f"+callbacks.wait.ready={ready}"]
     proc = start_cli(
         "train.py",
-        [*RESUMABLE, "trainer.max_epochs=50", f"hydra.run.dir={out}"],
+        [*RESUMABLE, "trainer.max_epochs=50", *wait, f"hydra.run.dir={out}"],
         tmp_path,
         {"MLFLOW_TRACKING_URI": uri},
     )
     last = out / "checkpoints" / "last.ckpt"
     _wait_for_epoch(proc, last, 0)
     saved_at = last.stat().st_mtime_ns
+    _wait_for(proc, ready)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     assert last.stat().st_mtime_ns > saved_at  # saved again, at the interruption
     state = torch.load(last, map_location="cpu", weights_only=True)
-    assert state["global_step"] > 10 * (state["epoch"])  # mid-epoch: no work lost
+    # mid-epoch, at the step the signal stopped: no work lost
+    assert (state["epoch"], state["global_step"]) == (1, 15), err[-3000:]
     _, run = _run_of(uri)
     assert run.info.status == "KILLED"
 
@@ -311,8 +330,11 @@ def test_slurm_requeue_continues_the_same_run(tmp_path, data_dir):
     }
     args = [*RESUMABLE, "trainer.max_epochs=3"]
     out = tmp_path / "logs" / "train" / "runs" / "slurm-4242"  # pinned by the job id
-    proc = start_cli("train.py", args, tmp_path, slurm)
-    _wait_for_epoch(proc, out / "checkpoints" / "last.ckpt", 0)
+    ready = tmp_path / "at-step-15"
+    hold = ["+callbacks.wait._target_=tests.faultinject.AwaitSignalAt"]
+    hold += ["+callbacks.wait.at_step=15", f"+callbacks.wait.ready={ready}"]
+    proc = start_cli("train.py", [*args, *hold], tmp_path, slurm)
+    _wait_for(proc, ready)  # held mid-epoch 1 until SIGTERM: both signals land there
     proc.send_signal(signal.SIGUSR1)
     deadline = time.monotonic() + 60
     while not requeues.exists():
