@@ -157,6 +157,16 @@ def _wait_for_epoch(proc, ckpt: Path, epoch: int, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
+def _held_at(step: int, ready: Path) -> list[str]:
+    """Overrides that hold a job after global step ``step`` until a stop signal comes; the
+    file ``ready`` says it got there."""
+    return [
+        "+callbacks.wait._target_=tests.faultinject.AwaitSignalAt",
+        f"+callbacks.wait.at_step={step}",
+        f"+callbacks.wait.ready={ready}",
+    ]
+
+
 def _wait_for(proc, path: Path, timeout: float = 300) -> None:
     """Until ``path`` exists (tests.faultinject.AwaitSignalAt's: the job is held at its step)."""
     deadline = time.monotonic() + timeout
@@ -182,8 +192,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, data_dir):
         "train.py", [*RESUMABLE, f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path, env
     )
     ready = tmp_path / "at-step-35"
-    hold = ["+callbacks.wait._target_=tests.faultinject.AwaitSignalAt"]
-    hold += ["+callbacks.wait.at_step=35", f"+callbacks.wait.ready={ready}"]
+    hold = _held_at(35, ready)
     first = start_cli(
         "train.py", [*RESUMABLE, *hold, f"hydra.run.dir={tmp_path / 'first'}"], tmp_path, env
     )
@@ -281,8 +290,7 @@ def test_ctrl_c_saves_last_ckpt_and_marks_the_run_killed(tmp_path, data_dir):
     ready = tmp_path / "at-step-15"
     # the signal lands after step 15, the 5th batch of epoch 1 (a signal sent right after the
     # epoch-0 checkpoint could land at the epoch boundary, and prove nothing about mid-epoch)
-    wait = ["+callbacks.wait._target_=tests.faultinject.AwaitSignalAt"]
-    wait += ["+callbacks.wait.at_step=15", f"+callbacks.wait.ready={ready}"]
+    wait = _held_at(15, ready)
     proc = start_cli(
         "train.py",
         [*RESUMABLE, "trainer.max_epochs=50", *wait, f"hydra.run.dir={out}"],
@@ -331,8 +339,7 @@ def test_slurm_requeue_continues_the_same_run(tmp_path, data_dir):
     args = [*RESUMABLE, "trainer.max_epochs=3"]
     out = tmp_path / "logs" / "train" / "runs" / "slurm-4242"  # pinned by the job id
     ready = tmp_path / "at-step-15"
-    hold = ["+callbacks.wait._target_=tests.faultinject.AwaitSignalAt"]
-    hold += ["+callbacks.wait.at_step=15", f"+callbacks.wait.ready={ready}"]
+    hold = _held_at(15, ready)
     proc = start_cli("train.py", [*args, *hold], tmp_path, slurm)
     _wait_for(proc, ready)  # held mid-epoch 1 until SIGTERM: both signals land there
     proc.send_signal(signal.SIGUSR1)
