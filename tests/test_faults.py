@@ -148,13 +148,18 @@ def _epoch_of(ckpt: Path) -> int:
         return -1
 
 
+def _wait_until(proc, done, what: str, timeout: float = 300) -> None:
+    """Poll ``done()`` while ``proc`` runs (its stderr if it dies; ``what`` if time runs out)."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"no {what} in {timeout} s"
+        time.sleep(0.05)
+
+
 def _wait_for_epoch(proc, ckpt: Path, epoch: int, timeout: float = 300) -> None:
     """Until ``ckpt`` holds the end of ``epoch`` (atomic writes: it is never half-written)."""
-    deadline = time.monotonic() + timeout
-    while _epoch_of(ckpt) < epoch:
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, f"no checkpoint of epoch {epoch} in {timeout} s"
-        time.sleep(0.05)
+    _wait_until(proc, lambda: _epoch_of(ckpt) >= epoch, f"checkpoint of epoch {epoch}", timeout)
 
 
 def _held_at(step: int, ready: Path) -> list[str]:
@@ -165,15 +170,6 @@ def _held_at(step: int, ready: Path) -> list[str]:
         f"+callbacks.wait.at_step={step}",
         f"+callbacks.wait.ready={ready}",
     ]
-
-
-def _wait_for(proc, path: Path, timeout: float = 300) -> None:
-    """Until ``path`` exists (tests.faultinject.AwaitSignalAt's: the job is held at its step)."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, f"no {path.name} in {timeout} s"
-        time.sleep(0.05)
 
 
 def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -192,12 +188,10 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, data_dir):
         "train.py", [*RESUMABLE, f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path, env
     )
     ready = tmp_path / "at-step-35"
-    hold = _held_at(35, ready)
-    first = start_cli(
-        "train.py", [*RESUMABLE, *hold, f"hydra.run.dir={tmp_path / 'first'}"], tmp_path, env
-    )
+    first_args = [*RESUMABLE, *_held_at(35, ready), f"hydra.run.dir={tmp_path / 'first'}"]
+    first = start_cli("train.py", first_args, tmp_path, env)
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    _wait_for(first, ready)  # held mid-epoch 3, after epoch 2's checkpoint
+    _wait_until(first, ready.exists, ready.name)  # held mid-epoch 3, after epoch 2's checkpoint
     os.kill(first.pid, signal.SIGKILL)
     first.communicate()
     killed_at = _epoch_of(last)
@@ -290,17 +284,15 @@ def test_ctrl_c_saves_last_ckpt_and_marks_the_run_killed(tmp_path, data_dir):
     ready = tmp_path / "at-step-15"
     # the signal lands after step 15, the 5th batch of epoch 1 (a signal sent right after the
     # epoch-0 checkpoint could land at the epoch boundary, and prove nothing about mid-epoch)
-    wait = _held_at(15, ready)
     proc = start_cli(
         "train.py",
-        [*RESUMABLE, "trainer.max_epochs=50", *wait, f"hydra.run.dir={out}"],
+        [*RESUMABLE, "trainer.max_epochs=50", *_held_at(15, ready), f"hydra.run.dir={out}"],
         tmp_path,
         {"MLFLOW_TRACKING_URI": uri},
     )
     last = out / "checkpoints" / "last.ckpt"
-    _wait_for_epoch(proc, last, 0)
-    saved_at = last.stat().st_mtime_ns
-    _wait_for(proc, ready)
+    _wait_until(proc, ready.exists, ready.name)  # held: nothing saves until the signal
+    saved_at = last.stat().st_mtime_ns  # epoch 0's
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
@@ -339,14 +331,10 @@ def test_slurm_requeue_continues_the_same_run(tmp_path, data_dir):
     args = [*RESUMABLE, "trainer.max_epochs=3"]
     out = tmp_path / "logs" / "train" / "runs" / "slurm-4242"  # pinned by the job id
     ready = tmp_path / "at-step-15"
-    hold = _held_at(15, ready)
-    proc = start_cli("train.py", [*args, *hold], tmp_path, slurm)
-    _wait_for(proc, ready)  # held mid-epoch 1 until SIGTERM: both signals land there
+    proc = start_cli("train.py", [*args, *_held_at(15, ready)], tmp_path, slurm)
+    _wait_until(proc, ready.exists, ready.name)  # held mid-epoch 1 until SIGTERM
     proc.send_signal(signal.SIGUSR1)
-    deadline = time.monotonic() + 60
-    while not requeues.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
+    _wait_until(proc, requeues.exists, "scontrol requeue", timeout=60)
     assert requeues.read_text().split() == ["requeue", "4242"]
     assert list(out.glob("hpc_ckpt_*.ckpt"))
     proc.send_signal(signal.SIGTERM)
