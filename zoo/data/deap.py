@@ -3,17 +3,25 @@
 DEAP (Koelstra et al., 2012) ships ``data_preprocessed_python/sXX.dat``: one Python pickle per
 subject holding a dict with ``data`` (40 trials x 40 channels x 8064 samples at 128 Hz; the first
 384 samples are a 3 s pre-trial baseline; channels 0-31 EEG, 32-39 peripheral) and ``labels``
-(40 x 4: valence, arousal, dominance, liking, floats in 1-9).
+(40 x 4: valence, arousal, dominance, liking, floats in 1-9). Its other official distribution,
+``data_preprocessed_matlab/sXX.mat``, holds the same two arrays; both are read here.
+
+At full size (32 subjects) the preprocessed float32 signal is 1.2 GB. It is computed once per
+subject into a cache (``zoo.data.cache``: keyed by the source file and every preprocessing
+option, shared safely by concurrent jobs) and read back by memory map; windows are index ranges
+into it, and the per-channel normalisation is the model's first step (statistics of the training
+split, streamed in float64, carried by the checkpoint), so a job's memory does not grow with
+the number of subjects.
 """
 
 from __future__ import annotations
 
 import logging
 import pickle
+import time
 import warnings
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +31,7 @@ from scipy import signal
 from torch.utils.data import Dataset
 
 from zoo.data.base import SplitDataModule
+from zoo.data.cache import ArrayCache, file_fingerprint, zoo_cache_dir
 from zoo.data.deap_format import (  # noqa: F401  (re-exported: the format's names)
     ALL_CHANNELS,
     BASELINE_SAMPLES,
@@ -132,20 +141,38 @@ class _DeapUnpickler(pickle.Unpickler):
         raise DataError(f"{self._path}: unexpected persistent id in pickle; refusing to load")
 
 
-def load_subject(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Load one DEAP ``sXX.dat`` file safely and validate it; returns (data, ratings)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: DEAP subject file not found")
+def _read_matlab(path: Path) -> dict:
+    from scipy.io import loadmat
+
+    try:
+        obj = loadmat(path)
+    except Exception as exc:  # truncated file, not a MAT file
+        raise DataError(
+            f"{path}: not a readable DEAP MATLAB file ({type(exc).__name__}: {exc})"
+        ) from None
+    return {k: v for k, v in obj.items() if not k.startswith("__")}
+
+
+def _read_pickle(path: Path) -> Any:
     try:
         with path.open("rb") as fh:
-            obj = _DeapUnpickler(fh, path).load()
+            return _DeapUnpickler(fh, path).load()
     except DataError:
         raise
     except Exception as exc:  # truncated/corrupt pickle, wrong file type
         raise DataError(
             f"{path}: not a readable DEAP pickle ({type(exc).__name__}: {exc})"
         ) from None
+
+
+def load_subject(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Load one DEAP subject file safely and validate it; returns (data, ratings). ``sXX.dat``
+    is read as DEAP's Python pickle (only numpy arrays are rebuilt), ``sXX.mat`` with
+    ``scipy.io.loadmat``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: DEAP subject file not found")
+    obj = _read_matlab(path) if path.suffix == ".mat" else _read_pickle(path)
     if not isinstance(obj, dict) or not {"data", "labels"} <= set(obj):
         keys = sorted(map(str, obj)) if isinstance(obj, dict) else type(obj).__name__
         raise DataError(f"{path}: expected a dict with keys 'data' and 'labels', got {keys}")
@@ -173,12 +200,28 @@ def load_subject(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     return data, ratings.astype(np.float64)
 
 
-def subject_path(data_dir: Path, subject: int) -> Path:
-    return Path(data_dir) / f"s{subject:02d}.dat"
+FORMATS = {"python": ".dat", "matlab": ".mat"}  # data_preprocessed_python | _matlab
 
 
-def discover_subjects(data_dir: Path) -> list[int]:
-    return [int(p.stem[1:]) for p in sorted(Path(data_dir).glob("s[0-9][0-9].dat"))]
+def resolve_format(data_dir: Path, fmt: str = "auto") -> str:
+    """``python`` or ``matlab``; ``auto``: the format of the files in ``data_dir`` (.dat first)."""
+    if fmt == "auto":
+        for name, suffix in FORMATS.items():
+            if any(Path(data_dir).glob(f"s[0-9][0-9]{suffix}")):
+                return name
+        return "python"
+    if fmt not in FORMATS:
+        raise ConfigError(f"data.format={fmt!r}: expected auto, {' or '.join(FORMATS)}")
+    return fmt
+
+
+def subject_path(data_dir: Path, subject: int, fmt: str = "python") -> Path:
+    return Path(data_dir) / f"s{subject:02d}{FORMATS[fmt]}"
+
+
+def discover_subjects(data_dir: Path, fmt: str = "python") -> list[int]:
+    pattern = f"s[0-9][0-9]{FORMATS[fmt]}"
+    return [int(p.stem[1:]) for p in sorted(Path(data_dir).glob(pattern))]
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -210,14 +253,83 @@ def preprocess_trials(
 # --------------------------------------------------------------------------- splits
 
 
-@dataclass
-class Trials:
-    """All loaded trials, one row per (subject, trial)."""
+CACHE_FORMAT = 1  # bump when what preprocess_trials writes changes
 
-    signals: np.ndarray  # (n, C, S) float32
-    subject: np.ndarray  # (n,)
-    trial: np.ndarray  # (n,) trial index within its subject file
-    label: np.ndarray  # (n,)
+
+class Trials:
+    """All loaded trials, one row per (subject, trial). The signal stays in one array per
+    subject file (a memory map of its cache entry, or in memory with ``data.cache=off``);
+    a row is an index into them, never a copy."""
+
+    def __init__(
+        self,
+        parts: list[np.ndarray],
+        subject: np.ndarray,
+        trial: np.ndarray,
+        label: np.ndarray,
+        part: np.ndarray,
+        paths: list[Path | None] | None = None,
+    ):
+        self.parts = parts  # per subject file: (trials, C, S) float32
+        self.subject, self.trial, self.label, self.part = subject, trial, label, part
+        self.paths = paths or [None] * len(parts)  # the cache file of a memory-mapped part
+
+    def __len__(self) -> int:
+        return len(self.label)
+
+    @property
+    def n_channels(self) -> int:
+        return int(self.parts[0].shape[1])
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.parts[0].shape[2])
+
+    def signal(self, row: int) -> np.ndarray:
+        """One whole trial (C, S), a view into its part."""
+        return self.parts[self.part[row]][self.trial[row]]
+
+    def rows_by_part(self, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """``rows`` grouped by the part (subject file) they live in: (part, trial indices)."""
+        rows = np.asarray(rows)
+        for p in np.unique(self.part[rows]):
+            yield int(p), np.sort(self.trial[rows[self.part[rows] == p]])
+
+    def __getstate__(self) -> dict:
+        """Memory-mapped parts travel as their paths (to spawned DataLoader workers), not as
+        copies of the signal."""
+        state = dict(self.__dict__)
+        state["parts"] = [
+            None if path is not None else arr for arr, path in zip(self.parts, self.paths)
+        ]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.parts = [
+            np.load(path, mmap_mode="r") if arr is None else arr
+            for arr, path in zip(self.parts, self.paths)
+        ]
+
+
+def channel_statistics(trials: Trials, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and standard deviation (+1e-6) of the trials ``rows``, streamed one
+    subject file at a time with float64 accumulators (Chan et al.'s pairwise update): the
+    training signal is never gathered into one array."""
+    n, mean, m2 = 0, np.zeros(trials.n_channels), np.zeros(trials.n_channels)
+    for p, idx in trials.rows_by_part(rows):
+        x = np.asarray(trials.parts[p][idx], dtype=np.float64)  # one subject's chosen trials
+        k = x.shape[0] * x.shape[2]
+        mu = x.mean(axis=(0, 2))
+        chunk_m2 = ((x - mu[None, :, None]) ** 2).sum(axis=(0, 2))
+        delta, total = mu - mean, n + k
+        mean = mean + delta * (k / total)
+        m2 = m2 + chunk_m2 + delta**2 * (n * k / total)
+        n = total
+        del x
+    if n == 0:
+        raise ConfigError("the training split is empty: no normalisation statistics")
+    return mean, np.sqrt(m2 / n) + 1e-6
 
 
 def _stratified_folds(labels: np.ndarray, n_folds: int, rng: np.random.Generator) -> np.ndarray:
@@ -299,23 +411,23 @@ def split_trials(
 
 
 class EEGWindows(Dataset):
-    """Fixed-length windows cut on the fly from whole preprocessed trials."""
+    """Fixed-length windows cut on the fly from whole preprocessed trials: a window is a
+    (row, start) pair, its samples are read from the trial's array when asked for."""
 
     def __init__(self, trials: Trials, rows: np.ndarray, window: int, step: int):
         self.trials = trials
-        n_samples = trials.signals.shape[-1]
-        starts = np.arange(0, n_samples - window + 1, step)
+        starts = np.arange(0, trials.n_samples - window + 1, step)
         self.rows = np.repeat(rows, len(starts))
         self.starts = np.tile(starts, len(rows))
         self.window = window
-        self._signals = torch.from_numpy(trials.signals)
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
         r, s = self.rows[i], self.starts[i]
-        return self._signals[r, :, s : s + self.window], int(self.trials.label[r])
+        x = np.array(self.trials.signal(r)[:, s : s + self.window])  # one window, writable
+        return torch.from_numpy(x), int(self.trials.label[r])
 
     @property
     def labels(self) -> np.ndarray:
@@ -353,12 +465,21 @@ class _RandomWindowSubset(Dataset):
 # --------------------------------------------------------------------------- data module
 
 
+CACHE_PLACES = ("beside", "zoo_cache", "off")
+
+
 class DeapDataModule(SplitDataModule):
     """DEAP windows for emotion classification with leak-free evaluation protocols.
 
     ``demo`` (a writer such as ``zoo.data.demo.deap.write_demo_deap``, injected) writes
-    DEAP-format files into ``data_dir`` first, so
-    the demo goes through exactly the loader used for the real dataset.
+    DEAP-format files into ``data_dir`` first, so the demo goes through exactly the loader used
+    for the real dataset.
+
+    ``cache`` chooses where the preprocessed signal is kept: ``beside`` the data
+    (``<data_dir>/.zoo-cache``), under ``zoo_cache`` (``$ZOO_CACHE_DIR/deap``), in a folder
+    given by path, or ``off`` (preprocessed in memory by every job, as before the cache).
+    The windows it serves are not normalised: ``norm_stats`` (per-channel mean and sd of the
+    training split) are what the model standardises its input with.
     """
 
     sample_unit = "windows"
@@ -387,6 +508,9 @@ class DeapDataModule(SplitDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         subset: int | None = None,
+        format: str = "auto",
+        cache: str = "beside",
+        cache_verify: bool = True,
         demo: Callable[..., object] | None = None,
         class_names: list[str] | None = None,
         num_classes: int | None = None,
@@ -416,6 +540,10 @@ class DeapDataModule(SplitDataModule):
             )
         if not 0 <= overlap < 1:
             raise ConfigError(f"data.overlap={overlap}: must be in [0, 1)")
+        if format != "auto" and format not in FORMATS:
+            raise ConfigError(f"data.format={format!r}: expected auto, {' or '.join(FORMATS)}")
+        if not str(cache):
+            raise ConfigError(f"data.cache: expected one of {list(CACHE_PLACES)} or a folder")
         self.window = int(round(window_seconds * SFREQ))
         self.step = max(1, int(round(self.window * (1 - overlap))))
         if not 8 <= self.window <= N_SAMPLES - BASELINE_SAMPLES:
@@ -440,23 +568,30 @@ class DeapDataModule(SplitDataModule):
             test_fraction=test_fraction,
             seed=split_seed,
         )
+        self.format, self.cache, self.cache_verify = format, str(cache), bool(cache_verify)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.demo = demo
         self.datasets: dict[str, Dataset] = {}
-        self.norm_stats: tuple[np.ndarray, np.ndarray] | None = None
+        self._train_rows: np.ndarray | None = None
+        self._norm_stats: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    @property
+    def file_format(self) -> str:
+        return resolve_format(self.data_dir, self.format)
+
     def _subject_list(self) -> list[int]:
         if self.subjects is not None:
             subjects = [int(s) for s in self.subjects]
         else:
-            subjects = discover_subjects(self.data_dir)
+            subjects = discover_subjects(self.data_dir, self.file_format)
             if not subjects:
                 raise DataError(
-                    f"{self.data_dir}: no DEAP subject files (s01.dat ... s32.dat) found"
+                    f"{self.data_dir}: no DEAP subject files (s01.dat ... s32.dat, or "
+                    "s01.mat ... s32.mat) found"
                 )
         if self.subset is not None:
             subjects = subjects[: int(self.subset)]
@@ -472,29 +607,107 @@ class DeapDataModule(SplitDataModule):
         if not self.data_dir.is_dir():
             raise DataError(
                 f"data.data_dir={self.data_dir}: directory not found (expected DEAP's "
-                "data_preprocessed_python folder)"
+                "data_preprocessed_python or data_preprocessed_matlab folder)"
             )
+        fmt = self.file_format
         missing = [
-            str(subject_path(self.data_dir, s))
+            str(subject_path(self.data_dir, s, fmt))
             for s in self._subject_list()
-            if not subject_path(self.data_dir, s).is_file()
+            if not subject_path(self.data_dir, s, fmt).is_file()
         ]
         if missing:
             raise DataError(f"missing DEAP subject file(s): {', '.join(missing)}")
 
-    def load_trials(self) -> Trials:
+    # ------------------------------------------------------------------ reading
+
+    def cross_validation(self) -> tuple[str, list[int]]:
+        """The config key a cross-validation study sweeps and its values, one per fold:
+        ``data.test_subject`` over the subjects (loso), ``data.fold`` over ``n_folds``
+        (trial_kfold)."""
+        if self.protocol == "loso":
+            return "test_subject", self._subject_list()
+        if self.protocol == "trial_kfold":
+            return "fold", list(range(int(self.split_kwargs["n_folds"])))
+        raise ConfigError(
+            f"data.protocol={self.protocol}: a cross-validation study needs data.protocol=loso "
+            "or trial_kfold (the other protocols have one split, not folds)"
+        )
+
+    def cache_root(self) -> Path | None:
+        """The folder of the preprocessed-signal cache (None: data.cache=off)."""
+        if self.cache == "off":
+            return None
+        if self.cache == "beside":
+            return self.data_dir / ".zoo-cache"
+        if self.cache == "zoo_cache":
+            return zoo_cache_dir() / "deap"
+        return Path(self.cache).expanduser()
+
+    def preprocessing_options(self) -> dict[str, Any]:
+        """Everything the cached signal depends on besides its source file."""
+        return {
+            "format_version": CACHE_FORMAT,
+            "channels": self.channel_names,
+            "baseline": self.baseline,
+            "bandpass": list(self.bandpass) if self.bandpass is not None else None,
+            "filter_order": int(self.filter_order),
+            "dtype": "float32",
+        }
+
+    def _preprocess(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
         channel_idx = [ALL_CHANNELS.index(c) for c in self.channel_names]
-        parts = {k: [] for k in ("signals", "subject", "trial", "label")}
-        for s in self._subject_list():
-            data, ratings = load_subject(subject_path(self.data_dir, s))
-            x = preprocess_trials(
-                data, channel_idx, self.baseline, self.bandpass, self.filter_order
+        data, ratings = load_subject(path)
+        x = preprocess_trials(data, channel_idx, self.baseline, self.bandpass, self.filter_order)
+        return x, ratings
+
+    def load_trials(self) -> Trials:
+        """Every subject's preprocessed trials: from the cache (built on a miss, one subject at
+        a time) as memory maps, or preprocessed in memory with data.cache=off."""
+        fmt, root = self.file_format, self.cache_root()
+        cache = ArrayCache(root, "data.cache", verify=self.cache_verify) if root else None
+        parts, paths, subject, trial, label, part = [], [], [], [], [], []
+        subjects = self._subject_list()
+        started = time.perf_counter()
+        for i, s in enumerate(_progress(subjects, "DEAP subjects")):
+            path = subject_path(self.data_dir, s, fmt)
+            if cache is None:
+                x, ratings = self._preprocess(path)
+                paths.append(None)
+            else:
+                source = file_fingerprint(path)
+                if self.cache != "beside":  # a shared folder: two datasets may share names
+                    source["path"] = str(path.resolve())
+
+                def build(path=path):
+                    x, ratings = self._preprocess(path)
+                    return x, {"ratings": ratings.tolist()}
+
+                key = {"source": source, **self.preprocessing_options()}
+                x, extra = cache.load_or_build(path.stem, key, build)
+                ratings = np.asarray(extra["ratings"], dtype=np.float64)
+                paths.append(Path(x.filename))
+            parts.append(x)
+            subject.append(np.full(len(x), s))
+            trial.append(np.arange(len(x)))
+            label.append(make_labels(ratings, self.target, self.threshold))
+            part.append(np.full(len(x), i))
+        if cache is not None:
+            log.info(
+                "DEAP: %d subject(s) read in %.1f s (cache %s: %d hit, %d built)",
+                len(subjects),
+                time.perf_counter() - started,
+                root,
+                cache.hits,
+                cache.misses,
             )
-            parts["signals"].append(x)
-            parts["subject"].append(np.full(len(x), s))
-            parts["trial"].append(np.arange(len(x)))
-            parts["label"].append(make_labels(ratings, self.target, self.threshold))
-        return Trials(**{k: np.concatenate(v) for k, v in parts.items()})
+        return Trials(
+            parts,
+            np.concatenate(subject),
+            np.concatenate(trial),
+            np.concatenate(label),
+            np.concatenate(part),
+            paths,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
@@ -509,7 +722,7 @@ class DeapDataModule(SplitDataModule):
                 "test scores will be optimistic (leaky split).",
                 stacklevel=2,
             )
-            all_windows = EEGWindows(trials, np.arange(len(trials.label)), self.window, self.step)
+            all_windows = EEGWindows(trials, np.arange(len(trials)), self.window, self.step)
             perm = np.random.default_rng(self.split_kwargs["seed"]).permutation(len(all_windows))
             n_test = int(len(perm) * self.split_kwargs["test_fraction"])
             n_val = int(len(perm) * self.split_kwargs["val_fraction"])
@@ -518,28 +731,32 @@ class DeapDataModule(SplitDataModule):
                 "val": perm[n_test : n_test + n_val],
                 "train": perm[n_test + n_val :],
             }
-            train_rows = np.unique(all_windows.rows[index["train"]])
-            self._normalise(trials, train_rows)
+            self._train_rows = np.unique(all_windows.rows[index["train"]])
             self.datasets = {k: _RandomWindowSubset(all_windows, v) for k, v in index.items()}
         else:
             split = split_trials(trials, self.protocol, **self.split_kwargs)
-            self._normalise(trials, np.flatnonzero(split == "train"))
+            self._train_rows = np.flatnonzero(split == "train")
             self.datasets = {
                 k: EEGWindows(trials, np.flatnonzero(split == k), self.window, self.step)
                 for k in ("train", "val", "test")
             }
         self.trials = trials
 
-    def _normalise(self, trials: Trials, train_rows: np.ndarray) -> None:
-        """Per-channel z-score with statistics of the training trials only."""
+    @property
+    def norm_stats(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per-channel (mean, sd) of the training trials, float64, or None with
+        data.normalize=false; computed on first use (a test-only job never needs them)."""
         if not self.normalize:
-            return
-        train = trials.signals[train_rows]
-        mean = train.mean(axis=(0, 2), dtype=np.float64)
-        std = train.std(axis=(0, 2), dtype=np.float64) + 1e-6
-        trials.signals -= mean[None, :, None].astype(np.float32)
-        trials.signals /= std[None, :, None].astype(np.float32)
-        self.norm_stats = (mean, std)
+            return None
+        if self._norm_stats is None:
+            self.setup()
+            self._norm_stats = channel_statistics(self.trials, self._train_rows)
+        return self._norm_stats
+
+    def dataset_files(self, split: str) -> list[Path]:
+        """The subject files the splits are read from (not the cache beside them)."""
+        fmt = self.file_format
+        return [subject_path(self.data_dir, s, fmt) for s in self._subject_list()]
 
     def summary(self) -> dict[str, Any]:
         """What a report needs to describe the data: sizes, class balance, protocol."""
@@ -558,3 +775,12 @@ class DeapDataModule(SplitDataModule):
             per_class = ", ".join(f"{n}={counts.get(i, 0)}" for i, n in enumerate(self.class_names))
             out[f"{split} windows"] = f"{len(ds)} from {len(ds.trial_keys)} trials ({per_class})"
         return out
+
+
+def _progress(items: list, desc: str):
+    """A progress bar over the subjects when there are many (real DEAP: 32)."""
+    if len(items) < 4:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="subject", leave=False)

@@ -69,6 +69,7 @@ class CNNRecurrentNet(nn.Module):
             bidirectional=bidirectional,
             dropout=dropout if num_layers > 1 else 0.0,
         )
+        self.in_channels = in_channels
         self.num_directions = 2 if bidirectional else 1
         self.head = nn.Sequential(
             nn.Dropout(dropout), nn.Linear(hidden_size * self.num_directions, num_classes)

@@ -1,0 +1,174 @@
+"""A disk cache of preprocessed arrays, read back by memory map.
+
+Each entry is one ``.npy`` file plus a ``.json`` record, named ``<name>-<digest>``, where the
+digest covers everything the array depends on (the source file's fingerprint, every
+preprocessing option, the code's format version). The record is written last and carries the
+array's shape, dtype, size and CRC-32, so a reader trusts an entry only when all of them match:
+a truncated or corrupt file is detected, reported, and rebuilt.
+
+Concurrent jobs (the folds of a study run in parallel) share a cache safely: the builder of an
+entry holds an exclusive ``flock`` on ``<name>-<digest>.lock`` while it works, and writes to a
+temporary file renamed into place, so the others wait, then reuse what it wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zoo.errors import DataError
+
+log = logging.getLogger(__name__)
+
+_CRC_CHUNK = 1 << 24  # bytes per crc32 call
+
+
+def zoo_cache_dir() -> Path:
+    """``$ZOO_CACHE_DIR``, by default ``~/.cache/zoo``."""
+    return Path(os.environ.get("ZOO_CACHE_DIR") or Path.home() / ".cache" / "zoo")
+
+
+def digest(key: Any) -> str:
+    """A stable hex digest of a JSON-serialisable key."""
+    text = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def file_fingerprint(path: Path) -> dict[str, Any]:
+    """What identifies a source file's content cheaply: its name, size and mtime."""
+    st = Path(path).stat()
+    return {"name": Path(path).name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def crc32(array: np.ndarray) -> int:
+    """CRC-32 of an array's bytes, streamed in chunks (a memory map is read page by page)."""
+    flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    crc = 0
+    for start in range(0, flat.size, _CRC_CHUNK):
+        crc = zlib.crc32(flat[start : start + _CRC_CHUNK], crc)
+    return crc
+
+
+class ArrayCache:
+    """Preprocessed arrays under ``root``; ``config_key`` names the setting that chose the folder
+    (errors tell the user which key to change)."""
+
+    def __init__(self, root: str | Path, config_key: str, verify: bool = True):
+        self.root = Path(root)
+        self.config_key = config_key
+        self.verify = verify
+        self.hits = 0
+        self.misses = 0
+
+    def _writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise DataError(
+                f"the cache folder {self.root} cannot be written ({exc.strerror or exc}). "
+                f"Point {self.config_key} at a writable folder ({self.config_key}=zoo_cache uses "
+                f"$ZOO_CACHE_DIR, now {zoo_cache_dir()}), or set {self.config_key}=off to "
+                "preprocess in memory on every job."
+            ) from None
+
+    @contextlib.contextmanager
+    def _locked(self, stem: str) -> Iterator[None]:
+        with open(self.root / f"{stem}.lock", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)  # released by the kernel if this process dies
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _read(self, stem: str, key_digest: str) -> tuple[np.ndarray, dict] | None:
+        """The entry, or None when it is absent; a damaged entry is reported and removed."""
+        npy, record = self.root / f"{stem}.npy", self.root / f"{stem}.json"
+        if not record.is_file():
+            return None
+        problem = None
+        try:
+            meta = json.loads(record.read_text())
+            if meta.get("digest") != key_digest:
+                problem = "its record belongs to another key"
+            elif not npy.is_file():
+                problem = "the array file is missing"
+            elif npy.stat().st_size != meta["file_size"]:
+                problem = f"{npy.stat().st_size} bytes on disk, {meta['file_size']} written"
+            else:
+                array = np.load(npy, mmap_mode="r", allow_pickle=False)
+                if list(array.shape) != meta["shape"] or str(array.dtype) != meta["dtype"]:
+                    problem = f"it holds {array.dtype}{list(array.shape)}, not what was written"
+                elif self.verify and crc32(array) != meta["crc32"]:
+                    problem = "its checksum does not match (the file was changed or damaged)"
+                else:
+                    return array, meta.get("extra", {})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            problem = f"it cannot be read ({type(exc).__name__}: {exc})"
+        log.warning("Cache entry %s is damaged (%s): rebuilding it.", npy, problem)
+        for path in (record, npy):
+            path.unlink(missing_ok=True)
+        return None
+
+    def load_or_build(
+        self, name: str, key: dict[str, Any], build: Callable[[], tuple[np.ndarray, dict]]
+    ) -> tuple[np.ndarray, dict]:
+        """The cached array for ``key`` as a read-only memory map, with the JSON-able ``extra``
+        that ``build`` returned beside it; ``build()`` runs (once, across processes) on a miss."""
+        self._writable()
+        key_digest = digest(key)
+        stem = f"{name}-{key_digest[:16]}"
+        entry = self._read(stem, key_digest)
+        if entry is None:
+            with self._locked(stem):
+                entry = self._read(stem, key_digest)  # built by another job while we waited?
+                if entry is None:
+                    self._write(stem, key_digest, key, *build())
+                    self.misses += 1
+                    entry = self._read(stem, key_digest)
+                    if entry is None:
+                        raise DataError(f"{self.root / stem}.npy: written but not readable")
+                    return entry
+        self.hits += 1
+        return entry
+
+    def _write(self, stem: str, key_digest: str, key: dict, array: np.ndarray, extra: dict):
+        array = np.ascontiguousarray(array)
+        npy, record = self.root / f"{stem}.npy", self.root / f"{stem}.json"
+        tmp = self.root / f".{stem}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "wb") as fh:
+                np.save(fh, array, allow_pickle=False)
+                fh.flush()
+                os.fsync(fh.fileno())
+            meta = {
+                "digest": key_digest,
+                "key": key,
+                "shape": list(array.shape),
+                "dtype": str(array.dtype),
+                "file_size": tmp.stat().st_size,
+                "crc32": crc32(array),
+                "extra": extra,
+            }
+            tmp.replace(npy)
+            tmp_record = record.with_name(f".{record.name}.{os.getpid()}.tmp")
+            tmp_record.write_text(json.dumps(meta, indent=1))
+            tmp_record.replace(record)  # the record is the commit: written last
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise DataError(
+                f"could not write the cache entry {npy} ({exc.strerror or exc}); set "
+                f"{self.config_key} to a folder with space, or {self.config_key}=off"
+            ) from None
