@@ -181,7 +181,9 @@ def test_windows_preprocessing_and_train_only_normalisation(deap_dir):
     mean, std = dm.norm_stats
     np.testing.assert_allclose(mean, train.mean(axis=(0, 2), dtype=np.float64), rtol=1e-9)
     np.testing.assert_allclose(std, train.std(axis=(0, 2), dtype=np.float64) + 1e-6, rtol=1e-7)
-    np.testing.assert_array_equal(x.numpy(), dm.trials.signal(dm.datasets["train"].rows[0])[:, :128])
+    np.testing.assert_array_equal(
+        x.numpy(), dm.trials.signal(dm.datasets["train"].rows[0])[:, :128]
+    )
     test_rows = np.unique(dm.datasets["test"].rows)
     test = np.stack([dm.trials.signal(r) for r in test_rows])
     assert not np.allclose(test.mean(axis=(0, 2)), mean, atol=1e-4)

@@ -156,7 +156,13 @@ def _read_matlab(path: Path) -> dict:
 def _read_pickle(path: Path) -> Any:
     try:
         with path.open("rb") as fh:
-            return _DeapUnpickler(fh, path).load()
+            unpickler = _DeapUnpickler(fh, path)
+            try:
+                return unpickler.load()
+            finally:
+                # the memo holds every array, and a bound method of the unpickler: a cycle that
+                # would keep each subject's raw data alive until the next garbage collection
+                unpickler.memo.clear()
     except DataError:
         raise
     except Exception as exc:  # truncated/corrupt pickle, wrong file type
