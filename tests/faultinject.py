@@ -78,3 +78,20 @@ def slow_torch_save(obj, f, chunks: int = 20, pause: float = 0.25) -> None:
         if i == 0:
             print("writing", flush=True)
         time.sleep(pause)
+
+
+class KillFoldAt(L.Callback):
+    """SIGKILLs its own process (no handler runs, the run stays RUNNING) at global step
+    ``at_step`` of the DEAP fold whose test subject is ``test_subject``: a study's fold killed
+    mid-way, the others untouched."""
+
+    def __init__(self, at_step: int, test_subject: int):
+        self.at_step, self.test_subject = at_step, test_subject
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        import os
+        import signal
+
+        fold = trainer.datamodule.split_kwargs.get("test_subject")
+        if trainer.global_step == self.at_step and fold == self.test_subject:
+            os.kill(os.getpid(), signal.SIGKILL)

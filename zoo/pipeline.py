@@ -296,6 +296,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         return compare(cfg)
     if len(given) > 1:
         raise ConfigError(f"give one of run_id=, ckpt_path=, model_uri= (got {', '.join(given)})")
+    if cfg.get("run_id"):
+        _, run = tracking.get_run(cfg.run_id, cfg.tracking.tracking_uri)
+        if run.data.tags.get(tracking.TAG_KIND) == "study":
+            return evaluate_study(cfg, run)
     source = resolve_source(cfg)
     metrics, sections, datamodule, coverage = test_source(cfg, source)
     report, flat = model_report(source, metrics, sections, datamodule, coverage)
@@ -552,6 +556,23 @@ def evaluate_results_file(cfg: DictConfig) -> dict[str, float]:
     if run_id:
         tracking.client(cfg.tracking.tracking_uri).set_terminated(run_id, "FINISHED")
     return metrics
+
+
+def evaluate_study(cfg: DictConfig, run) -> dict[str, Any]:
+    """run_id=<a study's parent run>: the study's report, from its fold runs as they are now."""
+    from zoo.studies import cv
+
+    kind = run.data.tags.get("zoo.study.type")
+    if kind != cv.STUDY_TYPE:
+        raise ConfigError(
+            f"run_id={cfg.run_id} is the summary run of a {kind or 'multi-run'} study; its "
+            "summary is in the run's study/ artifacts (the study's command with --collect-only "
+            "writes it again)"
+        )
+    client = tracking.client(cfg.tracking.tracking_uri)
+    report, flat = cv.report(cv.collect(client, run.info.run_id))
+    write_report(cfg, report, flat, run.info.run_id, str(cfg.run_id), "Study report")
+    return flat
 
 
 def compare(cfg: DictConfig) -> dict[str, Any]:

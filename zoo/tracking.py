@@ -383,6 +383,9 @@ class TrainingRun:
             "zoo.git_commit": commit,
         }
         tags.update({f"zoo.tag.{k}": str(v) for k, v in (cfg.get("tags") or {}).items()})
+        parent = OmegaConf.select(cfg, "tracking.parent_run_id")
+        if parent:  # a study's fold: the mlflow UI nests it under the study's run
+            tags["mlflow.parentRunId"] = str(parent)
         for k, v in tags.items():
             c.set_tag(run_id, k, v)
         yaml_text = OmegaConf.to_yaml(cfg, resolve=True)

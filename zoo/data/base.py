@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
@@ -12,6 +14,19 @@ from torch.utils.data import DataLoader, Dataset
 from zoo.outputs import DatasetInfo
 
 MAX_DIGEST_FILES = 20_000  # a listing digest stops here (huge image folders)
+
+
+@dataclass
+class FoldPlan:
+    """How a data module splits into cross-validation folds, for ``zoo.studies.cv``: the config
+    key that picks a fold (``data.test_subject``), its value for every fold, overrides every
+    fold shares, and the folds that cannot run, each with why and the overrides that make its
+    job fail with that reason named (so the fold's failure is a real, tracked run)."""
+
+    key: str
+    values: list[Any]
+    shared: list[str] = field(default_factory=list)
+    unavailable: dict[Any, tuple[str, list[str]]] = field(default_factory=dict)
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -25,6 +40,12 @@ class SplitDataModule(L.LightningDataModule):
 
     demo: Callable[..., object] | None = None
     sample_unit = "samples"  # what reports count: "evaluated on 128 of 472 test windows"
+
+    def cross_validation(self) -> FoldPlan:
+        """The folds of this data module's protocol (a module without folds refuses)."""
+        from zoo.errors import ConfigError
+
+        raise ConfigError(f"{type(self).__name__} has no cross-validation folds")
 
     def write_demo(self, **options) -> None:
         """Write the offline demo dataset into ``data_dir`` when the config injects a writer

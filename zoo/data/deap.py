@@ -30,7 +30,7 @@ import torch
 from scipy import signal
 from torch.utils.data import Dataset
 
-from zoo.data.base import SplitDataModule
+from zoo.data.base import FoldPlan, SplitDataModule
 from zoo.data.cache import ArrayCache, file_fingerprint, zoo_cache_dir
 from zoo.data.deap_format import (  # noqa: F401  (re-exported: the format's names)
     ALL_CHANNELS,
@@ -626,17 +626,36 @@ class DeapDataModule(SplitDataModule):
 
     # ------------------------------------------------------------------ reading
 
-    def cross_validation(self) -> tuple[str, list[int]]:
-        """The config key a cross-validation study sweeps and its values, one per fold:
-        ``data.test_subject`` over the subjects (loso), ``data.fold`` over ``n_folds``
-        (trial_kfold)."""
-        if self.protocol == "loso":
-            return "test_subject", self._subject_list()
+    def cross_validation(self) -> FoldPlan:
+        """The folds of the protocol: ``data.test_subject`` over the subjects (loso), or
+        ``data.fold`` over ``data.n_folds`` (trial_kfold). A LOSO fold whose subject file is
+        missing cannot run; the others then train on the subjects that are there."""
         if self.protocol == "trial_kfold":
-            return "fold", list(range(int(self.split_kwargs["n_folds"])))
-        raise ConfigError(
-            f"data.protocol={self.protocol}: a cross-validation study needs data.protocol=loso "
-            "or trial_kfold (the other protocols have one split, not folds)"
+            return FoldPlan("data.fold", list(range(int(self.split_kwargs["n_folds"]))))
+        if self.protocol != "loso":
+            raise ConfigError(
+                f"data.protocol={self.protocol}: a cross-validation study needs "
+                "data.protocol=loso or trial_kfold (the other protocols have one split, not folds)"
+            )
+        if self.demo is not None:
+            self.prepare_data()
+        subjects, fmt = self._subject_list(), self.file_format
+        present = [s for s in subjects if subject_path(self.data_dir, s, fmt).is_file()]
+        if len(present) == len(subjects):
+            return FoldPlan("data.test_subject", subjects)
+        listed = lambda ss: "data.subjects=[" + ",".join(map(str, sorted(ss))) + "]"  # noqa: E731
+        return FoldPlan(
+            "data.test_subject",
+            subjects,
+            shared=[listed(present)],
+            unavailable={
+                s: (
+                    f"{subject_path(self.data_dir, s, fmt)}: file not found",
+                    [listed([*present, s])],
+                )
+                for s in subjects
+                if s not in present
+            },
         )
 
     def cache_root(self) -> Path | None:

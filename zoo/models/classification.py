@@ -3,6 +3,7 @@ report sections evaluate.py writes. Model families subclass it or use it directl
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,8 +18,10 @@ from torchmetrics.classification import (
 
 from zoo.errors import ConfigError
 from zoo.models.base import OptimizerFactory, SchedulerFactory, ZooModule, scheduler_config
-from zoo.outputs import Figure
+from zoo.outputs import Figure, File
 from zoo.reports.classification import classification_sections
+
+TEST_CONFUSION_ARTIFACT = "metrics/test_confusion_matrix.json"
 
 
 class ClassificationModule(ZooModule):
@@ -142,7 +145,13 @@ class ClassificationModule(ZooModule):
         cm = self.test_cm.compute().cpu().numpy()
         self.test_cm.reset()
         self._emit_confusion(cm, "figures/test/confusion_matrix.png", "test confusion matrix")
+        self.emit(File(TEST_CONFUSION_ARTIFACT, write=self._confusion_writer(cm)))
         self.emit(*classification_sections(cm, self.class_names, "test"))
+
+    def _confusion_writer(self, cm: np.ndarray):
+        """The test confusion matrix as counts (what a study pools over its folds)."""
+        data = {"class_names": self.class_names, "counts": np.asarray(cm).astype(int).tolist()}
+        return lambda path: path.write_text(json.dumps(data))
 
     def _emit_confusion(self, cm, path: str, title: str) -> None:
         from zoo.plotting import confusion_matrix_figure

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from collections import defaultdict
@@ -44,6 +43,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from zoo.studies.common import REPO, StudyError, multirun, summary_run
 
 STAGES = ("dense", "search", "finetune", "random")
 EXPERIMENTS = {
@@ -53,11 +54,7 @@ EXPERIMENTS = {
     "random": "sparsebert_minilm_random",
 }
 METHODS = ("dense", "dam_s", "dam_u", "random")  # table order
-REPO = Path(__file__).resolve().parents[2]
-
-
-class StudyError(Exception):
-    """A stage failed or the study has nothing to summarise (one paragraph, exit 1)."""
+__all__ = ["REPO", "StudyError", "multirun", "main"]
 
 
 @dataclass(frozen=True)
@@ -76,13 +73,6 @@ class Row:
 
 
 # --------------------------------------------------------------------------- running
-
-
-def multirun(overrides: list[str], train_script: Path, env: dict[str, str]) -> None:
-    cmd = [sys.executable, str(train_script), "-m", *overrides]
-    print("+", " ".join(cmd), flush=True)
-    if subprocess.run(cmd, env=env).returncode != 0:
-        raise StudyError(f"this multirun failed: {' '.join(overrides)} (its jobs' logs say why)")
 
 
 def finished_jobs(client, experiment_id: str | None, study: str, stage: str) -> set[tuple]:
@@ -355,21 +345,12 @@ def summarise(client, experiment_id: str | None, study: str, out: Path, uri: str
         close(fig)
     mlflow.set_tracking_uri(uri)
     # one summary run per study, brought up to date by every summary
-    previous = client.search_runs(
-        [experiment_id],
-        f"tags.`zoo.kind` = 'study' and tags.`zoo.tag.study` = '{study}'",
-        order_by=["attributes.start_time DESC"],
-    )
+    tags = {
+        "zoo.study.runs": str(len(rows)),
+        "mlflow.note.content": f"Test accuracy against attention density.\n\n{text}",
+    }
     with mlflow.start_run(
-        run_id=previous[0].info.run_id if previous else None,
-        experiment_id=experiment_id,
-        run_name=f"{study}-summary",
-        tags={
-            "zoo.kind": "study",
-            "zoo.tag.study": study,
-            "zoo.study.runs": str(len(rows)),
-            "mlflow.note.content": f"Test accuracy against attention density.\n\n{text}",
-        },
+        run_id=summary_run(client, experiment_id, study, f"{study}-summary", tags)
     ):
         mlflow.log_artifacts(str(out), "study")
         for g in gs:
