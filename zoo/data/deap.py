@@ -150,7 +150,13 @@ def _read_matlab(path: Path) -> dict:
         raise DataError(
             f"{path}: not a readable DEAP MATLAB file ({type(exc).__name__}: {exc})"
         ) from None
-    return {k: v for k, v in obj.items() if not k.startswith("__")}
+    # MATLAB stores arrays column-major: the C order of the pickles makes the filter's sums
+    # (and so the cached signal) the same to the bit
+    return {
+        k: np.ascontiguousarray(v) if isinstance(v, np.ndarray) else v
+        for k, v in obj.items()
+        if not k.startswith("__")
+    }
 
 
 def _read_pickle(path: Path) -> Any:
