@@ -1,5 +1,5 @@
-"""zoo.studies.sparse_attention: the accuracy-vs-density study, its stages as real train.py
-multiruns, and its summary (table, figures, a summary run in mlflow)."""
+"""zoo.studies: the accuracy-vs-density study (sparse_attention) and cross-validation (cv), their
+jobs as real train.py multiruns, and their summaries (tables, figures, a study run in mlflow)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from scipy import stats
 
-from tests.conftest import artifacts, cli_env
+from tests.conftest import artifacts, cli_env, run_cli
 from zoo.studies import sparse_attention
 from zoo.studies.sparse_attention import Row, groups, table
 
@@ -213,3 +215,142 @@ def test_the_study_runs_every_stage_and_summarises_them(tmp_path, data_dir):
     assert empty.returncode == 1
     assert "has no finished run of study 'nothing-yet'" in empty.stderr
     assert "Traceback" not in empty.stderr
+
+
+# --------------------------------------------------------------------------- cross-validation
+
+
+def _cv(tmp_path, uri: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "zoo.studies.cv", *args],
+        cwd=tmp_path,
+        env=cli_env({"MLFLOW_TRACKING_URI": uri, "ZOO_ROOT": str(tmp_path)}),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+CV = ("experiment=eeg_cnn_lstm", "data.protocol=loso", "debug=fast", "data.subset=null")
+CV_QUIET = ("tracking.log_model=false",)
+
+
+def _folds(client, parent: str) -> dict[str, list]:
+    exp = client.get_run(parent).info.experiment_id
+    out: dict[str, list] = {}
+    for r in client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent}'"):
+        out.setdefault(r.data.tags["zoo.tag.fold"], []).append(r)
+    return out
+
+
+def _parent(client, study: str):
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("zoo").experiment_id],
+        f"tags.`zoo.kind` = 'study' and tags.`zoo.tag.study` = '{study}'",
+    )
+    return run
+
+
+@pytest.mark.slow
+def test_a_loso_study_runs_every_fold_through_joblib_and_summarises_them(tmp_path, data_dir):
+    """3 subjects' LOSO through hydra/launcher=joblib with 2 jobs, plus a fourth listed subject
+    whose file is missing: that fold fails naming the file, the others run, and the parent
+    run's mean ± sd is the children's."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = (*CV, *CV_QUIET, "data.subjects=[1,2,3,4]", "hydra/launcher=joblib")
+    proc = _cv(tmp_path, uri, "--study", "loso3", *args, "hydra.launcher.n_jobs=2")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # a fold is missing
+    assert "s04.dat" in proc.stdout + proc.stderr
+    client = MlflowClient(uri)
+    parent = _parent(client, "loso3")
+    folds = _folds(client, parent.info.run_id)
+    assert sorted(folds) == ["1", "2", "3", "4"]
+    assert [r.info.status for r in folds["4"]] == ["FAILED"]
+    assert "s04.dat" in folds["4"][0].data.tags["zoo.failure"]
+    finished = [folds[f][0] for f in ("1", "2", "3")]
+    assert all(r.info.status == "FINISHED" for r in finished)
+    for r in finished:  # each fold tested on its own subject, trained on the two others
+        assert r.data.params["data.test_subject"] == r.data.tags["zoo.tag.fold"]
+        assert r.data.params["data.subjects"] == "[1, 2, 3]"
+    for metric in ("test/acc", "test/f1_macro", "test/loss"):
+        values = np.array([r.data.metrics[metric] for r in finished])
+        assert parent.data.metrics[metric] == pytest.approx(values.mean(), abs=1e-12)
+        assert parent.data.metrics[f"{metric}_sd"] == pytest.approx(values.std(ddof=1), abs=1e-12)
+        half = stats.t.ppf(0.975, 2) * values.std(ddof=1) / np.sqrt(3)
+        assert parent.data.metrics[f"{metric}_ci95_low"] == pytest.approx(values.mean() - half)
+    assert parent.data.metrics["study/folds_missing"] == 1
+    assert parent.info.status == "FAILED" and "4" in parent.data.tags["zoo.failure"]
+    files = artifacts(client, parent.info.run_id)
+    assert {
+        "study/report.md",
+        "study/report.html",
+        "study/folds.json",
+        "study/images/folds.png",
+        "study/images/confusion_matrix_pooled.png",
+    } <= files
+    # the pooled confusion matrix counts every fold's test windows
+    pooled = 0
+    for r in finished:
+        cm = json.loads(
+            open(
+                client.download_artifacts(r.info.run_id, "metrics/test_confusion_matrix.json")
+            ).read()
+        )
+        pooled += np.asarray(cm["counts"])
+    report_md = (tmp_path / "logs/studies/loso3/report.md").read_text()
+    assert "s04.dat" in report_md and "3 of 4 finished" in report_md
+    # evaluate.py on the parent: the study's report
+    proc = run_cli(
+        "evaluate.py", [f"run_id={parent.info.run_id}"], tmp_path, {"MLFLOW_TRACKING_URI": uri}
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(next((tmp_path / "logs/reports").glob("*/metrics.json")).read_text())
+    assert metrics["test/acc"] == pytest.approx(parent.data.metrics["test/acc"])
+    assert int(pooled.sum()) > 0
+
+
+@pytest.mark.slow
+def test_a_rerun_trains_only_the_fold_that_was_killed(tmp_path, data_dir):
+    """Folds run one after another (Hydra's basic launcher); the last is SIGKILLed mid-way,
+    which ends the multirun. Running the study again trains that fold alone."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    kill = (
+        "+callbacks.kill._target_=tests.faultinject.KillFoldAt",
+        "+callbacks.kill.at_step=1",
+        "+callbacks.kill.test_subject=3",
+        "trainer.limit_train_batches=3",
+    )
+    proc = _cv(tmp_path, uri, "--study", "killed", *CV, *CV_QUIET, *kill)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = MlflowClient(uri)
+    parent = _parent(client, "killed").info.run_id
+    folds = _folds(client, parent)
+    assert {f: [r.info.status for r in rs] for f, rs in folds.items()} == {
+        "1": ["FINISHED"],
+        "2": ["FINISHED"],
+        "3": ["RUNNING"],  # SIGKILL: nothing could close the run
+    }
+    first = {f: rs[0].info.run_id for f, rs in folds.items()}
+    proc = _cv(tmp_path, uri, "--study", "killed", *CV, *CV_QUIET, "trainer.limit_train_batches=3")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 fold(s) already finished" in proc.stdout
+    folds = _folds(client, parent)
+    assert [r.info.run_id for r in folds["1"]] == [first["1"]]
+    assert [r.info.run_id for r in folds["2"]] == [first["2"]]
+    statuses = sorted(r.info.status for r in folds["3"])
+    assert statuses == ["FINISHED", "KILLED"]  # the stale attempt closed, a new one trained
+    assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_a_study_refuses_an_override_of_the_fold_key(data_dir, capsys, monkeypatch):
+    from zoo.studies import cv
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{data_dir}/refusals.db")
+    for args, message, code in [
+        ((*CV, "data.test_subject=2"), "data.test_subject=2: data.test_subject is what", 1),
+        (("data.protocol=trial_kfold", "data.fold=1"), "data.fold=1: data.fold is what", 1),
+        (("data.protocol=cross_subject",), "needs data.protocol=loso or trial_kfold", 2),
+    ]:
+        assert cv.main(["--collect-only", *args]) == code
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err

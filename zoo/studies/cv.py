@@ -72,9 +72,11 @@ def compose(overrides: list[str]):
     """The training config these overrides give (Hydra's own overrides left out)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
     import zoo.config  # noqa: F401  (the config resolvers)
 
+    GlobalHydra.instance().clear()  # a study is never run inside a Hydra app
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         return hydra_compose("train", [o for o in overrides if not _is_hydra(o)])
 
