@@ -609,13 +609,16 @@ class DeapDataModule(SplitDataModule):
             subjects = subjects[: int(self.subset)]
         return subjects
 
-    def prepare_data(self) -> None:
+    def _write_demo_subjects(self) -> None:
         if self.demo is not None:
             options = {}
             if self.subset is not None:  # only build what will be read
                 n = getattr(self.demo, "keywords", {}).get("n_subjects", self.subset)
                 options["n_subjects"] = min(int(n), int(self.subset))
             self.write_demo(**options)
+
+    def prepare_data(self) -> None:
+        self._write_demo_subjects()
         if not self.data_dir.is_dir():
             raise DataError(
                 f"data.data_dir={self.data_dir}: directory not found (expected DEAP's "
@@ -643,8 +646,7 @@ class DeapDataModule(SplitDataModule):
                 f"data.protocol={self.protocol}: a cross-validation study needs "
                 "data.protocol=loso or trial_kfold (the other protocols have one split, not folds)"
             )
-        if self.demo is not None:
-            self.prepare_data()
+        self._write_demo_subjects()
         subjects, fmt = self._subject_list(), self.file_format
         present = [s for s in subjects if subject_path(self.data_dir, s, fmt).is_file()]
         if len(present) == len(subjects):
