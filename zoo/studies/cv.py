@@ -84,13 +84,18 @@ def compose(overrides: list[str]):
 def plan(overrides: list[str], name: str | None) -> Study:
     """Compose the config, ask its data module for the folds, refuse overrides that set the
     fold key."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from zoo import tracking
-    from zoo.pipeline import build
+    from zoo.errors import ConfigError, one_line
 
     cfg = compose(overrides)
-    datamodule = build(cfg.data, "data")
+    try:
+        datamodule = instantiate(cfg.data)
+    except InstantiationException as exc:
+        raise ConfigError(f"could not build 'data': {one_line(str(exc))}") from exc
     folds = datamodule.cross_validation()
     for o in overrides:
         key = o.lstrip("+~").split("=", 1)[0]

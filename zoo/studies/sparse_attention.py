@@ -54,7 +54,6 @@ EXPERIMENTS = {
     "random": "sparsebert_minilm_random",
 }
 METHODS = ("dense", "dam_s", "dam_u", "random")  # table order
-__all__ = ["REPO", "StudyError", "multirun", "main"]
 
 
 @dataclass(frozen=True)
