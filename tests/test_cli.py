@@ -33,3 +33,24 @@ def test_ddp_two_cpu_processes_log_one_run(tmp_path, data_dir):
     )
     assert run.info.status == "FINISHED" and {"val/loss", "test/acc"} <= set(run.data.metrics)
     assert "ddp" in (proc.stdout + proc.stderr).lower()  # really launched the distributed strategy
+
+
+@pytest.mark.slow
+def test_a_job_prints_each_log_message_once_without_advertisements(tmp_path, data_dir):
+    """Lightning's own stderr handler no longer doubles the lines Hydra's handler prints, and
+    Lightning's litlogger tip is dropped; the messages still reach the job's log file."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = run_cli("train.py", ["debug=fast"], tmp_path, {"MLFLOW_TRACKING_URI": uri})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert "litlogger" not in text
+    messages = [
+        line.split("] - ", 1)[1] if "] - " in line else line.removeprefix("INFO: ")
+        for line in text.splitlines()
+        if line.startswith(("INFO: ", "[20"))
+    ]
+    assert "Seed set to 42" in messages
+    repeated = {m for m in messages if messages.count(m) > 1}
+    assert not repeated, repeated
+    (log_file,) = (tmp_path / "logs" / "train" / "runs").glob("*/train.log")
+    assert "GPU available" in log_file.read_text()

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from zoo import cluster, faults, kernels, legacy, parallel, tracking
+from zoo import cluster, console, faults, kernels, legacy, parallel, tracking
 from zoo.callbacks import RunInfo, TrackOutputs
 from zoo.errors import ConfigError, TrackingUndelivered, one_line
 from zoo.loggers import ZooMLFlowLogger
@@ -152,6 +152,7 @@ def configure_kernels(cfg: DictConfig) -> None:
 def train(cfg: DictConfig) -> float | None:
     """Fit, test with the best checkpoint, log everything to mlflow; returns the best monitored
     value (what hyper-parameter sweeps optimise)."""
+    console.tidy()
     configure_kernels(cfg)
     cluster.check_allocation(cfg.trainer)
     parallel.check_layout(cfg.trainer)
@@ -285,6 +286,7 @@ class Source:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """evaluate.py: dispatch to one of the modes (see conf/evaluate.yaml)."""
+    console.tidy()
     configure_kernels(cfg)
     task = cfg.get("task")
     if task is not None and task != "detection":
