@@ -354,3 +354,21 @@ def test_a_study_refuses_an_override_of_the_fold_key(data_dir, capsys, monkeypat
         assert cv.main(["--collect-only", *args]) == code
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
+
+
+def test_a_sweep_among_the_overrides_is_one_study_per_value():
+    from zoo.studies.cv import expand
+
+    studies = expand(
+        ["experiment=eeg_cnn_lstm", "model.net.rnn=lstm,gru", "hydra/launcher=joblib"]
+        + ["hydra.launcher.n_jobs=2", "+trainer.max_time=null"]
+    )
+    assert [name for name, _ in studies] == ["rnn-lstm", "rnn-gru"]
+    assert studies[1][1] == [
+        "experiment=eeg_cnn_lstm",
+        "model.net.rnn=gru",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "+trainer.max_time=null",
+    ]
+    assert expand(["data.subjects=[1,2]"]) == [("", ["data.subjects=[1,2]"])]

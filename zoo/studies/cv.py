@@ -5,11 +5,14 @@
     python -m zoo.studies.cv experiment=eeg_cnn_lstm data=deap data.data_dir=/data/deap \\
         data.protocol=loso hydra/launcher=joblib hydra.launcher.n_jobs=4    # folds in parallel
     python -m zoo.studies.cv --collect-only experiment=eeg_cnn_lstm data.protocol=loso
+    python -m zoo.studies.cv experiment=eeg_cnn_lstm data.protocol=loso model.net.rnn=lstm,gru
 
 The data module says what its folds are (``cross_validation()``: for DEAP, ``data.test_subject``
 over the subjects found, or ``data.fold`` over ``data.n_folds``). The folds are one ``train.py``
 multirun over that key, so Hydra's launchers (``hydra/launcher=joblib``, ``submitit_slurm``)
-parallelise them; any other override applies to every fold.
+parallelise them; any other override applies to every fold. A sweep among the overrides
+(``model.net.rnn=lstm,gru``) runs one study per value, named after it
+(``cv-eeg_cnn_lstm-loso-rnn-gru``), each with its own parent run, so they compare in the UI.
 
 mlflow gets one parent run (tag ``zoo.kind=study``, run name = the study) and one child run per
 fold (``mlflow.parentRunId``: the UI nests the folds under the study; tags ``zoo.tag.study``,
@@ -66,6 +69,34 @@ class Study:
 
 def _is_hydra(override: str) -> bool:
     return override.lstrip("+~").startswith(("hydra/", "hydra."))
+
+
+def expand(overrides: list[str]) -> list[tuple[str, list[str]]]:
+    """Sweeps in the overrides (``model.net.rnn=lstm,gru``, ``range(...)``), multirun-style:
+    one study per combination, as (name suffix, its overrides); one study when there is none."""
+    import itertools
+    import re
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices = []
+    for o in parsed:
+        if o.is_sweep_override() and not _is_hydra(o.input_line):
+            prefix = o.input_line.split(o.key_or_group, 1)[0]  # +, ++ or ~
+            choices.append([(o, prefix, v) for v in o.sweep_string_iterator()])
+        else:
+            choices.append([(o, None, None)])
+    out = []
+    for combo in itertools.product(*choices):
+        parts = [f"{p}{o.key_or_group}={v}" if v is not None else o.input_line for o, p, v in combo]
+        tag = "_".join(
+            f"{o.key_or_group.split('.')[-1]}-{re.sub(r'[^A-Za-z0-9_.-]', '_', v)}"
+            for o, _, v in combo
+            if v is not None
+        )
+        out.append((tag, parts))
+    return out
 
 
 def compose(overrides: list[str]):
@@ -188,7 +219,7 @@ def run_folds(client, study: Study, parent: str, args, env: dict[str, str]) -> i
     common = [
         *study.overrides,
         f"+tracking.parent_run_id={parent}",
-        f"++tags.study={study.name}",
+        f"++tags.study='{study.name}'",
         f"++tags.fold=${{{study.key}}}",
         f"tracking.experiment_name={study.experiment}",
     ]
@@ -412,9 +443,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
+        studies = expand(args.overrides)
+    except Exception as exc:  # Hydra's override grammar
+        print(f"study error: {exc}", file=sys.stderr)
+        return 2
+    codes = []
+    for suffix, overrides in studies:
+        if len(studies) > 1:
+            print(f"\n== study {len(codes) + 1} of {len(studies)}: {suffix} ==", flush=True)
+        codes.append(run_study(args, overrides, suffix))
+    return max(codes)
+
+
+def run_study(args, overrides: list[str], suffix: str) -> int:
+    """One study: plan it, run its folds (those not yet finished), summarise it."""
+    try:
         from zoo import tracking
 
-        study = plan(args.overrides, args.study)
+        study = plan(overrides, args.study)
+        if suffix:
+            study.name = f"{study.name}-{suffix}"
         client = tracking.client(study.uri)
         parent = parent_run(client, study)
         print(
@@ -426,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.collect_only:
             env = {**os.environ, "MLFLOW_TRACKING_URI": study.uri}
             failed = run_folds(client, study, parent, args, env)
-        out = args.out or Path("logs") / "studies" / study.name
+        out = (args.out / study.name if suffix else args.out) if args.out else None
+        out = out or Path("logs") / "studies" / study.name
         summary = summarise(client, parent, out)
     except (StudyError, ZooError) as err:
         print(f"study error: {err}", file=sys.stderr)
