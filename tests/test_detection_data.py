@@ -4,6 +4,7 @@ fixtures, bad-annotation policy, and VOC average precision against hand-computed
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 from PIL import Image
 
 import zoo.kernels as K
+from tests.conftest import ROOT
 from zoo.data.detection import derive_group_table, load_cctsdb, load_coco, load_voc
 from zoo.errors import ConfigError, DataError
 from zoo.metrics.voc import voc_ap, voc_average_precision, voc_class_pr
@@ -240,3 +242,87 @@ def test_demo_sources_share_images_of_all_classes_but_label_disjoint_sets(tmp_pa
     assert labelled["a"] <= {1, 2} and labelled["b"] <= {3, 4} and labelled["a"] and labelled["b"]
     table = derive_group_table(list(label_maps.values()), classes)
     assert table.tolist() == [[0, 1, 2, 0, 0], [0, 0, 0, 3, 4]]
+
+
+def test_the_bulk_coco_reader_matches_the_entry_by_entry_one_on_real_annotations(tmp_path):
+    """COCO val2014's real annotations (100 images, 839 boxes, crowd regions): the numpy
+    reader gives exactly the records of the reader that checks one entry at a time."""
+    from zoo.data import coco, detection
+    from zoo.data.detection import COCO_CLASSES, AnnotationChecker
+
+    ann = ROOT / "tests/data/coco_val2014_100/instances_val2014_100_bbox.json"
+    data = coco.read_coco(ann)
+    images = tmp_path / "val2014"
+    images.mkdir()
+    for im in data["images"]:
+        (images / im["file_name"]).touch()
+    label_map = {name: name for name in COCO_CLASSES}
+    classes = list(COCO_CLASSES)
+    listing = coco.FolderListing(images)
+    bulk = detection._coco_records_bulk(data, ann, images, listing, label_map, classes, 1)
+    check = AnnotationChecker(ann.name, "error")
+    slow = detection._coco_records(data, ann, images, listing, label_map, classes, 1, check)
+    assert len(bulk) == len(slow) == 100
+    assert sum(len(r.labels) for r in bulk) == 839
+    assert any(r.iscrowd.any() for r in bulk)
+    for a, b in zip(bulk, slow):
+        assert (a.image, a.width, a.height, a.image_id, a.source) == (
+            b.image,
+            b.width,
+            b.height,
+            b.image_id,
+            b.source,
+        )
+        for key in ("boxes", "labels", "iscrowd", "difficult"):
+            x, y = getattr(a, key), getattr(b, key)
+            assert x.dtype == y.dtype and np.array_equal(x, y), key
+    # one image file gone: the listing sees it, and the loader reports it like before
+    (images / data["images"][0]["file_name"]).unlink()
+    records, report = detection.load_coco(ann, images, label_map, classes, on_bad="skip")
+    assert len(records) == 99 and report.skipped["missing_image"] == 1
+
+
+def test_a_record_table_gives_back_the_records_it_holds():
+    from zoo.data.detection import Record, RecordTable
+
+    def rec(i, k):
+        boxes = np.arange(4 * k, dtype=np.float32).reshape(k, 4) + i
+        return Record(
+            Path(f"/data/imgé/{i}.jpg"),
+            10 + i,
+            20 + i,
+            boxes,
+            np.arange(k) + 1,
+            source=i % 2,
+            iscrowd=np.arange(k) % 2 == 0,
+            difficult=np.arange(k) % 3 == 0,
+            image_id=100 + i,
+        )
+
+    records = [rec(i, k) for i, k in enumerate([2, 0, 3, 1])]
+    table = RecordTable.from_records(records)
+    assert len(table) == 4 and table.nbytes < 1000
+
+    def same(a, b):
+        assert (a.image, a.width, a.height, a.source, a.image_id) == (
+            b.image,
+            b.width,
+            b.height,
+            b.source,
+            b.image_id,
+        )
+        for key in ("boxes", "labels", "iscrowd", "difficult"):
+            assert np.array_equal(getattr(a, key), getattr(b, key)), key
+
+    for a, b in zip(table, records):
+        same(a, b)
+    for a, b in zip(table.take([3, 1, 0]), [records[3], records[1], records[0]]):
+        same(a, b)
+    for a, b in zip(table[1:3], records[1:3]):
+        same(a, b)
+    joined = RecordTable.concat([table[:2], table[2:]])
+    for a, b in zip(joined, records):
+        same(a, b)
+    same(table[-1], records[-1])
+    with pytest.raises(IndexError):
+        table[4]

@@ -19,7 +19,6 @@ label shares group 0 with background, so that source's images never teach "not t
 
 from __future__ import annotations
 
-import json
 import logging
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -34,6 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from zoo.data.base import SplitDataModule
+from zoo.data.coco import FolderListing, no_gc_pauses, read_coco
 from zoo.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,153 @@ class Record:
         )
 
 
+def _shift_offsets(offsets: list[np.ndarray]) -> np.ndarray:
+    """Offset arrays (each from 0 to its total) of consecutive parts, as one offset array."""
+    bases = np.cumsum([0] + [int(o[-1]) for o in offsets])
+    return np.concatenate([[0]] + [o[1:] + base for o, base in zip(offsets, bases)]).astype(
+        np.int64
+    )
+
+
+class RecordTable:
+    """Many images' records as a few flat arrays: paths in one UTF-8 buffer with offsets;
+    width, height, id and source per image; boxes, labels and flags concatenated with per-image
+    offsets. DataLoader workers read it without writing a reference count per record, so a
+    forked worker does not copy the pages it reads (the copy-on-read problem of lists of Python
+    objects). Indexing gives a ``Record``; slicing and ``take`` give a table."""
+
+    def __init__(self, paths, path_offsets, width, height, image_id, source, box_offsets, boxes,
+                 labels, iscrowd, difficult):  # fmt: skip
+        self.paths, self.path_offsets = paths, path_offsets
+        self.width, self.height, self.image_id, self.source = width, height, image_id, source
+        self.box_offsets, self.boxes, self.labels = box_offsets, boxes, labels
+        self.iscrowd, self.difficult = iscrowd, difficult
+
+    @classmethod
+    def build(cls, paths: list[str], width, height, image_id, source, counts, boxes, labels,
+              iscrowd, difficult=None) -> RecordTable:  # fmt: skip
+        """From per-image columns and the per-image box ``counts`` of the flat box arrays."""
+        encoded = [p.encode() for p in paths]
+        path_offsets = np.zeros(len(paths) + 1, np.int64)
+        np.cumsum([len(e) for e in encoded], out=path_offsets[1:])
+        box_offsets = np.zeros(len(paths) + 1, np.int64)
+        np.cumsum(np.asarray(counts, np.int64), out=box_offsets[1:])
+        n = int(box_offsets[-1])
+        return cls(
+            np.frombuffer(b"".join(encoded), np.uint8).copy(),
+            path_offsets,
+            np.asarray(width, np.int64),
+            np.asarray(height, np.int64),
+            np.asarray(image_id, np.int64),
+            np.broadcast_to(np.asarray(source, np.int64), (len(paths),)).copy(),
+            box_offsets,
+            np.asarray(boxes, np.float32).reshape(n, 4),
+            np.asarray(labels, np.int64).reshape(n),
+            np.asarray(iscrowd, bool).reshape(n),
+            np.zeros(n, bool) if difficult is None else np.asarray(difficult, bool).reshape(n),
+        )
+
+    @classmethod
+    def from_records(cls, records) -> RecordTable:
+        records = list(records)
+        cat = lambda key, dtype, shape: (  # noqa: E731
+            np.concatenate([getattr(r, key) for r in records]).astype(dtype)
+            if records
+            else np.zeros(shape, dtype)
+        )
+        return cls.build(
+            [str(r.image) for r in records],
+            [r.width for r in records],
+            [r.height for r in records],
+            [r.image_id for r in records],
+            [r.source for r in records],
+            [len(r.labels) for r in records],
+            cat("boxes", np.float32, (0, 4)).reshape(-1, 4),
+            cat("labels", np.int64, (0,)),
+            cat("iscrowd", bool, (0,)),
+            cat("difficult", bool, (0,)),
+        )
+
+    @classmethod
+    def concat(cls, tables: list[RecordTable]) -> RecordTable:
+        if len(tables) == 1:
+            return tables[0]
+        shift = _shift_offsets
+        return cls(
+            np.concatenate([t.paths for t in tables]),
+            shift([t.path_offsets for t in tables]),
+            *(np.concatenate([getattr(t, k) for t in tables]) for k in
+              ("width", "height", "image_id", "source")),
+            shift([t.box_offsets for t in tables]),
+            *(np.concatenate([getattr(t, k) for t in tables]) for k in
+              ("boxes", "labels", "iscrowd", "difficult")),
+        )  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.width)
+
+    def path(self, i: int) -> str:
+        return bytes(self.paths[self.path_offsets[i] : self.path_offsets[i + 1]]).decode()
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return self.take(np.arange(len(self))[i])
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {i} of {len(self)}")
+        a, b = self.box_offsets[i], self.box_offsets[i + 1]
+        return Record(
+            Path(self.path(i)),
+            int(self.width[i]),
+            int(self.height[i]),
+            self.boxes[a:b],
+            self.labels[a:b],
+            int(self.source[i]),
+            iscrowd=self.iscrowd[a:b],
+            difficult=self.difficult[a:b],
+            image_id=int(self.image_id[i]),
+        )
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def take(self, index) -> RecordTable:
+        """The images ``index`` (in that order), as a table."""
+        index = np.asarray(index, np.int64)
+
+        def ranges(offsets):
+            starts, ends = offsets[index], offsets[index + 1]
+            counts = ends - starts
+            flat = np.repeat(starts - np.cumsum(np.r_[0, counts[:-1]]), counts)
+            return (flat + np.arange(counts.sum())).astype(np.int64), counts
+
+        chars, path_counts = ranges(self.path_offsets)
+        boxes, box_counts = ranges(self.box_offsets)
+        cumsum = lambda c: np.r_[0, np.cumsum(c)].astype(np.int64)  # noqa: E731
+        return RecordTable(
+            self.paths[chars],
+            cumsum(path_counts),
+            self.width[index],
+            self.height[index],
+            self.image_id[index],
+            self.source[index],
+            cumsum(box_counts),
+            self.boxes[boxes],
+            self.labels[boxes],
+            self.iscrowd[boxes],
+            self.difficult[boxes],
+        )
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            getattr(self, k).nbytes
+            for k in ("paths", "path_offsets", "width", "height", "image_id", "source",
+                      "box_offsets", "boxes", "labels", "iscrowd", "difficult")
+        )  # fmt: skip
+
+
 @dataclass
 class LoadReport:
     """What a loader skipped (on_bad="skip"), by reason."""
@@ -253,17 +400,93 @@ def load_coco(
     classes: list[str],
     source: int = 0,
     on_bad: str = "error",
-) -> tuple[list[Record], LoadReport]:
+) -> tuple[RecordTable, LoadReport]:
+    """Records of a COCO file whose images live in ``image_dir``. Image files are checked
+    against one listing of each folder, not a stat each; the annotations are checked in bulk
+    (numpy), and only a file with a bad or malformed entry goes through the entry-by-entry
+    reader, which names it."""
     ann_file, image_dir = Path(ann_file), Path(image_dir)
-    try:
-        data = json.loads(ann_file.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{ann_file}: file not found") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{ann_file}: malformed JSON ({exc})") from None
-    if not isinstance(data, dict) or not {"images", "annotations", "categories"} <= set(data):
-        raise DataError(f"{ann_file}: not COCO JSON (needs images, annotations, categories)")
+    data = read_coco(ann_file)
     check = AnnotationChecker(ann_file.name, on_bad)
+    listing = FolderListing(image_dir)
+    try:
+        with no_gc_pauses():
+            records = _coco_records_bulk(
+                data, ann_file, image_dir, listing, label_map, classes, source
+            )
+    except _NeedsEntryByEntry:
+        records = RecordTable.from_records(
+            _coco_records(data, ann_file, image_dir, listing, label_map, classes, source, check)
+        )
+    check.report.log()
+    return records, check.report
+
+
+class _NeedsEntryByEntry(Exception):
+    """The bulk reader met something only the entry-by-entry reader reports exactly."""
+
+
+def _coco_records_bulk(data, ann_file, image_dir, listing, label_map, classes, source):
+    """All-good files, fast: every check of ``_coco_records`` at once in numpy; anything it
+    would report (a bad, skipped or malformed entry) hands over to it."""
+    try:
+        cats = {c["id"]: c["name"] for c in data["categories"]}
+        images = data["images"]
+        ids = np.array([im["id"] for im in images], dtype=np.int64)
+        names = [im["file_name"] for im in images]
+        widths = np.array([int(im["width"]) for im in images], dtype=np.int64)
+        heights = np.array([int(im["height"]) for im in images], dtype=np.int64)
+        anns = data["annotations"]
+        ann_image = np.array([a["image_id"] for a in anns], dtype=np.int64)
+        ann_cat = [a["category_id"] for a in anns]
+        bbox = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
+        crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _NeedsEntryByEntry from exc
+    if len(set(ids.tolist())) != len(ids) or not all(n in listing for n in names):
+        raise _NeedsEntryByEntry  # repeated ids, missing images
+    used = set(ann_cat)
+    if any(c not in cats for c in used):
+        raise _NeedsEntryByEntry  # unknown categories
+    unified = {}
+    for cat_id in used:
+        name = cats[cat_id]
+        if name not in label_map:
+            raise _NeedsEntryByEntry  # the label-map error names it
+        unified[cat_id] = 0 if label_map[name] is None else classes.index(label_map[name]) + 1
+    order = np.argsort(ids, kind="stable")
+    pos = np.searchsorted(ids, ann_image, sorter=order)
+    pos = np.clip(pos, 0, max(len(ids) - 1, 0))
+    row = order[pos] if len(ids) else pos
+    if len(anns) and (not len(ids) or (ids[row] != ann_image).any()):
+        raise _NeedsEntryByEntry  # an annotation of an unknown image
+    labels = np.array([unified[c] for c in ann_cat], dtype=np.int64)
+    x1, y1 = bbox[:, 0], bbox[:, 1]
+    x2, y2 = x1 + bbox[:, 2], y1 + bbox[:, 3]
+    w, h, tol = widths[row], heights[row], 1.0
+    bad = (x2 <= x1) | (y2 <= y1) | (x1 < -tol) | (y1 < -tol) | (x2 > w + tol) | (y2 > h + tol)
+    if bad[labels > 0].any():
+        raise _NeedsEntryByEntry
+    keep = labels > 0
+    row, labels, crowd = row[keep], labels[keep], crowd[keep]
+    boxes = np.stack([x1, y1, x2, y2], axis=1)[keep].astype(np.float32)
+    by_row = np.argsort(row, kind="stable")  # each image's annotations in file order
+    prefix = str(image_dir)
+    return RecordTable.build(
+        [f"{prefix}/{name}" for name in names],
+        widths,
+        heights,
+        ids,
+        source,
+        np.bincount(row, minlength=len(ids)),
+        boxes[by_row],
+        labels[by_row],
+        crowd[by_row],
+    )
+
+
+def _coco_records(data, ann_file, image_dir, listing, label_map, classes, source, check):
+    """Entry by entry: every bad entry named (on_bad=error) or counted (on_bad=skip)."""
     cats = {}
     for k, c in enumerate(data["categories"]):
         with entry_errors(f"{ann_file}: categories[{k}]"):
@@ -273,7 +496,7 @@ def load_coco(
         with entry_errors(f"{ann_file}: images[{k}]"):
             all_ids.add(im["id"])
             path = image_dir / im["file_name"]
-            if not path.is_file():
+            if im["file_name"] not in listing:
                 check.bad("missing_image", f"{ann_file}: image id {im['id']} ({path})")
                 continue
             images[im["id"]] = (path, int(im["width"]), int(im["height"]))
@@ -313,8 +536,7 @@ def load_coco(
                 image_id=int(image_id),
             )
         )
-    check.report.log()
-    return records, check.report
+    return records
 
 
 def load_cctsdb(
@@ -449,7 +671,7 @@ FORMATS = ("coco", "cctsdb", "voc")
 
 def load_source(
     spec: dict, split: str, classes: list[str], source: int, on_bad: str, name: str
-) -> tuple[list[Record], LoadReport] | None:
+) -> tuple[RecordTable, LoadReport] | None:
     """Records of one source's split, or None when the source has no such split.
 
     ``spec``: ``format`` (coco | cctsdb | voc), ``root`` (folder the other paths are relative
@@ -474,12 +696,15 @@ def load_source(
             raise ConfigError(
                 f"data.sources.{name}.{split}.image_set is missing (e.g. trainval, test)"
             )
-        return load_voc(root, split_spec["image_set"], label_map, classes, source, on_bad)
+        records, report = load_voc(
+            root, split_spec["image_set"], label_map, classes, source, on_bad
+        )
+        return RecordTable.from_records(records), report
     for key in ("annotations", "images"):
         if key not in split_spec:
             raise ConfigError(f"data.sources.{name}.{split}.{key} is missing")
     loader = load_coco if fmt == "coco" else load_cctsdb
-    return loader(
+    records, report = loader(
         root / split_spec["annotations"],
         root / split_spec["images"],
         label_map,
@@ -487,6 +712,9 @@ def load_source(
         source,
         on_bad,
     )
+    if not isinstance(records, RecordTable):
+        records = RecordTable.from_records(records)
+    return records, report
 
 
 class DetectionDataset(Dataset):
@@ -497,7 +725,7 @@ class DetectionDataset(Dataset):
     Training drops ignored boxes from the targets (as Detectron and py-faster-rcnn do) and flips
     horizontally with probability ``flip``."""
 
-    def __init__(self, records: list[Record], train: bool = False, flip: float = 0.5):
+    def __init__(self, records: RecordTable, train: bool = False, flip: float = 0.5):
         self.records, self.train, self.flip = records, train, flip
 
     def __len__(self) -> int:
@@ -600,8 +828,8 @@ class DetectionDataModule(SplitDataModule):
     def prepare_data(self) -> None:
         self.write_demo()
 
-    def records(self, split: str) -> list[Record]:
-        out, reports = [], []
+    def records(self, split: str) -> RecordTable:
+        parts, reports = [], []
         for s, (name, spec) in enumerate(self.sources.items()):
             loaded = load_source(spec, split, self.classes, s, self.on_bad, name)
             if loaded is None:
@@ -609,17 +837,17 @@ class DetectionDataModule(SplitDataModule):
             recs, report = loaded
             report.source = f"{name}/{split}"
             reports.append(report)
-            out.extend(recs[: int(self.subset)] if self.subset else recs)
+            parts.append(recs[: int(self.subset)] if self.subset else recs)
         self.load_reports[split] = reports
-        if not out:
+        if not sum(len(p) for p in parts):
             raise ConfigError(
                 f"no detection source has a '{split}' split (data.sources.<name>.{split})"
             )
+        out = RecordTable.concat(parts)
         # keep the sources' own ids (e.g. COCO's, so logged results files match the original
         # annotations) unless they repeat between sources: then renumber
-        if len({r.image_id for r in out}) < len(out):
-            for i, r in enumerate(out):
-                r.image_id = i
+        if len(np.unique(out.image_id)) < len(out):
+            out.image_id = np.arange(len(out), dtype=np.int64)
         return out
 
     def setup(self, stage: str | None = None) -> None:
@@ -666,7 +894,7 @@ class DetectionDataModule(SplitDataModule):
             "on_bad": self.on_bad,
         }
         for split, ds in self.datasets.items():
-            per_source = Counter(self.source_names[r.source] for r in ds.records)
+            per_source = Counter(self.source_names[int(k)] for k in ds.records.source)
             out[f"{split} images"] = (
                 f"{len(ds)} ({', '.join(f'{k} {v}' for k, v in per_source.items())})"
             )

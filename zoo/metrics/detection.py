@@ -18,7 +18,6 @@ detection on them is neither a true nor a false positive.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -410,12 +409,9 @@ def detections_figure(
 
 
 def _read_json(path: Path, what: str):
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise DataError(f"{what}={path}: file not found") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{what}={path}: malformed JSON ({exc})") from None
+    from zoo.data.coco import read_json
+
+    return read_json(path, what)
 
 
 def score_coco_files(
