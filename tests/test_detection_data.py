@@ -262,6 +262,11 @@ def test_the_bulk_coco_reader_matches_the_entry_by_entry_one_on_real_annotations
     bulk = detection._coco_records_bulk(data, ann, images, listing, label_map, classes, 1)
     check = AnnotationChecker(ann.name, "error")
     slow = detection._coco_records(data, ann, images, listing, label_map, classes, 1, check)
+    typed = coco.read_coco_boxes(ann)  # the msgspec decode training uses
+    assert typed is not None
+    fast = detection._coco_records_bulk(typed, ann, images, listing, label_map, classes, 1)
+    for name in fast.COLUMNS:
+        assert np.array_equal(getattr(fast, name), getattr(bulk, name)), name
     assert len(bulk) == len(slow) == 100
     assert sum(len(r.labels) for r in bulk) == 839
     assert any(r.iscrowd.any() for r in bulk)
@@ -326,3 +331,33 @@ def test_a_record_table_gives_back_the_records_it_holds():
     same(table[-1], records[-1])
     with pytest.raises(IndexError):
         table[4]
+
+
+def test_parsed_coco_records_are_cached_and_a_changed_file_is_never_reused(tmp_path, caplog):
+    """A second load reads the table's columns by memory map; editing the annotation file
+    (or the image folder) gives a new entry."""
+    import logging
+
+    from zoo.data.cache import ArrayCache
+    from zoo.data.detection import cached_coco
+
+    anns = [
+        {"id": 1, "image_id": 1, "category_id": 9, "bbox": [10, 5, 20, 10]},
+        {"id": 2, "image_id": 2, "category_id": 7, "bbox": [10, 5, 0, 10]},  # zero area
+    ]
+    ann, images = _coco(tmp_path, anns)
+    cache = ArrayCache(tmp_path / "cache", "data.cache")
+    first, report = cached_coco(ann, images, COCO_MAP, CLASSES, 0, "skip", cache)
+    assert (cache.misses, cache.hits) == (1, 0) and report.skipped["zero_area"] == 1
+    with caplog.at_level(logging.WARNING):
+        second, report2 = cached_coco(ann, images, COCO_MAP, CLASSES, 0, "skip", cache)
+    assert (cache.misses, cache.hits) == (1, 1)
+    assert isinstance(second.boxes, np.memmap) and report2.skipped == report.skipped
+    assert "skipped 1 bad annotation" in caplog.text  # still reported on a hit
+    for a, b in zip(first, second):
+        assert a.image == b.image and np.array_equal(a.boxes, b.boxes)
+    data = json.loads(ann.read_text())
+    data["annotations"][0]["bbox"] = [1, 1, 3, 3]
+    ann.write_text(json.dumps(data))
+    third, _ = cached_coco(ann, images, COCO_MAP, CLASSES, 0, "skip", cache)
+    assert cache.misses == 2 and third[0].boxes.tolist() == [[1, 1, 4, 4]]

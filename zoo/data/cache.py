@@ -93,33 +93,46 @@ class ArrayCache:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
-    def _read(self, stem: str, key_digest: str) -> tuple[np.ndarray, dict] | None:
-        """The entry, or None when it is absent; a damaged entry is reported and removed."""
-        npy, record = self.root / f"{stem}.npy", self.root / f"{stem}.json"
+    def _file(self, stem: str, field: str) -> Path:
+        return self.root / (f"{stem}.npy" if field == "" else f"{stem}.{field}.npy")
+
+    def _read(self, stem: str, key_digest: str) -> tuple[dict[str, np.ndarray], dict] | None:
+        """The entry's arrays, or None when it is absent; a damaged entry is reported and
+        removed."""
+        record = self.root / f"{stem}.json"
         if not record.is_file():
             return None
-        problem = None
+        problem, meta = None, {}
         try:
             meta = json.loads(record.read_text())
             if meta.get("digest") != key_digest:
-                problem = "its record belongs to another key"
-            elif not npy.is_file():
-                problem = "the array file is missing"
-            elif npy.stat().st_size != meta["file_size"]:
-                problem = f"{npy.stat().st_size} bytes on disk, {meta['file_size']} written"
-            else:
+                raise ValueError("its record belongs to another key")
+            arrays = {}
+            for field, info in meta["arrays"].items():
+                npy = self._file(stem, field)
+                if not npy.is_file():
+                    raise ValueError(f"{npy.name} is missing")
+                if npy.stat().st_size != info["file_size"]:
+                    raise ValueError(
+                        f"{npy.name}: {npy.stat().st_size} bytes on disk, {info['file_size']} "
+                        "written"
+                    )
                 array = np.load(npy, mmap_mode="r", allow_pickle=False)
-                if list(array.shape) != meta["shape"] or str(array.dtype) != meta["dtype"]:
-                    problem = f"it holds {array.dtype}{list(array.shape)}, not what was written"
-                elif self.verify and crc32(array) != meta["crc32"]:
-                    problem = "its checksum does not match (the file was changed or damaged)"
-                else:
-                    return array, meta.get("extra", {})
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            problem = f"it cannot be read ({type(exc).__name__}: {exc})"
-        log.warning("Cache entry %s is damaged (%s): rebuilding it.", npy, problem)
-        for path in (record, npy):
-            path.unlink(missing_ok=True)
+                if list(array.shape) != info["shape"] or str(array.dtype) != info["dtype"]:
+                    raise ValueError(f"{npy.name} holds {array.dtype}{list(array.shape)}")
+                if self.verify and crc32(array) != info["crc32"]:
+                    raise ValueError(
+                        f"{npy.name}: its checksum does not match (changed or damaged)"
+                    )
+                arrays[field] = array
+            return arrays, meta.get("extra", {})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            problem = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        log.warning("Cache entry %s is damaged (%s): rebuilding it.", self._file(stem, ""), problem)
+        record.unlink(missing_ok=True)
+        for field in (meta.get("arrays") or {}) if isinstance(meta, dict) else ():
+            self._file(stem, field).unlink(missing_ok=True)
+        self._file(stem, "").unlink(missing_ok=True)
         return None
 
     def load_or_build(
@@ -127,6 +140,21 @@ class ArrayCache:
     ) -> tuple[np.ndarray, dict]:
         """The cached array for ``key`` as a read-only memory map, with the JSON-able ``extra``
         that ``build`` returned beside it; ``build()`` runs (once, across processes) on a miss."""
+
+        def build_one():
+            array, extra = build()
+            return {"": array}, extra
+
+        arrays, extra = self.load_or_build_arrays(name, key, build_one)
+        return arrays[""], extra
+
+    def load_or_build_arrays(
+        self,
+        name: str,
+        key: dict[str, Any],
+        build: Callable[[], tuple[dict[str, np.ndarray], dict]],
+    ) -> tuple[dict[str, np.ndarray], dict]:
+        """Several arrays in one entry (one lock, one record): e.g. a table's columns."""
         self._writable()
         key_digest = digest(key)
         stem = f"{name}-{key_digest[:16]}"
@@ -135,39 +163,46 @@ class ArrayCache:
             with self._locked(stem):
                 entry = self._read(stem, key_digest)  # built by another job while we waited?
                 if entry is None:
-                    array, extra = build()
-                    self._write(stem, key_digest, key, array, extra)
+                    arrays, extra = build()
+                    self._write(stem, key_digest, key, arrays, extra)
                     self.misses += 1
-                    mapped = np.load(self.root / f"{stem}.npy", mmap_mode="r", allow_pickle=False)
+                    mapped = {
+                        f: np.load(self._file(stem, f), mmap_mode="r", allow_pickle=False)
+                        for f in arrays
+                    }
                     return mapped, extra
         self.hits += 1
         return entry
 
-    def _write(self, stem: str, key_digest: str, key: dict, array: np.ndarray, extra: dict):
-        array = np.ascontiguousarray(array)
-        npy, record = self.root / f"{stem}.npy", self.root / f"{stem}.json"
-        tmp = self.root / f".{stem}.{os.getpid()}.tmp"
+    def _write(self, stem: str, key_digest: str, key: dict, arrays: dict, extra: dict):
+        record = self.root / f"{stem}.json"
+        written = []
         try:
-            with open(tmp, "wb") as fh:
-                # no fsync: an entry cut short by a crash fails its size or CRC check on the
-                # next read and is rebuilt, so durability costs nothing here
-                np.save(fh, array, allow_pickle=False)
-            meta = {
-                "digest": key_digest,
-                "key": key,
-                "shape": list(array.shape),
-                "dtype": str(array.dtype),
-                "file_size": tmp.stat().st_size,
-                "crc32": crc32(array),
-                "extra": extra,
-            }
-            tmp.replace(npy)
+            info = {}
+            for field, array in arrays.items():
+                array = np.ascontiguousarray(array)
+                npy = self._file(stem, field)
+                tmp = self.root / f".{npy.name}.{os.getpid()}.tmp"
+                written.append(tmp)
+                with open(tmp, "wb") as fh:
+                    # no fsync: an entry cut short by a crash fails its size or CRC check on
+                    # the next read and is rebuilt, so durability costs nothing here
+                    np.save(fh, array, allow_pickle=False)
+                info[field] = {
+                    "shape": list(array.shape),
+                    "dtype": str(array.dtype),
+                    "file_size": tmp.stat().st_size,
+                    "crc32": crc32(array),
+                }
+                tmp.replace(npy)
+            meta = {"digest": key_digest, "key": key, "arrays": info, "extra": extra}
             tmp_record = record.with_name(f".{record.name}.{os.getpid()}.tmp")
             tmp_record.write_text(json.dumps(meta, indent=1))
             tmp_record.replace(record)  # the record is the commit: written last
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            for tmp in written:
+                tmp.unlink(missing_ok=True)
             raise DataError(
-                f"could not write the cache entry {npy} ({exc.strerror or exc}); set "
-                f"{self.config_key} to a folder with space, or {self.config_key}=off"
+                f"could not write the cache entry {self._file(stem, '')} ({exc.strerror or exc}); "
+                f"set {self.config_key} to a folder with space, or {self.config_key}=off"
             ) from None

@@ -33,7 +33,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from zoo.data.base import SplitDataModule
-from zoo.data.coco import FolderListing, no_gc_pauses, read_coco
+from zoo.data.cache import ArrayCache, file_fingerprint, zoo_cache_dir
+from zoo.data.coco import CocoBoxes, FolderListing, no_gc_pauses, read_coco, read_coco_boxes
 from zoo.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -161,16 +162,39 @@ class RecordTable:
     forked worker does not copy the pages it reads (the copy-on-read problem of lists of Python
     objects). Indexing gives a ``Record``; slicing and ``take`` give a table."""
 
-    def __init__(self, paths, path_offsets, width, height, image_id, source, box_offsets, boxes,
-                 labels, iscrowd, difficult):  # fmt: skip
+    def __init__(
+        self,
+        paths,
+        path_offsets,
+        width,
+        height,
+        image_id,
+        source,
+        box_offsets,
+        boxes,
+        labels,
+        iscrowd,
+        difficult,
+    ):
         self.paths, self.path_offsets = paths, path_offsets
         self.width, self.height, self.image_id, self.source = width, height, image_id, source
         self.box_offsets, self.boxes, self.labels = box_offsets, boxes, labels
         self.iscrowd, self.difficult = iscrowd, difficult
 
     @classmethod
-    def build(cls, paths: list[str], width, height, image_id, source, counts, boxes, labels,
-              iscrowd, difficult=None) -> RecordTable:  # fmt: skip
+    def build(
+        cls,
+        paths: list[str],
+        width,
+        height,
+        image_id,
+        source,
+        counts,
+        boxes,
+        labels,
+        iscrowd,
+        difficult=None,
+    ) -> RecordTable:
         """From per-image columns and the per-image box ``counts`` of the flat box arrays."""
         encoded = [p.encode() for p in paths]
         path_offsets = np.zeros(len(paths) + 1, np.int64)
@@ -221,12 +245,16 @@ class RecordTable:
         return cls(
             np.concatenate([t.paths for t in tables]),
             shift([t.path_offsets for t in tables]),
-            *(np.concatenate([getattr(t, k) for t in tables]) for k in
-              ("width", "height", "image_id", "source")),
+            *(
+                np.concatenate([getattr(t, k) for t in tables])
+                for k in ("width", "height", "image_id", "source")
+            ),
             shift([t.box_offsets for t in tables]),
-            *(np.concatenate([getattr(t, k) for t in tables]) for k in
-              ("boxes", "labels", "iscrowd", "difficult")),
-        )  # fmt: skip
+            *(
+                np.concatenate([getattr(t, k) for t in tables])
+                for k in ("boxes", "labels", "iscrowd", "difficult")
+            ),
+        )
 
     def __len__(self) -> int:
         return len(self.width)
@@ -284,13 +312,41 @@ class RecordTable:
             self.difficult[boxes],
         )
 
+    COLUMNS = (
+        "paths",
+        "path_offsets",
+        "width",
+        "height",
+        "image_id",
+        "source",
+        "box_offsets",
+        "boxes",
+        "labels",
+        "iscrowd",
+        "difficult",
+    )
+
+    def columns(self) -> dict[str, np.ndarray]:
+        return {k: getattr(self, k) for k in self.COLUMNS}
+
     @property
     def nbytes(self) -> int:
         return sum(
             getattr(self, k).nbytes
-            for k in ("paths", "path_offsets", "width", "height", "image_id", "source",
-                      "box_offsets", "boxes", "labels", "iscrowd", "difficult")
-        )  # fmt: skip
+            for k in (
+                "paths",
+                "path_offsets",
+                "width",
+                "height",
+                "image_id",
+                "source",
+                "box_offsets",
+                "boxes",
+                "labels",
+                "iscrowd",
+                "difficult",
+            )
+        )
 
 
 @dataclass
@@ -406,15 +462,18 @@ def load_coco(
     (numpy), and only a file with a bad or malformed entry goes through the entry-by-entry
     reader, which names it."""
     ann_file, image_dir = Path(ann_file), Path(image_dir)
-    data = read_coco(ann_file)
+    data = read_coco_boxes(ann_file) or read_coco(ann_file)  # typed when the file fits
     check = AnnotationChecker(ann_file.name, on_bad)
     listing = FolderListing(image_dir)
     try:
         with no_gc_pauses():
             records = _coco_records_bulk(
-                data, ann_file, image_dir, listing, label_map, classes, source
+                data, ann_file, image_dir, listing, label_map, classes, source, check
             )
     except _NeedsEntryByEntry:
+        check.report.skipped.clear()
+        if not isinstance(data, dict):
+            data = read_coco(ann_file)
         records = RecordTable.from_records(
             _coco_records(data, ann_file, image_dir, listing, label_map, classes, source, check)
         )
@@ -422,13 +481,56 @@ def load_coco(
     return records, check.report
 
 
+COCO_CACHE_FORMAT = 1  # bump when what load_coco returns changes
+
+
+def cached_coco(
+    ann_file: str | Path,
+    image_dir: str | Path,
+    label_map: dict[str, str | None],
+    classes: list[str],
+    source: int = 0,
+    on_bad: str = "error",
+    cache: ArrayCache | None = None,
+) -> tuple[RecordTable, LoadReport]:
+    """``load_coco`` through the cache: the table's columns are kept as memory-mapped arrays,
+    keyed by the annotation file (path, size, mtime), the image folder (path, mtime: a file
+    added or removed changes it), the label map, the classes, the source row and on_bad."""
+    if cache is None:
+        return load_coco(ann_file, image_dir, label_map, classes, source, on_bad)
+    ann_file, image_dir = Path(ann_file), Path(image_dir)
+    if not ann_file.is_file():
+        raise DataError(f"{ann_file}: file not found")
+    try:
+        folder_mtime = image_dir.stat().st_mtime_ns
+    except OSError:
+        folder_mtime = None
+    key = {
+        "format_version": COCO_CACHE_FORMAT,
+        "annotations": {**file_fingerprint(ann_file), "path": str(ann_file.resolve())},
+        "images": {"path": str(image_dir.resolve()), "mtime_ns": folder_mtime},
+        "label_map": label_map,
+        "classes": list(classes),
+        "source": int(source),
+        "on_bad": on_bad,
+    }
+
+    def build():
+        table, report = load_coco(ann_file, image_dir, label_map, classes, source, on_bad)
+        return table.columns(), {"skipped": dict(report.skipped)}
+
+    arrays, extra = cache.load_or_build_arrays(ann_file.stem, key, build)
+    report = LoadReport(ann_file.name, Counter(extra.get("skipped", {})))
+    report.log()
+    return RecordTable(**arrays), report
+
+
 class _NeedsEntryByEntry(Exception):
     """The bulk reader met something only the entry-by-entry reader reports exactly."""
 
 
-def _coco_records_bulk(data, ann_file, image_dir, listing, label_map, classes, source):
-    """All-good files, fast: every check of ``_coco_records`` at once in numpy; anything it
-    would report (a bad, skipped or malformed entry) hands over to it."""
+def _columns_from_dicts(data: dict):
+    """The columns the bulk reader checks, from parsed JSON (dicts)."""
     try:
         cats = {c["id"]: c["name"] for c in data["categories"]}
         images = data["images"]
@@ -443,6 +545,34 @@ def _coco_records_bulk(data, ann_file, image_dir, listing, label_map, classes, s
         crowd = np.array([bool(a.get("iscrowd", 0)) for a in anns], dtype=bool)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise _NeedsEntryByEntry from exc
+    return cats, ids, names, widths, heights, ann_image, ann_cat, bbox, crowd
+
+
+def _columns_from_boxes(data: CocoBoxes):
+    """The same columns from the typed decode (``zoo.data.coco.read_coco_boxes``)."""
+    images, anns = data.images, data.annotations
+    try:
+        bbox = np.array([a.bbox for a in anns], dtype=np.float64).reshape(-1, 4)
+    except ValueError as exc:  # a bbox of another length than 4
+        raise _NeedsEntryByEntry from exc
+    return (
+        {c.id: c.name for c in data.categories},
+        np.array([im.id for im in images], dtype=np.int64),
+        [im.file_name for im in images],
+        np.array([im.width for im in images], dtype=np.int64),
+        np.array([im.height for im in images], dtype=np.int64),
+        np.array([a.image_id for a in anns], dtype=np.int64),
+        [a.category_id for a in anns],
+        bbox,
+        np.array([bool(a.iscrowd) for a in anns], dtype=bool),
+    )
+
+
+def _coco_records_bulk(data, ann_file, image_dir, listing, label_map, classes, source, check=None):
+    """All-good files, fast: every check of ``_coco_records`` at once in numpy; anything it
+    would report (a bad, skipped or malformed entry) hands over to it."""
+    columns = _columns_from_dicts(data) if isinstance(data, dict) else _columns_from_boxes(data)
+    cats, ids, names, widths, heights, ann_image, ann_cat, bbox, crowd = columns
     if len(set(ids.tolist())) != len(ids) or not all(n in listing for n in names):
         raise _NeedsEntryByEntry  # repeated ids, missing images
     used = set(ann_cat)
@@ -458,16 +588,21 @@ def _coco_records_bulk(data, ann_file, image_dir, listing, label_map, classes, s
     pos = np.searchsorted(ids, ann_image, sorter=order)
     pos = np.clip(pos, 0, max(len(ids) - 1, 0))
     row = order[pos] if len(ids) else pos
-    if len(anns) and (not len(ids) or (ids[row] != ann_image).any()):
+    if len(ann_image) and (not len(ids) or (ids[row] != ann_image).any()):
         raise _NeedsEntryByEntry  # an annotation of an unknown image
     labels = np.array([unified[c] for c in ann_cat], dtype=np.int64)
     x1, y1 = bbox[:, 0], bbox[:, 1]
     x2, y2 = x1 + bbox[:, 2], y1 + bbox[:, 3]
     w, h, tol = widths[row], heights[row], 1.0
-    bad = (x2 <= x1) | (y2 <= y1) | (x1 < -tol) | (y1 < -tol) | (x2 > w + tol) | (y2 > h + tol)
-    if bad[labels > 0].any():
-        raise _NeedsEntryByEntry
-    keep = labels > 0
+    zero = (x2 <= x1) | (y2 <= y1)
+    outside = ~zero & ((x1 < -tol) | (y1 < -tol) | (x2 > w + tol) | (y2 > h + tol))
+    bad = (zero | outside) & (labels > 0)
+    if bad.any():
+        if check is None or check.on_bad != "skip":
+            raise _NeedsEntryByEntry  # the entry-by-entry reader names the first one
+        check.report.skipped["zero_area"] += int((zero & bad).sum())
+        check.report.skipped["outside_image"] += int((outside & bad).sum())
+    keep = (labels > 0) & ~bad
     row, labels, crowd = row[keep], labels[keep], crowd[keep]
     boxes = np.stack([x1, y1, x2, y2], axis=1)[keep].astype(np.float32)
     by_row = np.argsort(row, kind="stable")  # each image's annotations in file order
@@ -670,7 +805,13 @@ FORMATS = ("coco", "cctsdb", "voc")
 
 
 def load_source(
-    spec: dict, split: str, classes: list[str], source: int, on_bad: str, name: str
+    spec: dict,
+    split: str,
+    classes: list[str],
+    source: int,
+    on_bad: str,
+    name: str,
+    cache: Callable[[Path], ArrayCache | None] | None = None,
 ) -> tuple[RecordTable, LoadReport] | None:
     """Records of one source's split, or None when the source has no such split.
 
@@ -703,15 +844,11 @@ def load_source(
     for key in ("annotations", "images"):
         if key not in split_spec:
             raise ConfigError(f"data.sources.{name}.{split}.{key} is missing")
-    loader = load_coco if fmt == "coco" else load_cctsdb
-    records, report = loader(
-        root / split_spec["annotations"],
-        root / split_spec["images"],
-        label_map,
-        classes,
-        source,
-        on_bad,
-    )
+    ann_file, image_dir = root / split_spec["annotations"], root / split_spec["images"]
+    if fmt == "coco":
+        store = cache(ann_file) if cache is not None else None
+        return cached_coco(ann_file, image_dir, label_map, classes, source, on_bad, store)
+    records, report = load_cctsdb(ann_file, image_dir, label_map, classes, source, on_bad)
     if not isinstance(records, RecordTable):
         records = RecordTable.from_records(records)
     return records, report
@@ -799,9 +936,12 @@ class DetectionDataModule(SplitDataModule):
         num_workers: int = 0,
         flip: float = 0.5,
         subset: int | None = None,
+        cache: str = "beside",
+        cache_verify: bool = True,
         demo: Callable[..., object] | None = None,
     ):
         super().__init__()
+        self.cache, self.cache_verify = str(cache), bool(cache_verify)
         if not classes or len(set(classes)) != len(classes):
             raise ConfigError(
                 f"data.classes={list(classes or [])}: give each unified class name once"
@@ -828,10 +968,22 @@ class DetectionDataModule(SplitDataModule):
     def prepare_data(self) -> None:
         self.write_demo()
 
+    def _cache(self, ann_file: Path) -> ArrayCache | None:
+        """Where the parsed records of ``ann_file`` are kept (``data.cache``): ``beside`` it
+        (``.zoo-cache/``), under ``zoo_cache`` (``$ZOO_CACHE_DIR/detection``), in a folder, or
+        ``off``."""
+        if self.cache == "off":
+            return None
+        root = {
+            "beside": Path(ann_file).parent / ".zoo-cache",
+            "zoo_cache": zoo_cache_dir() / "detection",
+        }.get(self.cache, Path(self.cache).expanduser())
+        return ArrayCache(root, "data.cache", verify=self.cache_verify)
+
     def records(self, split: str) -> RecordTable:
         parts, reports = [], []
         for s, (name, spec) in enumerate(self.sources.items()):
-            loaded = load_source(spec, split, self.classes, s, self.on_bad, name)
+            loaded = load_source(spec, split, self.classes, s, self.on_bad, name, self._cache)
             if loaded is None:
                 continue
             recs, report = loaded
