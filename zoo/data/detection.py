@@ -331,22 +331,7 @@ class RecordTable:
 
     @property
     def nbytes(self) -> int:
-        return sum(
-            getattr(self, k).nbytes
-            for k in (
-                "paths",
-                "path_offsets",
-                "width",
-                "height",
-                "image_id",
-                "source",
-                "box_offsets",
-                "boxes",
-                "labels",
-                "iscrowd",
-                "difficult",
-            )
-        )
+        return sum(getattr(self, k).nbytes for k in self.COLUMNS)
 
 
 @dataclass
@@ -573,6 +558,8 @@ def _coco_records_bulk(data, ann_file, image_dir, listing, label_map, classes, s
     would report (a bad, skipped or malformed entry) hands over to it."""
     columns = _columns_from_dicts(data) if isinstance(data, dict) else _columns_from_boxes(data)
     cats, ids, names, widths, heights, ann_image, ann_cat, bbox, crowd = columns
+    if len(bbox) != len(ann_image):
+        raise _NeedsEntryByEntry  # boxes that are not [x, y, w, h]
     if len(set(ids.tolist())) != len(ids) or not all(n in listing for n in names):
         raise _NeedsEntryByEntry  # repeated ids, missing images
     used = set(ann_cat)
