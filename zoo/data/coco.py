@@ -34,14 +34,18 @@ def no_gc_pauses():
             gc.enable()
 
 
+def _read_bytes(path: str | Path, name: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{name}: file not found") from None
+
+
 def read_json(path: str | Path, what: str | None = None) -> Any:
     """The parsed JSON of ``path``; ``what`` names the setting it came from in errors
     (``annotations=<path>``), else the path alone."""
     name = f"{what}={path}" if what else str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{name}: file not found") from None
+    raw = _read_bytes(path, name)
     try:
         with no_gc_pauses():
             return orjson.loads(raw)
@@ -93,10 +97,7 @@ def read_coco_boxes(path: str | Path) -> CocoBoxes | None:
     """The typed, fast decode of a COCO file (msgspec), or None when the file does not fit it
     (a missing key, a string id, malformed JSON): then ``read_coco`` and the entry-by-entry
     checks name what is wrong."""
-    try:
-        raw = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+    raw = _read_bytes(path, str(path))
     try:
         with no_gc_pauses():
             return msgspec.json.decode(raw, type=CocoBoxes)
