@@ -33,7 +33,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +64,6 @@ class Study:
     unavailable: dict[Any, tuple[str, list[str]]]
     uri: str
     experiment: str
-    class_names: list[str] = field(default_factory=list)
 
 
 def _is_hydra(override: str) -> bool:
@@ -148,7 +147,6 @@ def plan(overrides: list[str], name: str | None) -> Study:
         unavailable=dict(folds.unavailable),
         uri=uri,
         experiment=str(OmegaConf.select(cfg, "tracking.experiment_name") or "zoo"),
-        class_names=list(getattr(datamodule, "class_names", []) or []),
     )
 
 
