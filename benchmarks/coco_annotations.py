@@ -39,9 +39,9 @@ CACHED = """
 import sys, time
 sys.path.insert(0, {repo!r})
 from zoo.data.cache import ArrayCache
-from zoo.data.detection import COCO_CLASSES, cached_coco
+from zoo.data.detection import COCO_CLASSES, load_coco
 t = time.perf_counter()
-table, _ = cached_coco({ann!r}, {images!r}, {{c: c for c in COCO_CLASSES}}, list(COCO_CLASSES),
+table, _ = load_coco({ann!r}, {images!r}, {{c: c for c in COCO_CLASSES}}, list(COCO_CLASSES),
                        cache=ArrayCache({cache!r}, "data.cache"))
 print(time.perf_counter() - t, 0, len(table), len(table.labels))
 """

@@ -339,7 +339,6 @@ def test_parsed_coco_records_are_cached_and_a_changed_file_is_never_reused(tmp_p
     import logging
 
     from zoo.data.cache import ArrayCache
-    from zoo.data.detection import cached_coco
 
     anns = [
         {"id": 1, "image_id": 1, "category_id": 9, "bbox": [10, 5, 20, 10]},
@@ -347,10 +346,10 @@ def test_parsed_coco_records_are_cached_and_a_changed_file_is_never_reused(tmp_p
     ]
     ann, images = _coco(tmp_path, anns)
     cache = ArrayCache(tmp_path / "cache", "data.cache")
-    first, report = cached_coco(ann, images, COCO_MAP, CLASSES, 0, "skip", cache)
+    first, report = load_coco(ann, images, COCO_MAP, CLASSES, 0, "skip", cache)
     assert (cache.misses, cache.hits) == (1, 0) and report.skipped["zero_area"] == 1
     with caplog.at_level(logging.WARNING):
-        second, report2 = cached_coco(ann, images, COCO_MAP, CLASSES, 0, "skip", cache)
+        second, report2 = load_coco(ann, images, COCO_MAP, CLASSES, 0, "skip", cache)
     assert (cache.misses, cache.hits) == (1, 1)
     assert isinstance(second.boxes, np.memmap) and report2.skipped == report.skipped
     assert "skipped 1 bad annotation" in caplog.text  # still reported on a hit
@@ -359,5 +358,5 @@ def test_parsed_coco_records_are_cached_and_a_changed_file_is_never_reused(tmp_p
     data = json.loads(ann.read_text())
     data["annotations"][0]["bbox"] = [1, 1, 3, 3]
     ann.write_text(json.dumps(data))
-    third, _ = cached_coco(ann, images, COCO_MAP, CLASSES, 0, "skip", cache)
+    third, _ = load_coco(ann, images, COCO_MAP, CLASSES, 0, "skip", cache)
     assert cache.misses == 2 and third[0].boxes.tolist() == [[1, 1, 4, 4]]

@@ -434,42 +434,10 @@ def _map_label(
     return None if unified is None else classes.index(unified) + 1
 
 
+COCO_CACHE_FORMAT = 1  # bump when what _parse_coco returns changes
+
+
 def load_coco(
-    ann_file: str | Path,
-    image_dir: str | Path,
-    label_map: dict[str, str | None],
-    classes: list[str],
-    source: int = 0,
-    on_bad: str = "error",
-) -> tuple[RecordTable, LoadReport]:
-    """Records of a COCO file whose images live in ``image_dir``. Image files are checked
-    against one listing of each folder, not a stat each; the annotations are checked in bulk
-    (numpy), and only a file with a bad or malformed entry goes through the entry-by-entry
-    reader, which names it."""
-    ann_file, image_dir = Path(ann_file), Path(image_dir)
-    data = read_coco_boxes(ann_file) or read_coco(ann_file)  # typed when the file fits
-    check = AnnotationChecker(ann_file.name, on_bad)
-    listing = FolderListing(image_dir)
-    try:
-        with no_gc_pauses():
-            records = _coco_records_bulk(
-                data, ann_file, image_dir, listing, label_map, classes, source, check
-            )
-    except _NeedsEntryByEntry:
-        check.report.skipped.clear()
-        if not isinstance(data, dict):
-            data = read_coco(ann_file)
-        records = RecordTable.from_records(
-            _coco_records(data, ann_file, image_dir, listing, label_map, classes, source, check)
-        )
-    check.report.log()
-    return records, check.report
-
-
-COCO_CACHE_FORMAT = 1  # bump when what load_coco returns changes
-
-
-def cached_coco(
     ann_file: str | Path,
     image_dir: str | Path,
     label_map: dict[str, str | None],
@@ -478,11 +446,12 @@ def cached_coco(
     on_bad: str = "error",
     cache: ArrayCache | None = None,
 ) -> tuple[RecordTable, LoadReport]:
-    """``load_coco`` through the cache: the table's columns are kept as memory-mapped arrays,
-    keyed by the annotation file (path, size, mtime), the image folder (path, mtime: a file
-    added or removed changes it), the label map, the classes, the source row and on_bad."""
+    """Records of a COCO file whose images live in ``image_dir``. With ``cache``, the parsed
+    table's columns are kept as memory-mapped arrays, keyed by the annotation file (path, size,
+    mtime), the image folder (path, mtime: a file added or removed changes it), the label map,
+    the classes, the source row and on_bad."""
     if cache is None:
-        return load_coco(ann_file, image_dir, label_map, classes, source, on_bad)
+        return _parse_coco(ann_file, image_dir, label_map, classes, source, on_bad)
     ann_file, image_dir = Path(ann_file), Path(image_dir)
     if not ann_file.is_file():
         raise DataError(f"{ann_file}: file not found")
@@ -501,13 +470,44 @@ def cached_coco(
     }
 
     def build():
-        table, report = load_coco(ann_file, image_dir, label_map, classes, source, on_bad)
+        table, report = _parse_coco(ann_file, image_dir, label_map, classes, source, on_bad)
         return table.columns(), {"skipped": dict(report.skipped)}
 
     arrays, extra = cache.load_or_build_arrays(ann_file.stem, key, build)
     report = LoadReport(ann_file.name, Counter(extra.get("skipped", {})))
     report.log()
     return RecordTable(**arrays), report
+
+
+def _parse_coco(
+    ann_file: str | Path,
+    image_dir: str | Path,
+    label_map: dict[str, str | None],
+    classes: list[str],
+    source: int = 0,
+    on_bad: str = "error",
+) -> tuple[RecordTable, LoadReport]:
+    """The parse behind ``load_coco``: image files are checked against one listing of each
+    folder, not a stat each; the annotations are checked in bulk (numpy), and only a file with
+    a bad or malformed entry goes through the entry-by-entry reader, which names it."""
+    ann_file, image_dir = Path(ann_file), Path(image_dir)
+    data = read_coco_boxes(ann_file) or read_coco(ann_file)  # typed when the file fits
+    check = AnnotationChecker(ann_file.name, on_bad)
+    listing = FolderListing(image_dir)
+    try:
+        with no_gc_pauses():
+            records = _coco_records_bulk(
+                data, ann_file, image_dir, listing, label_map, classes, source, check
+            )
+    except _NeedsEntryByEntry:
+        check.report.skipped.clear()
+        if not isinstance(data, dict):
+            data = read_coco(ann_file)
+        records = RecordTable.from_records(
+            _coco_records(data, ann_file, image_dir, listing, label_map, classes, source, check)
+        )
+    check.report.log()
+    return records, check.report
 
 
 class _NeedsEntryByEntry(Exception):
@@ -834,7 +834,7 @@ def load_source(
     ann_file, image_dir = root / split_spec["annotations"], root / split_spec["images"]
     if fmt == "coco":
         store = cache(ann_file) if cache is not None else None
-        return cached_coco(ann_file, image_dir, label_map, classes, source, on_bad, store)
+        return load_coco(ann_file, image_dir, label_map, classes, source, on_bad, store)
     records, report = load_cctsdb(ann_file, image_dir, label_map, classes, source, on_bad)
     if not isinstance(records, RecordTable):
         records = RecordTable.from_records(records)
