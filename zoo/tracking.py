@@ -423,9 +423,21 @@ class TrainingRun:
         self._system_metrics.start()
 
     def stop_system_metrics(self) -> None:
-        if self._system_metrics is not None:
-            self._system_metrics.finish()
-            self._system_metrics = None
+        """Stop the monitor and log the samples it took since its last point.
+
+        mlflow's monitor drops the samples of an unfinished interval when it stops, so a
+        run shorter than one interval would get no system metrics at all.
+        """
+        monitor, self._system_metrics = self._system_metrics, None
+        if monitor is None:
+            return
+        monitor.finish()
+        try:
+            if any(getattr(m, "_metrics", None) for m in monitor.monitors):
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
+        except Exception as e:  # the run's own results matter more than its last CPU sample
+            log.warning("Could not log the last system metrics sample: %s", e)
 
     def log_output(self, item) -> None:
         """Log one record a model emitted (``zoo.outputs``: Figure, File, Tag, Count)."""
