@@ -275,7 +275,7 @@ def test_joint_data_module(tmp_path):
     assert [r.image_id for r in only_a] == [1, 2]  # COCO's own ids kept when they do not collide
     ds = DetectionDataset(records, train=True, flip=1.0)
     image, target = ds[0]
-    assert image.shape == (3, 48, 64) and 0 <= image.min() and image.max() <= 1
+    assert image.shape == (3, 48, 64) and image.dtype == torch.uint8  # uint8 until the model
     # the crowd box is not trained on; the other is flipped with the image (64 px wide)
     assert target["labels"].tolist() == [1] and target["boxes"].tolist() == [
         [49.0, 5.0, 59.0, 15.0]
@@ -342,7 +342,8 @@ def test_data_module_joins_coco_cctsdb_and_voc_sources(tmp_path):
     dm = DetectionDataModule(CLASSES, sources, on_bad="skip", batch_size=3, flip=0.0)
     assert dm.group_table.tolist() == [[0, 1, 0, 0, 0], [0, 0, 0, 3, 0], [0, 0, 0, 0, 4]]
     dm.datasets["train"] = DetectionDataset(dm.records("train"), train=True, flip=0.0)
-    images, targets = next(iter(dm.train_dataloader()))
+    images, targets, unreadable = next(iter(dm.train_dataloader()))
+    assert unreadable == []
     by_source = {int(t["source"]): t for t in targets}
     assert len(images) == 3 and set(by_source) == {0, 1, 2}
     assert by_source[0]["labels"].tolist() == [1] and by_source[1]["labels"].tolist() == [3]
@@ -714,3 +715,107 @@ def test_coco_cctsdb_config_group_table(make_cfg):
     assert (table[0, 1:81] > 0).all() and (table[0, 81:] == 0).all()  # COCO: its 80 classes only
     assert (table[1, 1:81] == 0).all() and table[1, 81:].tolist() == [81, 82, 83]
     assert cfg.model.net.backbone == "resnet50_fpn" and cfg.trainer.max_epochs == 26
+
+
+# --------------------------------------------------------------------------- input pipeline
+
+
+def test_grouped_batches_share_an_aspect_ratio_and_cover_each_index_once():
+    from torch.utils.data import DistributedSampler, RandomSampler
+
+    from zoo.data.detection import GroupedBatchSampler, aspect_ratio_groups
+
+    rng = np.random.default_rng(0)
+    n = 103
+    landscape = rng.random(n) < 0.7
+    widths, heights = np.where(landscape, 640, 480), np.where(landscape, 480, 640)
+    widths[:5], heights[:5] = 1000, 480  # a third, rarer shape (2.08: past the last edge)
+    groups = aspect_ratio_groups(widths, heights, factor=3)
+    assert len(np.unique(groups)) == 3 and groups[0] == 7  # 7 edges: groups 0..7
+    data = list(range(n))
+    batches = list(GroupedBatchSampler(RandomSampler(data), groups, 4))
+    assert sorted(i for b in batches for i in b) == data  # each index once
+    assert len(batches) == len(GroupedBatchSampler(RandomSampler(data), groups, 4)) == 26
+    mixed = [b for b in batches if len({groups[i] for i in b}) > 1]
+    assert len(mixed) <= 3  # only left-overs mix groups, at most one batch per group
+    assert all(len(b) == 4 for b in batches[:-1])
+    # under DDP every rank gets the same number of batches (DistributedSampler pads to n/ranks)
+    per_rank = []
+    for rank in range(3):
+        sampler = DistributedSampler(data, num_replicas=3, rank=rank, shuffle=True, seed=1)
+        got = list(GroupedBatchSampler(sampler, groups, 4))
+        assert len(got) == len(GroupedBatchSampler(sampler, groups, 4))
+        per_rank.append(got)
+    assert len({len(b) for b in per_rank}) == 1
+    assert {i for b in per_rank for batch in b for i in batch} == set(data)
+    dropped = list(GroupedBatchSampler(RandomSampler(data), groups, 4, drop_last=True))
+    assert len(dropped) == 25 and all(len(b) == 4 for b in dropped)
+
+
+def test_lightning_puts_its_distributed_sampler_into_the_grouped_batch_sampler(tmp_path):
+    """What Lightning does to a train loader under DDP (its own re-instantiation code, with the
+    init arguments it captures while the hook runs)."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+    from zoo.data.detection import GroupedBatchSampler
+
+    _write_coco(tmp_path / "a", "train", [[(1, (5, 5, 10, 10))]] * 6, [{"id": 1, "name": "ball"}])
+    sources = {
+        "a": {
+            "format": "coco",
+            "root": str(tmp_path / "a"),
+            "label_map": {"ball": "circle"},
+            "train": {"annotations": "train.json", "images": "images"},
+        }
+    }
+    dm = DetectionDataModule(CLASSES, sources, batch_size=2, cache="off")
+    dm.datasets["train"] = DetectionDataset(dm.records("train"), train=True)
+    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
+        loader = dm.train_dataloader()
+    shard = DistributedSampler(dm.datasets["train"], num_replicas=2, rank=1, shuffle=True)
+    distributed = _update_dataloader(loader, shard)
+    assert isinstance(distributed.batch_sampler, GroupedBatchSampler)
+    assert distributed.batch_sampler.sampler is shard and len(distributed) == 2
+    images, targets, _ = next(iter(distributed))
+    assert len(images) == 2 and images[0].dtype == torch.uint8
+
+
+def test_an_image_that_cannot_be_decoded_is_named_or_skipped_and_counted(tmp_path):
+    from zoo.data.detection import detection_collate
+
+    _write_coco(tmp_path / "a", "train", [[(1, (5, 5, 10, 10))]] * 3, [{"id": 1, "name": "ball"}])
+    (tmp_path / "a" / "images" / "train1.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    spec = {
+        "format": "coco",
+        "root": str(tmp_path / "a"),
+        "label_map": {"ball": "circle"},
+        "train": {"annotations": "train.json", "images": "images"},
+    }
+    records = DetectionDataModule(CLASSES, {"a": spec}, cache="off").records("train")
+    with pytest.raises(DataError, match=r"train1\.png: could not decode image"):
+        DetectionDataset(records, train=True)[1]
+    ds = DetectionDataset(records, train=True, on_bad="skip")
+    images, targets, unreadable = detection_collate([ds[0], ds[1], ds[2]])
+    assert len(images) == len(targets) == 2 and unreadable == [
+        str(tmp_path / "a/images/train1.png")
+    ]
+
+
+def test_the_detector_takes_uint8_images_and_normalises_them_as_torchvision_does():
+    from zoo.models.detection import build_faster_rcnn
+
+    torch.manual_seed(0)
+    net = build_faster_rcnn(
+        "mobilenet_v3_large_fpn", 3, 1, torch.ones(1, 4, dtype=torch.long), min_size=64, max_size=96
+    ).eval()
+    image = torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8)
+    ours = net.transform.normalize(image)
+    reference = (image.float() / 255 - torch.tensor(net.transform.image_mean)[:, None, None]) / (
+        torch.tensor(net.transform.image_std)[:, None, None]
+    )
+    assert ours.dtype == torch.float32 and torch.allclose(ours, reference, atol=1e-5)
+    with torch.no_grad():
+        a, b = net([image]), net([image.float() / 255])
+    assert torch.allclose(a[0]["boxes"], b[0]["boxes"], atol=1e-3)

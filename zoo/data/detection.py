@@ -841,16 +841,38 @@ def load_source(
     return records, report
 
 
+def decode_rgb(path: str | Path) -> torch.Tensor:
+    """An image file as uint8 [3, H, W] (``torchvision.io.decode_image``: libjpeg-turbo for JPEG,
+    libpng for PNG); a file that cannot be read or decoded is a DataError naming it."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+
+    try:
+        return decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+    except (RuntimeError, OSError, ValueError) as exc:
+        raise DataError(f"{path}: could not decode image ({str(exc).strip()[:200]})") from None
+
+
 class DetectionDataset(Dataset):
-    """Images as float [3, H, W] in [0, 1] and torchvision-style targets: ``boxes`` (xyxy),
-    ``labels`` (1..C), ``source`` (row of the group table), ``image_id``, ``iscrowd``,
-    ``ignore`` (crowd or VOC-difficult: not trained on, ignored when scoring).
+    """Images as uint8 [3, H, W] (converted to float and normalised once, on the model's device,
+    by the detector's transform) and torchvision-style targets: ``boxes`` (xyxy), ``labels``
+    (1..C), ``source`` (row of the group table), ``image_id``, ``iscrowd``, ``ignore`` (crowd or
+    VOC-difficult: not trained on, ignored when scoring).
 
-    Training drops ignored boxes from the targets (as Detectron and py-faster-rcnn do) and flips
-    horizontally with probability ``flip``."""
+    Training drops ignored boxes from the targets (as Detectron and py-faster-rcnn do) and
+    augments through ``torchvision.transforms.v2`` with the boxes as ``tv_tensors.BoundingBoxes``
+    (a horizontal flip with probability ``flip``). An image that cannot be decoded is an error
+    naming the file, or with ``on_bad="skip"`` a warning, and the sample is left out of its batch
+    (``detection_collate`` lists it, the model counts it)."""
 
-    def __init__(self, records: RecordTable, train: bool = False, flip: float = 0.5):
-        self.records, self.train, self.flip = records, train, flip
+    def __init__(
+        self, records: RecordTable, train: bool = False, flip: float = 0.5, on_bad: str = "error"
+    ):
+        self.records, self.train, self.flip, self.on_bad = records, train, flip, on_bad
+        self.transform = None
+        if train and flip:
+            from torchvision.transforms import v2
+
+            self.transform = v2.RandomHorizontalFlip(p=flip)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -858,27 +880,31 @@ class DetectionDataset(Dataset):
     def __getitem__(self, i: int):
         r = self.records[i]
         try:
-            with Image.open(r.image) as im:
-                image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise DataError(f"{r.image}: could not decode image ({exc})") from None
-        image = image.float().div_(255)
+            image = decode_rgb(r.image)
+        except DataError as exc:
+            if self.on_bad != "skip":
+                raise
+            log.warning("%s (data.on_bad=skip: left out)", exc)
+            return None, {"file_name": str(r.image), "unreadable": str(exc)}
         if image.shape[1:] != (r.height, r.width):
             raise DataError(
                 f"{r.image}: image is {image.shape[2]}x{image.shape[1]} but its annotation says "
                 f"{r.width}x{r.height}"
             )
-        boxes = torch.from_numpy(r.boxes).float().reshape(-1, 4)
-        labels = torch.from_numpy(r.labels).long()
+        boxes = torch.from_numpy(np.array(r.boxes, np.float32)).reshape(-1, 4)
+        labels = torch.from_numpy(np.array(r.labels, np.int64))
         ignore = torch.from_numpy(r.iscrowd | r.difficult)
         if self.train:
             keep = ~ignore
             boxes, labels, ignore = boxes[keep], labels[keep], ignore[keep]
-            if self.flip and torch.rand(()) < self.flip:
-                image = image.flip(-1)
-                boxes = torch.stack(
-                    [r.width - boxes[:, 2], boxes[:, 1], r.width - boxes[:, 0], boxes[:, 3]], 1
+            if self.transform is not None:
+                from torchvision import tv_tensors
+
+                image, boxes = self.transform(
+                    tv_tensors.Image(image),
+                    tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(r.height, r.width)),
                 )
+                image, boxes = image.as_subclass(torch.Tensor), boxes.as_subclass(torch.Tensor)
         target = {
             "boxes": boxes,
             "labels": labels,
@@ -891,9 +917,61 @@ class DetectionDataset(Dataset):
 
 
 def detection_collate(batch):
-    """Images of different sizes stay a list (Faster R-CNN batches them itself)."""
-    images, targets = zip(*batch)
-    return list(images), list(targets)
+    """Images of different sizes stay a list (Faster R-CNN batches them itself). The third
+    element lists the files of samples left out (``on_bad=skip``: an image that could not be
+    decoded)."""
+    images, targets, unreadable = [], [], []
+    for image, target in batch:
+        if image is None:
+            unreadable.append(target["file_name"])
+        else:
+            images.append(image)
+            targets.append(target)
+    return images, targets, unreadable
+
+
+def aspect_ratio_groups(widths, heights, factor: int = 3) -> np.ndarray:
+    """Each image's aspect-ratio bin, as torchvision's detection reference computes it
+    (``--aspect-ratio-group-factor``): ``2 * factor + 1`` edges spaced evenly in log2 between
+    1/2 and 2, so ``factor=3`` gives 8 groups."""
+    bins = 2 ** np.linspace(-1, 1, 2 * factor + 1)
+    ratios = np.asarray(widths, np.float64) / np.asarray(heights, np.float64)
+    return np.searchsorted(bins, ratios, side="right")
+
+
+class GroupedBatchSampler(torch.utils.data.BatchSampler):
+    """Batches whose images share an aspect-ratio group, so that a batch does not pad portrait
+    images to landscape (torchvision's reference ``GroupedBatchSampler``, written anew).
+
+    Indices come from ``sampler`` (a ``RandomSampler``, or the ``DistributedSampler`` Lightning
+    puts in its place under DDP: Lightning re-creates this class with it through the
+    ``sampler`` argument); each is held in its group's buffer until the buffer holds
+    ``batch_size``. What is left in the buffers at the end is batched in the order it arrived,
+    so an epoch has exactly ``ceil(len(sampler) / batch_size)`` batches (``floor`` with
+    ``drop_last``) on every rank, and no index is repeated or lost (the left-over batches may mix
+    groups; there are at most as many as groups)."""
+
+    def __init__(self, sampler, group_ids, batch_size: int, drop_last: bool = False):
+        super().__init__(sampler, batch_size, drop_last)
+        self.group_ids = np.asarray(group_ids)
+
+    def __iter__(self):
+        buffers: dict[int, list[int]] = {}
+        for idx in self.sampler:
+            buffer = buffers.setdefault(int(self.group_ids[idx]), [])
+            buffer.append(int(idx))
+            if len(buffer) == self.batch_size:
+                yield buffer
+                del buffers[int(self.group_ids[idx])]
+        rest = [i for b in buffers.values() for i in b]  # leftovers, buffer by buffer
+        for start in range(0, len(rest), self.batch_size):
+            batch = rest[start : start + self.batch_size]
+            if len(batch) == self.batch_size or not self.drop_last:
+                yield batch
+
+    def __len__(self) -> int:
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
 
 class DetectionDataModule(SplitDataModule):
@@ -922,6 +1000,7 @@ class DetectionDataModule(SplitDataModule):
         batch_size: int = 4,
         num_workers: int = 0,
         flip: float = 0.5,
+        aspect_ratio_group_factor: int = 3,
         subset: int | None = None,
         cache: str = "beside",
         cache_verify: bool = True,
@@ -941,6 +1020,7 @@ class DetectionDataModule(SplitDataModule):
         self.sources = {str(k): dict(v) for k, v in sources.items()}
         self.data_dir = Path(data_dir) if data_dir else None
         self.on_bad, self.flip, self.subset, self.demo = on_bad, flip, subset, demo
+        self.aspect_ratio_group_factor = int(aspect_ratio_group_factor)
         self.batch_size, self.num_workers = batch_size, num_workers
         self.group_table = derive_group_table(
             [dict(s.get("label_map") or {}) for s in self.sources.values()], self.classes
@@ -998,8 +1078,27 @@ class DetectionDataModule(SplitDataModule):
         for split in wanted:
             if split not in self.datasets:
                 self.datasets[split] = DetectionDataset(
-                    self.records(split), train=split == "train", flip=self.flip
+                    self.records(split), train=split == "train", flip=self.flip, on_bad=self.on_bad
                 )
+
+    def train_dataloader(self):
+        """Shuffled, in aspect-ratio grouped batches (``data.aspect_ratio_group_factor``, as
+        torchvision's reference; -1 turns grouping off)."""
+        if self.aspect_ratio_group_factor < 0:
+            return super().train_dataloader()
+        from torch.utils.data import DataLoader, RandomSampler
+
+        dataset = self.datasets["train"]
+        groups = aspect_ratio_groups(
+            dataset.records.width, dataset.records.height, self.aspect_ratio_group_factor
+        )
+        return DataLoader(
+            dataset,
+            batch_sampler=GroupedBatchSampler(RandomSampler(dataset), groups, self.batch_size),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn,
+        )
 
     def dataset_files(self, split: str) -> list[Path]:
         """The annotation files of the sources that have ``split`` (image folders can hold

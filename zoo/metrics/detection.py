@@ -347,7 +347,10 @@ def detections_figure(
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.4 * rows), dpi=100, squeeze=False)
 
     for ax, image, t, p in zip(axes.flat, images, targets, preds):
-        ax.imshow(image.permute(1, 2, 0).clamp(0, 1).numpy() if torch.is_tensor(image) else image)
+        if torch.is_tensor(image):
+            image = image.permute(1, 2, 0)
+            image = image.numpy() if image.dtype == torch.uint8 else image.clamp(0, 1).numpy()
+        ax.imshow(image)
         for box, label in zip(t["boxes"].tolist(), t["labels"].tolist()):
             ax.add_patch(
                 patches.Rectangle(

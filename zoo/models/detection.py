@@ -39,6 +39,7 @@ from torchvision.models.detection.rpn import (
     RPNHead,
     concat_box_prediction_layers,
 )
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import misc as misc_nn_ops
 
 from zoo import kernels
@@ -156,6 +157,24 @@ class GroupSoftmaxRoIHeads(RoIHeads):
 # --------------------------------------------------------------------------- construction
 
 
+class Uint8RCNNTransform(GeneralizedRCNNTransform):
+    """torchvision's resize-and-batch transform, taking uint8 images as they were decoded: the
+    data pipeline keeps them uint8 (a quarter of float32's bytes through the worker queue and to
+    the device), and they are converted and normalised here, once, on the model's device, in one
+    fused multiply-add. Float images in [0, 1] are normalised as torchvision does."""
+
+    def normalize(self, image: torch.Tensor) -> torch.Tensor:
+        if image.is_floating_point():
+            return super().normalize(image)
+        if image.dtype != torch.uint8:
+            raise TypeError(f"expected uint8 or float images, got {image.dtype}")
+        device = image.device
+        std = torch.as_tensor(self.image_std, dtype=torch.float32, device=device)[:, None, None]
+        mean = torch.as_tensor(self.image_mean, dtype=torch.float32, device=device)[:, None, None]
+        # (x / 255 - mean) / std == x * (1 / (255 std)) - mean / std
+        return torch.addcmul(-mean / std, image.float(), 1.0 / (255.0 * std))
+
+
 def _load_backbone_weights(net: nn.Module, path: str | Path, backbone: str) -> None:
     """A torchvision ImageNet classification checkpoint (e.g. ``mobilenet_v3_large-8738ca79.pth``
     or ``resnet50-0676ba61.pth``) or a plain state dict of the same network, loaded safely."""
@@ -246,6 +265,10 @@ def build_faster_rcnn(
         num_classes=num_classes,
         rpn_anchor_generator=anchor_generator,
         **detector_kwargs,
+    )
+    t = model.transform
+    model.transform = Uint8RCNNTransform(
+        t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible, t.fixed_size
     )
     if loss == "softmax":
         return model
@@ -405,8 +428,25 @@ class GroupSoftmaxDetector(ZooModule):
 
     # ------------------------------------------------------------------ training
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        images, targets = batch
+    def _count_unreadable(self, batch, split: str) -> None:
+        """Images ``on_bad=skip`` left out of this batch (``detection_collate``'s third part),
+        summed over the epoch as ``<split>/unreadable_images``."""
+        n = len(batch[2]) if len(batch) > 2 else 0
+        self.log(
+            f"{split}/unreadable_images",
+            float(n),
+            on_step=False,
+            on_epoch=True,
+            reduce_fx="sum",
+            batch_size=1,
+            sync_dist=True,
+        )
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor | None:
+        images, targets = batch[:2]
+        self._count_unreadable(batch, "train")
+        if not images:  # every image of the batch was left out
+            return None
         losses = self.net(images, targets)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
@@ -442,7 +482,9 @@ class GroupSoftmaxDetector(ZooModule):
     # ------------------------------------------------------------------ evaluation
 
     def _eval_step(self, batch, scorer: DetectionScorer) -> None:
-        images, targets = batch
+        images, targets = batch[:2]
+        if not images:
+            return
         preds = self.net(images)
         scorer.update(preds, targets)
         # a few images of every source
@@ -463,6 +505,7 @@ class GroupSoftmaxDetector(ZooModule):
         self._shown = []
 
     def validation_step(self, batch, batch_idx: int) -> None:
+        self._count_unreadable(batch, "val")
         self._eval_step(batch, self.val_scorer)
 
     def on_validation_epoch_end(self) -> None:
@@ -475,6 +518,7 @@ class GroupSoftmaxDetector(ZooModule):
         self._shown = []
 
     def test_step(self, batch, batch_idx: int) -> None:
+        self._count_unreadable(batch, "test")
         self._eval_step(batch, self.test_scorer)
 
     def on_test_epoch_end(self) -> None:
@@ -557,8 +601,10 @@ class GroupSoftmaxDetector(ZooModule):
     # ------------------------------------------------------------------ serving
 
     def serving_input(self, batch) -> np.ndarray:
-        images, _ = batch
-        return images[0][None].detach().cpu().numpy()
+        image = batch[0][0]
+        if not image.is_floating_point():
+            image = image.float() / 255  # the served model takes [0, 1] floats
+        return image[None].detach().cpu().numpy()
 
     @torch.no_grad()
     def serve(self, inputs: np.ndarray) -> pd.DataFrame:
