@@ -723,7 +723,8 @@ def test_coco_cctsdb_config_group_table(make_cfg):
 def test_grouped_batches_share_an_aspect_ratio_and_cover_each_index_once():
     from torch.utils.data import DistributedSampler, RandomSampler
 
-    from zoo.data.detection import GroupedBatchSampler, aspect_ratio_groups
+    from zoo.data.detection import aspect_ratio_groups
+    from zoo.data.sampling import GroupedBatchSampler
 
     rng = np.random.default_rng(0)
     n = 103
@@ -759,7 +760,7 @@ def test_lightning_puts_its_distributed_sampler_into_the_grouped_batch_sampler(t
     from lightning.pytorch.utilities.data import _update_dataloader
     from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-    from zoo.data.detection import GroupedBatchSampler
+    from zoo.data.sampling import GroupedBatchSampler
 
     _write_coco(tmp_path / "a", "train", [[(1, (5, 5, 10, 10))]] * 6, [{"id": 1, "name": "ball"}])
     sources = {

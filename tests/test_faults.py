@@ -305,6 +305,53 @@ def test_ctrl_c_saves_last_ckpt_and_marks_the_run_killed(tmp_path, data_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(tmp_path, data_dir, workers):
+    """SIGTERM lands after step 15, the 5th batch of epoch 1, with or without workers: the
+    resumed job trains the rest of epoch 1 on exactly the batches the uninterrupted job did
+    (the loader's place is in last.ckpt), so every metric is bit-equal."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": uri}
+    args = [*RESUMABLE, f"data.num_workers={workers}", "trainer.max_epochs=3"]
+    whole = start_cli("train.py", [*args, f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path, env)
+    ready = tmp_path / "at-step-15"
+    first = start_cli(
+        "train.py",
+        [*args, *_held_at(15, ready), f"hydra.run.dir={tmp_path / 'first'}"],
+        tmp_path,
+        env,
+    )
+    _wait_until(first, ready.exists, ready.name)
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert (state["epoch"], state["global_step"]) == (1, 15), err[-3000:]
+    (loader,) = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    main = loader["_snapshot"]["_main_snapshot"] if workers else loader
+    assert main["_sampler_iter_state"]["batches"] >= 5  # the loader's place in epoch 1
+    resumed = run_cli(
+        "train.py",
+        [*args, f"ckpt_path={last}", f"hydra.run.dir={tmp_path / 'resumed'}"],
+        tmp_path,
+        env,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not resumable" not in resumed.stderr  # Lightning's warning for a plain DataLoader
+    _, err = whole.communicate(timeout=600)
+    assert whole.returncode == 0, err[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("zoo").experiment_id])
+    by_dir = {r.data.params["paths.output_dir"]: r for r in runs}
+    a, b = by_dir[str(tmp_path / "whole")], by_dir[str(tmp_path / "first")]
+    for key in ("train/loss", "val/loss", "val/acc", "val/f1_macro"):
+        ha, hb = _history(client, a.info.run_id, key), _history(client, b.info.run_id, key)
+        assert len(ha) == 3 and hb == ha, f"{key}: {hb} vs {ha}"
+    for key in ("test/acc", "test/f1_macro", "test/loss"):
+        assert b.data.metrics[key] == a.data.metrics[key], key
+
+
+@pytest.mark.slow
 def test_slurm_requeue_continues_the_same_run(tmp_path, data_dir):
     """SLURM preemption through Lightning's SLURM environment: SIGUSR1 saves an HPC checkpoint
     and requeues the job (`scontrol requeue`); SLURM then sends SIGTERM (last.ckpt saved, exit

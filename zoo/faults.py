@@ -137,15 +137,118 @@ class RandomState(L.Callback):
 
     Lightning restores callback states before the sanity check (which it runs inside
     ``isolate_rng``) and before the first training batch draws, so a job resumed from an
-    end-of-epoch checkpoint draws exactly what the uninterrupted job drew after that save.
-    With DDP each rank restores rank 0's states (the checkpoint is rank 0's)."""
+    end-of-epoch checkpoint draws exactly what the uninterrupted job drew after that save (the
+    new epoch's DataLoader iterator draws its base seed in both). A checkpoint saved mid-epoch
+    (a signal, a preemption) is restored again just before the first training batch: the
+    resumed job begins a DataLoader iterator (a draw) that the uninterrupted job, already in
+    its epoch, did not. With DDP each rank restores rank 0's states (the checkpoint is
+    rank 0's)."""
+
+    def __init__(self) -> None:
+        self._trainer: L.Trainer | None = None
+        self._pending: dict[str, Any] | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
+
+    def _mid_epoch(self) -> bool:
+        trainer = self._trainer
+        if trainer is None or not trainer.training:
+            return False
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        return 0 < done < trainer.num_training_batches
 
     def state_dict(self) -> dict[str, Any]:
-        return rng_states()
+        return {**rng_states(), "mid_epoch": self._mid_epoch()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
-            set_rng_states(state_dict)
+            states = {k: v for k, v in state_dict.items() if k != "mid_epoch"}
+            set_rng_states(states)
+            self._pending = states if state_dict.get("mid_epoch") else None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if self._pending is not None:
+            set_rng_states(self._pending)
+            self._pending = None
+
+
+class EpochAccumulators(L.Callback):
+    """Carries what the interrupted epoch had accumulated for its epoch-level metrics across a
+    mid-epoch checkpoint, so the resumed epoch's ``train/loss`` (and every ``on_epoch`` value)
+    is the mean over the whole epoch, as the uninterrupted job's is.
+
+    Two kinds are kept: torchmetrics objects of the module that were updated this epoch (their
+    states are not part of the module's state_dict), restored before the first training batch;
+    and Lightning's own accumulators for plain values logged with ``on_epoch=True``, added to
+    the resumed job's once its first batch has logged them. An end-of-epoch checkpoint carries
+    nothing (the epoch's metrics were logged)."""
+
+    def __init__(self) -> None:
+        self._trainer: L.Trainer | None = None
+        self._pending: dict[str, Any] = {}
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._trainer = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self._trainer
+        if trainer is None or not trainer.training or trainer.lightning_module is None:
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        if not 0 < done < trainer.num_training_batches:
+            return {}
+        from torchmetrics import Metric
+
+        metrics = {}
+        for name, module in trainer.lightning_module.named_modules():
+            if isinstance(module, Metric) and module._update_count > 0:
+                metrics[name] = {"state": dict(module.metric_state), "count": module._update_count}
+        logged = {}
+        for key, result in trainer.fit_loop.epoch_loop._results.items():
+            if result.is_tensor and result.meta.on_epoch and not result.has_reset:
+                logged[key] = {"value": result.value.detach().cpu()}
+                if result.meta.is_mean_reduction:
+                    logged[key]["batches"] = result.cumulated_batch_size.detach().cpu()
+        return {"metrics": metrics, "logged": logged}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._pending = dict(state_dict or {})
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        metrics = self._pending.pop("metrics", None)
+        if not metrics:
+            return
+        modules = dict(pl_module.named_modules())
+        for name, saved in metrics.items():
+            metric = modules.get(name)
+            if metric is None:
+                continue
+            for attr, value in saved["state"].items():
+                if isinstance(value, list):
+                    value = [v.to(metric.device) for v in value]
+                else:
+                    value = value.to(metric.device)
+                setattr(metric, attr, value)
+            metric._update_count = int(saved["count"])
+            metric._computed = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        logged = self._pending.pop("logged", None)
+        if not logged:
+            return
+        results = trainer.fit_loop.epoch_loop._results
+        for key, saved in logged.items():
+            result = results.get(key)
+            if result is None or not result.is_tensor:
+                continue
+            value = saved["value"].to(result.value.device, result.value.dtype)
+            if result.meta.is_mean_reduction or result.meta.is_sum_reduction:
+                result.value = result.value + value
+                if "batches" in saved:
+                    result.cumulated_batch_size = result.cumulated_batch_size + saved["batches"]
+            elif result.meta.is_max_reduction or result.meta.is_min_reduction:
+                result.value = result.meta.reduce_fx(result.value, value)
 
 
 # --------------------------------------------------------------------------- resume

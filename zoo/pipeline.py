@@ -182,6 +182,7 @@ def train(cfg: DictConfig) -> float | None:
         RunInfo(cfg, run),
         TrackOutputs(run),
         faults.RandomState(),
+        faults.EpochAccumulators(),
         faults.CarryCheckpoints(resume),
         stopper,
     ]

@@ -3,17 +3,33 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset
 
+from zoo.data.sampling import GroupedBatchSampler, ResumableRandomSampler
 from zoo.outputs import DatasetInfo
 
 MAX_DIGEST_FILES = 20_000  # a listing digest stops here (huge image folders)
+
+
+def worker_seed_generator() -> torch.Generator:
+    """The generator a loader draws its workers' base seed from: its own, seeded from the job's
+    seed, not torch's global RNG. A loader with persistent workers draws once per job, so a
+    resumed job (which begins its loaders anew) would otherwise shift the global RNG that
+    dropout draws from, and its metrics would part from the uninterrupted job's."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    generator = torch.Generator()
+    generator.manual_seed(
+        int(seed) if seed is not None else int.from_bytes(os.urandom(7), "little")
+    )
+    return generator
 
 
 @dataclass
@@ -62,10 +78,40 @@ class SplitDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=self.collate_fn,
+            generator=worker_seed_generator(),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        """Shuffled and resumable mid-epoch: torchdata's ``StatefulDataLoader`` over a
+        ``ResumableRandomSampler`` in batches (``zoo.data.sampling``); Lightning keeps its state
+        in every checkpoint, so a job stopped mid-epoch resumes with the rest of that epoch's
+        order, under DDP too."""
+        sampler = ResumableRandomSampler(self.datasets["train"])
+        return self.resumable_loader(
+            batch_sampler=GroupedBatchSampler(
+                sampler, None, self.batch_size, epoch=self.current_epoch()
+            )
+        )
+
+    def current_epoch(self) -> int:
+        """The epoch the trainer is about to run (a resumed job's too): a loader with workers
+        draws its first indices before the trainer calls ``set_epoch``."""
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.fit_loop.epoch_progress.current.processed) if trainer else 0
+
+    def resumable_loader(self, **kwargs) -> DataLoader:
+        """A ``StatefulDataLoader`` over the training split (``sampler``/``batch_sampler`` and
+        the rest as for a DataLoader), with the module's workers and collate function."""
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        return StatefulDataLoader(
+            self.datasets["train"],
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=self.collate_fn,
+            generator=worker_seed_generator(),
+            **kwargs,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 from zoo.data.base import SplitDataModule
 from zoo.data.cache import ArrayCache, file_fingerprint, zoo_cache_dir
 from zoo.data.coco import CocoBoxes, FolderListing, no_gc_pauses, read_coco, read_coco_boxes
+from zoo.data.sampling import GroupedBatchSampler, ResumableRandomSampler
 from zoo.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -939,41 +940,6 @@ def aspect_ratio_groups(widths, heights, factor: int = 3) -> np.ndarray:
     return np.searchsorted(bins, ratios, side="right")
 
 
-class GroupedBatchSampler(torch.utils.data.BatchSampler):
-    """Batches whose images share an aspect-ratio group, so that a batch does not pad portrait
-    images to landscape (torchvision's reference ``GroupedBatchSampler``, written anew).
-
-    Indices come from ``sampler`` (a ``RandomSampler``, or the ``DistributedSampler`` Lightning
-    puts in its place under DDP: Lightning re-creates this class with it through the
-    ``sampler`` argument); each is held in its group's buffer until the buffer holds
-    ``batch_size``. What is left in the buffers at the end is batched in the order it arrived,
-    so an epoch has exactly ``ceil(len(sampler) / batch_size)`` batches (``floor`` with
-    ``drop_last``) on every rank, and no index is repeated or lost (the left-over batches may mix
-    groups; there are at most as many as groups)."""
-
-    def __init__(self, sampler, group_ids, batch_size: int, drop_last: bool = False):
-        super().__init__(sampler, batch_size, drop_last)
-        self.group_ids = np.asarray(group_ids)
-
-    def __iter__(self):
-        buffers: dict[int, list[int]] = {}
-        for idx in self.sampler:
-            buffer = buffers.setdefault(int(self.group_ids[idx]), [])
-            buffer.append(int(idx))
-            if len(buffer) == self.batch_size:
-                yield buffer
-                del buffers[int(self.group_ids[idx])]
-        rest = [i for b in buffers.values() for i in b]  # leftovers, buffer by buffer
-        for start in range(0, len(rest), self.batch_size):
-            batch = rest[start : start + self.batch_size]
-            if len(batch) == self.batch_size or not self.drop_last:
-                yield batch
-
-    def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-
 class DetectionDataModule(SplitDataModule):
     """Several detection sources with their own label sets, trained jointly in one class space.
 
@@ -1086,18 +1052,15 @@ class DetectionDataModule(SplitDataModule):
         torchvision's reference; -1 turns grouping off)."""
         if self.aspect_ratio_group_factor < 0:
             return super().train_dataloader()
-        from torch.utils.data import DataLoader, RandomSampler
-
         dataset = self.datasets["train"]
         groups = aspect_ratio_groups(
             dataset.records.width, dataset.records.height, self.aspect_ratio_group_factor
         )
-        return DataLoader(
-            dataset,
-            batch_sampler=GroupedBatchSampler(RandomSampler(dataset), groups, self.batch_size),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=self.collate_fn,
+        sampler = ResumableRandomSampler(dataset)
+        return self.resumable_loader(
+            batch_sampler=GroupedBatchSampler(
+                sampler, groups, self.batch_size, epoch=self.current_epoch()
+            )
         )
 
     def dataset_files(self, split: str) -> list[Path]:
