@@ -779,6 +779,13 @@ def test_lightning_puts_its_distributed_sampler_into_the_grouped_batch_sampler(t
     distributed = _update_dataloader(loader, shard)
     assert isinstance(distributed.batch_sampler, GroupedBatchSampler)
     assert distributed.batch_sampler.sampler is shard and len(distributed) == 2
+    # the epoch a resumed job is about to run reaches the substituted sampler too
+    with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
+        later = DataLoader(
+            dm.datasets["train"],
+            batch_sampler=GroupedBatchSampler(loader.batch_sampler.sampler, None, 2, epoch=3),
+        )
+    assert _update_dataloader(later, shard).batch_sampler.sampler.epoch == 3 == shard.epoch
     images, targets, _ = next(iter(distributed))
     assert len(images) == 2 and images[0].dtype == torch.uint8
 
