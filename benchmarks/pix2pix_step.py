@@ -32,17 +32,26 @@ class StepTimer(L.Callback):
         self._t0 = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         self._t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         if batch_idx >= self.warmup:
             self.times.append(time.perf_counter() - self._t0)
             self.samples += batch["A"].shape[0]
 
 
+DEVICE = "cpu"  # --device
+
+
 def run(model: Pix2Pix, loader: DataLoader, steps: int, warmup: int = 2) -> StepTimer:
     timer = StepTimer(warmup)
     trainer = L.Trainer(
+        accelerator="gpu" if DEVICE == "cuda" else "cpu",
+        devices=1,
         max_steps=2 * (steps + warmup),
         limit_val_batches=0,
         logger=False,
@@ -108,7 +117,10 @@ def demo_throughput(batches: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     paper_step(args.steps)

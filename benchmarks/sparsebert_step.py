@@ -46,17 +46,24 @@ def conf_mask(**options) -> dict:
     return {**OmegaConf.to_container(conf.mask), **options}
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def step_time(model: SparseBert, batch: dict, reps: int, warmup: int = 2) -> float:
     """Median seconds of a training step (AdamW) after ``warmup`` untimed steps."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
     times = []
     for i in range(reps + warmup):
+        _sync()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss, _, _ = model._step(batch)
         loss.backward()
         opt.step()
+        _sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
@@ -66,8 +73,10 @@ def _times(fn, reps: int) -> list[float]:
     fn()
     out = []
     for _ in range(reps):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         out.append(time.perf_counter() - t0)
     return out
 
@@ -170,6 +179,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=8, help="batch size of the search comparison")
     parser.add_argument("--search-only", action="store_true", help="only the search comparison")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--worker", choices=list(SEARCH_VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -191,12 +201,14 @@ def main() -> None:
         "intermediate_size": 1024,
         "max_position_embeddings": length,
     }
+    device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
     batch = {
         "input_ids": torch.randint(5, 4000, (4, length), generator=g),
         "attention_mask": torch.ones(4, length, dtype=torch.long),
         "labels": torch.tensor([0, 1, 0, 1]),
     }
+    batch = {k: v.to(device) for k, v in batch.items()}
     i = torch.arange(length)
     half = int(args.density * length / 2)
     mask = ((i[:, None] - i[None, :]).abs() <= half).expand(1, 4, length, length).contiguous()
@@ -208,8 +220,10 @@ def main() -> None:
         f"L={length}, batch 4, mask density {mask.float().mean():.1%}"
     )
     torch.manual_seed(0)
-    dense = SparseBert(["a", "b"], bert=bert)
+    dense = SparseBert(["a", "b"], bert=bert).to(device)
     fixed = SparseBert(["a", "b"], bert=bert, mask=conf_mask(mode="fixed", file=str(path)))
+    fixed = fixed.to(device)
+    mask = mask.to(device)
     t_dense, t_fixed = step_time(dense, batch, args.reps), step_time(fixed, batch, args.reps)
     print(f"dense attention:         {t_dense * 1e3:8.1f} ms per training step")
     print(
@@ -217,7 +231,9 @@ def main() -> None:
         f"{t_dense / t_fixed:.2f}x faster"
     )
     # the attention alone (one layer's shapes, forward + backward) shows what the mask buys there
-    q, k, v = (torch.randn(4, 4, length, 64, generator=g).requires_grad_() for _ in range(3))
+    q, k, v = (
+        torch.randn(4, 4, length, 64, generator=g).to(device).requires_grad_() for _ in range(3)
+    )
 
     def attn(m):
         out = kernels.masked_attention(q, k, v, m)
@@ -233,13 +249,16 @@ def main() -> None:
         "layers, "
         "layer norms, optimizer) does not shrink with the mask"
     )
-    search = SparseBert(["a", "b"], bert=bert, mask=conf_mask(mode="dam_s"))
+    search = SparseBert(["a", "b"], bert=bert, mask=conf_mask(mode="dam_s")).to(device)
     t_search = step_time(search, batch, max(2, args.reps // 2))
     print(
         f"mask search (stage 1):   {t_search * 1e3:8.1f} ms per training step "
         f"({t_search / t_dense:.2f}x dense; "
         "dense-cost differentiable mask path)"
     )
+    if args.device != "cpu":
+        print("(the search memory comparison measures process RSS: it runs on the CPU only)")
+        return
     search_comparison(args.length, args.batch, max(2, args.reps // 2))
 
 

@@ -204,29 +204,33 @@ class EncodedText(Dataset):
 
 
 def _flatten(encodings: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Token ids (int32), token types (int8) and offsets (int64, n + 1) of Encoding objects."""
-    lengths = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
-    offsets = np.zeros(len(encodings) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    """Token ids (int32), token types (int8) and offsets (int64, n + 1) of Encoding objects
+    (one attribute read per encoding; the tokens are chained in C)."""
+    from itertools import chain
+
+    ids = [e.ids for e in encodings]
+    types = [e.type_ids for e in encodings]
+    offsets = np.zeros(len(ids) + 1, np.int64)
+    np.cumsum(np.fromiter(map(len, ids), np.int64, len(ids)), out=offsets[1:])
     total = int(offsets[-1])
-    ids = np.fromiter((t for e in encodings for t in e.ids), np.int32, total)
-    types = np.fromiter((t for e in encodings for t in e.type_ids), np.int8, total)
-    return ids, types, offsets
+    return (
+        np.fromiter(chain.from_iterable(ids), np.int32, total),
+        np.fromiter(chain.from_iterable(types), np.int8, total),
+        offsets,
+    )
 
 
 def encode_texts(tokenizer, texts: list[tuple[str, ...]], labels, chunk: int = ENCODE_CHUNK):
     """``texts`` (single sentences or pairs) tokenized with ``encode_batch`` in chunks of
     ``chunk`` examples, each chunk flattened at once, so the Encoding objects of only one chunk
     are alive at a time (393k MNLI pairs of them would take gigabytes)."""
-    parts, lengths = [], [0]
+    parts = []
     for start in range(0, len(texts), chunk):
         batch = [t if len(t) > 1 else t[0] for t in texts[start : start + chunk]]
-        ids, types, offsets = _flatten(tokenizer.encode_batch(batch))
-        parts.append((ids, types))
-        lengths.append(offsets[1:] - offsets[:-1])
+        parts.append(_flatten(tokenizer.encode_batch(batch)))
     offsets = np.zeros(len(texts) + 1, np.int64)
-    if texts:
-        np.cumsum(np.concatenate(lengths[1:]), out=offsets[1:])
+    if parts:
+        np.cumsum(np.concatenate([np.diff(o) for _, _, o in parts]), out=offsets[1:])
     ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
     types = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int8)
     return EncodedText(ids, types, offsets, np.asarray(labels, dtype=np.int64))
