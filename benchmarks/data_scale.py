@@ -313,9 +313,9 @@ def step_section(steps: int, device: str = "cpu", amp: str = "off") -> None:
         return step
 
     def timed_pair(ours_net, ref_net, bf16: bool) -> tuple[float, float]:
-        """Median step of each, interleaved and in alternating order (whichever runs first
-        after a switch is slower here: measured 31.1 s vs 24.6 s for the same network), after
-        one warm-up step each."""
+        """Median step of each, interleaved and in alternating order, after one warm-up step
+        each (timed one after the other, the same ResNet-50 model took 31.1 s when it ran
+        first and 24.6 s when it ran second here)."""
         a, b = stepper(ours_net, bf16), stepper(ref_net, bf16)
         a(), b()
         times = {"a": [], "b": []}
