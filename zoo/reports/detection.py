@@ -9,11 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from omegaconf import DictConfig
-from PIL import Image
 
+from zoo.data.detection import decode_rgb
 from zoo.errors import ConfigError
 from zoo.metrics.detection import (
     detections_figure,
@@ -36,11 +34,7 @@ def _images_figure(scorer, gt: dict, image_dir: Path, n: int, threshold: float):
                 f"images={image_dir}: {path.name} (image id {gt['images'][i]['id']}) not found "
                 "there"
             )
-        with Image.open(path) as im:
-            images.append(
-                torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1).float()
-                / 255
-            )
+        images.append(decode_rgb(path))  # uint8, as training reads it
         targets.append(scorer.targets[i])
         preds.append(scorer.preds[i])
     if not images:
