@@ -176,6 +176,29 @@ def _history(client, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+def _resume_then_finish(args: list[str], last: Path, whole, tmp_path: Path, env: dict):
+    """Resume the stopped job from ``last`` into ``resumed/``; wait for the uninterrupted one."""
+    resumed = run_cli(
+        "train.py",
+        [*args, f"ckpt_path={last}", f"hydra.run.dir={tmp_path / 'resumed'}"],
+        tmp_path,
+        env,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _, err = whole.communicate(timeout=600)
+    assert whole.returncode == 0, err[-3000:]
+    return resumed
+
+
+def _whole_and_resumed_runs(uri: str, tmp_path: Path):
+    """The uninterrupted job's run and the stopped-then-resumed job's (one run)."""
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("zoo").experiment_id])
+    assert len(runs) == 2, "the resumed job must continue the stopped job's run"
+    by_dir = {r.data.params["paths.output_dir"]: r for r in runs}
+    return client, by_dir[str(tmp_path / "whole")], by_dir[str(tmp_path / "first")]
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, data_dir):
     """kill -9 mid-epoch 3 (of 0-3), after epoch 2's checkpoint; resume from last.ckpt into a
@@ -195,21 +218,9 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, data_dir):
     os.kill(first.pid, signal.SIGKILL)
     first.communicate()
     killed_at = _epoch_of(last)
-    resumed = run_cli(
-        "train.py",
-        [*RESUMABLE, f"ckpt_path={last}", f"hydra.run.dir={tmp_path / 'resumed'}"],
-        tmp_path,
-        env,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _, err = whole.communicate(timeout=600)
-    assert whole.returncode == 0, err[-3000:]
+    _resume_then_finish(RESUMABLE, last, whole, tmp_path, env)
 
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("zoo").experiment_id])
-    assert len(runs) == 2, "the resumed job must continue the killed job's run"
-    by_dir = {r.data.params["paths.output_dir"]: r for r in runs}
-    a, b = by_dir[str(tmp_path / "whole")], by_dir[str(tmp_path / "first")]
+    client, a, b = _whole_and_resumed_runs(uri, tmp_path)
     assert b.info.status == "FINISHED"
     for key in ("val/f1_macro", "val/acc", "val/loss", "val/f1_macro_best", "train/loss"):
         ha, hb = _history(client, a.info.run_id, key), _history(client, b.info.run_id, key)
@@ -330,20 +341,9 @@ def test_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(tmp_path, da
     (loader,) = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
     main = loader["_snapshot"]["_main_snapshot"] if workers else loader
     assert main["_sampler_iter_state"]["batches"] >= 5  # the loader's place in epoch 1
-    resumed = run_cli(
-        "train.py",
-        [*args, f"ckpt_path={last}", f"hydra.run.dir={tmp_path / 'resumed'}"],
-        tmp_path,
-        env,
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = _resume_then_finish(args, last, whole, tmp_path, env)
     assert "not resumable" not in resumed.stderr  # Lightning's warning for a plain DataLoader
-    _, err = whole.communicate(timeout=600)
-    assert whole.returncode == 0, err[-3000:]
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("zoo").experiment_id])
-    by_dir = {r.data.params["paths.output_dir"]: r for r in runs}
-    a, b = by_dir[str(tmp_path / "whole")], by_dir[str(tmp_path / "first")]
+    client, a, b = _whole_and_resumed_runs(uri, tmp_path)
     for key in ("train/loss", "val/loss", "val/acc", "val/f1_macro"):
         ha, hb = _history(client, a.info.run_id, key), _history(client, b.info.run_id, key)
         assert len(ha) == 3 and hb == ha, f"{key}: {hb} vs {ha}"

@@ -132,17 +132,26 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def mid_epoch(trainer: L.Trainer | None) -> bool:
+    """Whether ``trainer`` is inside a training epoch (some of its batches done, not all): what
+    a checkpoint saved now must carry besides an epoch's end."""
+    if trainer is None or not trainer.training:
+        return False
+    done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    return 0 < done < trainer.num_training_batches
+
+
 class RandomState(L.Callback):
     """Saves the RNG states in every checkpoint and restores them when a job resumes.
 
     Lightning restores callback states before the sanity check (which it runs inside
     ``isolate_rng``) and before the first training batch draws, so a job resumed from an
-    end-of-epoch checkpoint draws exactly what the uninterrupted job drew after that save (the
-    new epoch's DataLoader iterator draws its base seed in both). A checkpoint saved mid-epoch
-    (a signal, a preemption) is restored again just before the first training batch: the
-    resumed job begins a DataLoader iterator (a draw) that the uninterrupted job, already in
-    its epoch, did not. With DDP each rank restores rank 0's states (the checkpoint is
-    rank 0's)."""
+    end-of-epoch checkpoint draws exactly what the uninterrupted job drew after that save. A
+    checkpoint saved mid-epoch (a signal, a preemption) is restored again just before the first
+    training batch: whatever the resumed job's start-up drew (the uninterrupted job, already in
+    its epoch, drew nothing there) is undone. (Loaders draw their workers' seeds from their own
+    generator: ``zoo.data.base.worker_seed_generator``.) With DDP each rank restores rank 0's
+    states (the checkpoint is rank 0's)."""
 
     def __init__(self) -> None:
         self._trainer: L.Trainer | None = None
@@ -151,15 +160,8 @@ class RandomState(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         self._trainer = trainer
 
-    def _mid_epoch(self) -> bool:
-        trainer = self._trainer
-        if trainer is None or not trainer.training:
-            return False
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        return 0 < done < trainer.num_training_batches
-
     def state_dict(self) -> dict[str, Any]:
-        return {**rng_states(), "mid_epoch": self._mid_epoch()}
+        return {**rng_states(), "mid_epoch": mid_epoch(self._trainer)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict:
@@ -193,10 +195,7 @@ class EpochAccumulators(L.Callback):
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer
-        if trainer is None or not trainer.training or trainer.lightning_module is None:
-            return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        if not 0 < done < trainer.num_training_batches:
+        if not mid_epoch(trainer) or trainer.lightning_module is None:
             return {}
         from torchmetrics import Metric
 
