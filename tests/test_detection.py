@@ -240,6 +240,16 @@ def _write_coco(root, name, boxes_per_image, categories, crowd=()):
     )
 
 
+def _coco_source(root) -> dict:
+    """A COCO source spec over ``_write_coco``'s ``train`` split in ``root``."""
+    return {
+        "format": "coco",
+        "root": str(root),
+        "label_map": {"ball": "circle"},
+        "train": {"annotations": "train.json", "images": "images"},
+    }
+
+
 def test_joint_data_module(tmp_path):
     cats_a = [{"id": 1, "name": "round"}, {"id": 2, "name": "box"}]
     cats_b = [{"id": 5, "name": "tri"}]
@@ -314,12 +324,7 @@ def test_data_module_joins_coco_cctsdb_and_voc_sources(tmp_path):
         "<ymin>11</ymin><xmax>40</xmax><ymax>30</ymax></bndbox></object></annotation>"
     )
     sources = {
-        "coco": {
-            "format": "coco",
-            "root": str(tmp_path / "coco"),
-            "label_map": {"ball": "circle"},
-            "train": {"annotations": "train.json", "images": "images"},
-        },
+        "coco": _coco_source(tmp_path / "coco"),
         "signs": {
             "format": "cctsdb",
             "root": str(tmp_path / "signs"),
@@ -763,15 +768,9 @@ def test_lightning_puts_its_distributed_sampler_into_the_grouped_batch_sampler(t
     from zoo.data.sampling import GroupedBatchSampler
 
     _write_coco(tmp_path / "a", "train", [[(1, (5, 5, 10, 10))]] * 6, [{"id": 1, "name": "ball"}])
-    sources = {
-        "a": {
-            "format": "coco",
-            "root": str(tmp_path / "a"),
-            "label_map": {"ball": "circle"},
-            "train": {"annotations": "train.json", "images": "images"},
-        }
-    }
-    dm = DetectionDataModule(CLASSES, sources, batch_size=2, cache="off")
+    dm = DetectionDataModule(
+        CLASSES, {"a": _coco_source(tmp_path / "a")}, batch_size=2, cache="off"
+    )
     dm.datasets["train"] = DetectionDataset(dm.records("train"), train=True)
     with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
         loader = dm.train_dataloader()
@@ -795,13 +794,8 @@ def test_an_image_that_cannot_be_decoded_is_named_or_skipped_and_counted(tmp_pat
 
     _write_coco(tmp_path / "a", "train", [[(1, (5, 5, 10, 10))]] * 3, [{"id": 1, "name": "ball"}])
     (tmp_path / "a" / "images" / "train1.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    spec = {
-        "format": "coco",
-        "root": str(tmp_path / "a"),
-        "label_map": {"ball": "circle"},
-        "train": {"annotations": "train.json", "images": "images"},
-    }
-    records = DetectionDataModule(CLASSES, {"a": spec}, cache="off").records("train")
+    dm = DetectionDataModule(CLASSES, {"a": _coco_source(tmp_path / "a")}, cache="off")
+    records = dm.records("train")
     with pytest.raises(DataError, match=r"train1\.png: could not decode image"):
         DetectionDataset(records, train=True)[1]
     ds = DetectionDataset(records, train=True, on_bad="skip")

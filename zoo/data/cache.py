@@ -38,6 +38,19 @@ def zoo_cache_dir() -> Path:
     return Path(os.environ.get("ZOO_CACHE_DIR") or Path.home() / ".cache" / "zoo")
 
 
+def cache_folder(setting: str, beside: str | Path, family: str) -> Path | None:
+    """Where a data module keeps its cache, from ``data.cache``: ``beside`` its source
+    (``<beside>/.zoo-cache``), ``zoo_cache`` (``$ZOO_CACHE_DIR/<family>``), any other value a
+    folder, or ``off`` (None: no cache)."""
+    if setting == "off":
+        return None
+    if setting == "beside":
+        return Path(beside) / ".zoo-cache"
+    if setting == "zoo_cache":
+        return zoo_cache_dir() / family
+    return Path(setting).expanduser()
+
+
 def digest(key: Any) -> str:
     """A stable hex digest of a JSON-serialisable key."""
     text = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)

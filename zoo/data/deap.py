@@ -31,7 +31,7 @@ from scipy import signal
 from torch.utils.data import Dataset
 
 from zoo.data.base import FoldPlan, SplitDataModule
-from zoo.data.cache import ArrayCache, file_fingerprint, zoo_cache_dir
+from zoo.data.cache import ArrayCache, cache_folder, file_fingerprint
 from zoo.data.deap_format import (  # noqa: F401  (re-exported: the format's names)
     ALL_CHANNELS,
     BASELINE_SAMPLES,
@@ -668,13 +668,7 @@ class DeapDataModule(SplitDataModule):
 
     def cache_root(self) -> Path | None:
         """The folder of the preprocessed-signal cache (None: data.cache=off)."""
-        if self.cache == "off":
-            return None
-        if self.cache == "beside":
-            return self.data_dir / ".zoo-cache"
-        if self.cache == "zoo_cache":
-            return zoo_cache_dir() / "deap"
-        return Path(self.cache).expanduser()
+        return cache_folder(self.cache, self.data_dir, "deap")
 
     def preprocessing_options(self) -> dict[str, Any]:
         """Everything the cached signal depends on besides its source file."""

@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from zoo.data.base import SplitDataModule
-from zoo.data.cache import ArrayCache, file_fingerprint, zoo_cache_dir
+from zoo.data.cache import ArrayCache, cache_folder, file_fingerprint
 from zoo.data.coco import CocoBoxes, FolderListing, no_gc_pauses, read_coco, read_coco_boxes
 from zoo.data.sampling import GroupedBatchSampler, ResumableRandomSampler
 from zoo.errors import ConfigError, DataError
@@ -1005,13 +1005,8 @@ class DetectionDataModule(SplitDataModule):
         """Where the parsed records of ``ann_file`` are kept (``data.cache``): ``beside`` it
         (``.zoo-cache/``), under ``zoo_cache`` (``$ZOO_CACHE_DIR/detection``), in a folder, or
         ``off``."""
-        if self.cache == "off":
-            return None
-        root = {
-            "beside": Path(ann_file).parent / ".zoo-cache",
-            "zoo_cache": zoo_cache_dir() / "detection",
-        }.get(self.cache, Path(self.cache).expanduser())
-        return ArrayCache(root, "data.cache", verify=self.cache_verify)
+        root = cache_folder(self.cache, Path(ann_file).parent, "detection")
+        return None if root is None else ArrayCache(root, "data.cache", verify=self.cache_verify)
 
     def records(self, split: str) -> RecordTable:
         parts, reports = [], []

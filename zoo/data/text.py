@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from zoo.data.base import SplitDataModule
-from zoo.data.cache import ArrayCache, digest, file_fingerprint, zoo_cache_dir
+from zoo.data.cache import ArrayCache, cache_folder, digest, file_fingerprint
 from zoo.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -308,21 +308,13 @@ class GlueDataModule(SplitDataModule):
         """Where encoded splits are kept (``data.cache``): ``beside`` the TSVs
         (``<data_dir>/.zoo-cache``), ``zoo_cache`` (``$ZOO_CACHE_DIR/glue``), a folder, or
         ``off``."""
-        if self.cache == "off":
-            return None
-        root = {
-            "beside": self.data_dir / ".zoo-cache",
-            "zoo_cache": zoo_cache_dir() / "glue",
-        }.get(self.cache, Path(self.cache).expanduser())
-        return ArrayCache(root, "data.cache", verify=self.cache_verify)
+        root = cache_folder(self.cache, self.data_dir, "glue")
+        return None if root is None else ArrayCache(root, "data.cache", verify=self.cache_verify)
 
     def _read(self, path: Path, require_labels: bool = True):
         texts, labels = read_glue_tsv(path, self.spec, require_labels)
-        if self.subset and labels is not None:
-            texts, labels = texts[: int(self.subset)], labels[: int(self.subset)]
-        elif self.subset:
-            texts = texts[: int(self.subset)]
-        return texts, labels
+        n = int(self.subset) if self.subset else None
+        return texts[:n], (labels[:n] if labels is not None else None)
 
     def _tokenizer(self):
         """The tokenizer: the configured vocabulary, or WordPiece trained on train.tsv (cached
