@@ -6,6 +6,7 @@ import contextlib
 import io
 import itertools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -123,6 +124,15 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def failure_text(proc, tail: int = 3000) -> str:
+    """What a failed CLI run says: the end of its stdout and stderr, plus every traceback in
+    stderr (a multi-process job prints one per rank, and the first is often the cause)."""
+    err = proc.stderr or ""
+    tracebacks = [err[m.start() : m.start() + 4000] for m in re.finditer("Traceback", err)]
+    early = [t for t in tracebacks if err.find(t) < len(err) - tail]
+    return "\n".join([(proc.stdout or "")[-2000:], *early, err[-tail:]])
 
 
 def start_cli(script: str, args: list[str], cwd: Path, env_extra: dict | None = None):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import ROOT, artifacts, cli_env, run_cli
+from tests.conftest import ROOT, artifacts, cli_env, failure_text, run_cli
 
 
 @pytest.mark.parametrize(("dp", "tp"), [(1, 2), (2, 1), (2, 2)], ids=["tp2", "fsdp2", "dp2xtp2"])
@@ -64,7 +64,7 @@ def _train(tmp_path, uri, *overrides):
             *overrides,
         ],
         tmp_path,
-        {"MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"},
+        {"MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"},
         timeout=600,
     )
 
@@ -74,7 +74,7 @@ def test_model_parallel_search_resume_finetune_evaluate(tmp_path, data_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     search = _train(tmp_path, uri, "experiment=sparsebert_dam_search_demo")
-    assert search.returncode == 0, search.stdout[-2000:] + search.stderr[-3000:]
+    assert search.returncode == 0, failure_text(search)
     (run,) = client.search_runs([client.get_experiment_by_name("zoo").experiment_id])
     assert run.info.status == "FINISHED"
     assert run.data.params["trainer.strategy.tensor_parallel_size"] == "2"
@@ -94,7 +94,7 @@ def test_model_parallel_search_resume_finetune_evaluate(tmp_path, data_dir):
         f"ckpt_path={last}",
         "trainer.max_epochs=2",
     )
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure_text(resumed)
     assert "not carried forward" not in resumed.stdout + resumed.stderr  # best/last folders
     (run,) = client.search_runs([client.get_experiment_by_name("zoo").experiment_id])
     assert run.info.status == "FINISHED"
@@ -108,7 +108,7 @@ def test_model_parallel_search_resume_finetune_evaluate(tmp_path, data_dir):
         "experiment=sparsebert_finetune_demo",
         f"model.mask.from_run={run.info.run_id}",
     )
-    assert finetune.returncode == 0, finetune.stdout[-2000:] + finetune.stderr[-3000:]
+    assert finetune.returncode == 0, failure_text(finetune)
     runs = client.search_runs(
         [client.get_experiment_by_name("zoo").experiment_id],
         f"params.`model.mask.from_run` = '{run.info.run_id}'",
