@@ -266,7 +266,7 @@ def step_section(steps: int, device: str = "cpu", amp: str = "off") -> None:
     import torch
     from torchvision.models import detection as tvd
 
-    from zoo.data.detection import derive_group_table
+    from zoo.boxes import derive_group_table
     from zoo.models.detection import build_faster_rcnn
 
     dev = torch.device(device)

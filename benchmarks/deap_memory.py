@@ -33,7 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 1024**3
-# issue 26, measured on this machine before the cache (one LOSO epoch, whole process tree)
+# measured on this machine before the cache existed (one LOSO epoch, whole process tree)
 BEFORE = {
     8: {"job_s": 102, "rss": 3.37, "anon": 3.00, "f32": 0.29},
     32: {"job_s": 426, "rss": 8.08, "anon": 7.72, "f32": 1.17},
@@ -275,7 +275,7 @@ def report(rows, tput, have_baseline: bool, args) -> None:
             b = BEFORE.get(r["n"])
             if b:
                 print(
-                    f"| {r['n']} | before (issue 26) | {b['job_s']} | {b['rss']:.2f} | "
+                    f"| {r['n']} | before the cache | {b['job_s']} | {b['rss']:.2f} | "
                     f"{b['anon']:.2f} | {b['f32']:.2f} | {b['anon'] / b['f32']:.1f}× |"
                 )
             for kind in ("job_before", "job_miss", "job_hit"):

@@ -24,26 +24,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
-from zoo.metrics.detection import (  # noqa: E402
-    DetectionScorer,
-    coco_eval,
-    coco_to_tensors,
-)
+from zoo.metrics.coco_files import coco_to_tensors  # noqa: E402
+from zoo.metrics.detection import STAT_NAMES, DetectionScorer, coco_eval  # noqa: E402
 
-NAMES = [
-    "mAP",
-    "mAP_50",
-    "mAP_75",
-    "mAP_small",
-    "mAP_medium",
-    "mAP_large",
-    "AR_1",
-    "AR_10",
-    "AR_100",
-    "AR_small",
-    "AR_medium",
-    "AR_large",
-]  # pycocotools' stats order
+NAMES = STAT_NAMES  # pycocotools' stats order
 
 
 def synthetic(n_images: int, n_classes: int = 20, seed: int = 0):

@@ -38,9 +38,37 @@ _COUNTER = itertools.count()
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
+# the real-process tiers: left out of a plain `pytest`, run by `pytest --full` (and .ci/run)
+TIERS = {
+    "e2e": "runs train.py / evaluate.py / a study as a CLI subprocess",
+    "multiprocess": "several cooperating processes: DDP, tensor parallelism, torchrun, spawn",
+    "services": "a real mlflow server, PostgreSQL or headless chromium",
+    "faults": "kills, signals and outages of real processes",
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--full",
+        action="store_true",
+        help=f"also run the real-process tiers ({', '.join(TIERS)}); a plain run leaves them out",
+    )
+
+
+def pytest_configure(config):
+    for name, what in TIERS.items():
+        config.addinivalue_line("markers", f"{name}: {what} (run with --full)")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``waits`` first: under xdist their waiting then overlaps the CPU-bound
-    tests instead of ending the run on one busy worker."""
+    """A plain run keeps the fast tier: tests with a tier marker are deselected unless --full
+    or an explicit -m chooses. Tests marked ``waits`` go first: under xdist their waiting then
+    overlaps the CPU-bound tests instead of ending the run on one busy worker."""
+    if not config.getoption("--full") and not config.getoption("markexpr"):
+        fast = [item for item in items if not any(item.get_closest_marker(t) for t in TIERS)]
+        if len(fast) < len(items):
+            config.hook.pytest_deselected(items=[i for i in items if i not in fast])
+            items[:] = fast
     items.sort(key=lambda item: item.get_closest_marker("waits") is None)
 
 

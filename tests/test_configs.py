@@ -80,6 +80,7 @@ def test_missing_mandatory_value(make_cfg):
         ("model.net.hidden_size=-4", "hidden_size must be a positive integer"),
     ],
 )
+@pytest.mark.e2e
 def test_bad_overrides_exit_nonzero_with_short_message(tmp_path, data_dir, override, expected):
     proc = run_cli("train.py", [override, "debug=fast", "logger=none"], tmp_path, timeout=120)
     assert proc.returncode != 0

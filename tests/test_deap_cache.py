@@ -101,7 +101,7 @@ def test_a_damaged_entry_is_detected_and_rebuilt_with_a_warning(deap_dir, tmp_pa
     np.testing.assert_array_equal(again.parts[0], good)
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_building_the_same_cache_share_the_work(deap_dir, tmp_path):
     """Two real processes start on an empty cache at once: each subject is built once, by
     one of them, and both read the same arrays."""

@@ -18,7 +18,8 @@ import zoo.kernels as K
 from tests.conftest import build_model, pycocotools_eval, render_in_chromium
 from zoo.data.detection import DetectionDataModule, DetectionDataset
 from zoo.errors import ConfigError, DataError
-from zoo.metrics.detection import DetectionScorer, coco_to_tensors, score_coco_files
+from zoo.metrics.coco_files import coco_to_tensors, score_coco_files
+from zoo.metrics.detection import STAT_NAMES, DetectionScorer
 from zoo.models.detection import (
     GroupSoftmaxDetector,
     rpn_group_table,
@@ -449,23 +450,7 @@ def test_map_equals_pycocotools(tmp_path, seed):
     ev = _pycocotools_stats(gt_path, res_path)
     scorer, _ = score_coco_files(gt_path, res_path)
     scores = scorer.compute()
-    ours = [
-        scores.metrics[k]
-        for k in (
-            "mAP",
-            "mAP_50",
-            "mAP_75",
-            "mAP_small",
-            "mAP_medium",
-            "mAP_large",
-            "AR_1",
-            "AR_10",
-            "AR_100",
-            "AR_small",
-            "AR_medium",
-            "AR_large",
-        )
-    ]
+    ours = [scores.metrics[k] for k in STAT_NAMES]
     np.testing.assert_allclose(ours, ev.stats, rtol=0, atol=1e-9)
     assert ev.stats[0] > 0.05  # a meaningful, non-degenerate case
     # per class: COCO AP@[.5:.95] from pycocotools' precision array
@@ -524,6 +509,7 @@ def _gather_worker(
         torch.distributed.destroy_process_group()
 
 
+@pytest.mark.multiprocess
 def test_ddp_ranks_score_the_whole_split(tmp_path):
     """Each rank holds half of the images; after gather() every rank reports the full split's
     mAP."""
@@ -579,8 +565,16 @@ def test_coco_files_errors_name_the_file_and_entry(tmp_path):
 REAL_COCO = Path(__file__).parent / "data" / "coco_val2014_100"
 REAL_GT = REAL_COCO / "instances_val2014_100_bbox.json"
 REAL_RESULTS = REAL_COCO / "instances_val2014_fakebbox100_results.json"
-STATS = ["mAP", "mAP_50", "mAP_75", "mAP_small", "mAP_medium", "mAP_large"]
-STATS += ["AR_1", "AR_10", "AR_100", "AR_small", "AR_medium", "AR_large"]
+STATS = STAT_NAMES
+
+
+def test_stat_names_follow_cocoeval_stats_order():
+    """The one place the test suite states COCOeval.summarize()'s order; everything else zips
+    ``STAT_NAMES`` with ``COCOeval.stats``."""
+    assert STAT_NAMES == [
+        *("mAP", "mAP_50", "mAP_75", "mAP_small", "mAP_medium", "mAP_large"),
+        *("AR_1", "AR_10", "AR_100", "AR_small", "AR_medium", "AR_large"),
+    ]
 
 
 def test_real_coco_annotations_score_exactly_like_pycocotools(make_cfg, tmp_path):
@@ -711,7 +705,8 @@ def test_evaluate_scores_a_results_file_and_writes_the_report(make_cfg, tmp_path
 def test_coco_cctsdb_config_group_table(make_cfg):
     from omegaconf import OmegaConf
 
-    from zoo.data.detection import COCO_CLASSES, derive_group_table
+    from zoo.boxes import derive_group_table
+    from zoo.data.detection import COCO_CLASSES
 
     cfg = make_cfg(["experiment=detection_coco_cctsdb"])
     data = OmegaConf.to_container(cfg.data, resolve=True)

@@ -13,7 +13,8 @@ from PIL import Image
 
 import zoo.kernels as K
 from tests.conftest import ROOT
-from zoo.data.detection import derive_group_table, load_cctsdb, load_coco, load_voc
+from zoo.boxes import derive_group_table
+from zoo.data.detection import load_cctsdb, load_coco, load_voc
 from zoo.errors import ConfigError, DataError
 from zoo.metrics.voc import voc_ap, voc_average_precision, voc_class_pr
 

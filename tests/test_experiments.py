@@ -211,9 +211,9 @@ def _detection(cfg, run, arts, html, evaluated, client):
     )
     if results:
         ev = pycocotools_eval(gt, results)
-        names = ["mAP", "mAP_50", "mAP_75", "mAP_small", "mAP_medium", "mAP_large"]
-        names += ["AR_1", "AR_10", "AR_100", "AR_small", "AR_medium", "AR_large"]
-        for name, value in zip(names, ev.stats):
+        from zoo.metrics.detection import STAT_NAMES
+
+        for name, value in zip(STAT_NAMES, ev.stats):
             if value >= 0:  # -1: no ground truth of that size, not logged
                 assert abs(m[f"test/{name}"] - value) <= 1e-9, (name, m[f"test/{name}"], value)
 

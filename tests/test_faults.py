@@ -37,7 +37,7 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
+@pytest.mark.faults
 def test_unreachable_tracking_server_fails_fast_with_one_paragraph(tmp_path, data_dir):
     uri = f"http://127.0.0.1:{_closed_port()}"
     start = time.monotonic()
@@ -71,7 +71,7 @@ print(tracking.create_run(uri, "zoo", name, {}))
 """
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_processes_opening_a_new_sqlite_store_at_the_same_moment(tmp_path):
     """mlflow's first use of a new sqlite store migrates its schema, which fails when processes
     race ("duplicate column name: step": 5 and 6 of 6 processes failed in two tries here
@@ -99,7 +99,7 @@ def test_processes_opening_a_new_sqlite_store_at_the_same_moment(tmp_path):
     assert sorted(r.info.run_name for r in runs) == [f"job{i}" for i in range(4)]
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_four_training_jobs_start_at_once_on_a_new_store(tmp_path, data_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     procs = []
@@ -199,7 +199,7 @@ def _whole_and_resumed_runs(uri: str, tmp_path: Path):
     return client, by_dir[str(tmp_path / "whole")], by_dir[str(tmp_path / "first")]
 
 
-@pytest.mark.slow
+@pytest.mark.faults
 def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, data_dir):
     """kill -9 mid-epoch 3 (of 0-3), after epoch 2's checkpoint; resume from last.ckpt into a
     new output dir: the same mlflow run, one point per epoch, val/test metrics bit-equal to
@@ -246,7 +246,7 @@ faults.AtomicCheckpointIO().save_checkpoint({"w": torch.full((200_000,), 2.0)}, 
 """
 
 
-@pytest.mark.slow
+@pytest.mark.faults
 def test_a_kill_during_a_checkpoint_write_leaves_the_old_checkpoint(tmp_path):
     path = tmp_path / "last.ckpt"
     faults.AtomicCheckpointIO().save_checkpoint({"w": torch.ones(200_000)}, path)
@@ -288,7 +288,7 @@ def _run_of(uri: str):
     return client, runs[0]
 
 
-@pytest.mark.slow
+@pytest.mark.faults
 def test_ctrl_c_saves_last_ckpt_and_marks_the_run_killed(tmp_path, data_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "out"
@@ -315,8 +315,8 @@ def test_ctrl_c_saves_last_ckpt_and_marks_the_run_killed(tmp_path, data_dir):
     assert run.info.status == "KILLED"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.faults
 def test_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(tmp_path, data_dir, workers):
     """SIGTERM lands after step 15, the 5th batch of epoch 1, with or without workers: the
     resumed job trains the rest of epoch 1 on exactly the batches the uninterrupted job did
@@ -351,7 +351,7 @@ def test_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(tmp_path, da
         assert b.data.metrics[key] == a.data.metrics[key], key
 
 
-@pytest.mark.slow
+@pytest.mark.faults
 def test_slurm_requeue_continues_the_same_run(tmp_path, data_dir):
     """SLURM preemption through Lightning's SLURM environment: SIGUSR1 saves an HPC checkpoint
     and requeues the job (`scontrol requeue`); SLURM then sends SIGTERM (last.ckpt saved, exit
@@ -404,7 +404,7 @@ def test_slurm_requeue_continues_the_same_run(tmp_path, data_dir):
 # --------------------------------------------------------------------------- non-finite loss
 
 
-@pytest.mark.slow
+@pytest.mark.faults
 def test_a_nan_loss_stops_the_job_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "out"
@@ -439,8 +439,8 @@ def test_a_nan_loss_stops_the_job_and_keeps_the_last_good_checkpoint(tmp_path, d
 # --------------------------------------------------------------------------- server outages
 
 
-@pytest.mark.slow
 @pytest.mark.waits
+@pytest.mark.faults
 def test_a_60_s_tracking_server_outage_loses_nothing(tmp_path, data_dir):
     """A real mlflow server is killed (SIGKILL) after epoch 2 of two jobs and restarted 60 s
     later on the same store. The long job outlives the outage (it trains epochs 3-5 during it,
@@ -471,14 +471,14 @@ def test_a_60_s_tracking_server_outage_loses_nothing(tmp_path, data_dir):
 
         _, short_err = short.communicate(timeout=300)  # ends while the server is down
         assert short.returncode == 3, short_err[-3000:]
-        assert f"python -m zoo.delivery {tmp_path / 'short'}" in short_err
+        assert f"python -m zoo.tracking.delivery {tmp_path / 'short'}" in short_err
         assert long.poll() is None, "the long job must outlive the outage"
 
         time.sleep(max(0.0, 60 - (time.monotonic() - down_at)))
         server = start_mlflow_server(tmp_path, port)
         back.touch()  # the long job trains on: its next writes find the server again
         delivered = subprocess.run(  # the short job's queue, while the long job trains on
-            [sys.executable, "-m", "zoo.delivery", str(tmp_path / "short")],
+            [sys.executable, "-m", "zoo.tracking.delivery", str(tmp_path / "short")],
             cwd=tmp_path,
             env=cli_env(env),
             capture_output=True,
@@ -518,7 +518,7 @@ def test_what_counts_as_an_outage():
     from mlflow.exceptions import MlflowException, RestException
     from mlflow.protos.databricks_pb2 import TEMPORARILY_UNAVAILABLE
 
-    from zoo.queueing import is_outage
+    from zoo.tracking.queue import is_outage
 
     def wrapped(inner: BaseException) -> MlflowException:  # as mlflow's http_request raises
         try:
@@ -548,7 +548,7 @@ def test_queued_calls_survive_the_journal(tmp_path):
 
     from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 
-    from zoo.queueing import OPS, DeliveryQueue, _decode
+    from zoo.tracking.queue import OPS, DeliveryQueue, _decode
 
     artifact = tmp_path / "last.ckpt"
     artifact.write_text("epoch 1")
@@ -577,15 +577,18 @@ def test_queued_calls_survive_the_journal(tmp_path):
     assert DeliveryQueue(tmp_path / "queue", "x").pending == 3  # a new process sees them
 
 
-def test_delivery_of_a_folder_without_a_queue_is_a_clear_error(tmp_path):
+@pytest.mark.e2e
+@pytest.mark.parametrize("module", ["zoo.tracking.delivery", "zoo.delivery"])
+def test_delivery_of_a_folder_without_a_queue_is_a_clear_error(tmp_path, module):
+    """Both the command and the one earlier jobs' messages print (zoo.delivery)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "zoo.delivery", str(tmp_path)],
+        [sys.executable, "-m", module, str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 2
+    assert proc.returncode == 2, proc.stderr
     assert f"{tmp_path}: no tracking queue here" in proc.stderr
 
 
@@ -593,7 +596,7 @@ def test_a_resumed_job_does_not_log_the_killed_jobs_last_points_twice(tmp_path):
     """The killed job logged step 29's metrics but died before its checkpoint (step 19) was
     written: the resumed job trains steps 20-29 again and logs 29 and 39; step 29 stays one
     point (the first)."""
-    from zoo.loggers import ZooMLFlowLogger
+    from zoo.tracking.lightning import ZooMLFlowLogger
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     killed = ZooMLFlowLogger(experiment_name="zoo", tracking_uri=uri)

@@ -753,6 +753,7 @@ except K.KernelBuildError as exc:
 """
 
 
+@pytest.mark.e2e
 def test_forced_build_failure_falls_back_with_one_warning(tmp_path):
     env = {
         **os.environ,

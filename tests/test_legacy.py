@@ -1,4 +1,4 @@
-"""Runs and checkpoints from before issue 15 (flat pix2pix / detection model keys) still
+"""Runs and checkpoints of earlier versions (flat pix2pix / detection model keys) still
 evaluate: their logged configs are upgraded to the injected shape with the same values."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from tests.conftest import build_model
 from zoo import legacy
 from zoo.pipeline import build
 
-OLD_PIX2PIX = {  # conf/model/pix2pix.yaml as pix2pix_demo resolved it before issue 15
+OLD_PIX2PIX = {  # conf/model/pix2pix.yaml as pix2pix_demo resolved it with flat model keys
     "_target_": "zoo.models.pix2pix.Pix2Pix",
     "netG": "unet_64",
     "netD": "basic",
@@ -96,3 +96,12 @@ def test_an_old_detection_config_builds_the_same_model():
 def test_current_configs_are_left_alone():
     cfg = OmegaConf.create({"model": {"_target_": "zoo.models.pix2pix.Pix2Pix", "generator": {}}})
     assert legacy.upgrade(cfg) is cfg
+
+
+def test_models_logged_by_earlier_versions_find_their_pyfunc_class():
+    """A logged model's code is a copy of the pyfunc module as it was: earlier ones import
+    ZooPyfuncModel from zoo.serving."""
+    import zoo.serving
+    from zoo.tracking.serving import ZooPyfuncModel
+
+    assert zoo.serving.ZooPyfuncModel is ZooPyfuncModel

@@ -16,6 +16,7 @@ from tests.conftest import ROOT, artifacts, cli_env, failure_text, run_cli
 
 
 @pytest.mark.parametrize(("dp", "tp"), [(1, 2), (2, 1), (2, 2)], ids=["tp2", "fsdp2", "dp2xtp2"])
+@pytest.mark.multiprocess
 def test_split_model_equals_one_process(tmp_path, dp, tp):
     """Loss and every parameter's gradient on a fixed batch, for dense, DAM_s, DAM_u (a Gumbel
     sample, same noise) and random masks; fsdp2 is FSDP2 alone over two data-parallel ranks (each
@@ -69,7 +70,7 @@ def _train(tmp_path, uri, *overrides):
     )
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_model_parallel_search_resume_finetune_evaluate(tmp_path, data_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -151,6 +152,7 @@ def test_model_parallel_search_resume_finetune_evaluate(tmp_path, data_dir):
     ],
     ids=["heads", "world-size", "no-plan"],
 )
+@pytest.mark.e2e
 def test_bad_model_parallel_settings_are_one_paragraph(tmp_path, data_dir, overrides, expected):
     proc = run_cli(
         "train.py",

@@ -50,6 +50,7 @@ def test_per_class_metrics_by_hand():
     assert empty["a"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
 
 
+@pytest.mark.services
 def test_html_report_renders_in_headless_chromium(tmp_path):
     files = _report().write(tmp_path)
     page = render_in_chromium(files["html"], tmp_path / "profile")

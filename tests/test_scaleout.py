@@ -44,8 +44,8 @@ def _runs(uri: str, experiment: str = "zoo"):
 # --------------------------------------------------------------------------- launchers
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
+@pytest.mark.e2e
 def test_a_multirun_through_a_launcher_is_one_run_per_job(launcher, tmp_path, data_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     proc = run_cli(
@@ -70,6 +70,7 @@ def test_a_multirun_through_a_launcher_is_one_run_per_job(launcher, tmp_path, da
         assert list(tmp_path.rglob(".submitit/*/*_submitted.pkl"))
 
 
+@pytest.mark.e2e
 def test_launcher_options_are_checked(tmp_path):
     proc = run_cli("train.py", ["-m", "hydra/launcher=joblib", "hydra.launcher.n_job=2"], tmp_path)
     assert proc.returncode == 2
@@ -109,7 +110,7 @@ def test_search_space_from_hydra_sweeps():
         sweeper.search_space(OmegaConf.create({"b": "interval(1.0, 0.5)"}), [])
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_workers_share_one_study(tmp_path, data_dir):
     """Two processes, one sqlite study, 2 trials each: 4 distinct trials, 4 mlflow runs."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -164,6 +165,7 @@ def test_two_workers_share_one_study(tmp_path, data_dir):
         ("not a url", "not a database URL"),
     ],
 )
+@pytest.mark.e2e
 def test_a_storage_that_cannot_be_opened_is_one_paragraph(tmp_path, storage, expected):
     storage = storage.format(port=free_port())
     proc = run_cli(
@@ -176,6 +178,7 @@ def test_a_storage_that_cannot_be_opened_is_one_paragraph(tmp_path, storage, exp
     assert "Traceback" not in proc.stderr and "pw@" not in proc.stderr  # password not shown
 
 
+@pytest.mark.e2e
 def test_an_unreachable_postgresql_store_is_one_paragraph(tmp_path):
     uri = f"postgresql://zoo:secret@127.0.0.1:{free_port()}/mlflow"
     proc = run_cli("train.py", ["debug=fast"], tmp_path, {"MLFLOW_TRACKING_URI": uri})
@@ -185,6 +188,7 @@ def test_an_unreachable_postgresql_store_is_one_paragraph(tmp_path):
     assert "secret" not in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.e2e
 def test_a_failing_trial_is_recorded_and_stops_the_sweep_with_a_message(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     proc = run_cli(
@@ -208,6 +212,7 @@ def test_a_failing_trial_is_recorded_and_stops_the_sweep_with_a_message(tmp_path
     assert (tmp_path / "logs" / "train" / "optuna" / "eeg" / "optimization_results.yaml").is_file()
 
 
+@pytest.mark.services
 def test_workers_get_distinct_ids_from_a_postgresql_storage(postgres):
     url = postgres("optuna")
     storage = sweeper.open_storage(url, heartbeat=60, grace=None)
@@ -219,7 +224,7 @@ def test_workers_get_distinct_ids_from_a_postgresql_storage(postgres):
 # --------------------------------------------------------------------------- team server
 
 
-@pytest.mark.slow
+@pytest.mark.services
 def test_team_server_on_postgresql_with_basic_auth(tmp_path, data_dir, postgres):
     """mlflow server: PostgreSQL backend store, artifact proxy, basic-auth. Requests without a
     login are refused (and the zoo says so in one paragraph); with one, a job logs everything."""
@@ -304,7 +309,7 @@ def test_team_server_on_postgresql_with_basic_auth(tmp_path, data_dir, postgres)
 # --------------------------------------------------------------------------- multi-node DDP
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_torchrun_agents_train_one_ddp_job(tmp_path, data_dir):
     """Two torchrun agents on loopback, one process each: a 2-node DDP job. One output dir, one
     FINISHED run (rank 0), and its DDP-gathered test metrics equal one process's evaluation of

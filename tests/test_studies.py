@@ -135,7 +135,7 @@ def _study(tmp_path, uri: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_the_study_runs_every_stage_and_summarises_them(tmp_path, data_dir):
     """Dense, a DAM_s search, the fine-tune from its mask and a random mask of its density,
     each a train.py multirun on pretrained MiniLM (debug=fast), then the summary run."""
@@ -251,7 +251,7 @@ def _parent(client, study: str):
     return run
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_a_loso_study_runs_every_fold_through_joblib_and_summarises_them(tmp_path, data_dir):
     """3 subjects' LOSO through hydra/launcher=joblib with 2 jobs, plus a fourth listed subject
     whose file is missing: that fold fails naming the file, the others run, and the parent
@@ -309,7 +309,7 @@ def test_a_loso_study_runs_every_fold_through_joblib_and_summarises_them(tmp_pat
     assert int(pooled.sum()) > 0
 
 
-@pytest.mark.slow
+@pytest.mark.faults
 def test_a_rerun_trains_only_the_fold_that_was_killed(tmp_path, data_dir):
     """Folds run one after another (Hydra's basic launcher); the last is SIGKILLed mid-way,
     which ends the multirun. Running the study again trains that fold alone."""

@@ -27,7 +27,7 @@ def _wait_for_text(driver, texts: list[str], timeout: float = 60.0) -> str:
     pytest.fail(f"the mlflow UI never showed {missing}; it showed:\n{body[:3000]}")
 
 
-@pytest.mark.slow
+@pytest.mark.services
 def test_multirun_into_a_server_then_evaluate_and_browse(tmp_path, data_dir, mlflow_server):
     url, artifact_root = mlflow_server
     work = tmp_path / "work"

@@ -222,12 +222,12 @@ def test_registered_model_is_evaluated_from_the_registry(make_cfg, tracking_uri,
 
 
 def test_a_model_that_cannot_be_logged_keeps_the_run(make_cfg, tracking_uri, monkeypatch):
-    import zoo.serving
+    import zoo.tracking.serving
 
     def broken(*args, **kwargs):
         raise RuntimeError("no space left on the artifact store")
 
-    monkeypatch.setattr(zoo.serving, "log_model", broken)
+    monkeypatch.setattr(zoo.tracking.serving, "log_model", broken)
     train(make_cfg(["debug=fast", "tracking.experiment_name=unloggable", "test=false"]))
     (run,) = _runs(MlflowClient(tracking_uri), "unloggable")
     assert run.info.status == "FINISHED" and "val/loss" in run.data.metrics

@@ -24,7 +24,8 @@ import shutil
 import signal
 import tempfile
 import threading
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -386,6 +387,20 @@ class StopSafely(L.Callback):
         for signum in (signal.SIGINT, signal.SIGTERM):
             self._previous[signum] = signal.getsignal(signum)
             signal.signal(signum, self._handle)
+
+    @contextmanager
+    def handling_signals(self) -> Iterator[None]:
+        """SIGINT and SIGTERM handled as above while the block runs; a job they stopped exits
+        with 130 / 143 (the run is KILLED)."""
+        self.install_signal_handlers()
+        try:
+            yield
+        except BaseException:
+            if self.exit_code is not None:
+                raise SystemExit(self.exit_code) from None
+            raise
+        finally:
+            self.restore_signal_handlers()
 
     def restore_signal_handlers(self) -> None:
         for signum, handler in self._previous.items():

@@ -5,19 +5,13 @@ talk to mlflow themselves."""
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
 from zoo.errors import ConfigError, one_line
+from zoo.tracking.store import resolve_tracking_uri
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # mlflow's own default store
-
-
-def resolve_tracking_uri(cfg_value: str | None = None) -> str:
-    """Config key beats MLFLOW_TRACKING_URI beats mlflow's default sqlite store."""
-    return cfg_value or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def download(artifact_uri: str, tracking_uri: str, failure: str, dst: str | None = None) -> Path:

@@ -1,6 +1,6 @@
-"""Configs logged before issue 15, upgraded so their runs and checkpoints still evaluate.
+"""Configs logged with flat model keys, upgraded so their runs and checkpoints still evaluate.
 
-Until then pix2pix and detection took flat keyword arguments (``model.netG``, ``model.lr``,
+Earlier versions of pix2pix and detection took flat keyword arguments (``model.netG``, ``model.lr``,
 ``model.backbone``, ...) and built their networks, optimizers and schedules in code; now those
 are injected from the config. A training config logged by an older zoo (in a run's
 ``config/config.yaml`` or inside a checkpoint) is rewritten to the new shape here, with the

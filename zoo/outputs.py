@@ -1,7 +1,7 @@
 """What a model produces besides its loss and metrics, as typed records.
 
 Models *emit* these into their :class:`Outbox`; they never import mlflow or look for a logger.
-:class:`zoo.callbacks.TrackOutputs` drains the outbox on rank 0 and logs each record to the
+:class:`zoo.tracking.lightning.TrackOutputs` drains the outbox on rank 0 and logs each record to the
 run (figures, files, tags, counts); report sections go to ``evaluate.py``'s report. A new model
 family therefore needs no edit in tracking, reports or the pipeline.
 
@@ -111,7 +111,7 @@ class EmitsOutputs(Protocol):
 
 @runtime_checkable
 class Servable(Protocol):
-    """A model that can be logged as an mlflow Model (``zoo.serving``).
+    """A model that can be logged as an mlflow Model (``zoo.tracking.serving``).
 
     ``serving_input(batch)`` picks the model's input out of one data-module batch as numpy
     (an array, or a dict of named arrays); ``serve(inputs)`` runs inference on such inputs and

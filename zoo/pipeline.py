@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from zoo import cluster, console, faults, kernels, legacy, parallel, tracking
-from zoo.callbacks import RunInfo, TrackOutputs
 from zoo.errors import ConfigError, TrackingUndelivered, one_line
-from zoo.loggers import ZooMLFlowLogger
 from zoo.reports import Report
+from zoo.tracking.lightning import RunInfo, TrackOutputs, ZooMLFlowLogger
 
 log = logging.getLogger(__name__)
 
@@ -88,22 +87,25 @@ def _run_id_for(cfg: DictConfig, ckpt: dict | None) -> str | None:
 
 def fit_and_test(cfg: DictConfig, trainer: L.Trainer, model, datamodule, ckpt_path=None):
     """Fit (unless train=false; resuming from ``ckpt_path``) and test the best checkpoint
-    (unless test=false); returns the best checkpoint's path, its monitored score and the test
-    metrics."""
+    (unless test=false)."""
     if cfg.get("train", True):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     ckpt_cb = trainer.checkpoint_callback
-    best_path = getattr(ckpt_cb, "best_model_path", "") or ""
-    best_score = getattr(ckpt_cb, "best_model_score", None)
-    test_metrics = {}
+    outcome = Outcome(
+        best_path=getattr(ckpt_cb, "best_model_path", "") or "",
+        best_score=getattr(ckpt_cb, "best_model_score", None),
+        monitor=getattr(ckpt_cb, "monitor", None) or "-",
+    )
     if cfg.get("test", True):
-        if not best_path:
+        if not outcome.best_path:
             log.warning("No best checkpoint (checkpointing off?): testing the current weights.")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best_path or None, weights_only=True)
-        test_metrics = {
+        trainer.test(
+            model, datamodule=datamodule, ckpt_path=outcome.best_path or None, weights_only=True
+        )
+        outcome.test_metrics = {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")
         }
-    return best_path, best_score, test_metrics
+    return outcome
 
 
 def log_best_model(run: tracking.TrainingRun, cfg: DictConfig, model, datamodule, best_path: str):
@@ -149,35 +151,99 @@ def configure_kernels(cfg: DictConfig) -> None:
         raise ConfigError(str(exc)) from None
 
 
+@dataclass
+class Outcome:
+    """What a training job produced: the best checkpoint and score, the test metrics and the
+    logged mlflow Model."""
+
+    best_path: str = ""
+    best_score: Any = None
+    monitor: str = "-"
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    model_info: Any = None
+
+    @property
+    def best_value(self) -> float | None:
+        return float(self.best_score) if self.best_score is not None else None
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit, test with the best checkpoint, log everything to mlflow; returns the best monitored
     value (what hyper-parameter sweeps optimise)."""
-    console.tidy()
-    configure_kernels(cfg)
-    cluster.check_allocation(cfg.trainer)
-    parallel.check_layout(cfg.trainer)
-    loggers_cfg = cfg.get("logger") or {}
-    mlflow_loggers = {n for n, node in loggers_cfg.items() if "MLFlow" in str(node.get("_target_"))}
-    for name in mlflow_loggers:  # fail fast on an unreachable store, before any work; create
-        node = loggers_cfg[name]  # the experiment here, safely when many jobs start at once
-        uri = tracking.open_store(node.get("tracking_uri"))
-        tracking.ensure_experiment(uri, node.get("experiment_name") or "lightning_logs")
+    check_job(cfg)
+    mlflow_loggers = open_tracking_stores(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     resume = faults.resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir)
     ckpt = read_checkpoint(resume, weights=False) if resume else None
-
     datamodule = build(cfg.data, "data")
     model = build(cfg.model, "model")
     parallel.check_model(model, cfg.trainer)
+    loggers, run = build_loggers(cfg, mlflow_loggers, ckpt)
+    stopper = faults.StopSafely()
+    trainer = build_trainer(cfg, loggers, run, resume, stopper)
+
+    with stopper.handling_signals():
+        with run.guard(stopper):
+            run.start(cfg, model, resumed=ckpt is not None or bool(cfg.get("run_id")))
+            with run.system_metrics(cfg):
+                outcome = fit_and_test(cfg, trainer, model, datamodule, resume)
+            log_outcome(cfg, run, model, datamodule, outcome)
+        run.finish()
+    undelivered = deliver_queue(run, cfg)
+    print_summary(summary(cfg, run, outcome))
+    if undelivered:
+        raise undelivered
+    return outcome.best_value
+
+
+def check_job(cfg: DictConfig) -> None:
+    """Before any work: the console, the kernels backend, and whether the job's processes
+    match the cluster allocation and the model-parallel layout."""
+    console.tidy()
+    configure_kernels(cfg)
+    cluster.check_allocation(cfg.trainer)
+    parallel.check_layout(cfg.trainer)
+
+
+def _is_mlflow_logger(node: Any) -> bool:
+    from hydra.utils import get_class
+
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    try:
+        return bool(target) and issubclass(get_class(str(target)), MLFlowLogger)
+    except Exception:  # an unknown class: build() names it
+        return False
+
+
+def open_tracking_stores(cfg: DictConfig) -> set[str]:
+    """The names of the job's mlflow loggers, their stores checked (an unreachable one fails
+    before any work) and their experiments created here, safely when many jobs start at once."""
+    loggers_cfg = cfg.get("logger") or {}
+    names = {n for n, node in loggers_cfg.items() if _is_mlflow_logger(node)}
+    for name in names:
+        node = loggers_cfg[name]
+        uri = tracking.open_store(node.get("tracking_uri"))
+        tracking.ensure_experiment(uri, node.get("experiment_name") or "lightning_logs")
+    return names
+
+
+def build_loggers(cfg: DictConfig, mlflow_loggers: set[str], ckpt: dict | None):
+    """The configured loggers (an mlflow logger continues a resumed checkpoint's run) and the
+    job's ``TrainingRun``."""
     loggers = []
-    for name, node in loggers_cfg.items():
+    for name, node in (cfg.get("logger") or {}).items():
         extra = {"run_id": _run_id_for(cfg, ckpt)} if name in mlflow_loggers else {}
         loggers.append(build(node, f"logger.{name}", **extra))
     run = tracking.TrainingRun(next((lg for lg in loggers if isinstance(lg, MLFlowLogger)), None))
     if ckpt is not None and isinstance(run.logger, ZooMLFlowLogger):
         run.logger.resume_after(int(ckpt.get("global_step", 0)))
-    stopper = faults.StopSafely()
+    return loggers, run
+
+
+def build_trainer(cfg: DictConfig, loggers, run, resume, stopper) -> L.Trainer:
+    """The configured trainer with the zoo's own callbacks (tracking, exact resume, safe stop)
+    and atomic checkpoint writes."""
     callbacks = build_all(cfg.get("callbacks"), "callbacks") + [
         RunInfo(cfg, run),
         TrackOutputs(run),
@@ -189,68 +255,48 @@ def train(cfg: DictConfig) -> float | None:
     if not loggers:  # logger=none: Lightning's LR monitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     plugins = {} if cfg.trainer.get("plugins") else {"plugins": [faults.AtomicCheckpointIO()]}
-    trainer: L.Trainer = build(
-        cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, **plugins
-    )
+    return build(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False, **plugins)
 
-    stopper.install_signal_handlers()
-    try:
-        with run.guard(stopper):
-            run.start(cfg, model, resumed=ckpt is not None or bool(cfg.get("run_id")))
-            if OmegaConf.select(cfg, "tracking.system_metrics"):
-                run.start_system_metrics(
-                    float(OmegaConf.select(cfg, "tracking.system_metrics_interval") or 10)
-                )
-            try:
-                best_path, best_score, test_metrics = fit_and_test(
-                    cfg, trainer, model, datamodule, resume
-                )
-            finally:
-                run.stop_system_metrics()
-            ckpt_cb = trainer.checkpoint_callback
-            if best_path and Path(best_path).is_dir() and run.active:
-                best_path = str(parallel.consolidate(best_path))  # one file, whole weights
-            run.log_best_checkpoint(best_path)  # a no-op on ranks other than 0
-            run.set_tag("zoo.kernels", kernels.used_backend())
-            model_info = None
-            if run.active and OmegaConf.select(cfg, "tracking.log_model") is not False:
-                name = OmegaConf.select(cfg, "registry.model_name") or None
-                if run.pending and best_path:  # the server is down: log it when it is back
-                    run.defer_model(best_path, name)
-                else:
-                    model_info = log_best_model(run, cfg, model, datamodule, best_path)
-        run.finish()
-    except BaseException:
-        if stopper.exit_code is not None:  # SIGINT: 130, SIGTERM: 143 (the run is KILLED)
-            raise SystemExit(stopper.exit_code) from None
-        raise
-    finally:
-        stopper.restore_signal_handlers()
-    undelivered = deliver_queue(run, cfg)
 
-    monitor = getattr(ckpt_cb, "monitor", None) or "-"
-    summary = {"experiment": cfg.get("name"), "mlflow run id": run.run_id or "(mlflow logging off)"}
-    summary[f"best {monitor}"] = f"{float(best_score):.4f}" if best_score is not None else "-"
-    summary.update({k: f"{v:.4f}" for k, v in sorted(test_metrics.items())})
-    summary["best checkpoint"] = best_path or "-"
-    summary["output dir"] = cfg.paths.output_dir
+def log_outcome(cfg: DictConfig, run: tracking.TrainingRun, model, datamodule, outcome: Outcome):
+    """The best checkpoint (one file, whole weights) and the mlflow Model, into the run; while
+    the tracking server is down, the Model is queued."""
+    if outcome.best_path and Path(outcome.best_path).is_dir() and run.active:
+        outcome.best_path = str(parallel.consolidate(outcome.best_path))
+    run.log_best_checkpoint(outcome.best_path)  # a no-op on ranks other than 0
+    run.set_tag("zoo.kernels", kernels.used_backend())
+    if not run.active or OmegaConf.select(cfg, "tracking.log_model") is False:
+        return
+    name = OmegaConf.select(cfg, "registry.model_name") or None
+    if run.pending and outcome.best_path:  # the server is down: log it when it is back
+        run.defer_model(outcome.best_path, name)
+    else:
+        outcome.model_info = log_best_model(run, cfg, model, datamodule, outcome.best_path)
+
+
+def summary(cfg: DictConfig, run: tracking.TrainingRun, outcome: Outcome) -> dict[str, Any]:
+    """The lines of the end-of-job summary."""
+    lines = {"experiment": cfg.get("name"), "mlflow run id": run.run_id or "(mlflow logging off)"}
+    best = outcome.best_value
+    lines[f"best {outcome.monitor}"] = f"{best:.4f}" if best is not None else "-"
+    lines.update({k: f"{v:.4f}" for k, v in sorted(outcome.test_metrics.items())})
+    lines["best checkpoint"] = outcome.best_path or "-"
+    lines["output dir"] = cfg.paths.output_dir
     if run.run_id:
         uri = tracking.resolve_tracking_uri(cfg.tracking.tracking_uri)
-        summary["look at it"] = (
+        lines["look at it"] = (
             f"mlflow ui --backend-store-uri {uri}" if not uri.startswith("http") else uri
         )
-        summary["report"] = f"python evaluate.py run_id={run.run_id}"
-    if model_info is not None:
-        summary["mlflow model"] = model_info.model_uri
-        if model_info.registered_model_version:
+        lines["report"] = f"python evaluate.py run_id={run.run_id}"
+    info = outcome.model_info
+    if info is not None:
+        lines["mlflow model"] = info.model_uri
+        if info.registered_model_version:
             name = OmegaConf.select(cfg, "registry.model_name")
-            summary["registered"] = f"models:/{name}/{model_info.registered_model_version}"
-    if undelivered:
-        summary["tracking"] = f"{run.pending} records queued in {run.queue_dir}"
-    print_summary(summary)
-    if undelivered:
-        raise undelivered
-    return float(best_score) if best_score is not None else None
+            lines["registered"] = f"models:/{name}/{info.registered_model_version}"
+    if run.pending:
+        lines["tracking"] = f"{run.pending} records queued in {run.queue_dir}"
+    return lines
 
 
 def deliver_queue(run: tracking.TrainingRun, cfg: DictConfig) -> TrackingUndelivered | None:
@@ -267,7 +313,8 @@ def deliver_queue(run: tracking.TrainingRun, cfg: DictConfig) -> TrackingUndeliv
         f"not answer by the end of the job. Training finished and its checkpoints are in "
         f"{cfg.paths.output_dir}; {run.pending} tracking records of run {run.run_id} (metrics, "
         f"tags, artifacts, its end) are queued in {run.queue_dir}. When the server is back, "
-        f"deliver them into the same run with: python -m zoo.delivery {cfg.paths.output_dir}"
+        f"deliver them into the same run with: python -m zoo.tracking.delivery "
+        f"{cfg.paths.output_dir}"
     )
 
 

@@ -1,5 +1,5 @@
 """Reading COCO JSON: the one reader of annotation and results files, for training data
-(``zoo.data.detection``) and scoring (``zoo.metrics.detection``) alike.
+(``zoo.data.detection``) and scoring (``zoo.metrics.coco_files``) alike.
 
 Files are parsed with orjson (several times faster than the standard library on COCO's
 hundreds of megabytes); a malformed file is one error naming the file and the position.

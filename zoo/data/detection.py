@@ -23,7 +23,6 @@ import logging
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from zoo.boxes import derive_group_table, entry_errors
 from zoo.data.base import SplitDataModule
 from zoo.data.cache import ArrayCache, cache_folder, file_fingerprint
 from zoo.data.coco import CocoBoxes, FolderListing, no_gc_pauses, read_coco, read_coco_boxes
@@ -352,24 +352,6 @@ class LoadReport:
             )
 
 
-def derive_group_table(label_maps: list[dict[str, str | None]], classes: list[str]) -> torch.Tensor:
-    """[S, C + 1] integer group ids: column 0 is background (group 0); class c (1-based in
-    ``classes``) is group c for a source whose label map reaches it, else group 0."""
-    table = torch.zeros(len(label_maps), len(classes) + 1, dtype=torch.long)
-    index = {name: i + 1 for i, name in enumerate(classes)}
-    for s, label_map in enumerate(label_maps):
-        for src_name, unified in label_map.items():
-            if unified is None:
-                continue
-            if unified not in index:
-                raise ConfigError(
-                    f"label map of source {s}: {src_name!r} -> {unified!r}, which is not one of "
-                    f"the classes {classes}"
-                )
-            table[s, index[unified]] = index[unified]
-    return table
-
-
 class AnnotationChecker:
     """Validates one source's annotations: a bad one raises a DataError naming it (on_bad=error)
     or is skipped and counted in the source's LoadReport (on_bad=skip)."""
@@ -398,18 +380,6 @@ class AnnotationChecker:
             self.bad("outside_image", f"{where} box {box} in a {width}x{height} image")
             return False
         return True
-
-
-@contextmanager
-def entry_errors(where: str):
-    """A missing key or a wrong type in one annotation entry becomes an error naming it."""
-    try:
-        yield
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        detail = (
-            f"missing key {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
-        )
-        raise DataError(f"{where}: malformed entry ({detail})") from None
 
 
 def _image_size(path: Path) -> tuple[int, int] | None:

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from zoo.boxes import box_iou
+
 
 def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = False) -> float:
     recall, precision = np.asarray(recall, float), np.asarray(precision, float)
@@ -29,19 +31,6 @@ def voc_ap(recall: np.ndarray, precision: np.ndarray, use_07_metric: bool = Fals
         mpre[i] = max(mpre[i], mpre[i + 1])
     idx = np.where(mrec[1:] != mrec[:-1])[0]
     return float(np.sum((mrec[idx + 1] - mrec[idx]) * mpre[idx + 1]))
-
-
-def box_iou(box: np.ndarray, boxes: np.ndarray, pixel_inclusive: bool = False) -> np.ndarray:
-    """IoU of one xyxy box with many; ``pixel_inclusive`` adds 1 to widths/heights as the VOC
-    devkit does for integer pixel coordinates."""
-    one = 1.0 if pixel_inclusive else 0.0
-    ix1, iy1 = np.maximum(boxes[:, 0], box[0]), np.maximum(boxes[:, 1], box[1])
-    ix2, iy2 = np.minimum(boxes[:, 2], box[2]), np.minimum(boxes[:, 3], box[3])
-    iw, ih = np.maximum(ix2 - ix1 + one, 0.0), np.maximum(iy2 - iy1 + one, 0.0)
-    inter = iw * ih
-    area = (box[2] - box[0] + one) * (box[3] - box[1] + one)
-    areas = (boxes[:, 2] - boxes[:, 0] + one) * (boxes[:, 3] - boxes[:, 1] + one)
-    return inter / np.maximum(area + areas - inter, np.finfo(float).eps)
 
 
 def voc_class_pr(

@@ -18,7 +18,7 @@ SchedulerFactory = Callable[..., Any]
 
 class ZooModule(L.LightningModule):
     """A LightningModule that emits figures, files, tags and report sections instead of
-    logging them (``zoo.callbacks.TrackOutputs`` does that, on rank 0)."""
+    logging them (``zoo.tracking.lightning.TrackOutputs`` does that, on rank 0)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -43,14 +43,10 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import misc as misc_nn_ops
 
 from zoo import kernels
-from zoo.data.detection import derive_group_table
+from zoo.boxes import derive_group_table
 from zoo.errors import ConfigError
-from zoo.metrics.detection import (
-    DetectionScorer,
-    detections_figure,
-    per_class_ap_figure,
-    pr_curves_figure,
-)
+from zoo.metrics.detection import DetectionScorer
+from zoo.metrics.detection_figures import detections_figure, per_class_ap_figure, pr_curves_figure
 from zoo.models.base import OptimizerFactory, SchedulerFactory, ZooModule
 from zoo.outputs import Count, Figure, File, Section, Tag
 from zoo.reports.detection import detection_sections

@@ -13,12 +13,8 @@ from omegaconf import DictConfig
 
 from zoo.data.detection import decode_rgb
 from zoo.errors import ConfigError
-from zoo.metrics.detection import (
-    detections_figure,
-    per_class_ap_figure,
-    pr_curves_figure,
-    score_coco_files,
-)
+from zoo.metrics.coco_files import score_coco_files
+from zoo.metrics.detection_figures import detections_figure, per_class_ap_figure, pr_curves_figure
 from zoo.outputs import Section
 from zoo.reports.report import Report
 

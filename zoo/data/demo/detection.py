@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from zoo.boxes import box_iou
 from zoo.data.demo import manifest_matches, publish, staging_dir
 from zoo.data.demo.pix2pix import PHOTOS, load_photo
-from zoo.metrics.voc import box_iou
 
 GENERATOR_VERSION = 1
 SHAPES = ("circle", "square", "triangle", "cross")

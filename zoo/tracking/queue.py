@@ -8,8 +8,8 @@ in the job's output dir (``tracking-queue/``; artifacts are copied in, since the
 be temporary or overwritten), and the queue is delivered as soon as the server answers again.
 
 If the server is still down when the job ends, the job exits non-zero saying so, and
-``python -m zoo.delivery <output dir>`` delivers the queue later into the same run (the job's
-end status included). Writes are
+``python -m zoo.tracking.delivery <output dir>`` delivers the queue later into the same run
+(the job's end status included). Writes are
 delivered at least once: a write whose answer was lost may arrive twice (a metric point).
 """
 
@@ -221,6 +221,15 @@ class DeliveryQueue:
                     self.folder,
                 )
 
+    @property
+    def lock(self) -> threading.RLock:
+        """Held while a write is appended or the queue delivered (re-entrant)."""
+        return self._lock
+
+    def retry_now(self) -> None:
+        """The next ``due`` asks the server at once, whatever the retry interval says."""
+        self._next_try = 0.0
+
     # ---------------------------------------------------------------- delivering
     def due(self) -> bool:
         """Whether to try the server again: the retry interval has passed and a quick health
@@ -281,7 +290,9 @@ class DeliveryQueue:
         kwargs = _decode(op["kwargs"])
         if op["method"] == DEFERRED_MODEL:
             if deliver_model is None:
-                raise TrackingError("the run's model can only be logged by python -m zoo.delivery")
+                raise TrackingError(
+                    "the run's model can only be logged by python -m zoo.tracking.delivery"
+                )
             deliver_model(client, **kwargs)
             return
         if op["method"] not in WRITES:
@@ -339,7 +350,7 @@ class QueueingClient(MlflowClient):
         _stamp(method, call)  # the time of the call, not of a later delivery
         self._local.busy = True
         try:
-            with self.queue._lock:
+            with self.queue.lock:
                 if self.queue.pending and not (self.queue.due() and self.queue.deliver(self)):
                     self.queue.append(method, call)
                     return None
@@ -374,7 +385,7 @@ class QueueingClient(MlflowClient):
         if self.queue is None or not self.queue.pending:
             return True
         deadline = time.monotonic() + wait_s
-        self.queue._next_try = 0.0
+        self.queue.retry_now()
         while True:
             self._local.busy = True
             try:
