@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -816,3 +817,51 @@ def test_the_detector_takes_uint8_images_and_normalises_them_as_torchvision_does
     with torch.no_grad():
         a, b = net([image]), net([image.float() / 255])
     assert torch.allclose(a[0]["boxes"], b[0]["boxes"], atol=1e-3)
+
+
+# ------------------------------------------------- what test_experiments checks of this family
+
+
+def check_experiment_run(cfg, run, arts, html, evaluated, client):
+    """What only this family logs, checked after the shared checks of
+    tests/test_experiments.py::test_experiment_end_to_end."""
+    m = run.data.metrics
+    for key in (
+        "train/loss_classifier",
+        "train/loss_objectness",
+        "val/mAP",
+        "val/AR_100",
+        "val/voc07_mAP_50",
+        "test/mAP_75",
+        "test/voc_mAP_50",
+    ):
+        assert key in m, key
+    assert 0 <= m["val/mAP"] <= 1
+    assert run.data.params["model.net.loss"] == cfg.model.net.loss
+    assert run.data.tags["zoo.group_table"] == "a: [0, 1, 2, 0, 0]; b: [0, 0, 0, 3, 4]"
+    assert {
+        "figures/test/pr_curves.png",
+        "figures/test/ap_per_class.png",
+        "figures/test/detections.png",
+        "predictions/test_results.json",
+    } <= arts
+    assert "Detection results" in html and "AP per class" in html and "group table" in html.lower()
+    # the logged test mAP is pycocotools' COCOeval of what was scored, within 1e-9
+    folder = tempfile.mkdtemp()
+    gt = json.loads(
+        Path(
+            client.download_artifacts(run.info.run_id, "predictions/test_groundtruth.json", folder)
+        ).read_text()
+    )
+    results = json.loads(
+        Path(
+            client.download_artifacts(run.info.run_id, "predictions/test_results.json", folder)
+        ).read_text()
+    )
+    if results:
+        ev = pycocotools_eval(gt, results)
+        from zoo.metrics.detection import STAT_NAMES
+
+        for name, value in zip(STAT_NAMES, ev.stats):
+            if value >= 0:  # -1: no ground truth of that size, not logged
+                assert abs(m[f"test/{name}"] - value) <= 1e-9, (name, m[f"test/{name}"], value)

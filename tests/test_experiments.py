@@ -3,11 +3,13 @@ train into mlflow, ``evaluate.py run_id=``, and the logged mlflow Model loaded w
 ``mlflow.pyfunc`` predicting on its input example exactly as the Lightning module does.
 
 New experiments join automatically (any ``conf/experiment/*.yaml`` whose data config has a
-``demo``); what only one family logs is checked by that family's entry in ``FAMILY_CHECKS``.
+``demo``); what only one family logs is checked by ``check_experiment_run`` in the family's own
+``tests/test_<family>.py`` (the family is the experiment's ``tags.family``).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import tempfile
 from pathlib import Path
@@ -16,30 +18,35 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import EXPERIMENTS, artifacts, compose_cfg, pycocotools_eval
+from tests.conftest import EXPERIMENTS, artifacts, compose_cfg
 from zoo import tracking
-from zoo.models.sparsebert import random_mask
 from zoo.pipeline import build, evaluate, read_checkpoint, train
 
 
-def _has_demo(experiment: str) -> bool:
-    import tempfile
-
+def _demo_family(experiment: str) -> str | None:
+    """The experiment's ``tags.family`` when its data has an offline demo, else None."""
     tmp = Path(tempfile.mkdtemp(prefix="zoo-compose-"))
     cfg = compose_cfg("train", [f"experiment={experiment}"], tmp, tmp, f"sqlite:///{tmp}/m.db")
-    return bool(cfg.data.get("demo"))
+    return str(cfg.tags.family) if cfg.data.get("demo") else None
 
 
-DEMO_EXPERIMENTS = [e for e in EXPERIMENTS if _has_demo(e)]
+FAMILY_OF = {e: f for e in EXPERIMENTS if (f := _demo_family(e)) is not None}
+DEMO_EXPERIMENTS = sorted(FAMILY_OF)
 
 
-# stage-2 experiments: (the stage-1 experiment, the key that takes its run id)
+def family_tests(family: str):
+    """A family's own test module, ``tests/test_<family>.py``: its ``check_experiment_run``
+    checks what only that family logs, and its ``UPSTREAM`` names stage-2 experiments (the
+    stage-1 experiment and the key that takes its run id)."""
+    return importlib.import_module(f"tests.test_{family}")
+
+
 UPSTREAM = {
-    "sparsebert_finetune_demo": ("sparsebert_dam_search_demo", "model.mask.from_run"),
-    "sparsebert_minilm_finetune": ("sparsebert_minilm_search", "model.mask.from_run"),
+    e: up
+    for f in set(FAMILY_OF.values())
+    for e, up in getattr(family_tests(f), "UPSTREAM", {}).items()
 }
 
 
@@ -65,10 +72,20 @@ def upstream_run(make_cfg, tracking_uri: str, experiment: str) -> str:
     return runs[0].info.run_id
 
 
-def test_demo_experiments_cover_every_family():
-    families = {e.split("_")[0] for e in DEMO_EXPERIMENTS}
-    assert families == {"eeg", "pix2pix", "detection", "sparsebert"}, DEMO_EXPERIMENTS
-    assert not set(families) - set(FAMILY_CHECKS)
+def test_every_family_has_a_demo_experiment_and_its_own_checks():
+    """Each family (an experiment's ``tags.family``) trains offline on a demo and has a test
+    module with its own end-to-end checks."""
+    families = {str(f) for f in FAMILY_OF.values()}
+    everyone = {compose_family(e) for e in EXPERIMENTS}
+    assert families == everyone, f"families without a demo experiment: {everyone - families}"
+    for family in families:
+        assert callable(getattr(family_tests(family), "check_experiment_run", None)), family
+
+
+def compose_family(experiment: str) -> str:
+    tmp = Path(tempfile.mkdtemp(prefix="zoo-compose-"))
+    cfg = compose_cfg("train", [f"experiment={experiment}"], tmp, tmp, f"sqlite:///{tmp}/m.db")
+    return str(cfg.tags.family)
 
 
 @pytest.mark.parametrize("experiment", DEMO_EXPERIMENTS)
@@ -140,123 +157,4 @@ def test_experiment_end_to_end(make_cfg, tracking_uri, tmp_path, monkeypatch, ex
     assert "data:image/png;base64," in html and "Config digest" in html
     assert {"report/report.html", "report/metrics.json"} <= artifacts(client, run_id)
 
-    FAMILY_CHECKS[cfg.tags.family](cfg, run, arts, html, evaluated, client)
-
-
-# --------------------------------------------------------------------------- family-specific
-
-
-def _eeg(cfg, run, arts, html, evaluated, client):
-    params, tags = run.data.params, run.data.tags
-    assert params["model.net.rnn"] == cfg.model.net.rnn and params["trainer.max_epochs"] == "1"
-    assert params["data.channels"] == "eeg" and params["model.net.conv_channels"] == "[32, 64, 64]"
-    assert int(params["model/params/total"]) > 10_000
-    assert tags["zoo.model"] == f"eeg_cnn_{cfg.model.net.rnn}"
-    for key in ("train/acc", "val/f1_macro", "val/f1_macro_best", "test/f1_macro"):
-        assert key in run.data.metrics, key
-    assert {
-        "figures/test/confusion_matrix.png",
-        "figures/val/confusion_matrix_epoch000.png",
-    } <= arts
-    assert {"test/precision/HVHA", "test/recall/LVLA", "test/f1/HVLA"} <= set(evaluated)
-    assert "Per-class precision" in html and "Confusion matrix" in html and "Dataset" in html
-
-
-def _pix2pix(cfg, run, arts, html, evaluated, client):
-    m, params = run.data.metrics, run.data.params
-    for key in ("train/loss_D", "train/loss_G", "train/loss_G_L1", "val/psnr", "test/ssim"):
-        assert key in m, key
-    assert 0 < m["val/ssim"] <= 1 and m["val/psnr"] > 0
-    assert int(params["model/params/generator"]) > 1_000_000
-    assert int(params["model/params/discriminator"]) > 100_000
-    assert params["model.generator.netG"] == "unet_64" and params["model.lambda_L1"] == "100.0"
-    assert run.data.tags["zoo.fid"].startswith(("skipped", "on"))
-    assert {"figures/val/grid_epoch000.png", "figures/test/grid.png"} <= arts
-    assert "Test results" in html and "test/ssim" in html
-
-
-def _detection(cfg, run, arts, html, evaluated, client):
-    m = run.data.metrics
-    for key in (
-        "train/loss_classifier",
-        "train/loss_objectness",
-        "val/mAP",
-        "val/AR_100",
-        "val/voc07_mAP_50",
-        "test/mAP_75",
-        "test/voc_mAP_50",
-    ):
-        assert key in m, key
-    assert 0 <= m["val/mAP"] <= 1
-    assert run.data.params["model.net.loss"] == cfg.model.net.loss
-    assert run.data.tags["zoo.group_table"] == "a: [0, 1, 2, 0, 0]; b: [0, 0, 0, 3, 4]"
-    assert {
-        "figures/test/pr_curves.png",
-        "figures/test/ap_per_class.png",
-        "figures/test/detections.png",
-        "predictions/test_results.json",
-    } <= arts
-    assert "Detection results" in html and "AP per class" in html and "group table" in html.lower()
-    # the logged test mAP is pycocotools' COCOeval of what was scored, within 1e-9
-    folder = tempfile.mkdtemp()
-    gt = json.loads(
-        Path(
-            client.download_artifacts(run.info.run_id, "predictions/test_groundtruth.json", folder)
-        ).read_text()
-    )
-    results = json.loads(
-        Path(
-            client.download_artifacts(run.info.run_id, "predictions/test_results.json", folder)
-        ).read_text()
-    )
-    if results:
-        ev = pycocotools_eval(gt, results)
-        from zoo.metrics.detection import STAT_NAMES
-
-        for name, value in zip(STAT_NAMES, ev.stats):
-            if value >= 0:  # -1: no ground truth of that size, not logged
-                assert abs(m[f"test/{name}"] - value) <= 1e-9, (name, m[f"test/{name}"], value)
-
-
-def _sparsebert(cfg, run, arts, html, evaluated, client):
-    m = run.data.metrics
-    assert m["val/mask_density"] + m["val/mask_sparsity"] == pytest.approx(1.0)
-    tokenizer = "tokenizer/tokenizer.json" if cfg.model.pretrained else "tokenizer/vocab.txt"
-    assert {
-        "figures/val/attention_masks_epoch000.png",
-        "masks/attention_mask.pt",
-        tokenizer,
-    } <= arts
-    if cfg.model.mask.mode == "dense":
-        assert m["val/mask_density"] == 1.0
-    if cfg.model.mask.mode == "random":  # the density asked for, and the seed's mask
-        mask = _logged_mask(client, run.info.run_id)
-        assert mask.float().mean().item() == pytest.approx(cfg.model.mask.density, abs=1e-3)
-        spec = cfg.model.mask
-        assert torch.equal(
-            mask, random_mask(mask.shape[1], mask.shape[-1], spec.density, spec.seed)
-        )
-    if cfg.model.mask.mode in ("dam_u", "dam_s"):
-        assert {"train/mask_density", "train/loss_sparsity"} <= set(m)
-    assert evaluated["test/mask_density"] == pytest.approx(m["val/mask_density"], abs=1e-6)
-    assert "Attention masks" in html
-    if cfg.model.mask.mode == "dam_s":  # the logged mask is Toeplitz, and what stage 2 reads
-        mask = _logged_mask(client, run.info.run_id)
-        assert mask.dtype == torch.bool and torch.equal(mask[..., 1:, 1:], mask[..., :-1, :-1])
-    if cfg.model.mask.mode == "fixed":
-        stage1 = _logged_mask(client, cfg.model.mask.from_run)
-        assert m["val/mask_density"] == pytest.approx(stage1.float().mean().item(), abs=1e-6)
-
-
-def _logged_mask(client, run_id: str) -> torch.Tensor:
-
-    path = client.download_artifacts(run_id, "masks/attention_mask.pt", tempfile.mkdtemp())
-    return torch.load(path, weights_only=True)["mask"]
-
-
-FAMILY_CHECKS = {
-    "eeg": _eeg,
-    "pix2pix": _pix2pix,
-    "detection": _detection,
-    "sparsebert": _sparsebert,
-}
+    family_tests(cfg.tags.family).check_experiment_run(cfg, run, arts, html, evaluated, client)

@@ -260,3 +260,20 @@ def test_resume_restores_the_schedule_position(tmp_path):
 
 
 # --------------------------------------------------------------------------- end to end
+
+# ------------------------------------------------- what test_experiments checks of this family
+
+
+def check_experiment_run(cfg, run, arts, html, evaluated, client):
+    """What only this family logs, checked after the shared checks of
+    tests/test_experiments.py::test_experiment_end_to_end."""
+    m, params = run.data.metrics, run.data.params
+    for key in ("train/loss_D", "train/loss_G", "train/loss_G_L1", "val/psnr", "test/ssim"):
+        assert key in m, key
+    assert 0 < m["val/ssim"] <= 1 and m["val/psnr"] > 0
+    assert int(params["model/params/generator"]) > 1_000_000
+    assert int(params["model/params/discriminator"]) > 100_000
+    assert params["model.generator.netG"] == "unet_64" and params["model.lambda_L1"] == "100.0"
+    assert run.data.tags["zoo.fid"].startswith(("skipped", "on"))
+    assert {"figures/val/grid_epoch000.png", "figures/test/grid.png"} <= arts
+    assert "Test results" in html and "test/ssim" in html

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 
 import numpy as np
 import pytest
@@ -493,3 +494,51 @@ def test_a_damaged_glue_cache_entry_is_rebuilt(tmp_path, caplog):
     dm.setup()
     assert "damaged" in caplog.text and dm.timings["cache_misses"] == 1
     assert len(dm.datasets["train"]) == 50
+
+
+# ------------------------------------------------- what test_experiments checks of this family
+
+
+# stage-2 experiments: (the stage-1 experiment, the key that takes its run id)
+UPSTREAM = {
+    "sparsebert_finetune_demo": ("sparsebert_dam_search_demo", "model.mask.from_run"),
+    "sparsebert_minilm_finetune": ("sparsebert_minilm_search", "model.mask.from_run"),
+}
+
+
+def check_experiment_run(cfg, run, arts, html, evaluated, client):
+    """What only this family logs, checked after the shared checks of
+    tests/test_experiments.py::test_experiment_end_to_end."""
+    m = run.data.metrics
+    assert m["val/mask_density"] + m["val/mask_sparsity"] == pytest.approx(1.0)
+    tokenizer = "tokenizer/tokenizer.json" if cfg.model.pretrained else "tokenizer/vocab.txt"
+    assert {
+        "figures/val/attention_masks_epoch000.png",
+        "masks/attention_mask.pt",
+        tokenizer,
+    } <= arts
+    if cfg.model.mask.mode == "dense":
+        assert m["val/mask_density"] == 1.0
+    if cfg.model.mask.mode == "random":  # the density asked for, and the seed's mask
+        mask = _logged_mask(client, run.info.run_id)
+        assert mask.float().mean().item() == pytest.approx(cfg.model.mask.density, abs=1e-3)
+        spec = cfg.model.mask
+        assert torch.equal(
+            mask, random_mask(mask.shape[1], mask.shape[-1], spec.density, spec.seed)
+        )
+    if cfg.model.mask.mode in ("dam_u", "dam_s"):
+        assert {"train/mask_density", "train/loss_sparsity"} <= set(m)
+    assert evaluated["test/mask_density"] == pytest.approx(m["val/mask_density"], abs=1e-6)
+    assert "Attention masks" in html
+    if cfg.model.mask.mode == "dam_s":  # the logged mask is Toeplitz, and what stage 2 reads
+        mask = _logged_mask(client, run.info.run_id)
+        assert mask.dtype == torch.bool and torch.equal(mask[..., 1:, 1:], mask[..., :-1, :-1])
+    if cfg.model.mask.mode == "fixed":
+        stage1 = _logged_mask(client, cfg.model.mask.from_run)
+        assert m["val/mask_density"] == pytest.approx(stage1.float().mean().item(), abs=1e-6)
+
+
+def _logged_mask(client, run_id: str) -> torch.Tensor:
+
+    path = client.download_artifacts(run_id, "masks/attention_mask.pt", tempfile.mkdtemp())
+    return torch.load(path, weights_only=True)["mask"]

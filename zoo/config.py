@@ -13,30 +13,14 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from zoo.errors import ConfigError
 
 
-def _deap_channels(spec: Any) -> list[str]:
-    from zoo.data.deap import resolve_channels
+def _call(path: str, *args: Any) -> Any:
+    """``${zoo_fn:package.module.function,arg,...}``: a family's own function computes a config
+    value (its class names, its channel list), so shared code knows no family. Lists and
+    mappings come back as configs, so that other resolvers can take them."""
+    from hydra.utils import get_method
 
-    return resolve_channels(spec)
-
-
-def _deap_classes(target: str) -> list[str]:
-    from zoo.data.deap import target_class_names
-
-    return target_class_names(target)
-
-
-def _glue_labels(task: str) -> list[str]:
-    from zoo.data.text import GLUE_TASKS
-
-    if task not in GLUE_TASKS:
-        raise ValueError(f"data.task={task!r}: expected one of {list(GLUE_TASKS)}")
-    return list(GLUE_TASKS[task].labels)
-
-
-def _coco_classes() -> list[str]:
-    from zoo.data.detection import COCO_CLASSES
-
-    return OmegaConf.create(list(COCO_CLASSES))
+    result = get_method(path)(*args)
+    return OmegaConf.create(result) if isinstance(result, (list, tuple, dict)) else result
 
 
 def _job_dir_name(fallback: str) -> str:
@@ -58,10 +42,7 @@ _RESOLVERS = {
     "zoo_cwd": lambda: os.getcwd(),
     "zoo_job_dir": _job_dir_name,
     "zoo_add": lambda *xs: sum(int(x) for x in xs),
-    "zoo_deap_channels": _deap_channels,
-    "zoo_deap_classes": _deap_classes,
-    "zoo_glue_labels": _glue_labels,
-    "zoo_coco_classes": _coco_classes,  # COCO's 80 category names, in id order
+    "zoo_fn": _call,
     "zoo_concat": lambda *lists: OmegaConf.create([x for lst in lists for x in lst]),
     # a label map sending each name to itself
     "zoo_identity_map": lambda names: OmegaConf.create({str(n): str(n) for n in names}),
@@ -102,6 +83,8 @@ def resolve(cfg: DictConfig) -> None:
         msg = str(exc).splitlines()[0]
         raise ConfigError(f"config key '{key}' could not be resolved: {msg}") from None
     except (ValueError, KeyError, TypeError) as exc:  # raised inside our resolvers
+        raise ConfigError(f"a config value could not be resolved: {exc}") from None
+    except ImportError as exc:  # zoo_fn naming a function that does not exist
         raise ConfigError(f"a config value could not be resolved: {exc}") from None
     with open_dict(cfg):
         for key, value in resolved.items():

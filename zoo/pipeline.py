@@ -336,12 +336,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """evaluate.py: dispatch to one of the modes (see conf/evaluate.yaml)."""
     console.tidy()
     configure_kernels(cfg)
-    task = cfg.get("task")
-    if task is not None and task != "detection":
-        raise ConfigError(f"task={task!r}: the only model-free evaluation is task=detection")
+    task = task_module(cfg.get("task"))
     given = [k for k in ("run_id", "ckpt_path", "model_uri") if cfg.get(k)]
-    if task == "detection" and not given:
-        return evaluate_results_file(cfg)
+    if task is not None and not given:
+        return evaluate_task(cfg, task)
     if cfg.get("run_ids"):
         return compare(cfg)
     if len(given) > 1:
@@ -542,7 +540,8 @@ def model_report(
         report.heading("Dataset")
         report.key_values(datamodule.summary())
     yaml_text = OmegaConf.to_yaml(train_cfg, resolve=True)
-    keys = ("trainer.max_epochs", "data.protocol", "data.batch_size")
+    # a data module may name the config keys that say most about its evaluation
+    keys = ("trainer.max_epochs", "data.batch_size", *getattr(datamodule, "digest_keys", ()))
     report.heading("Config digest")
     report.key_values(
         {
@@ -582,27 +581,46 @@ def write_report(
 # ------------------------------------------------------------- the other modes
 
 
-def evaluate_results_file(cfg: DictConfig) -> dict[str, float]:
-    """task=detection: score a COCO results file; the report goes to a new run."""
-    from zoo.reports.detection import coco_files_report
+def task_module(task: str | None):
+    """``task=<name>``: the module ``zoo.reports.<name>`` that scores files without a model
+    (its ``task_report(cfg)`` gives the report and metrics, ``TASK_PARAMS`` the keys logged as
+    params, ``task_stem(cfg)`` the report folder's name)."""
+    import importlib
+    import pkgutil
 
-    report, metrics = coco_files_report(cfg)
+    import zoo.reports
+
+    if task is None:
+        return None
+    tasks = sorted(
+        m.name
+        for m in pkgutil.iter_modules(zoo.reports.__path__)
+        if hasattr(importlib.import_module(f"zoo.reports.{m.name}"), "task_report")
+    )
+    if task not in tasks:
+        raise ConfigError(f"task={task!r}: the model-free evaluations are task={' | '.join(tasks)}")
+    return importlib.import_module(f"zoo.reports.{task}")
+
+
+def evaluate_task(cfg: DictConfig, task) -> dict[str, float]:
+    """A model-free evaluation (``task_module``); the report goes to a new run."""
+    name = task.__name__.rsplit(".", 1)[-1]
+    report, metrics = task.task_report(cfg)
     run_id = None
     if cfg.get("log_to_mlflow", True):
         run_id = tracking.create_run(
             cfg.tracking.tracking_uri,
             cfg.tracking.experiment_name,
-            f"detection-eval-{time.strftime('%Y%m%d-%H%M%S')}",
-            {tracking.TAG_KIND: "evaluation", "zoo.task": "detection"},
+            f"{name}-eval-{time.strftime('%Y%m%d-%H%M%S')}",
+            {tracking.TAG_KIND: "evaluation", "zoo.task": name},
         )
         client = tracking.client(cfg.tracking.tracking_uri)
-        client.log_param(run_id, "annotations", str(cfg.annotations))
-        client.log_param(run_id, "predictions", str(cfg.predictions))
+        for key in task.TASK_PARAMS:
+            client.log_param(run_id, key, str(cfg.get(key)))
         for key, value in metrics.items():
-            if value == value and value >= 0:  # NaN: no class scored; -1: no ground truth
+            if value == value and value >= 0:  # NaN: nothing scored; -1: no ground truth
                 client.log_metric(run_id, key, value)
-    stem = f"detection-{Path(str(cfg.predictions)).stem}"
-    write_report(cfg, report, metrics, run_id, stem, "Detection report")
+    write_report(cfg, report, metrics, run_id, task.task_stem(cfg), f"{name.capitalize()} report")
     if run_id:
         tracking.client(cfg.tracking.tracking_uri).set_terminated(run_id, "FINISHED")
     return metrics

@@ -495,6 +495,7 @@ class DeapDataModule(SplitDataModule):
     """
 
     sample_unit = "windows"
+    digest_keys = ("data.protocol",)  # shown in a report's config digest
 
     def __init__(
         self,

@@ -123,6 +123,13 @@ COCO_CLASSES = (
     "hair drier",
     "toothbrush",
 )
+
+
+def coco_classes() -> list[str]:
+    """COCO's 80 category names, in id order (conf/data/coco_cctsdb.yaml)."""
+    return list(COCO_CLASSES)
+
+
 BAD_REASONS = ("outside_image", "zero_area", "unknown_category", "missing_image")
 
 

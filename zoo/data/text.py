@@ -69,6 +69,13 @@ GLUE_TASKS = {
 }
 
 
+def glue_labels(task: str) -> list[str]:
+    """The class names of a GLUE task (``data.class_names`` of conf/data/glue.yaml)."""
+    if task not in GLUE_TASKS:
+        raise ValueError(f"data.task={task!r}: expected one of {list(GLUE_TASKS)}")
+    return list(GLUE_TASKS[task].labels)
+
+
 def read_glue_tsv(
     path: Path, spec: TaskSpec, require_labels: bool = True
 ) -> tuple[list[tuple[str, ...]], list[int] | None]:

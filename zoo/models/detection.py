@@ -24,6 +24,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -350,6 +351,11 @@ class GroupSoftmaxDetector(ZooModule):
     ``test/AP_50/<class>``), and figures: precision-recall curves and AP per class (validation
     epochs and test), test images with boxes drawn."""
 
+    @classmethod
+    def upgrade_config(cls, node: dict) -> dict | None:
+        """A model node logged with flat keys, in today's shape (``zoo.legacy``)."""
+        return None if "net" in node else upgrade_flat_config(node)
+
     def __init__(
         self,
         classes: list[str],
@@ -630,3 +636,50 @@ class GroupSoftmaxDetector(ZooModule):
 
 def _write_json(data, path: Path) -> None:
     Path(path).write_text(json.dumps(data))
+
+
+# --------------------------------------------------------------------------- earlier configs
+
+
+def upgrade_flat_config(old: dict[str, Any]) -> dict[str, Any]:
+    """A detector model node with flat keys (``model.backbone``, ``model.lr``, ...) in the
+    injected shape, with the same values."""
+    net_keys = (
+        "backbone",
+        "loss",
+        "backbone_weights",
+        "trainable_backbone_layers",
+        "anchor_sizes",
+        "min_size",
+        "max_size",
+    )
+    return {
+        "_target_": "zoo.models.detection.GroupSoftmaxDetector",
+        "_convert_": "all",
+        "classes": old["classes"],
+        "sources": old["sources"],
+        "net": {
+            "_target_": "zoo.models.detection.build_faster_rcnn",
+            "_partial_": True,
+            **{k: old.get(k) for k in net_keys},
+            **(old.get("detector") or {}),
+        },
+        "optimizer": {
+            "_target_": "torch.optim.SGD",
+            "_partial_": True,
+            "lr": old["lr"],
+            "momentum": old["momentum"],
+            "weight_decay": old["weight_decay"],
+        },
+        "scheduler": {
+            "_target_": "zoo.models.detection.warmup_multistep_lr",
+            "_partial_": True,
+            "warmup_iters": old["warmup_iters"],
+            "warmup_factor": old["warmup_factor"],
+            "lr_steps": old["lr_steps"],
+            "gamma": old["lr_gamma"],
+        },
+        **{
+            k: old[k] for k in ("figure_images", "figure_score_threshold", "figures_every_n_epochs")
+        },
+    }

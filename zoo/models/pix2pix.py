@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,6 +87,11 @@ class Pix2Pix(ZooModule):
     ``val/ssim`` (+ ``val/fid`` when Inception weights are available locally), the same under
     ``test/``, and an input | generated | target image grid per validation epoch and for test.
     """
+
+    @classmethod
+    def upgrade_config(cls, node: dict) -> dict | None:
+        """A model node logged with flat keys, in today's shape (``zoo.legacy``)."""
+        return None if "generator" in node else upgrade_flat_config(node)
 
     def __init__(
         self,
@@ -328,3 +334,61 @@ def grid_figure(grid, title: str):
         title,
         row_labels=[s[3] for s in grid],
     )
+
+
+# --------------------------------------------------------------------------- earlier configs
+
+
+def upgrade_flat_config(old: dict[str, Any]) -> dict[str, Any]:
+    """A pix2pix model node with flat keys (``model.netG``, ``model.lr``, ...) in the injected
+    shape, with the same values."""
+    input_nc, output_nc, norm = old.get("input_nc", 3), old.get("output_nc", 3), old["norm"]
+    return {
+        "_target_": "zoo.models.pix2pix.Pix2Pix",
+        "generator": {
+            "_target_": "zoo.models.components.pix2pix_nets.define_generator",
+            "netG": old["netG"],
+            "input_nc": input_nc,
+            "output_nc": output_nc,
+            "ngf": old["ngf"],
+            "norm": norm,
+            "use_dropout": not old.get("no_dropout", False),
+        },
+        "discriminator": {
+            "_target_": "zoo.models.components.pix2pix_nets.define_discriminator",
+            "netD": old["netD"],
+            "input_nc": input_nc + output_nc,
+            "ndf": old["ndf"],
+            "n_layers_D": old["n_layers_D"],
+            "norm": norm,
+        },
+        "optimizer": {
+            "_target_": "torch.optim.Adam",
+            "_partial_": True,
+            "_convert_": "all",
+            "lr": old["lr"],
+            "betas": [old["beta1"], 0.999],
+        },
+        "scheduler": {
+            "_target_": "torch.optim.lr_scheduler.LambdaLR",
+            "_partial_": True,
+            "lr_lambda": {
+                "_target_": "zoo.models.pix2pix.linear_decay",
+                "n_epochs": old["n_epochs"],
+                "n_epochs_decay": old["n_epochs_decay"],
+                "epoch_count": old.get("epoch_count", 1),
+            },
+        },
+        **{
+            k: old[k]
+            for k in (
+                "init_gain",
+                "gan_mode",
+                "lambda_L1",
+                "lambda_gp",
+                "grid_images",
+                "grid_every_n_epochs",
+                "fid",
+            )
+        },
+    }

@@ -54,7 +54,15 @@ def detection_sections(scores, draw_detections: Callable[[], Any] | None = None)
     return [section]
 
 
-def coco_files_report(cfg: DictConfig) -> tuple[Report, dict[str, float]]:
+TASK_PARAMS = ("annotations", "predictions")  # logged as the evaluation run's params
+
+
+def task_stem(cfg: DictConfig) -> str:
+    """The report folder's name for ``evaluate.py task=detection``."""
+    return f"detection-{Path(str(cfg.predictions)).stem}"
+
+
+def task_report(cfg: DictConfig) -> tuple[Report, dict[str, float]]:
     """The report and metrics of ``annotations=`` + ``predictions=`` (+ ``images=``)."""
     annotations, predictions = cfg.get("annotations"), cfg.get("predictions")
     if not annotations or not predictions:

@@ -83,3 +83,24 @@ def test_bad_arguments(kwargs, match):
         CNNRecurrentNet(4, 4, **kwargs)
     with pytest.raises(ValueError, match="expected input"):
         CNNRecurrentNet(4, 4)(torch.randn(4, 128))
+
+
+# ------------------------------------------------- what test_experiments checks of this family
+
+
+def check_experiment_run(cfg, run, arts, html, evaluated, client):
+    """What only this family logs, checked after the shared checks of
+    tests/test_experiments.py::test_experiment_end_to_end."""
+    params, tags = run.data.params, run.data.tags
+    assert params["model.net.rnn"] == cfg.model.net.rnn and params["trainer.max_epochs"] == "1"
+    assert params["data.channels"] == "eeg" and params["model.net.conv_channels"] == "[32, 64, 64]"
+    assert int(params["model/params/total"]) > 10_000
+    assert tags["zoo.model"] == f"eeg_cnn_{cfg.model.net.rnn}"
+    for key in ("train/acc", "val/f1_macro", "val/f1_macro_best", "test/f1_macro"):
+        assert key in run.data.metrics, key
+    assert {
+        "figures/test/confusion_matrix.png",
+        "figures/val/confusion_matrix_epoch000.png",
+    } <= arts
+    assert {"test/precision/HVHA", "test/recall/LVLA", "test/f1/HVLA"} <= set(evaluated)
+    assert "Per-class precision" in html and "Confusion matrix" in html and "Dataset" in html
