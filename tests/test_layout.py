@@ -37,7 +37,13 @@ def _imports() -> dict[str, set[str]]:
                 found = {a.name for a in node.names}
             if id(node) not in top_level:
                 found = {d for d in found if not name.startswith(d + ".")}
-            deps |= found
+            # importing a.b.c runs the packages a and a.b first (not the module's own parents)
+            parents = {
+                ".".join(d.split(".")[:i]) for d in found for i in range(1, d.count(".") + 1)
+            }
+            deps |= found | {
+                p for p in parents & modules if not name.startswith(p + ".") and p != name
+            }
         graph[name] = deps
     return graph
 

@@ -96,6 +96,7 @@ def test_all_ones_mask_equals_dense(tmp_path):
     fixed = SparseBert(
         ["a", "b", "c"], bert=TINY, mask=mask(mode="fixed", file=str(tmp_path / "ones.pt"))
     ).eval()
+    fixed.resolve()  # what Lightning's configure_model does: the mask file is read
     fixed.net.load_state_dict(dense.net.state_dict())
     b = batch()
     with torch.no_grad():
@@ -107,8 +108,31 @@ def test_all_ones_mask_equals_dense(tmp_path):
         diag = SparseBert(
             ["a", "b", "c"], bert=TINY, mask=mask(mode="fixed", file=str(tmp_path / "eye.pt"))
         ).eval()
+        diag.resolve()
         diag.net.load_state_dict(dense.net.state_dict())
         assert not torch.allclose(diag(b), dense(b))
+
+
+def test_the_constructor_reads_nothing_and_trained_weights_need_no_source(tmp_path):
+    """Building the module reads no file: the fixed mask (like pretrained weights) is read by
+    resolve(), which Lightning's configure_model calls. A module given trained weights never
+    reads it: evaluating or serving does not need the mask file or its mlflow run any more."""
+    torch.save({"mask": torch.eye(40, dtype=torch.bool).expand(1, 4, 40, 40)}, tmp_path / "m.pt")
+    spec = mask(mode="fixed", file=str(tmp_path / "m.pt"))
+    trained = SparseBert(["a", "b", "c"], bert=TINY, mask=spec)
+    assert trained.fixed_mask is None
+    trained.resolve()
+    assert trained.fixed_mask.shape == (1, 4, 40, 40) and trained.max_len == 40
+    (tmp_path / "m.pt").unlink()
+    served = SparseBert(["a", "b", "c"], bert=TINY, mask=spec)  # nothing read: no error
+    served.load_state_dict(trained.state_dict())
+    served.configure_model()  # what a trainer calls before testing: the trained mask stays
+    assert torch.equal(served.fixed_mask, trained.fixed_mask)
+    with torch.no_grad():
+        b = batch()
+        torch.testing.assert_close(served.eval()(b), trained.eval()(b))
+    with pytest.raises(ConfigError, match="m.pt: file not found"):
+        SparseBert(["a", "b", "c"], bert=TINY, mask=spec).configure_model()
 
 
 # --------------------------------------------------------------------------- DAM

@@ -5,29 +5,13 @@ talk to mlflow themselves."""
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
-from zoo.errors import ConfigError, one_line
+from zoo.errors import ConfigError
+from zoo.tracking.lookup import download
 from zoo.tracking.store import resolve_tracking_uri
 
 MLFLOW_SCHEMES = ("runs:/", "models:/", "mlflow-artifacts:/")
-
-
-def download(artifact_uri: str, tracking_uri: str, failure: str, dst: str | None = None) -> Path:
-    """mlflow's download of ``artifact_uri``; a failure raises ConfigError("<failure> (why)")."""
-    import mlflow.artifacts
-
-    try:
-        return Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=artifact_uri,
-                dst_path=dst or tempfile.mkdtemp(prefix="zoo-fetch-"),
-                tracking_uri=tracking_uri,
-            )
-        )
-    except Exception as exc:
-        raise ConfigError(f"{failure} ({type(exc).__name__}: {one_line(str(exc))[:300]})") from None
 
 
 def fetch(uri: str | Path, key: str, tracking_uri: str | None = None) -> Path:

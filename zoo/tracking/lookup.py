@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from zoo.errors import ConfigError, one_line
-from zoo.fetch import download
 from zoo.tracking.params import CONFIG_ARTIFACT
 from zoo.tracking.store import client, open_store, resolve_tracking_uri
+
+
+def download(artifact_uri: str, tracking_uri: str, failure: str, dst: str | None = None) -> Path:
+    """mlflow's download of ``artifact_uri``; a failure raises ConfigError("<failure> (why)")."""
+    import mlflow.artifacts
+
+    try:
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=artifact_uri,
+                dst_path=dst or tempfile.mkdtemp(prefix="zoo-fetch-"),
+                tracking_uri=tracking_uri,
+            )
+        )
+    except Exception as exc:
+        raise ConfigError(f"{failure} ({type(exc).__name__}: {one_line(str(exc))[:300]})") from None
 
 
 def get_run(run_id: str, uri: str | None = None):
