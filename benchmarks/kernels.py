@@ -3,7 +3,7 @@ ratios measured in this one run (no absolute targets are asserted anywhere).
 
     python benchmarks/kernels.py                 # all ops, the sizes of the targets
     python benchmarks/kernels.py --quick         # smaller sizes, a smoke run
-    python benchmarks/kernels.py --only attention --device cuda
+    python benchmarks/kernels.py --only masked_attention --device cuda
 
 Compared: compiled (zoo.kernels, backend=compiled: the C++ kernels on CPU, the Triton kernels
 on CUDA), the eager reference
@@ -16,6 +16,7 @@ against a measured copy bandwidth, i.e. how far it is from the memory-bound time
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import statistics
 import sys
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 import zoo.kernels as K  # noqa: E402
 from zoo.kernels import reference as R  # noqa: E402
+from zoo.kernels.ops import REGISTRY  # noqa: E402
 
 
 def sync(device: str) -> None:
@@ -325,10 +327,49 @@ def bench_gumbel(device: str, quick: bool) -> None:
     row("gumbel_sigmoid", {k: v for k, v in times.items() if v is not None}, device, bytes_moved)
 
 
+def bench_spec(spec, device: str, quick: bool) -> None:
+    """Any registered op: the compiled kernel against the eager reference, forward + backward,
+    on its spec's benchmark inputs (the dedicated benchmarks above add torch's alternatives)."""
+
+    class Reference:
+        direct = True
+
+        def ops(self, *tensors):
+            return None
+
+    variants = {"compiled": getattr(K, spec.name), "eager": spec.bind(Reference())}
+    runs = spec.bench(quick) if spec.bench else [("case", *c) for c in spec.cases()]
+    for label, args, kwargs in runs:
+        args = [
+            a.detach().to(device).requires_grad_(a.requires_grad) if torch.is_tensor(a) else a
+            for a in args
+        ]
+        kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in kwargs.items()}
+        leaves = [a for a in args if torch.is_tensor(a) and a.requires_grad]
+        tensors = [*args, *kwargs.values()]
+        moved = sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+        times = {
+            name: try_timeit(name, fwd_bwd(functools.partial(fn, *args, **kwargs), *leaves), device)
+            for name, fn in variants.items()
+        }
+        ran = {k: v for k, v in times.items() if v is not None}
+        row(f"{spec.name} {label}", ran, device, moved)  # bytes: its inputs, read once
+
+
+# the ops with a dedicated benchmark (torch's alternatives and the README's targets)
+DEDICATED = {
+    "group_softmax_cross_entropy": [bench_group_softmax],
+    "masked_attention": [bench_attention_targets, bench_attention],
+    "soft_masked_attention": [bench_soft_attention],
+    "gumbel_softmax": [bench_gumbel],  # times gumbel_softmax and gumbel_sigmoid
+    "gumbel_sigmoid": [bench_gumbel],
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
-    parser.add_argument("--only", choices=["group_softmax", "attention", "gumbel"])
+    parser.add_argument("--only", choices=REGISTRY.names(), help="one registered op")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -340,14 +381,17 @@ def main() -> None:
         + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
     )
     torch.set_grad_enabled(True)
-    if args.only in (None, "group_softmax"):
-        bench_group_softmax(args.device, args.quick)
-    if args.only in (None, "attention"):
-        bench_attention_targets(args.device, args.quick)
-        bench_soft_attention(args.device, args.quick)
-        bench_attention(args.device, args.quick)
-    if args.only in (None, "gumbel"):
-        bench_gumbel(args.device, args.quick)
+    done = set()
+    for spec in REGISTRY:
+        if args.only not in (None, spec.name):
+            continue
+        dedicated = DEDICATED.get(spec.name)
+        if dedicated is None:  # a new op: compiled against the reference on its spec's inputs
+            bench_spec(spec, args.device, args.quick)
+        for bench in dedicated or []:
+            if bench not in done:
+                done.add(bench)
+                bench(args.device, args.quick)
 
 
 if __name__ == "__main__":

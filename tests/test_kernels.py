@@ -21,6 +21,8 @@ from scipy import stats
 import zoo.kernels as K
 from zoo.kernels import _build
 from zoo.kernels import reference as R
+from zoo.kernels.ops import REGISTRY
+from zoo.kernels.ops.gumbel import draw_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -242,7 +244,7 @@ def test_gumbel_softmax_matches_reference(impl, shape, dim, hard):
     logits = torch.randn(*shape, generator=gen(1)) * 3
     ours = impl.gumbel_softmax(impl.put(logits), tau=0.7, hard=hard, dim=dim, generator=gen(5))
     ours = ours.cpu()
-    seed = K._draw_seed(gen(5))  # the reference with the same noise
+    seed = draw_seed(gen(5))  # the reference with the same noise
     ref = R.gumbel_softmax(logits, 0.7, hard, dim % logits.dim(), seed)
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
     if hard:
@@ -254,7 +256,7 @@ def test_gumbel_softmax_matches_reference(impl, shape, dim, hard):
 def test_gumbel_sigmoid_matches_reference(impl, hard):
     logits = torch.randn(7, 33, generator=gen(2)) * 2
     ours = impl.gumbel_sigmoid(impl.put(logits), tau=0.5, hard=hard, generator=gen(9)).cpu()
-    ref = R.gumbel_sigmoid(logits, 0.5, hard, K._draw_seed(gen(9)))
+    ref = R.gumbel_sigmoid(logits, 0.5, hard, draw_seed(gen(9)))
     torch.testing.assert_close(ours, ref, atol=1e-6, rtol=1e-5)
     if hard:
         assert set(ours.unique().tolist()) <= {0.0, 1.0}
@@ -263,7 +265,7 @@ def test_gumbel_sigmoid_matches_reference(impl, hard):
 def test_gumbel_softmax_bfloat16(impl):
     logits = torch.randn(16, 40, generator=gen(3)).bfloat16()
     ours = impl.gumbel_softmax(impl.put(logits), hard=True, generator=gen(1)).cpu()
-    ref = R.gumbel_softmax(logits, 1.0, True, -1, K._draw_seed(gen(1)))
+    ref = R.gumbel_softmax(logits, 1.0, True, -1, draw_seed(gen(1)))
     assert ours.dtype == torch.bfloat16
     assert torch.equal(ours, ref)
 
@@ -350,7 +352,7 @@ def test_gumbel_same_samples_on_every_backend(impl):
     """One seed, one counter-based generator: the compiled, Triton and reference kernels draw
     the same noise, so hard samples agree exactly and soft ones to rounding."""
     logits = torch.randn(64, 33, generator=gen(12))
-    ref_seed = K._draw_seed(gen(6))
+    ref_seed = draw_seed(gen(6))
     for hard in (False, True):
         ours = impl.gumbel_softmax(impl.put(logits), tau=0.6, hard=hard, generator=gen(6)).cpu()
         ref = R.gumbel_softmax(logits, 0.6, hard, 1, ref_seed)
@@ -498,7 +500,7 @@ def test_attention_rejects_bad_input(impl):
 
 def test_triton_attention_rejects_head_dims_it_cannot_hold():
     """Head dims beyond one tile: zoo.kernels.triton says so; zoo.kernels on a GPU would fall back
-    to the reference with one KernelFallbackWarning instead (K._head_dim_ok)."""
+    to the reference with one KernelFallbackWarning instead."""
     tk = make_impl("triton").module
     q, k, v = qkv(1, 1, 4, 4, tk.MAX_HEAD_DIM + 8)
     with pytest.raises(ValueError, match=f"head dim {tk.MAX_HEAD_DIM + 8} exceeds"):
@@ -631,45 +633,64 @@ def test_tile_map_marks_empty_partial_and_full_tiles():
 # --------------------------------------------------------------------------- op registration
 
 
-def test_opcheck_every_op(impl):
-    """torch.library.opcheck (schema, fake kernel, autograd registration, compile) on every op of
-    the namespace serving this implementation."""
+@pytest.mark.parametrize("spec", list(REGISTRY), ids=REGISTRY.names())
+def test_opcheck_every_op(impl, spec):
+    """torch.library.opcheck (schema, fake kernel, autograd registration, compile) of every
+    registered op and its backward, in the namespace serving this implementation."""
     from torch.library import opcheck
 
-    ops = impl.ops
-    logits, target, table, rows = impl.put(*gsce_inputs(6, 5, 2))
-    target[1] = -100
-    opcheck(ops.group_softmax_ce, (logits.requires_grad_(), target, table, rows, -100))
-    loss, lse, lse_g = ops.group_softmax_ce(logits, target, table, rows, -100)
-    opcheck(
-        ops.group_softmax_ce_backward,
-        (impl.put(torch.ones(6)), logits.detach(), target, table, rows, lse, lse_g, -100),
-    )
-    x = impl.put(torch.randn(4, 7)).requires_grad_()
-    for hard in (False, True):
-        opcheck(ops.gumbel_softmax, (x, 0.5, hard, 123))
-        opcheck(ops.gumbel_sigmoid, (x, 0.5, hard, 123))
-    soft = impl.put(torch.softmax(torch.randn(4, 7), -1))
-    opcheck(ops.gumbel_softmax_backward, (impl.put(torch.randn(4, 7)), soft, 0.5))
-    opcheck(ops.gumbel_sigmoid_backward, (impl.put(torch.randn(4, 7)), soft, 0.5))
-    q, k, v = (impl.put(t).requires_grad_() for t in qkv(1, 2, 20, 20, 8))
-    grad = impl.put(torch.randn(1, 2, 20, 8))
-    weight = impl.put(torch.rand(1, 2, 20, 20)).requires_grad_()
-    for mask in (None, impl.put(band(20, 20, 3)[None, None])):
-        tiles = None if mask is None else K._tiles.tile_map(mask, (1, 2, 20, 20))
-        opcheck(ops.masked_attention, (q, k, v, mask, tiles, 0.35))
-        out, lse = ops.masked_attention(q, k, v, mask, tiles, 0.35)
-        detached = (q.detach(), k.detach(), v.detach())
-        opcheck(
-            ops.masked_attention_backward,
-            (grad, *detached, mask, tiles, out.detach(), lse, 0.35),
-        )
-        opcheck(ops.soft_masked_attention, (q, k, v, weight, mask, tiles, 0.35))
-        out, lse = ops.soft_masked_attention(q, k, v, weight, mask, tiles, 0.35)
-        opcheck(
-            ops.soft_masked_attention_backward,
-            (grad, *detached, weight.detach(), mask, tiles, out.detach(), lse, 0.35),
-        )
+    checks = spec.opcheck(impl.ops, impl.put)
+    assert {op._qualified_op_name.split("::")[-1] for op, _ in checks} == {
+        spec.op,
+        spec.backward_op,
+    }
+    for op, args in checks:
+        opcheck(op, args)
+
+
+@pytest.mark.parametrize("spec", list(REGISTRY), ids=REGISTRY.names())
+def test_every_op_matches_its_reference(impl, spec):
+    """Every registered op on every implementation, on its spec's cases: the output and the
+    gradient of every input that takes one equal the reference's (the sampling ops draw the
+    same noise: each call gets a generator in the same state)."""
+    reference = spec.bind(_Reference())
+    for args, kwargs in spec.cases():
+        state = kwargs["generator"].get_state() if "generator" in kwargs else None
+        results = []
+        for fn, device in ((getattr(impl, spec.name), impl.device), (reference, "cpu")):
+            moved = [_leaf(a, device) for a in args]
+            kw = {k: _leaf(v, device) for k, v in kwargs.items()}
+            if state is not None:
+                kw["generator"] = torch.Generator().set_state(state)
+            leaves = [a for a in [*moved, *kw.values()] if _is_t(a) and a.requires_grad]
+            out = fn(*moved, **kw)
+            grads = torch.autograd.grad(out.float().pow(2).sum(), leaves) if leaves else ()
+            results.append((out.detach().cpu(), [g.cpu() for g in grads]))
+        (out, grads), (ref_out, ref_grads) = results
+        assert len(grads) == len(ref_grads) > 0
+        torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-4)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, atol=2e-4, rtol=2e-3)
+
+
+class _Reference:
+    """The dispatch that always chooses the pure-PyTorch reference."""
+
+    direct = True
+
+    def ops(self, *tensors):
+        return None
+
+
+def _is_t(x) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def _leaf(x, device):
+    """A copy of a case's tensor on ``device`` (a fresh leaf when it takes a gradient)."""
+    if not _is_t(x):
+        return x
+    return x.detach().to(device).requires_grad_(x.requires_grad)
 
 
 def test_torch_compile_matches_eager(impl):
@@ -709,7 +730,7 @@ def test_backend_selection(monkeypatch):
     x = torch.randn(3, 4)
     assert torch.equal(
         K.gumbel_softmax(x, generator=gen(0)),
-        R.gumbel_softmax(x, 1.0, False, 1, K._draw_seed(gen(0))),
+        R.gumbel_softmax(x, 1.0, False, 1, draw_seed(gen(0))),
     )
     K.set_backend("compiled")
     assert K.backend() == "compiled"

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-CPU_SOURCES = ["ops.cpp", "cpu/group_softmax.cpp", "cpu/gumbel.cpp", "cpu/attention.cpp"]
 
 # what ATen itself compiles each capability's kernels with; never -march=native, so a cached
 # build runs on every machine torch itself picks that capability on
@@ -59,7 +58,11 @@ def cflags() -> list[str]:
 
 
 def sources() -> list[Path]:
-    return [CSRC / name for name in CPU_SOURCES]
+    """ops.cpp and every registered op's C++ file (``OpSpec.cpu_source``)."""
+    from zoo.kernels.ops import REGISTRY
+
+    own = dict.fromkeys(spec.cpu_source for spec in REGISTRY)  # in order, once each
+    return [CSRC / "ops.cpp", *(CSRC / name for name in own)]
 
 
 def build_key() -> str:

@@ -5,10 +5,10 @@ Two layers:
 - op-level launchers with the ``torch.ops.zoo`` schemas (``group_softmax_ce``,
   ``masked_attention_backward``, ...), registered as the CUDA kernels of those ops by
   ``zoo.kernels._ops``;
-- the public functions with ``zoo.kernels``' signatures (``group_softmax_cross_entropy``,
-  ``gumbel_softmax``, ``gumbel_sigmoid``, ``masked_attention``, ``soft_masked_attention``), with
-  autograd, for calling the Triton kernels directly: tests run them on CPU tensors under
-  ``TRITON_INTERPRET=1`` (set before this module is first imported) against the reference.
+- the public functions of every registered op (``zoo.kernels.spec``), with ``zoo.kernels``'
+  signatures and autograd, for calling the Triton kernels directly: tests run them on CPU
+  tensors under ``TRITON_INTERPRET=1`` (set before this module is first imported) against the
+  reference.
 
 Importing this module needs Triton (it ships with torch's CUDA builds); CPU-only installs never
 import it.
@@ -20,16 +20,6 @@ import torch
 import triton
 
 from zoo.kernels.triton import _kernels as kern
-
-__all__ = [
-    "MAX_HEAD_DIM",
-    "group_softmax_cross_entropy",
-    "gumbel_sigmoid",
-    "gumbel_softmax",
-    "interpreted",
-    "masked_attention",
-    "soft_masked_attention",
-]
 
 MAX_HEAD_DIM = 256  # largest D / Dv the attention kernels hold in one tile
 TILE = kern.TILE
@@ -381,71 +371,16 @@ def soft_masked_attention_backward(
 
 
 # =========================================================================== public functions
+# zoo.kernels' public functions served by the Triton kernels on any device, from the registry
 
 
-def group_softmax_cross_entropy(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    group_table: torch.Tensor,
-    row_group: torch.Tensor,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """``zoo.kernels.group_softmax_cross_entropy`` on the Triton kernels."""
-    from zoo import kernels
+def _public_functions() -> list[str]:
+    from zoo.kernels import TRITON
+    from zoo.kernels.ops import REGISTRY
 
-    return kernels.group_softmax_cross_entropy(
-        logits, target, group_table, row_group, ignore_index, reduction, _impl="triton"
-    )
+    for spec in REGISTRY:
+        globals()[spec.name] = spec.bind(TRITON)
+    return REGISTRY.names()
 
 
-def gumbel_softmax(
-    logits: torch.Tensor,
-    tau: float = 1.0,
-    hard: bool = False,
-    dim: int = -1,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """``zoo.kernels.gumbel_softmax`` on the Triton kernels."""
-    from zoo import kernels
-
-    return kernels.gumbel_softmax(logits, tau, hard, dim, generator, _impl="triton")
-
-
-def gumbel_sigmoid(
-    logits: torch.Tensor,
-    tau: float = 1.0,
-    hard: bool = False,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """``zoo.kernels.gumbel_sigmoid`` on the Triton kernels."""
-    from zoo import kernels
-
-    return kernels.gumbel_sigmoid(logits, tau, hard, generator, _impl="triton")
-
-
-def masked_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    keep_mask: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """``zoo.kernels.masked_attention`` on the Triton kernels."""
-    from zoo import kernels
-
-    return kernels.masked_attention(q, k, v, keep_mask, scale, _impl="triton")
-
-
-def soft_masked_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor,
-    scale: float | None = None,
-    keep_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``zoo.kernels.soft_masked_attention`` on the Triton kernels."""
-    from zoo import kernels
-
-    return kernels.soft_masked_attention(q, k, v, mask, scale, keep_mask, _impl="triton")
+__all__ = ["MAX_HEAD_DIM", "interpreted", *_public_functions()]
