@@ -200,13 +200,21 @@ def test_backbone_weights_are_loaded_from_a_local_file(tmp_path):
     torch.save(ref.state_dict(), path)
     model = detector(f"model.net.backbone_weights={path}")
     body = model.net.backbone.body
+    assert not torch.equal(body["0"][0].weight, ref.features[0][0].weight)  # nothing read yet
+    model.configure_model()  # what a trainer calls first: the weights are read
     torch.testing.assert_close(body["0"][0].weight, ref.features[0][0].weight)
     assert not body["0"][0].weight.requires_grad  # torchvision: 3 trainable stages with weights
+    # trained weights win: a module given them never reads the backbone file (gone by now)
+    path.unlink()
+    served = detector(f"model.net.backbone_weights={path}")
+    served.load_state_dict(model.state_dict())
+    served.configure_model()
+    torch.testing.assert_close(served.net.backbone.body["0"][0].weight, body["0"][0].weight)
     with pytest.raises(ConfigError, match="not found"):
-        detector(f"model.net.backbone_weights={tmp_path / 'nope.pth'}")
+        detector(f"model.net.backbone_weights={tmp_path / 'nope.pth'}").configure_model()
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(ConfigError, match="does not fit"):
-        detector(f"model.net.backbone_weights={tmp_path / 'other.pth'}")
+        detector(f"model.net.backbone_weights={tmp_path / 'other.pth'}").configure_model()
     # b no longer labels triangles (kwargs merge into the config's sources: None drops it)
     other = detector(sources={"b": {"label_map": {"triangle": None}}})
     assert other.group_table.tolist() != model.group_table.tolist()

@@ -20,6 +20,7 @@ GroupSoftmax is compared against in the mlflow UI.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -231,8 +232,6 @@ def build_faster_rcnn(
             else (3 if pretrained else 5)
         )
         body = resnet50(weights=None, norm_layer=norm)
-        if pretrained:
-            _load_backbone_weights(body, backbone_weights, backbone)
         feature_net = _resnet_fpn_extractor(body, layers)
         anchor_generator = None  # torchvision's default: 32, 64, 128, 256, 512, one per FPN level
         if anchor_sizes is not None:
@@ -251,8 +250,6 @@ def build_faster_rcnn(
             else (3 if pretrained else 6)
         )
         body = mobilenet_v3_large(weights=None, norm_layer=norm)
-        if pretrained:
-            _load_backbone_weights(body, backbone_weights, backbone)
         feature_net = _mobilenet_extractor(body, True, layers)
         sizes = (tuple(int(s) for s in anchor_sizes or (32, 64, 128, 256, 512)),) * 3
         anchor_generator = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
@@ -262,6 +259,13 @@ def build_faster_rcnn(
         num_classes=num_classes,
         rpn_anchor_generator=anchor_generator,
         **detector_kwargs,
+    )
+    # read when training starts (GroupSoftmaxDetector.resolve), not here: the trunk's modules
+    # are the feature extractor's, so loading into it later fills the detector
+    model.load_backbone_weights = (
+        functools.partial(_load_backbone_weights, body, backbone_weights, backbone)
+        if pretrained
+        else None
     )
     t = model.transform
     model.transform = Uint8RCNNTransform(
@@ -399,6 +403,18 @@ class GroupSoftmaxDetector(ZooModule):
         self.val_scorer = DetectionScorer(self.class_names, group_table=group_table)
         self.test_scorer = DetectionScorer(self.class_names, group_table=group_table)
         self._shown: list = []
+        self.resolved = getattr(self.net, "load_backbone_weights", None) is None
+
+    def configure_model(self) -> None:
+        """Lightning's hook, before any checkpoint is restored: the backbone weights are read."""
+        self.resolve()
+
+    def resolve(self) -> None:
+        """Read the backbone weights the config names (``model.net.backbone_weights``). Once;
+        never after ``load_state_dict``, whose weights win."""
+        if not self.resolved:
+            self.net.load_backbone_weights()
+            self.resolved = True
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Refuses weights trained with another group table (the label maps of the data config
@@ -411,7 +427,9 @@ class GroupSoftmaxDetector(ZooModule):
                 f"data.sources.*.label_map give {self.group_table.tolist()}: use the run's data "
                 "config"
             )
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.resolved = True
+        return result
 
     def parameter_groups(self) -> dict[str, nn.Module]:
         return {"backbone": self.net.backbone, "rpn": self.net.rpn, "roi_heads": self.net.roi_heads}

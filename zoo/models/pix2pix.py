@@ -133,10 +133,16 @@ class Pix2Pix(ZooModule):
         self.val_metrics = image_metrics.clone(prefix="val/")
         self.test_metrics = image_metrics.clone(prefix="test/")
         self.val_l1, self.test_l1 = MeanMetric(), MeanMetric()
-        self.fid, self.fid_note = self._make_fid(fid)
+        # FID's Inception network is built (its weights read) in configure_model, not here
+        self.fid_setting, self.fid, self.fid_note = fid, None, None
         self._grid: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]] = []
 
     # ------------------------------------------------------------------ setup
+
+    def configure_model(self) -> None:
+        """Lightning's hook: FID's Inception network, when it is on and its weights are here."""
+        if self.fid_note is None:
+            self.fid, self.fid_note = self._make_fid(self.fid_setting)
 
     def _make_fid(self, fid: str | bool):
         if fid is False or fid == "off":
