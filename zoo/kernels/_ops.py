@@ -45,15 +45,24 @@ def define(ns: str) -> None:
             )
 
 
-def register_triton(ns: str, dispatch_keys: tuple[str, ...]) -> None:
-    """Serve ``ns``'s ops on ``dispatch_keys`` with the Triton launchers."""
+def triton_launcher(name: str):
+    """A Triton launcher: ``name`` in ``zoo.kernels.triton``, or ``<module>.<name>`` in one of
+    its modules (a new op's Triton file)."""
+    import importlib
+
     from zoo.kernels import triton as tk
 
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(f"{tk.__name__}.{module}") if module else tk, attr)
+
+
+def register_triton(ns: str, dispatch_keys: tuple[str, ...]) -> None:
+    """Serve ``ns``'s ops on ``dispatch_keys`` with the Triton launchers."""
     define(ns)
     with REGISTRY.lock:
         lib = torch.library.Library(ns, "IMPL")
         for spec in REGISTRY:
             for op, launcher in zip((spec.op, spec.backward_op), spec.triton):
                 for key in dispatch_keys:
-                    lib.impl(op, getattr(tk, launcher), key)
+                    lib.impl(op, triton_launcher(launcher), key)
         REGISTRY.impl_libraries.append(lib)

@@ -56,7 +56,8 @@ class OpSpec:
     setup_context, backward: ``torch.library.register_autograd``'s pair; ``backward`` takes the
         namespace's backward op first: ``backward(backward_op, ctx, *grads)``.
     cpu_source: its C++ file under ``csrc/``.
-    triton: the names of its Triton launchers in ``zoo.kernels.triton`` (op, backward).
+    triton: its Triton launchers (op, backward): names in ``zoo.kernels.triton``, or
+        ``<module>.<name>`` for a module of that package (a new op's own Triton file).
     cases: ``cases()`` -> [(args, kwargs)], inputs (on CPU) on which every implementation must
         match the reference, gradients included.
     opcheck: ``opcheck(ops, put)`` -> [(op, args)] for ``torch.library.opcheck`` of the op and
