@@ -57,7 +57,8 @@ class OpSpec:
         namespace's backward op first: ``backward(backward_op, ctx, *grads)``.
     cpu_source: its C++ file under ``csrc/``.
     triton: its Triton launchers (op, backward): names in ``zoo.kernels.triton``, or
-        ``<module>.<name>`` for a module of that package (a new op's own Triton file).
+        ``<module>.<name>`` for a module of that package (a new op's own Triton file, named
+        ``_<op>.py``: a module named like the op would hide ``zoo.kernels.triton.<op>``).
     cases: ``cases()`` -> [(args, kwargs)], inputs (on CPU) on which every implementation must
         match the reference, gradients included.
     opcheck: ``opcheck(ops, put)`` -> [(op, args)] for ``torch.library.opcheck`` of the op and
