@@ -223,6 +223,7 @@ def main() -> None:
     torch.manual_seed(0)
     dense = SparseBert(["a", "b"], bert=bert).to(device)
     fixed = SparseBert(["a", "b"], bert=bert, mask=conf_mask(mode="fixed", file=str(path)))
+    fixed.resolve()  # the mask file is read here (a trainer's configure_model does it)
     fixed = fixed.to(device)
     mask = mask.to(device)
     t_dense, t_fixed = step_time(dense, batch, args.reps), step_time(fixed, batch, args.reps)
