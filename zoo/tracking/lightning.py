@@ -30,6 +30,8 @@ class ZooMLFlowLogger(MLFlowLogger):
     def __init__(self, *args, tracking_uri: str | None = None, queue_dir: str | None = None, **kw):
         uri = open_store(tracking_uri)
         super().__init__(*args, tracking_uri=uri, **kw)
+        # the seam: MLFlowLogger keeps its client in _mlflow_client and offers no way to pass
+        # one in; ours queues writes through outages (a subclass of MlflowClient)
         self._mlflow_client = QueueingClient(uri, queue_dir=queue_dir)
         self._resumed_at: int | None = None
         self._logged_after: set[tuple[str, int]] | None = None
