@@ -105,3 +105,26 @@ def test_models_logged_by_earlier_versions_find_their_pyfunc_class():
     from zoo.tracking.serving import ZooPyfuncModel
 
     assert zoo.serving.ZooPyfuncModel is ZooPyfuncModel
+
+
+def test_a_pretrained_sparsebert_config_from_before_architecture_builds_the_same_model():
+    """Configs logged before ``model.architecture`` was resolved with the config: a pretrained
+    model gets its checkpoint's architecture (all-MiniLM-L6-v2: 6 layers, 384 hidden)."""
+    from hydra.utils import instantiate
+
+    from zoo.models.sparsebert import SparseBert
+
+    node = {
+        "_target_": "zoo.models.sparsebert.SparseBert",
+        "class_names": ["a", "b"],
+        "pretrained": "pkg:all_minilm_l6_v2/model.zip",
+        "bert": {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 1},
+        "mask": {"mode": "dense"},
+    }
+    cfg = legacy.upgrade(OmegaConf.create({"name": "old", "model": node}))
+    arch = cfg.model.architecture
+    assert (arch.hidden_size, arch.num_hidden_layers, arch.num_attention_heads) == (384, 6, 12)
+    module = instantiate(cfg.model)
+    assert module.bert_config.hidden_size == 384 and not module.resolved  # weights not read yet
+    assert legacy.upgrade(cfg) is cfg  # already in today's shape
+    assert SparseBert.upgrade_config({**node, "pretrained": None}) is None
