@@ -124,6 +124,21 @@ class Servable(Protocol):
     def serve(self, inputs: Any) -> Any: ...
 
 
+@runtime_checkable
+class Exportable(Protocol):
+    """A model whose inference network can be exported (``python -m zoo.export``).
+
+    ``export_network()`` returns (network, input names, output names, dynamic dims): an
+    ``nn.Module`` whose ``forward`` takes the serving input as tensors (a dict's arrays in
+    input-name order) and returns what ``serve`` returns, as tensors; ``dynamic dims`` maps an
+    input name to its dimensions that may change size ({0: "batch"}, or {1: ("length", 512)}
+    with the largest size). A family that cannot
+    be exported raises ``zoo.errors.ConfigError`` saying why.
+    """
+
+    def export_network(self) -> tuple[Any, list[str], list[str], dict[str, dict[int, str]]]: ...
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     """One split a data module serves, as an mlflow run input (``mlflow.data``): ``context``

@@ -56,11 +56,13 @@ def tile_map(
     mask: torch.Tensor, shape: tuple[int, int, int, int], tile: int = TILE
 ) -> torch.Tensor:
     """``compute_tile_map`` with a cache keyed by the mask's storage, view and version."""
-    shape = tuple(int(n) for n in shape)
     owner = mask._base if mask._base is not None else mask
-    if torch.compiler.is_compiling() or owner.is_inference() or mask.is_inference():
-        # inference tensors have no version counter, so in-place edits could not be detected
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    if tracing or owner.is_inference() or mask.is_inference():
+        # traced: shapes may be symbolic (int() would fix them); inference tensors have no
+        # version counter, so in-place edits could not be detected
         return compute_tile_map(mask, shape, tile)
+    shape = tuple(int(n) for n in shape)
     key = (
         id(owner),
         mask.data_ptr(),

@@ -182,3 +182,16 @@ class ClassificationModule(ZooModule):
         """Class probabilities [B, classes] for a batch of inputs."""
         x = torch.as_tensor(inputs, device=self.device)
         return self(x).softmax(-1).cpu().numpy()
+
+    def export_network(self):
+        """What ``serve`` computes, over tensors: inputs [B, ...] -> probabilities."""
+        return _Probabilities(self), ["inputs"], ["probabilities"], {"inputs": {0: "batch"}}
+
+
+class _Probabilities(nn.Module):
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x).softmax(-1)

@@ -626,6 +626,14 @@ class GroupSoftmaxDetector(ZooModule):
             image = image.float() / 255  # the served model takes [0, 1] floats
         return image[None].detach().cpu().numpy()
 
+    def export_network(self):
+        raise ConfigError(
+            "detection models are not exported: torchvision's Faster R-CNN exports to ONNX only "
+            "through the TorchScript-based exporter (opset 11, a fixed image size per model), and "
+            "torch.export stops at its data-dependent proposal and NMS shapes; serve it with the "
+            "logged mlflow Model instead"
+        )
+
     @torch.no_grad()
     def serve(self, inputs: np.ndarray) -> pd.DataFrame:
         """Detections for images [B, 3, H, W] in [0, 1]: one row per box (image index, class

@@ -328,6 +328,10 @@ class Pix2Pix(ZooModule):
         """G(A) for input images A [B, input_nc, H, W] in [-1, 1]; outputs in [-1, 1]."""
         return self.generator(torch.as_tensor(inputs, device=self.device)).cpu().numpy()
 
+    def export_network(self):
+        """The generator: images A [B, input_nc, H, W] in [-1, 1] -> G(A)."""
+        return self.generator, ["A"], ["fake_B"], {"A": {0: "batch"}}
+
 
 def grid_figure(grid, title: str):
     """input | generated | target rows of (A, G(A), B, file name) samples in [0, 1]."""

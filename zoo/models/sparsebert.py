@@ -57,6 +57,16 @@ MASK_KEYS = {
 }
 
 
+def crop(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """[..., L, L] -> [..., length, length]. A view in eager mode (so the kernels' tile map of a
+    fixed mask is computed once); a gathered copy while torch.export traces, where a view's
+    layout would make the exported program branch on length == L."""
+    if torch.compiler.is_exporting():
+        index = torch.arange(length, device=mask.device)
+        return mask.index_select(-1, index).index_select(-2, index)
+    return mask[..., :length, :length]
+
+
 class DifferentiableAttentionMask(nn.Module):
     """Learnable keep/drop logit pairs α[..., 0] (keep), α[..., 1] (drop) for every head (and
     layer, unless shared) and every position pair (dam_u) or diagonal offset (dam_s)."""
@@ -97,8 +107,8 @@ class DifferentiableAttentionMask(nn.Module):
     def _expand(self, values: torch.Tensor, length: int) -> torch.Tensor:
         """Per-offset values [S, H, L] -> Toeplitz [S, H, L, L] (dam_s); dam_u: crop/symmetrise."""
         if self.kind == "dam_s":
-            return values[..., :length][..., self._offsets(length)]
-        values = values[..., :length, :length]
+            return values[..., self._offsets(length)]  # offsets < length: no slice needed
+        values = crop(values, length)
         if self.symmetric:
             values = torch.triu(values) + torch.triu(values, 1).transpose(-1, -2)
         return values
@@ -313,8 +323,8 @@ class SparseBert(ClassificationModule):
             masks = self.dam(length, sample)
         elif self.fixed_mask is not None:  # fixed and random
             if heads == "local":  # already split by head: no gathering
-                return parallel.local(self.fixed_mask)[..., :length, :length]
-            masks = parallel.full(self.fixed_mask)[..., :length, :length]
+                return crop(parallel.local(self.fixed_mask), length)
+            masks = crop(parallel.full(self.fixed_mask), length)
         else:
             return None
         return self.local_heads(masks) if heads == "local" else masks
@@ -436,11 +446,32 @@ class SparseBert(ClassificationModule):
         keys = ("input_ids", "attention_mask", "token_type_ids")
         return {k: batch[k].detach().cpu().numpy() for k in keys if k in batch}
 
+    def export_network(self):
+        """What ``serve`` computes, over tensors: token ids, attention mask and token types
+        [B, L] -> probabilities (the mask, learned or fixed, is part of the network)."""
+        names = ["input_ids", "attention_mask", "token_type_ids"]
+        dims = {n: {0: "batch", 1: ("length", self.max_len)} for n in names}
+        return _TokenProbabilities(self), names, ["probabilities"], dims
+
     @torch.no_grad()
     def serve(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Class probabilities [B, classes] for token ids (and attention / token-type masks)."""
         batch = {k: torch.as_tensor(np.asarray(v), device=self.device) for k, v in inputs.items()}
         return self(batch).softmax(-1).cpu().numpy()
+
+
+class _TokenProbabilities(nn.Module):
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, input_ids, attention_mask, token_type_ids) -> torch.Tensor:
+        batch = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "token_type_ids": token_type_ids,
+        }
+        return self.module(batch).softmax(-1)
 
 
 # --------------------------------------------------------------------------- loading

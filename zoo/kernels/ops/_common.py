@@ -11,8 +11,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def checking() -> bool:
-    """Value checks need the data (a sync on GPU); skipped while torch.compile traces."""
-    return not torch.compiler.is_compiling()
+    """Value checks need the data (a sync on GPU); skipped while torch.compile or torch.export
+    traces."""
+    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
 
 
 def check_range(name: str, t: torch.Tensor, lo: int, hi: int, ignore: int | None = None) -> None:

@@ -247,7 +247,8 @@ def _combine(pad: torch.Tensor | None, mask: torch.Tensor | None) -> AttentionMa
     is when nothing is padded, so the kernels reuse its cached tile map."""
     if mask is None:
         return pad
-    if pad is not None and bool(pad.all()):
+    tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    if pad is not None and not tracing and bool(pad.all()):  # a data-dependent shortcut
         pad = None
     if mask.is_floating_point():
         return SoftMask(mask, pad)
