@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source, options = _parse(argv, usage)
         fmt = options.get("format", "onnx")
+        if fmt not in FORMATS:
+            raise ConfigError(f"format={fmt!r}: choose one of {', '.join(FORMATS)}")
         uri = options.get("tracking_uri")
         module, example, run_id = load_logged(source, uri)
         out_dir = Path(options.get("output") or tempfile.mkdtemp(prefix="zoo-export-"))
