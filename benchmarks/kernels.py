@@ -331,13 +331,7 @@ def bench_spec(spec, device: str, quick: bool) -> None:
     """Any registered op: the compiled kernel against the eager reference, forward + backward,
     on its spec's benchmark inputs (the dedicated benchmarks above add torch's alternatives)."""
 
-    class Reference:
-        direct = True
-
-        def ops(self, *tensors):
-            return None
-
-    variants = {"compiled": getattr(K, spec.name), "eager": spec.bind(Reference())}
+    variants = {"compiled": getattr(K, spec.name), "eager": spec.bind(K.REFERENCE)}
     runs = spec.bench(quick) if spec.bench else [("case", *c) for c in spec.cases()]
     for label, args, kwargs in runs:
         args = [

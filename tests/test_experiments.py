@@ -25,14 +25,15 @@ from zoo import tracking
 from zoo.pipeline import build, evaluate, read_checkpoint, train
 
 
-def _demo_family(experiment: str) -> str | None:
-    """The experiment's ``tags.family`` when its data has an offline demo, else None."""
+def _family_and_demo(experiment: str) -> tuple[str, bool]:
+    """The experiment's ``tags.family``, and whether its data has an offline demo."""
     tmp = Path(tempfile.mkdtemp(prefix="zoo-compose-"))
     cfg = compose_cfg("train", [f"experiment={experiment}"], tmp, tmp, f"sqlite:///{tmp}/m.db")
-    return str(cfg.tags.family) if cfg.data.get("demo") else None
+    return str(cfg.tags.family), bool(cfg.data.get("demo"))
 
 
-FAMILY_OF = {e: f for e in EXPERIMENTS if (f := _demo_family(e)) is not None}
+COMPOSED = {e: _family_and_demo(e) for e in EXPERIMENTS}
+FAMILY_OF = {e: family for e, (family, demo) in COMPOSED.items() if demo}
 DEMO_EXPERIMENTS = sorted(FAMILY_OF)
 
 
@@ -75,17 +76,11 @@ def upstream_run(make_cfg, tracking_uri: str, experiment: str) -> str:
 def test_every_family_has_a_demo_experiment_and_its_own_checks():
     """Each family (an experiment's ``tags.family``) trains offline on a demo and has a test
     module with its own end-to-end checks."""
-    families = {str(f) for f in FAMILY_OF.values()}
-    everyone = {compose_family(e) for e in EXPERIMENTS}
+    families = set(FAMILY_OF.values())
+    everyone = {family for family, _ in COMPOSED.values()}
     assert families == everyone, f"families without a demo experiment: {everyone - families}"
     for family in families:
         assert callable(getattr(family_tests(family), "check_experiment_run", None)), family
-
-
-def compose_family(experiment: str) -> str:
-    tmp = Path(tempfile.mkdtemp(prefix="zoo-compose-"))
-    cfg = compose_cfg("train", [f"experiment={experiment}"], tmp, tmp, f"sqlite:///{tmp}/m.db")
-    return str(cfg.tags.family)
 
 
 @pytest.mark.parametrize("experiment", DEMO_EXPERIMENTS)

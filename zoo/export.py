@@ -16,7 +16,6 @@ import json
 import logging
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +62,7 @@ def export_module(module, example: Any, fmt: str, out_dir: str | Path) -> dict[s
             torch.export.save(program, path)
             exported = torch.export.load(path).module()(*tensors)
         else:
-            with _reference_kernels():
+            with kernels.backend_as("reference"):  # ONNX's standard ops express the reference
                 torch.onnx.export(
                     net,
                     tensors,
@@ -121,17 +120,6 @@ def _dynamic(inputs: list[str], dims: dict[str, dict[int, Any]]):
         return made[name]
 
     return tuple({d: dim(spec) for d, spec in dims.get(n, {}).items()} for n in inputs)
-
-
-@contextmanager
-def _reference_kernels():
-    """The kernels' pure-PyTorch reference while ONNX traces (standard ops ONNX expresses)."""
-    before = kernels._state.requested
-    kernels.set_backend("reference")
-    try:
-        yield
-    finally:
-        kernels._state.requested = before
 
 
 def load_logged(source: str, tracking_uri: str | None = None):

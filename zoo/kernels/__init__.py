@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -172,7 +174,28 @@ class _Triton:
         return _triton_ops()
 
 
-BACKEND, TRITON = _Backend(), _Triton()
+class _Reference:
+    """The pure-PyTorch reference on any device (the oracle the tests and benchmarks compare
+    every implementation with)."""
+
+    direct = True
+
+    def ops(self, *tensors: torch.Tensor):
+        return None
+
+
+BACKEND, TRITON, REFERENCE = _Backend(), _Triton(), _Reference()
+
+
+@contextmanager
+def backend_as(name: str) -> Iterator[None]:
+    """``set_backend(name)`` while the block runs, then what was chosen before."""
+    before = _state.requested
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _state.requested = before
 
 
 def ops() -> list[str]:
