@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +19,9 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from zoo import cluster, console, faults, kernels, legacy, parallel, tracking
+from zoo import cluster, console, faults, inference, kernels, legacy, parallel, tracking
 from zoo.errors import ConfigError, TrackingUndelivered, one_line
+from zoo.outputs import File
 from zoo.reports import Report
 from zoo.tracking.lightning import RunInfo, TrackOutputs, ZooMLFlowLogger
 
@@ -349,9 +351,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if run.data.tags.get(tracking.TAG_KIND) == "study":
             return evaluate_study(cfg, run)
     source = resolve_source(cfg)
-    metrics, sections, datamodule, coverage = test_source(cfg, source)
-    report, flat = model_report(source, metrics, sections, datamodule, coverage)
-    write_report(cfg, report, flat, source.run_id, source.stem, "Report")
+    metrics, outputs, datamodule, coverage = test_source(cfg, source)
+    report, flat = model_report(source, metrics, outputs.sections, datamodule, coverage)
+    write_report(cfg, report, flat, source.run_id, source.stem, "Report", outputs.test_files)
     return flat
 
 
@@ -463,8 +465,8 @@ class Coverage:
 
 
 def test_source(cfg: DictConfig, source: Source):
-    """Rebuild data and model, load the weights, test; returns (metrics, report sections,
-    data module, coverage)."""
+    """Rebuild data and model, load the weights, test; returns (metrics, what the model
+    emitted (report sections, files), data module, coverage)."""
     train_cfg = source.train_cfg
     datamodule = build(train_cfg.data, "data")
     model = build(train_cfg.model, "model")
@@ -500,7 +502,7 @@ def test_source(cfg: DictConfig, source: Source):
         limit,
         OmegaConf.select(train_cfg, "data.subset", default=None),
     )
-    return metrics, outputs.sections, datamodule, coverage
+    return metrics, outputs, datamodule, coverage
 
 
 # ------------------------------------------------------------- step 3: the report
@@ -559,14 +561,28 @@ def model_report(
 
 
 def write_report(
-    cfg: DictConfig, report: Report, metrics: dict, run_id: str | None, stem: str, what: str
+    cfg: DictConfig,
+    report: Report,
+    metrics: dict,
+    run_id: str | None,
+    stem: str,
+    what: str,
+    extra_files: list[File] = (),
 ) -> Path:
-    """Write the report (Markdown, HTML, metrics.json) and log it to ``run_id`` under report/."""
+    """Write the report (Markdown, HTML, metrics.json, and files the model emitted while
+    testing, e.g. per-trial predictions) and log it to ``run_id`` under report/."""
     out_dir = Path(
         cfg.get("output_dir")
         or Path(cfg.paths.log_dir) / "reports" / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     files = report.write(out_dir, metrics)
+    for extra in extra_files:
+        target = out_dir / extra.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if extra.source is not None:
+            shutil.copyfile(extra.source, target)
+        else:
+            extra.write(target)
     if run_id:
         tracking.client(cfg.tracking.tracking_uri).log_artifacts(run_id, str(out_dir), "report")
     lines = [f"\n{what} written to {out_dir}", f"  {files['html']}", f"  {files['markdown']}"]
@@ -576,6 +592,58 @@ def write_report(
         lines.append(f"  (also logged to mlflow run {run_id} under report/)")
     print("\n".join(lines), flush=True)
     return out_dir
+
+
+# --------------------------------------------------------------------------- predict
+
+
+def predict(cfg: DictConfig) -> inference.Prediction:
+    """predict.py: a trained model's answers to the raw files of ``input=``."""
+    console.tidy()
+    configure_kernels(cfg)
+    if not cfg.get("input"):
+        raise ConfigError("predict.py needs input=<file or folder> (see conf/predict.yaml)")
+    source = resolve_source(cfg)
+    module = load_source_model(source, cfg.get("device") or "auto")
+    raw = module.raw_inputs()
+    raw.configure(cfg)
+    output = Path(
+        cfg.get("output")
+        or Path(cfg.paths.log_dir)
+        / "predictions"
+        / f"{source.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    done = inference.predict_path(
+        raw, Path(cfg.input), output, cfg.get("batch_size"), bool(cfg.get("progress", True))
+    )
+    print_prediction(source, done, module.device)
+    return done
+
+
+def load_source_model(source: Source, device: str):
+    """The source's Lightning module with its weights, in eval mode on ``device``."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
+        raise ConfigError(f"device={device!r}: expected auto, cpu or cuda")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device}: this machine has no CUDA device (use device=cpu)")
+    model = build(source.train_cfg.model, "model")
+    model.load_state_dict(source.state_dict)
+    return model.to(device).eval()
+
+
+def print_prediction(source: Source, done: inference.Prediction, device) -> None:
+    lines = [
+        f"\npredicted {done.items} {done.kind} with {source.description} on {device} in "
+        f"{done.seconds:.1f} s ({done.rate():.1f} {done.kind}/s); "
+        f"{len(done.skipped)} skipped",
+        *(f"  skipped {s.name}: {s.reason}" for s in done.skipped[:10]),
+        *(f"  {path}" for path in done.written),
+    ]
+    if len(done.skipped) > 10:
+        lines.insert(11, f"  ... {len(done.skipped) - 10} more skipped (see skipped.tsv)")
+    print("\n".join(lines), flush=True)
 
 
 # ------------------------------------------------------------- the other modes

@@ -781,6 +781,47 @@ class DeapDataModule(SplitDataModule):
             self._norm_stats = channel_statistics(self.trials, self._train_rows)
         return self._norm_stats
 
+    def preprocessing_spec(self) -> dict[str, Any]:
+        """What turns a raw DEAP trial into the model's windows (the model keeps it; the
+        normalisation statistics travel as its buffers)."""
+        return {
+            "channels": list(self.channel_names),
+            "baseline": self.baseline,
+            "bandpass": list(self.bandpass) if self.bandpass is not None else None,
+            "filter_order": int(self.filter_order),
+            "window": int(self.window),
+            "step": int(self.step),
+            "sfreq": SFREQ,
+            "baseline_samples": BASELINE_SAMPLES,
+            "class_names": list(self.class_names),
+            "target": self.target,
+            "threshold": float(self.threshold),
+        }
+
+    def raw_example(self) -> np.ndarray:
+        """The first trial of the first subject file, (1, 40, samples) float32, cut to its
+        baseline and two windows (a small input example for the logged model)."""
+        path = subject_path(self.data_dir, self._subject_list()[0], self.file_format)
+        data, _ = load_subject(path)
+        keep = BASELINE_SAMPLES + self.window + self.step
+        return np.ascontiguousarray(data[:1, :, :keep], dtype=np.float32)
+
+    def test_windows(self) -> dict[str, np.ndarray] | None:
+        """(subject, trial, start, label) of every test window, in the test loader's order."""
+        ds = self.datasets.get("test")
+        if isinstance(ds, _RandomWindowSubset):
+            rows, starts = ds.base.rows[ds.index], ds.base.starts[ds.index]
+        elif isinstance(ds, EEGWindows):
+            rows, starts = ds.rows, ds.starts
+        else:
+            return None
+        return {
+            "subject": self.trials.subject[rows],
+            "trial": self.trials.trial[rows],
+            "start": starts,
+            "label": self.trials.label[rows],
+        }
+
     def dataset_files(self, split: str) -> list[Path]:
         """The subject files the splits are read from (not the cache beside them)."""
         fmt = self.file_format

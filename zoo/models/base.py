@@ -18,11 +18,43 @@ SchedulerFactory = Callable[..., Any]
 
 class ZooModule(L.LightningModule):
     """A LightningModule that emits figures, files, tags and report sections instead of
-    logging them (``zoo.tracking.lightning.TrackOutputs`` does that, on rank 0)."""
+    logging them (``zoo.tracking.lightning.TrackOutputs`` does that, on rank 0).
+
+    It also carries its **preprocessing**: what turns a user's raw input (a DEAP trial, a
+    sentence, a photo) into the network's input, as the data module describes it when fitting
+    starts (its ``preprocessing_spec()``: plain values, e.g. channels and filter settings, a
+    tokenizer's JSON, an image size). It travels in the state dict as the module's extra state,
+    so every checkpoint, logged model and evaluate.py source has it; ``raw_inputs()`` (a family's
+    ``zoo.inference.RawInputs``) applies it.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.outbox = Outbox()
+        self.preprocessing: dict[str, Any] = {}
+        self._register_load_state_dict_pre_hook(self._allow_missing_extra_state)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"preprocessing": self.preprocessing}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.preprocessing = dict((state or {}).get("preprocessing") or {})
+
+    def _allow_missing_extra_state(self, state_dict, prefix, *args) -> None:
+        """State dicts from before the preprocessing travelled load with none."""
+        state_dict.setdefault(prefix + "_extra_state", {})
+
+    def on_fit_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        spec = getattr(dm, "preprocessing_spec", None)
+        if callable(spec):
+            self.preprocessing = spec()
+
+    def raw_inputs(self) -> Any:
+        """This model's ``zoo.inference.RawInputs`` (families that answer raw inputs)."""
+        from zoo.errors import ConfigError
+
+        raise ConfigError(f"{type(self).__name__} does not answer raw inputs")
 
     def emit(self, *items: Output) -> None:
         self.outbox.emit(*items)

@@ -133,13 +133,15 @@ class ClassificationModule(ZooModule):
                 f"val confusion matrix, epoch {self.current_epoch}",
             )
 
-    def test_step(self, batch, batch_idx: int) -> None:
+    def test_step(self, batch, batch_idx: int) -> torch.Tensor:
+        """Returns the logits (``on_test_batch_end`` sees them, e.g. per-trial answers)."""
         loss, logits, y = self._step(batch)
         self.test_loss(loss)
         self.test_metrics(logits, y)
         self.test_cm.update(logits, y)
         self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
         self.log_dict(self.test_metrics, on_step=False, on_epoch=True)
+        return logits.detach()
 
     def on_test_epoch_end(self) -> None:
         cm = self.test_cm.compute().cpu().numpy()

@@ -438,6 +438,7 @@ class GroupSoftmaxDetector(ZooModule):
         return self.net(images)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         table = "; ".join(
             f"{n}: {row}" for n, row in zip(self.source_names, self.group_table.tolist())
         )

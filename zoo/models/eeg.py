@@ -3,13 +3,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
 
+from zoo.errors import DataError
+from zoo.inference import Item, RawInputs
 from zoo.models.classification import ClassificationModule
+from zoo.outputs import File, Section
 
 NORM_KEYS = ("input_mean", "input_std")
+TEST_TRIALS_ARTIFACT = "predictions/test_trials.csv"
 
 
 def _in_channels(net: nn.Module) -> int:
@@ -78,6 +85,7 @@ class EEGEmotionClassifier(ClassificationModule):
             self.set_input_stats(dm.norm_stats)
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         dm = getattr(self.trainer, "datamodule", None)
         names = getattr(dm, "class_names", None)
         if names is not None and list(names) != self.class_names:
@@ -89,3 +97,197 @@ class EEGEmotionClassifier(ClassificationModule):
     def on_test_start(self) -> None:
         if self._stats_from_data:
             self._stats_of_datamodule()
+        self._test_probs: list[torch.Tensor] = []
+
+    def on_test_batch_end(self, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if outputs is not None:
+            self._test_probs.append(outputs.detach().float().softmax(-1).cpu())
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        self._emit_test_trials()
+
+    def _emit_test_trials(self) -> None:
+        """Per-trial answers of the test split (mean window probability, window votes): the
+        same records ``predict.py`` writes for a DEAP file, so the two can be compared."""
+        dm = getattr(self.trainer, "datamodule", None)
+        windows = dm.test_windows() if hasattr(dm, "test_windows") else None
+        if windows is None or not self._test_probs or self.trainer.world_size > 1:
+            return
+        probs = torch.cat(self._test_probs).numpy()
+        self._test_probs = []
+        n = len(probs)  # limit_test_batches: a prefix of the split
+        keys = np.stack([windows["subject"][:n], windows["trial"][:n]], axis=1)
+        trials, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        rows = []
+        for i, (subject, trial) in enumerate(trials):
+            record = trial_record(probs[inverse.reshape(-1) == i], self.class_names)
+            label = self.class_names[int(windows["label"][first[i]])]
+            rows.append({"subject": int(subject), "trial": int(trial), "label": label, **record})
+        correct = sum(r["prediction"] == r["label"] for r in rows)
+        section = Section("Per-trial predictions")
+        section.paragraph(
+            f"{len(rows)} test trials, each answered by its windows' mean class probability "
+            f"(and counted window votes): trial accuracy {correct / len(rows):.4f}. The table is "
+            f"{TEST_TRIALS_ARTIFACT}; predict.py writes the same columns for a DEAP file."
+        )
+        section.metrics["test/trial_acc"] = correct / len(rows)
+        self.emit(section, File(TEST_TRIALS_ARTIFACT, write=_csv_writer(rows)))
+
+    def raw_inputs(self) -> EEGTrials:
+        return EEGTrials(self)
+
+
+def trial_record(window_probs: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """One trial's answer from its windows' class probabilities [windows, classes]: the class of
+    the highest mean probability, the mean probabilities and each class's window votes."""
+    mean = window_probs.mean(axis=0)
+    votes = np.bincount(window_probs.argmax(axis=1), minlength=len(class_names))
+    return {
+        "prediction": class_names[int(mean.argmax())],
+        "windows": len(window_probs),
+        **{f"prob_{c}": float(p) for c, p in zip(class_names, mean)},
+        **{f"votes_{c}": int(v) for c, v in zip(class_names, votes)},
+    }
+
+
+def _csv_writer(rows: list[dict[str, Any]]):
+    import pandas as pd
+
+    return lambda path: pd.DataFrame.from_records(rows).to_csv(path, index=False)
+
+
+class EEGTrials(RawInputs):
+    """Raw DEAP trials: (40 channels, or the model's channels) x samples at 128 Hz, starting
+    with DEAP's 3 s baseline. Each is cut to the model's channels, baseline-corrected,
+    band-passed and windowed as in training (``zoo.data.deap.preprocess_trials``); the model
+    standardises the windows with its own statistics."""
+
+    kind = "trials"
+    suffixes = (".dat", ".mat")
+    batch_size = 8
+
+    def __init__(self, module: EEGEmotionClassifier):
+        super().__init__(module)
+        from zoo.data.deap import ALL_CHANNELS
+
+        self.channels = list(self.spec["channels"])
+        self.channel_idx = [ALL_CHANNELS.index(c) for c in self.channels]
+        self.window, self.step = int(self.spec["window"]), int(self.spec["step"])
+        self.min_samples = int(self.spec["baseline_samples"]) + self.window
+        self.class_names = list(module.class_names)
+
+    def check(self, x: Any, where: str) -> np.ndarray:
+        """One trial as (channels, samples) float, or a DataError naming ``where``."""
+        from zoo.data.deap import N_CHANNELS
+
+        x = np.asarray(x)
+        if x.dtype.kind not in "fiu":
+            raise DataError(f"{where}: an EEG trial must be numbers, got {x.dtype} values")
+        if x.ndim != 2 or x.shape[0] not in (N_CHANNELS, len(self.channels)):
+            raise DataError(
+                f"{where}: an EEG trial has shape (channels, samples) with {N_CHANNELS} DEAP "
+                f"channels or the model's {len(self.channels)}, got shape {x.shape}"
+            )
+        if x.shape[1] < self.min_samples:
+            raise DataError(
+                f"{where}: {x.shape[1]} samples is too few: a trial needs the 3 s baseline "
+                f"and one {self.window}-sample window, at least {self.min_samples} samples at "
+                f"{self.spec['sfreq']} Hz"
+            )
+        if not np.isfinite(x).all():
+            raise DataError(f"{where}: the trial contains NaN or inf values")
+        return x
+
+    def read(self, path: Path) -> list[Item]:
+        from zoo.data.deap import load_subject, make_labels
+
+        data, ratings = load_subject(path)
+        labels = make_labels(ratings, self.spec["target"], self.spec["threshold"])
+        names = self.spec["class_names"]
+        return [
+            Item(
+                f"{path.name}#{t}",
+                self.check(data[t], f"{path} trial {t}"),
+                {"file": path.name, "trial": t, "label": names[int(labels[t])]},
+            )
+            for t in range(len(data))
+        ]
+
+    def is_tensor_input(self, model_input: Any) -> bool:
+        """Windows as the network takes them: [B, model channels, window samples]."""
+        shape = getattr(model_input, "shape", ())
+        return len(shape) == 3 and shape[1:] == (len(self.channels), self.window)
+
+    def parse(self, model_input: Any) -> list[np.ndarray]:
+        if hasattr(model_input, "to_numpy"):
+            model_input = model_input.to_numpy()
+        if isinstance(model_input, dict) or isinstance(model_input, str):
+            raise DataError(
+                "an EEG model takes trial arrays (channels, samples) or (trials, channels, "
+                f"samples), got {type(model_input).__name__}"
+            )
+        if isinstance(model_input, list | tuple) and any(
+            isinstance(v, str | bytes) for v in model_input
+        ):
+            raise DataError("inputs: a batch with mixed kinds (text among EEG trials)")
+        try:
+            x = np.asarray(model_input)
+        except ValueError:  # a ragged list: trials of different lengths
+            x = None
+        if x is None or x.dtype == object:
+            return [self.check(v, f"inputs[{i}]") for i, v in enumerate(model_input)]
+        if x.ndim == 2:
+            return [self.check(x, "inputs")]
+        if x.ndim == 3:
+            return [self.check(v, f"inputs[{i}]") for i, v in enumerate(x)]
+        raise DataError(
+            f"inputs: shape {x.shape}; an EEG model takes (channels, samples) or (trials, "
+            "channels, samples)"
+        )
+
+    def windows(self, trial: np.ndarray) -> np.ndarray:
+        """The preprocessed windows [n, channels, window] of one raw trial."""
+        from zoo.data.deap import preprocess_trials
+
+        if trial.shape[0] != len(self.channels):
+            trial = trial[self.channel_idx]
+        idx = list(range(len(self.channels)))
+        x = preprocess_trials(
+            trial[None],
+            idx,
+            self.spec["baseline"],
+            self.spec["bandpass"],
+            int(self.spec["filter_order"]),
+        )[0]
+        starts = np.arange(0, x.shape[-1] - self.window + 1, self.step)
+        return np.stack([x[:, s : s + self.window] for s in starts])
+
+    @torch.no_grad()
+    def answer(self, values: list[np.ndarray]) -> list[dict[str, Any]]:
+        module = self.module
+        per_trial = [self.windows(v) for v in values]
+        x = torch.from_numpy(np.concatenate(per_trial)).to(module.device)
+        probs = torch.cat([module(chunk).softmax(-1) for chunk in x.split(256)]).cpu().numpy()
+        records, start = [], 0
+        for w in per_trial:
+            records.append(trial_record(probs[start : start + len(w)], self.class_names))
+            start += len(w)
+        return records
+
+    def write(self, output: Path, items: list[Item], records: list[dict[str, Any]]) -> list[Path]:
+        rows = [{**it.meta, **r} for it, r in zip(items, records)]
+        path = output / "predictions.csv"
+        _csv_writer(rows)(path)
+        return [path]
+
+    def example(self, datamodule: Any) -> np.ndarray:
+        return datamodule.raw_example()
+
+    def signature(self, example: Any, output: Any):
+        from mlflow.models import ModelSignature, infer_signature
+        from mlflow.types.schema import Schema, TensorSpec
+
+        out = infer_signature(example, output).outputs
+        # trials of any length and channel count (40, or the model's own)
+        return ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]), out)

@@ -169,6 +169,7 @@ class Pix2Pix(ZooModule):
         return {"generator": self.generator, "discriminator": self.discriminator}
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         self.emit(Tag("zoo.fid", self.fid_note))
 
     def configure_optimizers(self):

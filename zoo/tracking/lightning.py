@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 import zoo
-from zoo.outputs import DescribesDatasets, EmitsOutputs, Section
+from zoo.outputs import DescribesDatasets, EmitsOutputs, File, Section
 from zoo.tracking.params import flatten_params, log_params
 from zoo.tracking.queue import QueueingClient, is_outage
 from zoo.tracking.run import TrainingRun
@@ -109,6 +109,7 @@ class TrackOutputs(L.Callback):
     def __init__(self, run: TrainingRun | None = None):
         self.run = run
         self.sections: list[Section] = []
+        self.test_files: list[File] = []  # what the last test emitted (evaluate.py keeps them)
 
     def _logging(self, trainer) -> bool:
         return self.run is not None and self.run.active and trainer.is_global_zero
@@ -124,7 +125,10 @@ class TrackOutputs(L.Callback):
         for item in pl_module.outbox.drain():
             if isinstance(item, Section):
                 self.sections.append(item)
-            elif self._logging(trainer):
+                continue
+            if isinstance(item, File) and trainer.testing:
+                self.test_files.append(item)
+            if self._logging(trainer):
                 self.run.log_output(item)
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -138,7 +142,7 @@ class TrackOutputs(L.Callback):
 
     def on_test_start(self, trainer, pl_module) -> None:
         self.drain(trainer, pl_module)
-        self.sections = []
+        self.sections, self.test_files = [], []
 
     def on_test_end(self, trainer, pl_module) -> None:
         self.drain(trainer, pl_module)

@@ -3,9 +3,14 @@
 The logged model holds the resolved training config and the weights (a state dict, loaded with
 ``weights_only=True``: no pickled module), and its code is
 ``zoo/tracking/pyfunc_model.py`` (mlflow's "models from code"): ``mlflow.pyfunc.load_model``
-rebuilds the Lightning module from the config with Hydra and calls its ``serve``
-(``zoo.outputs.Servable``). The signature and input
-example come from one real batch of the run's data module.
+rebuilds the Lightning module from the config with Hydra, and ``predict`` answers
+what a user holds (a DEAP trial, sentences, uint8 images) through the family's raw inputs
+(``zoo.inference.respond``: the code ``predict.py`` runs), and the network's own tensor input
+through ``serve`` (``zoo.outputs.Servable``). The signature and input example describe the raw
+form (a model without recorded preprocessing: one real batch of the run's data module).
+
+Bad input (``zoo.errors.DataError``) is raised as an ``MlflowException`` with
+INVALID_PARAMETER_VALUE, which ``mlflow models serve`` answers with HTTP 400 and the message.
 """
 
 from __future__ import annotations
@@ -42,8 +47,17 @@ class ZooPyfuncModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None):
         # np.ndarray is one of mlflow's hints that infer no schema: the signature comes from
-        # the logged input example, and dicts of arrays and DataFrames are accepted as well
-        return self.module.serve(_as_numpy(model_input))
+        # the logged input example, and lists, dicts of arrays and DataFrames are accepted too
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from zoo.errors import ZooError, one_line
+        from zoo.inference import respond
+
+        try:
+            return respond(self.module, model_input)
+        except ZooError as exc:
+            raise MlflowException(one_line(exc), error_code=INVALID_PARAMETER_VALUE) from None
 
 
 def load_module(cfg: DictConfig, weights: str | Path) -> Any:
@@ -56,14 +70,6 @@ def load_module(cfg: DictConfig, weights: str | Path) -> Any:
     state = torch.load(weights, map_location="cpu", weights_only=True)
     module.load_state_dict(state)
     return module.eval()
-
-
-def _as_numpy(model_input: Any) -> Any:
-    if isinstance(model_input, dict):
-        return {k: np.asarray(v) for k, v in model_input.items()}
-    if hasattr(model_input, "to_numpy"):  # a DataFrame from a JSON request
-        return model_input.to_numpy()
-    return np.asarray(model_input)
 
 
 def example_batch(datamodule) -> Any:
@@ -112,14 +118,12 @@ def log_model(
     """Log ``module`` (its current weights) to ``run_id`` as an mlflow Model; returns mlflow's
     ModelInfo (``model_uri``, ``registered_model_version``)."""
     import mlflow
-    from mlflow.models import Model, infer_signature
+    from mlflow.models import Model
 
     if not isinstance(module, Servable):
         raise TypeError(f"{type(module).__name__} has no serving_input/serve: cannot be logged")
     module = module.cpu().eval()
-    batch = example_batch(datamodule)
-    example = _head(module.serving_input(batch), max_examples)
-    signature = infer_signature(example, module.serve(example))
+    example, signature = _example_and_signature(module, datamodule, max_examples)
     with tempfile.TemporaryDirectory(prefix="zoo-model-") as tmp:
         config, weights = Path(tmp) / "config.yaml", Path(tmp) / "weights.pt"
         config.write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -149,6 +153,20 @@ def log_model(
                 flavor_name="python_model",
                 model_id=logged.model_id,
             )
+
+
+def _example_and_signature(module: Any, datamodule, max_examples: int):
+    """The raw form when the model carries its preprocessing, else one batch's tensors."""
+    from mlflow.models import infer_signature
+
+    from zoo.inference import respond
+
+    if getattr(module, "preprocessing", None):
+        raw = module.raw_inputs()
+        example = raw.example(datamodule)
+        return example, raw.signature(example, respond(module, example))
+    example = _head(module.serving_input(example_batch(datamodule)), max_examples)
+    return example, infer_signature(example, module.serve(example))
 
 
 def _head(inputs: Any, n: int) -> Any:

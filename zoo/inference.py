@@ -1,0 +1,244 @@
+"""Raw inputs to answers: what ``predict.py`` and the logged model's ``predict`` share.
+
+A family's model returns a :class:`RawInputs` from ``raw_inputs()``. It
+
+- reads the files a user holds (``read``: a DEAP ``.dat``, a TSV, a photo) into items,
+- checks what a Python or REST caller sends (``parse``: arrays, strings, a DataFrame),
+- answers a batch of raw values (``answer``: one record per value), with the preprocessing the
+  data module recorded when the model was trained (``ZooModule.preprocessing``),
+- and turns the records into what the logged model returns (``table``) or into files
+  (``write``).
+
+``predict.py`` and the pyfunc model both call :func:`answer_all`; neither has its own copy of a
+family's preprocessing. This module names no family.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from zoo.errors import DataError
+
+
+@dataclass
+class Item:
+    """One raw input: ``name`` says where it came from (``s01.dat#trial3``, ``photo.jpg``),
+    ``value`` is what ``answer`` takes, ``meta`` what the written output repeats (file, line,
+    label when the file has one)."""
+
+    name: str
+    value: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Skipped:
+    """A file or item that could not be read: reported, and the rest are predicted."""
+
+    name: str
+    reason: str
+
+
+class RawInputs:
+    """The raw side of a model (a family subclasses it; see the module docstring)."""
+
+    kind = "inputs"  # what the summary counts: trials, sentences, images
+    suffixes: tuple[str, ...] = ()  # the files ``read`` takes, lower case
+    batch_size = 32  # raw values per forward pass in the logged model's predict
+
+    def __init__(self, module: Any):
+        self.module = module
+        self.spec: dict[str, Any] = dict(module.preprocessing)
+        if not self.spec:
+            raise DataError(
+                f"this {type(module).__name__} carries no preprocessing for raw inputs: it was "
+                "trained before models recorded theirs. Retrain it (or fine-tune it for one "
+                "epoch) to predict on raw files; evaluate.py still works"
+            )
+
+    def configure(self, cfg: Any) -> None:
+        """Read predict.py's family options (e.g. detection's ``annotations=``)."""
+
+    # -- what a family provides ------------------------------------------------------------
+
+    def read(self, path: Path) -> list[Item]:
+        """The items of one file (raises ``DataError`` naming the file when it is bad)."""
+        raise NotImplementedError
+
+    def parse(self, model_input: Any) -> list[Any]:
+        """The raw values of a pyfunc / REST input (raises ``DataError`` naming the field)."""
+        raise NotImplementedError
+
+    def is_tensor_input(self, model_input: Any) -> bool:
+        """Whether ``model_input`` is the network's own input (answered by ``module.serve``)."""
+        return False
+
+    def answer(self, values: list[Any]) -> list[dict[str, Any]]:
+        """One record per raw value."""
+        raise NotImplementedError
+
+    def table(self, records: list[dict[str, Any]]) -> Any:
+        """What the logged model returns for ``records``: a DataFrame by default."""
+        import pandas as pd
+
+        return pd.DataFrame.from_records(records)
+
+    def write(self, output: Path, items: list[Item], records: list[dict[str, Any]]) -> list[Path]:
+        """Write the answers under ``output``; returns the files written."""
+        raise NotImplementedError
+
+    def example(self, datamodule: Any) -> Any:
+        """A small raw input for the logged model's input example."""
+        raise NotImplementedError
+
+    def signature(self, example: Any, output: Any):
+        """The logged model's signature: by default inferred from the example."""
+        from mlflow.models import infer_signature
+
+        return infer_signature(example, output)
+
+    # -- shared ----------------------------------------------------------------------------
+
+    def describe(self) -> str:
+        """One line for the summary: what the preprocessing does."""
+        return ", ".join(f"{k}={v}" for k, v in self.spec.items() if isinstance(v, int | float))
+
+
+def batches(values: Sequence[Any], size: int) -> Iterable[list[Any]]:
+    for start in range(0, len(values), max(1, int(size))):
+        yield list(values[start : start + max(1, int(size))])
+
+
+def answer_all(
+    raw: RawInputs,
+    values: Sequence[Any],
+    batch_size: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Every value answered, ``batch_size`` at a time (``progress(n)`` after each batch)."""
+    records: list[dict[str, Any]] = []
+    for chunk in batches(values, batch_size or raw.batch_size):
+        answers = raw.answer(chunk)
+        if len(answers) != len(chunk):
+            raise RuntimeError(f"{type(raw).__name__}.answer gave {len(answers)} for {len(chunk)}")
+        records.extend(answers)
+        if progress is not None:
+            progress(len(chunk))
+    return records
+
+
+def respond(module: Any, model_input: Any) -> Any:
+    """The logged model's ``predict``: raw inputs answered by the family's RawInputs, and the
+    network's own (tensor) input still answered by ``module.serve``."""
+    if not getattr(
+        module, "preprocessing", None
+    ):  # a model from before raw inputs: its tensor form only
+        return module.serve(_as_numpy(model_input))
+    raw = module.raw_inputs()
+    if raw.is_tensor_input(model_input):
+        return module.serve(_as_numpy(model_input))
+    return raw.table(answer_all(raw, raw.parse(model_input)))
+
+
+def _as_numpy(model_input: Any) -> Any:
+    import numpy as np
+
+    if isinstance(model_input, dict):
+        return {k: np.asarray(v) for k, v in model_input.items()}
+    if hasattr(model_input, "to_numpy"):  # a DataFrame from a JSON request
+        return model_input.to_numpy()
+    return np.asarray(model_input)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def input_files(path: Path, raw: RawInputs) -> tuple[list[Path], list[Skipped]]:
+    """The files of ``input=``: the file itself, or a folder's files in name order (files of
+    another format are reported and skipped; hidden files are ignored)."""
+    path = Path(path)
+    wanted = " / ".join(raw.suffixes)
+    if path.is_file():
+        if path.suffix.lower() not in raw.suffixes:
+            raise DataError(
+                f"input={path}: a {path.suffix or 'suffix-less'} file, but this model takes "
+                f"{raw.kind} from {wanted} files"
+            )
+        return [path], []
+    if not path.is_dir():
+        raise DataError(f"input={path}: no such file or folder")
+    files, skipped = [], []
+    for p in sorted(path.iterdir()):
+        if p.name.startswith(".") or p.is_dir():
+            continue
+        if p.suffix.lower() in raw.suffixes:
+            files.append(p)
+        else:
+            skipped.append(Skipped(p.name, f"not a {wanted} file"))
+    if not files:
+        raise DataError(f"input={path}: no {wanted} files in the folder ({raw.kind} expected)")
+    return files, skipped
+
+
+def read_inputs(path: Path, raw: RawInputs) -> tuple[list[Item], list[Skipped]]:
+    """Every item of ``input=``. One bad file of a folder is skipped (and reported); a bad
+    single file is an error."""
+    files, skipped = input_files(path, raw)
+    items: list[Item] = []
+    for f in files:
+        try:
+            items.extend(raw.read(f))
+        except DataError as exc:
+            if Path(path).is_file():
+                raise
+            skipped.append(Skipped(f.name, str(exc)))
+    if not items:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5])
+        raise DataError(f"input={path}: nothing could be read ({reasons})")
+    return items, skipped
+
+
+@dataclass
+class Prediction:
+    """What ``predict.py`` did: for the summary line and the tests."""
+
+    items: int
+    skipped: list[Skipped]
+    written: list[Path]
+    seconds: float
+    kind: str
+
+    def rate(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else float("inf")
+
+
+def predict_path(
+    raw: RawInputs, path: Path, output: Path, batch_size: int, progress: bool = True
+) -> Prediction:
+    """Read ``path``, answer every item, write the answers under ``output``."""
+    items, skipped = read_inputs(path, raw)
+    started = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), desc=f"predicting {raw.kind}", unit=raw.kind[:-1] or "item")
+    try:
+        records = answer_all(
+            raw, [it.value for it in items], batch_size, bar.update if bar else None
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - started
+    output.mkdir(parents=True, exist_ok=True)
+    written = raw.write(output, items, records)
+    if skipped:
+        lines = [f"{s.name}\t{s.reason}" for s in skipped]
+        (output / "skipped.tsv").write_text("name\treason\n" + "\n".join(lines) + "\n")
+        written.append(output / "skipped.tsv")
+    return Prediction(len(items), skipped, written, seconds, raw.kind)
