@@ -65,8 +65,9 @@ class RawInputs:
 
     # -- what a family provides ------------------------------------------------------------
 
-    def read(self, path: Path) -> list[Item]:
-        """The items of one file (raises ``DataError`` naming the file when it is bad)."""
+    def read(self, path: Path) -> list[Item | Skipped]:
+        """The items of one file, and its bad items (an empty line of a text file) as Skipped;
+        raises ``DataError`` naming the file when the file itself is bad."""
         raise NotImplementedError
 
     def parse(self, model_input: Any) -> list[Any]:
@@ -191,7 +192,8 @@ def read_inputs(path: Path, raw: RawInputs) -> tuple[list[Item], list[Skipped]]:
     items: list[Item] = []
     for f in files:
         try:
-            items.extend(raw.read(f))
+            for entry in raw.read(f):
+                (skipped if isinstance(entry, Skipped) else items).append(entry)
         except DataError as exc:
             if Path(path).is_file():
                 raise

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -418,6 +419,24 @@ class GlueDataModule(SplitDataModule):
         self.timings["setup"] = time.perf_counter() - t0
         if cache is not None:
             self.timings["cache_hits"], self.timings["cache_misses"] = cache.hits, cache.misses
+
+    def preprocessing_spec(self) -> dict[str, Any]:
+        """What turns raw text into the model's input: the tokenizer itself (its JSON, with
+        the truncation to max_length), the task's text columns and labels."""
+        self.setup()
+        return {
+            "tokenizer": self.tokenizer.to_str(),
+            "max_length": int(self.max_length),
+            "task": self.task,
+            "text_columns": [str(c) for c in self.spec.text],
+            "pair": len(self.spec.text) == 2,
+            "class_names": list(self.class_names),
+        }
+
+    def raw_example(self) -> list[tuple[str, ...]]:
+        """The first two texts of the validation file (the logged model's input example)."""
+        texts, _ = read_glue_tsv(self.data_dir / self.spec.dev, self.spec, require_labels=False)
+        return texts[:2]
 
     def dataset_files(self, split: str) -> list[Path]:
         name = {"train": "train.tsv", "val": self.spec.dev, "test": "test.tsv"}[split]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,8 +34,9 @@ import torchmetrics
 from torch import nn
 
 from zoo import kernels, parallel
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, DataError
 from zoo.fetch import fetch
+from zoo.inference import Item, RawInputs, Skipped
 from zoo.models.base import OptimizerFactory, SchedulerFactory
 from zoo.models.classification import ClassificationModule
 from zoo.models.components.bert import BertConfig, BertMLMHead, BertModel
@@ -459,6 +461,9 @@ class SparseBert(ClassificationModule):
         batch = {k: torch.as_tensor(np.asarray(v), device=self.device) for k, v in inputs.items()}
         return self(batch).softmax(-1).cpu().numpy()
 
+    def raw_inputs(self) -> TextInputs:
+        return TextInputs(self)
+
 
 class _TokenProbabilities(nn.Module):
     def __init__(self, module: nn.Module):
@@ -472,6 +477,173 @@ class _TokenProbabilities(nn.Module):
             "token_type_ids": token_type_ids,
         }
         return self.module(batch).softmax(-1)
+
+
+# --------------------------------------------------------------------------- raw text
+
+
+class TextInputs(RawInputs):
+    """Raw text: single texts, or (text, text_pair) for the pair tasks (MRPC, QNLI, RTE, ...),
+    tokenized with the tokenizer the model was trained with (carried in its preprocessing,
+    truncation to ``max_length`` included)."""
+
+    kind = "texts"
+    suffixes = (".tsv", ".txt")
+    batch_size = 32
+
+    def __init__(self, module: SparseBert):
+        super().__init__(module)
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_str(self.spec["tokenizer"])
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(int(self.spec["max_length"]))
+        self.pair = bool(self.spec["pair"])
+        self.names = ["text", "text_pair"] if self.pair else ["text"]
+        self.class_names = list(module.class_names)
+
+    def check(self, value: Any, where: str) -> tuple[str, ...]:
+        """One text (or pair) as a tuple of non-empty strings, or a DataError naming it."""
+        texts = (value,) if isinstance(value, str) else value
+        if isinstance(texts, np.ndarray):
+            texts = tuple(texts.tolist())
+        if not isinstance(texts, list | tuple) or not all(isinstance(t, str) for t in texts):
+            raise DataError(
+                f"{where}: a batch with mixed kinds: expected text, got {type(value).__name__}"
+            )
+        if any(not t.strip() for t in texts):
+            raise DataError(f"{where}: an empty text")
+        if len(texts) != len(self.names):
+            want = "a (text, text_pair) pair" if self.pair else "one text"
+            raise DataError(
+                f"{where}: this {self.spec['task']} model takes {want}, got {len(texts)} texts"
+            )
+        return tuple(texts)
+
+    def is_tensor_input(self, model_input: Any) -> bool:
+        return isinstance(model_input, dict) and "input_ids" in model_input
+
+    def parse(self, model_input: Any) -> list[tuple[str, ...]]:
+        if isinstance(model_input, dict):
+            import pandas as pd
+
+            model_input = pd.DataFrame({k: list(np.atleast_1d(v)) for k, v in model_input.items()})
+        if hasattr(model_input, "columns"):  # a DataFrame: named text columns, or unnamed ones
+            columns = [str(c) for c in model_input.columns]
+            names = self.names if all(n in columns for n in self.names) else None
+            if names is None and all(c in columns for c in self.spec["text_columns"]):
+                names = list(self.spec["text_columns"])
+            frame = model_input[names] if names else model_input
+            if frame.shape[1] != len(self.names):
+                raise DataError(
+                    f"inputs: columns {columns}; this model takes {' and '.join(self.names)}"
+                )
+            rows = frame.itertuples(index=False, name=None)
+            return [self.check(tuple(r), f"inputs row {i}") for i, r in enumerate(rows)]
+        if isinstance(model_input, str):
+            model_input = [model_input]
+        if not isinstance(model_input, list | tuple | np.ndarray) or not len(model_input):
+            raise DataError(f"inputs: expected texts, got {type(model_input).__name__}")
+        return [self.check(v, f"inputs[{i}]") for i, v in enumerate(model_input)]
+
+    @torch.no_grad()
+    def answer(self, values: list[tuple[str, ...]]) -> list[dict[str, Any]]:
+        encodings = self.tokenizer.encode_batch([v if len(v) > 1 else v[0] for v in values])
+        n = max(len(e.ids) for e in encodings)
+        ids = torch.zeros((len(values), n), dtype=torch.long)
+        types, mask = torch.zeros_like(ids), torch.zeros_like(ids)
+        for i, e in enumerate(encodings):
+            k = len(e.ids)
+            ids[i, :k], types[i, :k], mask[i, :k] = (
+                torch.tensor(e.ids),
+                torch.tensor(e.type_ids),
+                1,
+            )
+        device = self.module.device
+        batch = {
+            "input_ids": ids.to(device),
+            "attention_mask": mask.to(device),
+            "token_type_ids": types.to(device),
+        }
+        probs = self.module(batch).softmax(-1).cpu().numpy()
+        return [
+            {
+                "prediction": self.class_names[int(p.argmax())],
+                **{f"prob_{c}": float(v) for c, v in zip(self.class_names, p)},
+            }
+            for p in probs
+        ]
+
+    def read(self, path: Path) -> list[Item | Skipped]:
+        import csv
+
+        with path.open(encoding="utf-8", newline="") as f:
+            if path.suffix.lower() == ".txt":  # one text per line; a pair: tab-separated
+                rows = [(i, line.rstrip("\n").split("\t")) for i, line in enumerate(f, 1)]
+                columns, label = None, None
+            else:
+                reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+                rows, columns, label = self._tsv_rows(path, reader)
+        out: list[Item | Skipped] = []
+        for lineno, row in rows:
+            where = f"{path.name}:{lineno}"
+            texts = [row[c] if c < len(row) else "" for c in columns] if columns else row
+            try:
+                value = self.check(tuple(texts), where)
+            except DataError as exc:
+                out.append(Skipped(where, str(exc).removeprefix(f"{where}: ")))
+                continue
+            meta = {"file": path.name, "line": lineno, **dict(zip(self.names, value))}
+            if label is not None and label < len(row):
+                meta["label"] = row[label]
+            out.append(Item(where, value, meta))
+        if not out:
+            raise DataError(f"{path}: no texts")
+        return out
+
+    def _tsv_rows(self, path: Path, reader):
+        """(line number, row) pairs, the text columns' indices and the label's (or None): the
+        task's GLUE layout (with its header, or its column numbers for header-less tasks), or
+        a header naming ``text`` (and ``text_pair``)."""
+        from zoo.data.text import GLUE_TASKS
+
+        task = GLUE_TASKS.get(self.spec["task"])
+        rows = list(enumerate(reader, 1))
+        if task is not None and not task.header:
+            return rows, list(task.text), None
+        if not rows:
+            raise DataError(f"{path}: empty file")
+        header = rows[0][1]
+        for names in (list(self.spec["text_columns"]), self.names):
+            if all(n in header for n in names):
+                label = task.label if task is not None else None
+                label_idx = header.index(label) if label in header else None
+                return rows[1:], [header.index(n) for n in names], label_idx
+        raise DataError(
+            f"{path}:1: header {header} has neither the {self.spec['task']} columns "
+            f"{self.spec['text_columns']} nor {self.names}"
+        )
+
+    def write(self, output: Path, items: list[Item], records: list[dict[str, Any]]) -> list[Path]:
+        import csv
+
+        import pandas as pd
+
+        rows = [{**it.meta, **r} for it, r in zip(items, records)]
+        frame = pd.DataFrame.from_records(rows)
+        for name in self.names:  # GLUE's TSV: unquoted, so no tab or line break in a field
+            frame[name] = frame[name].str.replace(r"[\t\r\n]+", " ", regex=True)
+        path = output / "predictions.tsv"
+        frame.to_csv(path, sep="\t", index=False, quoting=csv.QUOTE_NONE)
+        return [path]
+
+    def example(self, datamodule: Any) -> Any:
+        texts = datamodule.raw_example()
+        if not self.pair:
+            return [t[0] for t in texts]
+        import pandas as pd
+
+        return pd.DataFrame(texts, columns=self.names)
 
 
 # --------------------------------------------------------------------------- loading
