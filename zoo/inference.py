@@ -244,3 +244,84 @@ def predict_path(
         (output / "skipped.tsv").write_text("name\treason\n" + "\n".join(lines) + "\n")
         written.append(output / "skipped.tsv")
     return Prediction(len(items), skipped, written, seconds, raw.kind)
+
+
+# --------------------------------------------------------------------------- images
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def read_image(path: Path, channels: int = 3):
+    """An image file as uint8 (H, W, channels), or a DataError naming the file."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB" if channels == 3 else "L")
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(
+            f"{path}: the image cannot be decoded ({type(exc).__name__}: {exc})"
+        ) from None
+
+
+class ImageInputs(RawInputs):
+    """Raw images: uint8 arrays (H, W, 3) (or (H, W) grey, (H, W, 4) with alpha), one at a time
+    or as a batch (B, H, W, 3), or a list of them in any sizes; image files in predict.py."""
+
+    kind = "images"
+    suffixes = IMAGE_SUFFIXES
+    batch_size = 4
+    channels = 3
+
+    def check(self, x: Any, where: str):
+        import numpy as np
+
+        if isinstance(x, str | bytes) or (isinstance(x, np.ndarray) and x.dtype.kind in "OUS"):
+            raise DataError(f"{where}: a batch with mixed kinds: expected an image array")
+        x = np.asarray(x)
+        if x.ndim == 2:
+            x = x[:, :, None]
+        if x.ndim != 3 or x.shape[2] not in (1, 3, 4) or min(x.shape[:2]) < 1:
+            raise DataError(
+                f"{where}: an image is a (height, width, 3) uint8 array, got shape {x.shape}"
+            )
+        if x.dtype != np.uint8:
+            if x.dtype.kind not in "iu" or x.min() < 0 or x.max() > 255:
+                raise DataError(
+                    f"{where}: an image holds uint8 values 0..255, got {x.dtype} values"
+                )
+            x = x.astype(np.uint8)
+        if x.shape[2] == 4:
+            x = x[:, :, :3]
+        if self.channels == 3 and x.shape[2] == 1:
+            x = np.repeat(x, 3, axis=2)
+        if self.channels == 1 and x.shape[2] == 3:  # ITU-R 601-2 luma, as PIL's convert("L")
+            x = (x @ np.array([299, 587, 114]) / 1000).round().astype(np.uint8)[:, :, None]
+        return np.ascontiguousarray(x)
+
+    def read(self, path: Path) -> list[Item | Skipped]:
+        image = read_image(path, self.channels)
+        return [Item(path.name, self.check(image, str(path)), {"file": path.name})]
+
+    def parse(self, model_input: Any) -> list[Any]:
+        import numpy as np
+
+        if hasattr(model_input, "to_numpy"):
+            model_input = model_input.to_numpy()
+        if isinstance(model_input, dict | str | bytes):
+            raise DataError(
+                f"inputs: expected image arrays (H, W, 3) or (B, H, W, 3), got "
+                f"{type(model_input).__name__}"
+            )
+        if isinstance(model_input, np.ndarray) and model_input.dtype != object:
+            if model_input.ndim == 4:
+                return [self.check(v, f"inputs[{i}]") for i, v in enumerate(model_input)]
+            return [self.check(model_input, "inputs")]
+        if not len(model_input):
+            raise DataError("inputs: no images")
+        return [self.check(v, f"inputs[{i}]") for i, v in enumerate(model_input)]
+
+    def example(self, datamodule: Any) -> Any:
+        return datamodule.raw_example()[None]

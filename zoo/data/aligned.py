@@ -233,6 +233,24 @@ class AlignedDataModule(SplitDataModule):
         if stage in (None, "test") and "test" not in self.datasets:
             self.datasets["test"] = self._dataset("test", train=False)
 
+    def preprocessing_spec(self) -> dict:
+        """What turns a raw image into the generator's input: it works at crop_size (the
+        size it was trained at); the direction says which side of the pairs was the input."""
+        return {
+            "size": int(self.crop_size),
+            "direction": self.direction,
+            "input_nc": int(self.input_nc),
+            "output_nc": int(self.output_nc),
+            "preprocess": self.preprocess,
+            "load_size": int(self.load_size),
+        }
+
+    def raw_example(self) -> np.ndarray:
+        """The input side of the first test pair, uint8 (H, W, 3)."""
+        self.setup("test")
+        a, _ = load_pair(self.datasets["test"].files[0], self.direction)
+        return np.asarray(a.convert("RGB" if self.input_nc == 3 else "L"), dtype=np.uint8)
+
     def summary(self) -> dict[str, str]:
         out = {
             "data_dir": str(self.data_dir),

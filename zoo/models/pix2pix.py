@@ -24,6 +24,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from zoo.inference import ImageInputs, Item
 from zoo.models.base import OptimizerFactory, SchedulerFactory, ZooModule, scheduler_config
 from zoo.models.components.pix2pix_nets import init_weights
 from zoo.outputs import Figure, Section, Tag
@@ -332,6 +333,82 @@ class Pix2Pix(ZooModule):
     def export_network(self):
         """The generator: images A [B, input_nc, H, W] in [-1, 1] -> G(A)."""
         return self.generator, ["A"], ["fake_B"], {"A": {0: "batch"}}
+
+    def raw_inputs(self) -> Pix2PixImages:
+        return Pix2PixImages(self)
+
+
+class Pix2PixImages(ImageInputs):
+    """Raw photos of the input domain, any size: each is resized (bicubic) to the size the
+    generator was trained at and scaled to [-1, 1]; G's output is scaled back to uint8 and
+    resized to the input's size. The answer is that image."""
+
+    def __init__(self, module: Pix2Pix):
+        super().__init__(module)
+        self.size = int(self.spec["size"])
+        self.channels = int(self.spec["input_nc"])
+        self.out_channels = int(self.spec["output_nc"])
+
+    def is_tensor_input(self, model_input: Any) -> bool:
+        """[B, input_nc, H, W] floats in [-1, 1], as the generator takes them."""
+        x = model_input
+        return (
+            isinstance(x, np.ndarray)
+            and x.dtype.kind == "f"
+            and x.ndim == 4
+            and (x.shape[1] == self.channels)
+        )
+
+    @torch.no_grad()
+    def answer(self, values: list[np.ndarray]) -> list[dict[str, Any]]:
+        from PIL import Image
+
+        x = np.stack(
+            [
+                np.asarray(
+                    Image.fromarray(v.squeeze(-1) if v.shape[-1] == 1 else v).resize(
+                        (self.size, self.size), Image.BICUBIC
+                    )
+                )
+                for v in values
+            ]
+        ).astype(np.float32)
+        x = torch.from_numpy(x.reshape(len(values), self.size, self.size, -1) / 127.5 - 1.0)
+        fake = self.module.generator(x.permute(0, 3, 1, 2).to(self.module.device))
+        out = ((fake.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+        records = []
+        for image, v in zip(out, values):
+            pil = Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image)
+            pil = pil.resize((v.shape[1], v.shape[0]), Image.BICUBIC)
+            records.append({"image": np.asarray(pil, dtype=np.uint8).reshape(*v.shape[:2], -1)})
+        return records
+
+    def table(self, records: list[dict[str, Any]]) -> Any:
+        """One uint8 (B, H, W, C) array when the images share a size, else a list of them."""
+        images = [r["image"] for r in records]
+        if len({i.shape for i in images}) == 1:
+            return np.stack(images)
+        return images
+
+    def write(self, output: Path, items: list[Item], records: list[dict[str, Any]]) -> list[Path]:
+        from PIL import Image
+
+        written = []
+        for item, record in zip(items, records):
+            path = output / f"{Path(item.name).stem}.png"  # lossless, whatever came in
+            image = record["image"]
+            Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path)
+            written.append(path)
+        return written
+
+    def signature(self, example: Any, output: Any):
+        from mlflow.models import ModelSignature
+        from mlflow.types.schema import Schema, TensorSpec
+
+        return ModelSignature(
+            Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, self.channels))]),
+            Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, self.out_channels))]),
+        )
 
 
 def grid_figure(grid, title: str):
