@@ -70,6 +70,10 @@ class RawInputs:
         raises ``DataError`` naming the file when the file itself is bad."""
         raise NotImplementedError
 
+    def select(self, items: list[Item]) -> tuple[list[Item], list[Skipped]]:
+        """The items to predict (e.g. only the images a ground truth names) and those left."""
+        return items, []
+
     def parse(self, model_input: Any) -> list[Any]:
         """The raw values of a pyfunc / REST input (raises ``DataError`` naming the field)."""
         raise NotImplementedError
@@ -223,6 +227,10 @@ def predict_path(
 ) -> Prediction:
     """Read ``path``, answer every item, write the answers under ``output``."""
     items, skipped = read_inputs(path, raw)
+    items, left = raw.select(items)
+    skipped += left
+    if not items:
+        raise DataError(f"input={path}: none of its {raw.kind} are left to predict")
     started = time.perf_counter()
     bar = None
     if progress:

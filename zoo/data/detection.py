@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -1018,6 +1019,16 @@ class DetectionDataModule(SplitDataModule):
                 self.datasets[split] = DetectionDataset(
                     self.records(split), train=split == "train", flip=self.flip, on_bad=self.on_bad
                 )
+
+    def preprocessing_spec(self) -> dict[str, Any]:
+        """Raw images need no preprocessing besides decoding (the detector resizes and
+        normalises them itself): the spec names the classes the boxes are labelled with."""
+        return {"class_names": list(self.classes), "sources": self.source_names}
+
+    def raw_example(self) -> np.ndarray:
+        """The first test image, uint8 (H, W, 3)."""
+        records = self.records("test")
+        return decode_rgb(records[0].image).permute(1, 2, 0).numpy()
 
     def train_dataloader(self):
         """Shuffled, in aspect-ratio grouped batches (``data.aspect_ratio_group_factor``, as

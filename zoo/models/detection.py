@@ -46,7 +46,8 @@ from torchvision.ops import misc as misc_nn_ops
 
 from zoo import kernels
 from zoo.boxes import derive_group_table
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, DataError
+from zoo.inference import ImageInputs, Item, Skipped
 from zoo.metrics.detection import DetectionScorer
 from zoo.metrics.detection_figures import detections_figure, per_class_ap_figure, pr_curves_figure
 from zoo.models.base import OptimizerFactory, SchedulerFactory, ZooModule
@@ -640,24 +641,164 @@ class GroupSoftmaxDetector(ZooModule):
         """Detections for images [B, 3, H, W] in [0, 1]: one row per box (image index, class
         id and name, score, x1, y1, x2, y2 in pixels)."""
         images = list(torch.as_tensor(inputs, device=self.device))
-        rows = []
-        for i, pred in enumerate(self.net(images)):
-            for box, label, score in zip(
+        return detections_frame(self.net(images), self.class_names)
+
+    def raw_inputs(self) -> DetectionImages:
+        return DetectionImages(self)
+
+
+BOX_COLUMNS = ["image", "label", "class", "score", "x1", "y1", "x2", "y2"]
+
+
+def detections_frame(preds: list[dict[str, Any]], class_names: list[str]) -> pd.DataFrame:
+    """One row per box of per-image predictions (``boxes``, ``labels``, ``scores``)."""
+    rows = []
+    for i, pred in enumerate(preds):
+        for box, label, score in zip(
+            np.asarray(pred["boxes"]).tolist(),
+            np.asarray(pred["labels"]).tolist(),
+            np.asarray(pred["scores"]).tolist(),
+        ):
+            rows.append([i, label, class_names[label - 1], score, *box])
+    frame = pd.DataFrame(rows, columns=BOX_COLUMNS)
+    return frame.astype(
+        {c: "int64" if c in ("image", "label") else "float64" for c in BOX_COLUMNS if c != "class"}
+    )
+
+
+class DetectionImages(ImageInputs):
+    """Raw photos, uint8 (H, W, 3) of any size: the detector resizes and normalises them
+    itself. The answer is a table of boxes; predict.py writes COCO results (``detections.json``,
+    which ``evaluate.py task=detection`` scores) and the images with their boxes drawn."""
+
+    batch_size = 2
+
+    def __init__(self, module: GroupSoftmaxDetector):
+        super().__init__(module)
+        self.class_names = list(module.class_names)
+        self.annotations: Path | None = None
+        self.score_threshold = 0.5
+
+    def configure(self, cfg: Any) -> None:
+        self.annotations = Path(cfg.annotations) if cfg.get("annotations") else None
+        self.score_threshold = float(cfg.get("score_threshold", 0.5))
+
+    def is_tensor_input(self, model_input: Any) -> bool:
+        """[B, 3, H, W] floats in [0, 1], the served form before raw inputs."""
+        x = model_input
+        return isinstance(x, np.ndarray) and x.dtype.kind == "f" and x.ndim == 4 and x.shape[1] == 3
+
+    @torch.no_grad()
+    def answer(self, values: list[np.ndarray]) -> list[dict[str, Any]]:
+        device = self.module.device
+        images = [torch.from_numpy(v).permute(2, 0, 1).to(device) for v in values]
+        return [
+            {k: pred[k].cpu().numpy() for k in ("boxes", "labels", "scores")}
+            for pred in self.module.net(images)
+        ]
+
+    def table(self, records: list[dict[str, Any]]) -> pd.DataFrame:
+        return detections_frame(records, self.class_names)
+
+    def _ground_truth(self) -> tuple[dict[str, int], dict[str, int]]:
+        """``annotations=``: image ids by file name and category ids by class name."""
+        try:
+            gt = json.loads(self.annotations.read_text())
+            by_file = {Path(im["file_name"]).name: int(im["id"]) for im in gt["images"]}
+            by_name = {c["name"]: int(c["id"]) for c in gt["categories"]}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DataError(
+                f"annotations={self.annotations}: not a COCO ground-truth JSON ({exc})"
+            ) from None
+        # a class matches a ground-truth category of its name, or of a name a source's
+        # label map gives it (e.g. COCO's "motorcycle" for a unified "motorbike")
+        aliases = {n: {n} for n in self.class_names}
+        for label_map in self.module.hparams.get("label_maps") or []:
+            for source_name, unified in dict(label_map).items():
+                if unified in aliases:
+                    aliases[unified].add(str(source_name))
+        categories = {
+            n: next(by_name[a] for a in sorted(names) if a in by_name)
+            for n, names in aliases.items()
+            if names & set(by_name)
+        }
+        if not categories:
+            raise DataError(
+                f"annotations={self.annotations}: none of its categories {sorted(by_name)} is a "
+                f"class of this model ({self.class_names})"
+            )
+        return by_file, categories
+
+    def select(self, items: list[Item]) -> tuple[list[Item], list[Skipped]]:
+        """With ``annotations=``: only the images the ground truth names."""
+        if self.annotations is None:
+            return items, []
+        by_file, _ = self._ground_truth()
+        keep = [it for it in items if it.name in by_file]
+        left = [
+            Skipped(it.name, f"not an image of annotations={self.annotations}")
+            for it in items
+            if it.name not in by_file
+        ]
+        return keep, left
+
+    def _coco_ids(self, items: list[Item]) -> tuple[list[int], dict[int, int]]:
+        """Image ids and category ids for the results: the ground truth's (``annotations=``,
+        matched by file name and class name; boxes of classes it does not annotate are left
+        out), else 1..N in file order and the model's labels."""
+        if self.annotations is None:
+            ids = list(range(1, len(items) + 1))
+            return ids, {i + 1: i + 1 for i in range(len(self.class_names))}
+        by_file, by_class = self._ground_truth()
+        categories = {i + 1: by_class[n] for i, n in enumerate(self.class_names) if n in by_class}
+        return [by_file[it.name] for it in items], categories
+
+    def write(self, output: Path, items: list[Item], records: list[dict[str, Any]]) -> list[Path]:
+        from torchvision.io import write_png
+        from torchvision.utils import draw_bounding_boxes
+
+        image_ids, category_ids = self._coco_ids(items)
+        results = []
+        drawn = output / "images"
+        drawn.mkdir(exist_ok=True)
+        for item, image_id, pred in zip(items, image_ids, records):
+            for (x1, y1, x2, y2), label, score in zip(
                 pred["boxes"].tolist(), pred["labels"].tolist(), pred["scores"].tolist()
             ):
-                rows.append([i, label, self.class_names[label - 1], score, *box])
-        columns = ["image", "label", "class", "score", "x1", "y1", "x2", "y2"]
-        frame = pd.DataFrame(rows, columns=columns)
-        return frame.astype(
-            {
-                "image": "int64",
-                "label": "int64",
-                "score": "float64",
-                "x1": "float64",
-                "y1": "float64",
-                "x2": "float64",
-                "y2": "float64",
-            }
+                if int(label) not in category_ids:  # a class the ground truth does not annotate
+                    continue
+                results.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": category_ids[int(label)],
+                        "bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)],
+                        "score": round(float(score), 5),
+                    }
+                )
+            keep = pred["scores"] >= self.score_threshold
+            image = torch.from_numpy(item.value).permute(2, 0, 1)
+            boxed = draw_bounding_boxes(
+                image,
+                torch.from_numpy(pred["boxes"][keep]),
+                [
+                    f"{self.class_names[int(c) - 1]} {s:.2f}"
+                    for c, s in zip(pred["labels"][keep], pred["scores"][keep])
+                ],
+                colors="red",
+                width=2,
+            )
+            write_png(boxed, str(drawn / f"{Path(item.name).stem}.png"))
+        path = output / "detections.json"
+        _write_json(results, path)
+        return [path, drawn]
+
+    def signature(self, example: Any, output: Any):
+        from mlflow.models import ModelSignature, infer_signature
+        from mlflow.types.schema import Schema, TensorSpec
+
+        return ModelSignature(
+            Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+            infer_signature(example, output).outputs,
         )
 
 
