@@ -1,6 +1,6 @@
 """Every experiment with an offline demo, end to end: compose, instantiate, a ``debug=fast``
 train into mlflow, ``evaluate.py run_id=``, and the logged mlflow Model loaded with
-``mlflow.pyfunc`` predicting on its input example exactly as the Lightning module does.
+``mlflow.pyfunc`` predicting on its (raw) input example exactly as the Lightning module does.
 
 New experiments join automatically (any ``conf/experiment/*.yaml`` whose data config has a
 ``demo``); what only one family logs is checked by ``check_experiment_run`` in the family's own
@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.conftest import EXPERIMENTS, artifacts, compose_cfg
 from zoo import tracking
+from zoo.inference import respond
 from zoo.pipeline import build, evaluate, read_checkpoint, train
 
 
@@ -133,7 +134,7 @@ def test_experiment_end_to_end(make_cfg, tracking_uri, tmp_path, monkeypatch, ex
         client.download_artifacts(run_id, tags[tracking.TAG_BEST_CKPT], str(tmp_path))
     )
     module.load_state_dict(ckpt["state_dict"])
-    expected = module.eval().serve(example)
+    expected = respond(module.eval(), example)  # raw example: the family's raw inputs
     if isinstance(expected, pd.DataFrame):
         pd.testing.assert_frame_equal(served.reset_index(drop=True), expected, atol=1e-4)
     else:

@@ -142,9 +142,13 @@ def load_logged(source: str, tracking_uri: str | None = None):
     example = Model.load(str(local.path)).load_input_example(str(local.path))
     if example is None:
         raise ConfigError(f"{model_uri}: the logged model has no input example to check against")
+    module = load_module(_config(local), local.artifacts["weights"])
+    if getattr(module, "preprocessing", None):  # a raw example: the network's input from it
+        raw = module.raw_inputs()
+        if not raw.is_tensor_input(example):
+            example = raw.network_input(raw.parse(example))
     if hasattr(example, "to_dict") and not isinstance(example, dict):
         example = example.to_numpy()
-    module = load_module(_config(local), local.artifacts["weights"])
     return module, example, local.run_id
 
 

@@ -82,6 +82,11 @@ class RawInputs:
         """Whether ``model_input`` is the network's own input (answered by ``module.serve``)."""
         return False
 
+    def network_input(self, values: list[Any]) -> Any:
+        """The network's input (numpy, as ``serving_input`` gives it) for raw values: what
+        ``answer`` runs, and what ``zoo.export`` checks an exported network on."""
+        raise NotImplementedError
+
     def answer(self, values: list[Any]) -> list[dict[str, Any]]:
         """One record per raw value."""
         raise NotImplementedError
@@ -267,7 +272,7 @@ def read_image(path: Path, channels: int = 3):
     try:
         with Image.open(path) as im:
             im = im.convert("RGB" if channels == 3 else "L")
-            return np.asarray(im, dtype=np.uint8)
+            return np.array(im, dtype=np.uint8)  # a writable copy
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(
             f"{path}: the image cannot be decoded ({type(exc).__name__}: {exc})"
@@ -307,7 +312,7 @@ class ImageInputs(RawInputs):
             x = np.repeat(x, 3, axis=2)
         if self.channels == 1 and x.shape[2] == 3:  # ITU-R 601-2 luma, as PIL's convert("L")
             x = (x @ np.array([299, 587, 114]) / 1000).round().astype(np.uint8)[:, :, None]
-        return np.ascontiguousarray(x)
+        return x if x.flags.writeable and x.flags.c_contiguous else np.array(x, order="C")
 
     def read(self, path: Path) -> list[Item | Skipped]:
         image = read_image(path, self.channels)

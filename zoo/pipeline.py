@@ -603,8 +603,9 @@ def predict(cfg: DictConfig) -> inference.Prediction:
     configure_kernels(cfg)
     if not cfg.get("input"):
         raise ConfigError("predict.py needs input=<file or folder> (see conf/predict.yaml)")
+    device = pick_device(cfg.get("device") or "auto")
     source = resolve_source(cfg)
-    module = load_source_model(source, cfg.get("device") or "auto")
+    module = load_source_model(source, device)
     raw = module.raw_inputs()
     raw.configure(cfg)
     output = Path(
@@ -620,14 +621,20 @@ def predict(cfg: DictConfig) -> inference.Prediction:
     return done
 
 
+def pick_device(device: str) -> str:
+    """``device=``: auto (cuda when there is one), cpu, cuda or cuda:<n>."""
+    device = str(device)
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ConfigError(f"device={device!r}: expected auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device}: this machine has no CUDA device (use device=cpu)")
+    return device
+
+
 def load_source_model(source: Source, device: str):
     """The source's Lightning module with its weights, in eval mode on ``device``."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
-        raise ConfigError(f"device={device!r}: expected auto, cpu or cuda")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device}: this machine has no CUDA device (use device=cpu)")
     model = build(source.train_cfg.model, "model")
     model.load_state_dict(source.state_dict)
     return model.to(device).eval()

@@ -776,17 +776,18 @@ class DetectionImages(ImageInputs):
                     }
                 )
             keep = pred["scores"] >= self.score_threshold
-            image = torch.from_numpy(item.value).permute(2, 0, 1)
-            boxed = draw_bounding_boxes(
-                image,
-                torch.from_numpy(pred["boxes"][keep]),
-                [
-                    f"{self.class_names[int(c) - 1]} {s:.2f}"
-                    for c, s in zip(pred["labels"][keep], pred["scores"][keep])
-                ],
-                colors="red",
-                width=2,
-            )
+            boxed = image = torch.from_numpy(item.value).permute(2, 0, 1)
+            if keep.any():
+                boxed = draw_bounding_boxes(
+                    image,
+                    torch.from_numpy(pred["boxes"][keep]),
+                    [
+                        f"{self.class_names[int(c) - 1]} {s:.2f}"
+                        for c, s in zip(pred["labels"][keep], pred["scores"][keep])
+                    ],
+                    colors="red",
+                    width=2,
+                )
             write_png(boxed, str(drawn / f"{Path(item.name).stem}.png"))
         path = output / "detections.json"
         _write_json(results, path)

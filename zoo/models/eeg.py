@@ -260,19 +260,27 @@ class EEGTrials(RawInputs):
             self.spec["bandpass"],
             int(self.spec["filter_order"]),
         )[0]
-        starts = np.arange(0, x.shape[-1] - self.window + 1, self.step)
-        return np.stack([x[:, s : s + self.window] for s in starts])
+        return np.stack([x[:, s : s + self.window] for s in self.windows_starts(trial.shape[-1])])
+
+    def windows_starts(self, samples: int) -> np.ndarray:
+        """Where the windows of a raw trial of ``samples`` start (after its baseline is cut)."""
+        kept = samples - int(self.spec["baseline_samples"])
+        return np.arange(0, kept - self.window + 1, self.step)
+
+    def network_input(self, values: list[np.ndarray]) -> np.ndarray:
+        """Every trial's windows, one after the other [windows, channels, window]."""
+        return np.concatenate([self.windows(v) for v in values])
 
     @torch.no_grad()
     def answer(self, values: list[np.ndarray]) -> list[dict[str, Any]]:
         module = self.module
-        per_trial = [self.windows(v) for v in values]
-        x = torch.from_numpy(np.concatenate(per_trial)).to(module.device)
+        counts = [len(self.windows_starts(v.shape[-1])) for v in values]
+        x = torch.from_numpy(self.network_input(values)).to(module.device)
         probs = torch.cat([module(chunk).softmax(-1) for chunk in x.split(256)]).cpu().numpy()
         records, start = [], 0
-        for w in per_trial:
-            records.append(trial_record(probs[start : start + len(w)], self.class_names))
-            start += len(w)
+        for n in counts:
+            records.append(trial_record(probs[start : start + n], self.class_names))
+            start += n
         return records
 
     def write(self, output: Path, items: list[Item], records: list[dict[str, Any]]) -> list[Path]:

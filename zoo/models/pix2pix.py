@@ -359,22 +359,27 @@ class Pix2PixImages(ImageInputs):
             and (x.shape[1] == self.channels)
         )
 
+    def network_input(self, values: list[np.ndarray]) -> np.ndarray:
+        """The images resized (bicubic) to the trained size, [B, C, size, size] in [-1, 1]."""
+        from PIL import Image
+
+        resized = [
+            np.asarray(
+                Image.fromarray(v.squeeze(-1) if v.shape[-1] == 1 else v).resize(
+                    (self.size, self.size), Image.BICUBIC
+                ),
+                dtype=np.float32,
+            ).reshape(self.size, self.size, -1)
+            for v in values
+        ]
+        return (np.stack(resized) / 127.5 - 1.0).transpose(0, 3, 1, 2).astype(np.float32)
+
     @torch.no_grad()
     def answer(self, values: list[np.ndarray]) -> list[dict[str, Any]]:
         from PIL import Image
 
-        x = np.stack(
-            [
-                np.asarray(
-                    Image.fromarray(v.squeeze(-1) if v.shape[-1] == 1 else v).resize(
-                        (self.size, self.size), Image.BICUBIC
-                    )
-                )
-                for v in values
-            ]
-        ).astype(np.float32)
-        x = torch.from_numpy(x.reshape(len(values), self.size, self.size, -1) / 127.5 - 1.0)
-        fake = self.module.generator(x.permute(0, 3, 1, 2).to(self.module.device))
+        x = torch.from_numpy(self.network_input(values)).to(self.module.device)
+        fake = self.module.generator(x)
         out = ((fake.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
         records = []
         for image, v in zip(out, values):

@@ -546,25 +546,21 @@ class TextInputs(RawInputs):
             raise DataError(f"inputs: expected texts, got {type(model_input).__name__}")
         return [self.check(v, f"inputs[{i}]") for i, v in enumerate(model_input)]
 
-    @torch.no_grad()
-    def answer(self, values: list[tuple[str, ...]]) -> list[dict[str, Any]]:
+    def network_input(self, values: list[tuple[str, ...]]) -> dict[str, np.ndarray]:
+        """Token ids, attention mask and token types [B, longest], padded as in training."""
         encodings = self.tokenizer.encode_batch([v if len(v) > 1 else v[0] for v in values])
         n = max(len(e.ids) for e in encodings)
-        ids = torch.zeros((len(values), n), dtype=torch.long)
-        types, mask = torch.zeros_like(ids), torch.zeros_like(ids)
+        ids = np.zeros((len(values), n), dtype=np.int64)
+        types, mask = np.zeros_like(ids), np.zeros_like(ids)
         for i, e in enumerate(encodings):
             k = len(e.ids)
-            ids[i, :k], types[i, :k], mask[i, :k] = (
-                torch.tensor(e.ids),
-                torch.tensor(e.type_ids),
-                1,
-            )
+            ids[i, :k], types[i, :k], mask[i, :k] = e.ids, e.type_ids, 1
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+    @torch.no_grad()
+    def answer(self, values: list[tuple[str, ...]]) -> list[dict[str, Any]]:
         device = self.module.device
-        batch = {
-            "input_ids": ids.to(device),
-            "attention_mask": mask.to(device),
-            "token_type_ids": types.to(device),
-        }
+        batch = {k: torch.from_numpy(v).to(device) for k, v in self.network_input(values).items()}
         probs = self.module(batch).softmax(-1).cpu().numpy()
         return [
             {
