@@ -117,13 +117,19 @@ class EEGEmotionClassifier(ClassificationModule):
         probs = torch.cat(self._test_probs).numpy()
         self._test_probs = []
         n = len(probs)  # limit_test_batches: a prefix of the split
-        keys = np.stack([windows["subject"][:n], windows["trial"][:n]], axis=1)
+        keys = np.stack([windows["subject"], windows["trial"]], axis=1)
         trials, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        inverse = inverse.reshape(-1)
         rows = []
         for i, (subject, trial) in enumerate(trials):
-            record = trial_record(probs[inverse.reshape(-1) == i], self.class_names)
+            mine = np.flatnonzero(inverse == i)
+            if mine.max() >= n:  # a trial the test did not see whole
+                continue
+            record = trial_record(probs[mine], self.class_names)
             label = self.class_names[int(windows["label"][first[i]])]
             rows.append({"subject": int(subject), "trial": int(trial), "label": label, **record})
+        if not rows:
+            return
         correct = sum(r["prediction"] == r["label"] for r in rows)
         section = Section("Per-trial predictions")
         section.paragraph(
