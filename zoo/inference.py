@@ -105,11 +105,11 @@ class RawInputs:
         """A small raw input for the logged model's input example."""
         raise NotImplementedError
 
-    def signature(self, example: Any, output: Any):
-        """The logged model's signature: by default inferred from the example."""
-        from mlflow.models import infer_signature
-
-        return infer_signature(example, output)
+    def tensor_specs(self) -> tuple[Any, Any]:
+        """The logged model's signature where it is a tensor, as (dtype, shape) with -1 for the
+        free dimensions, for the input and the output (None: inferred from the input example
+        and its answer); ``zoo.tracking.serving`` turns them into mlflow's TensorSpecs."""
+        return None, None
 
     # -- shared ----------------------------------------------------------------------------
 

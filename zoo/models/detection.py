@@ -793,14 +793,8 @@ class DetectionImages(ImageInputs):
         _write_json(results, path)
         return [path, drawn]
 
-    def signature(self, example: Any, output: Any):
-        from mlflow.models import ModelSignature, infer_signature
-        from mlflow.types.schema import Schema, TensorSpec
-
-        return ModelSignature(
-            Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-            infer_signature(example, output).outputs,
-        )
+    def tensor_specs(self) -> tuple[Any, Any]:
+        return (np.uint8, (-1, -1, -1, 3)), None  # a table of boxes out
 
 
 def _write_json(data, path: Path) -> None:

@@ -298,10 +298,6 @@ class EEGTrials(RawInputs):
     def example(self, datamodule: Any) -> np.ndarray:
         return datamodule.raw_example()
 
-    def signature(self, example: Any, output: Any):
-        from mlflow.models import ModelSignature, infer_signature
-        from mlflow.types.schema import Schema, TensorSpec
-
-        out = infer_signature(example, output).outputs
-        # trials of any length and channel count (40, or the model's own)
-        return ModelSignature(Schema([TensorSpec(np.dtype(np.float32), (-1, -1, -1))]), out)
+    def tensor_specs(self) -> tuple[Any, Any]:
+        # trials of any length and channel count (40, or the model's own); a table out
+        return (np.float32, (-1, -1, -1)), None

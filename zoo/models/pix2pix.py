@@ -406,14 +406,8 @@ class Pix2PixImages(ImageInputs):
             written.append(path)
         return written
 
-    def signature(self, example: Any, output: Any):
-        from mlflow.models import ModelSignature
-        from mlflow.types.schema import Schema, TensorSpec
-
-        return ModelSignature(
-            Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, self.channels))]),
-            Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, self.out_channels))]),
-        )
+    def tensor_specs(self) -> tuple[Any, Any]:
+        return (np.uint8, (-1, -1, -1, self.channels)), (np.uint8, (-1, -1, -1, self.out_channels))
 
 
 def grid_figure(grid, title: str):

@@ -162,9 +162,17 @@ def _example_and_signature(module: Any, datamodule, max_examples: int):
     from zoo.inference import respond
 
     if getattr(module, "preprocessing", None):
+        from mlflow.models import ModelSignature
+        from mlflow.types.schema import Schema, TensorSpec
+
         raw = module.raw_inputs()
         example = raw.example(datamodule)
-        return example, raw.signature(example, respond(module, example))
+        inferred = infer_signature(example, respond(module, example))
+        specs = [
+            Schema([TensorSpec(np.dtype(spec[0]), spec[1])]) if spec else default
+            for spec, default in zip(raw.tensor_specs(), (inferred.inputs, inferred.outputs))
+        ]
+        return example, ModelSignature(*specs)
     example = _head(module.serving_input(example_batch(datamodule)), max_examples)
     return example, infer_signature(example, module.serve(example))
 
