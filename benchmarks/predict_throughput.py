@@ -98,12 +98,21 @@ def prepare(family: str, tmp: Path, args):
         module.preprocessing = dm.preprocessing_spec()
         eeg_inputs(folder)
     elif family == "text":
-        module, dm = model_and_data("sparsebert_minilm_dense", tmp, "data.task=sst2")
-        dm.prepare_data()
-        dm.setup("fit")
+        text_inputs(folder, args.sentences)
+        glue = tmp / "sst2"  # an SST-2 folder for the data module (its tokenizer: MiniLM's)
+        glue.mkdir()
+        for name in ("train.tsv", "dev.tsv"):
+            (glue / name).write_text((folder / "dev.tsv").read_text())
+        module, dm = model_and_data(
+            "sparsebert_minilm_dense",
+            tmp,
+            "data.task=sst2",
+            f"data.data_dir={glue}",
+            "data.demo=null",
+            "data.cache=off",
+        )
         module.preprocessing = dm.preprocessing_spec()
         module.resolve()
-        text_inputs(folder, args.sentences)
     elif family == "pix2pix":
         module, dm = model_and_data("pix2pix_facades", tmp, "model.fid=off")
         module.preprocessing = dm.preprocessing_spec()
