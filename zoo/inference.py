@@ -7,7 +7,8 @@ A family's model returns a :class:`RawInputs` from ``raw_inputs()``. It
 - answers a batch of raw values (``answer``: one record per value), with the preprocessing the
   data module recorded when the model was trained (``ZooModule.preprocessing``),
 - and turns the records into what the logged model returns (``table``) or into files
-  (``write``).
+  (``writer``: a batch at a time, so ``predict.py`` holds one batch of inputs, whatever the
+  size of the folder).
 
 ``predict.py`` and the pyfunc model both call :func:`answer_all`; neither has its own copy of a
 family's preprocessing. This module names no family.
@@ -49,6 +50,7 @@ class RawInputs:
     kind = "inputs"  # what the summary counts: trials, sentences, images
     suffixes: tuple[str, ...] = ()  # the files ``read`` takes, lower case
     batch_size = 32  # raw values per forward pass in the logged model's predict
+    one_per_file = False  # each file is one item (the progress bar then knows its total)
 
     def __init__(self, module: Any):
         self.module = module
@@ -70,9 +72,10 @@ class RawInputs:
         raises ``DataError`` naming the file when the file itself is bad."""
         raise NotImplementedError
 
-    def select(self, items: list[Item]) -> tuple[list[Item], list[Skipped]]:
-        """The items to predict (e.g. only the images a ground truth names) and those left."""
-        return items, []
+    def leave_out(self, name: str) -> str | None:
+        """Why the item (or, for one-per-file families, the file) ``name`` is not to be
+        predicted, e.g. an image a ground truth does not name; None: predict it."""
+        return None
 
     def parse(self, model_input: Any) -> list[Any]:
         """The raw values of a pyfunc / REST input (raises ``DataError`` naming the field)."""
@@ -97,8 +100,8 @@ class RawInputs:
 
         return pd.DataFrame.from_records(records)
 
-    def write(self, output: Path, items: list[Item], records: list[dict[str, Any]]) -> list[Path]:
-        """Write the answers under ``output``; returns the files written."""
+    def writer(self, output: Path) -> Writer:
+        """What writes the answers under ``output``, a batch at a time."""
         raise NotImplementedError
 
     def example(self, datamodule: Any) -> Any:
@@ -110,12 +113,6 @@ class RawInputs:
         free dimensions, for the input and the output (None: inferred from the input example
         and its answer); ``zoo.tracking.serving`` turns them into mlflow's TensorSpecs."""
         return None, None
-
-    # -- shared ----------------------------------------------------------------------------
-
-    def describe(self) -> str:
-        """One line for the summary: what the preprocessing does."""
-        return ", ".join(f"{k}={v}" for k, v in self.spec.items() if isinstance(v, int | float))
 
 
 def batches(values: Sequence[Any], size: int) -> Iterable[list[Any]]:
@@ -144,9 +141,7 @@ def answer_all(
 def respond(module: Any, model_input: Any) -> Any:
     """The logged model's ``predict``: raw inputs answered by the family's RawInputs, and the
     network's own (tensor) input still answered by ``module.serve``."""
-    if not getattr(
-        module, "preprocessing", None
-    ):  # a model from before raw inputs: its tensor form only
+    if not getattr(module, "preprocessing", None):  # from before raw inputs: tensors only
         return module.serve(_as_numpy(model_input))
     raw = module.raw_inputs()
     if raw.is_tensor_input(model_input):
@@ -194,23 +189,38 @@ def input_files(path: Path, raw: RawInputs) -> tuple[list[Path], list[Skipped]]:
     return files, skipped
 
 
-def read_inputs(path: Path, raw: RawInputs) -> tuple[list[Item], list[Skipped]]:
-    """Every item of ``input=``. One bad file of a folder is skipped (and reported); a bad
-    single file is an error."""
-    files, skipped = input_files(path, raw)
-    items: list[Item] = []
-    for f in files:
-        try:
-            for entry in raw.read(f):
-                (skipped if isinstance(entry, Skipped) else items).append(entry)
-        except DataError as exc:
-            if Path(path).is_file():
-                raise
-            skipped.append(Skipped(f.name, str(exc)))
-    if not items:
-        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5])
-        raise DataError(f"input={path}: nothing could be read ({reasons})")
-    return items, skipped
+class Writer:
+    """Writes a family's answers, a batch at a time; ``close`` returns the files written."""
+
+    def add(self, items: list[Item], records: list[dict[str, Any]]) -> None:
+        raise NotImplementedError
+
+    def close(self) -> list[Path]:
+        raise NotImplementedError
+
+
+class TableWriter(Writer):
+    """One row per item (its ``meta``, then its record) into one CSV or TSV file at the end
+    (rows are small: the inputs themselves are not kept)."""
+
+    def __init__(self, path: Path, sep: str = ",", clean: Callable[[Any], Any] | None = None):
+        self.path, self.sep, self.clean = path, sep, clean
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, items: list[Item], records: list[dict[str, Any]]) -> None:
+        self.rows.extend({**it.meta, **r} for it, r in zip(items, records))
+
+    def close(self) -> list[Path]:
+        import csv
+
+        import pandas as pd
+
+        frame = pd.DataFrame.from_records(self.rows)
+        if self.clean is not None:
+            frame = self.clean(frame)
+        quoting = csv.QUOTE_NONE if self.sep == "\t" else csv.QUOTE_MINIMAL
+        frame.to_csv(self.path, sep=self.sep, index=False, quoting=quoting)
+        return [self.path]
 
 
 @dataclass
@@ -228,35 +238,71 @@ class Prediction:
 
 
 def predict_path(
-    raw: RawInputs, path: Path, output: Path, batch_size: int, progress: bool = True
+    raw: RawInputs, path: Path, output: Path, batch_size: int | None, progress: bool = True
 ) -> Prediction:
-    """Read ``path``, answer every item, write the answers under ``output``."""
-    items, skipped = read_inputs(path, raw)
-    items, left = raw.select(items)
-    skipped += left
-    if not items:
-        raise DataError(f"input={path}: none of its {raw.kind} are left to predict")
-    started = time.perf_counter()
+    """Read ``path`` (a file, or a folder's files in name order), answer its items a batch at a
+    time and write the answers under ``output``. A bad file of a folder, or a bad item of a
+    file, is skipped and listed in ``skipped.tsv``; a bad single file is an error."""
+    path = Path(path)
+    files, skipped = input_files(path, raw)
+    size = max(1, int(batch_size or raw.batch_size))
+    output.mkdir(parents=True, exist_ok=True)
+    writer = raw.writer(output)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(items), desc=f"predicting {raw.kind}", unit=raw.kind[:-1] or "item")
+        total = len(files) if raw.one_per_file else None
+        bar = tqdm(total=total, desc=f"predicting {raw.kind}", unit=raw.kind[:-1] or "item")
+    pending: list[Item] = []
+    count, seconds = 0, 0.0
+
+    def flush(items: list[Item]) -> None:
+        nonlocal count, seconds
+        started = time.perf_counter()
+        records = answer_all(raw, [it.value for it in items], size)
+        seconds += time.perf_counter() - started
+        writer.add(items, records)
+        count += len(items)
+        if bar is not None:
+            bar.update(len(items))
+
     try:
-        records = answer_all(
-            raw, [it.value for it in items], batch_size, bar.update if bar else None
-        )
+        for f in files:
+            if raw.one_per_file and (reason := raw.leave_out(f.name)) is not None:
+                skipped.append(Skipped(f.name, reason))  # not even decoded
+                continue
+            try:
+                entries = raw.read(f)
+            except DataError as exc:
+                if path.is_file():
+                    raise
+                skipped.append(Skipped(f.name, str(exc)))
+                continue
+            for entry in entries:
+                if isinstance(entry, Skipped):
+                    skipped.append(entry)
+                elif not raw.one_per_file and (reason := raw.leave_out(entry.name)) is not None:
+                    skipped.append(Skipped(entry.name, reason))
+                else:
+                    pending.append(entry)
+            while len(pending) >= size:
+                flush(pending[:size])
+                del pending[:size]
+        if pending:
+            flush(pending)
     finally:
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - started
-    output.mkdir(parents=True, exist_ok=True)
-    written = raw.write(output, items, records)
+    if not count:
+        reasons = "; ".join(f"{s.name}: {s.reason}" for s in skipped[:5])
+        raise DataError(f"input={path}: nothing to predict ({reasons})")
+    written = writer.close()
     if skipped:
         lines = [f"{s.name}\t{s.reason}" for s in skipped]
         (output / "skipped.tsv").write_text("name\treason\n" + "\n".join(lines) + "\n")
         written.append(output / "skipped.tsv")
-    return Prediction(len(items), skipped, written, seconds, raw.kind)
+    return Prediction(count, skipped, written, seconds, raw.kind)
 
 
 # --------------------------------------------------------------------------- images
@@ -286,6 +332,7 @@ class ImageInputs(RawInputs):
     kind = "images"
     suffixes = IMAGE_SUFFIXES
     batch_size = 4
+    one_per_file = True
     channels = 3
 
     def check(self, x: Any, where: str):

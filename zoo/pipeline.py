@@ -641,15 +641,23 @@ def load_source_model(source: Source, device: str):
 
 
 def print_prediction(source: Source, done: inference.Prediction, device) -> None:
+    """The summary line, the skipped inputs grouped by reason, and the files written."""
+    from collections import defaultdict
+
     lines = [
         f"\npredicted {done.items} {done.kind} with {source.description} on {device} in "
         f"{done.seconds:.1f} s ({done.rate():.1f} {done.kind}/s); "
-        f"{len(done.skipped)} skipped",
-        *(f"  skipped {s.name}: {s.reason}" for s in done.skipped[:10]),
-        *(f"  {path}" for path in done.written),
+        f"{len(done.skipped)} skipped"
     ]
-    if len(done.skipped) > 10:
-        lines.insert(11, f"  ... {len(done.skipped) - 10} more skipped (see skipped.tsv)")
+    by_reason = defaultdict(list)
+    for s in done.skipped:
+        by_reason[s.reason].append(s.name)
+    for reason, names in list(by_reason.items())[:10]:
+        more = f" and {len(names) - 1} more" if len(names) > 1 else ""
+        lines.append(f"  skipped {names[0]}{more}: {reason}")
+    if len(by_reason) > 10:
+        lines.append(f"  ... {len(by_reason) - 10} more reasons (see skipped.tsv)")
+    lines += [f"  {path}" for path in done.written]
     print("\n".join(lines), flush=True)
 
 

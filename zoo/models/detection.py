@@ -47,7 +47,7 @@ from torchvision.ops import misc as misc_nn_ops
 from zoo import kernels
 from zoo.boxes import derive_group_table
 from zoo.errors import ConfigError, DataError
-from zoo.inference import ImageInputs, Item, Skipped
+from zoo.inference import ImageInputs, Item, Writer
 from zoo.metrics.detection import DetectionScorer
 from zoo.metrics.detection_figures import detections_figure, per_class_ap_figure, pr_curves_figure
 from zoo.models.base import OptimizerFactory, SchedulerFactory, ZooModule
@@ -700,8 +700,12 @@ class DetectionImages(ImageInputs):
     def table(self, records: list[dict[str, Any]]) -> pd.DataFrame:
         return detections_frame(records, self.class_names)
 
-    def _ground_truth(self) -> tuple[dict[str, int], dict[str, int]]:
-        """``annotations=``: image ids by file name and category ids by class name."""
+    @functools.cached_property
+    def ground_truth(self) -> tuple[dict[str, int], dict[int, int]] | None:
+        """``annotations=``: (image ids by file name, category ids by the model's label), or
+        None without annotations."""
+        if self.annotations is None:
+            return None
         try:
             gt = json.loads(self.annotations.read_text())
             by_file = {Path(im["file_name"]).name: int(im["id"]) for im in gt["images"]}
@@ -718,9 +722,9 @@ class DetectionImages(ImageInputs):
                 if unified in aliases:
                     aliases[unified].add(str(source_name))
         categories = {
-            n: next(by_name[a] for a in sorted(names) if a in by_name)
-            for n, names in aliases.items()
-            if names & set(by_name)
+            label: by_name[next(a for a in sorted(aliases[n]) if a in by_name)]
+            for label, n in enumerate(self.class_names, start=1)
+            if aliases[n] & set(by_name)
         }
         if not categories:
             raise DataError(
@@ -729,72 +733,72 @@ class DetectionImages(ImageInputs):
             )
         return by_file, categories
 
-    def select(self, items: list[Item]) -> tuple[list[Item], list[Skipped]]:
-        """With ``annotations=``: only the images the ground truth names."""
-        if self.annotations is None:
-            return items, []
-        by_file, _ = self._ground_truth()
-        keep = [it for it in items if it.name in by_file]
-        left = [
-            Skipped(it.name, f"not an image of annotations={self.annotations}")
-            for it in items
-            if it.name not in by_file
-        ]
-        return keep, left
+    def leave_out(self, name: str) -> str | None:
+        """With ``annotations=``: the images the ground truth does not name."""
+        if self.ground_truth is not None and name not in self.ground_truth[0]:
+            return f"not an image of annotations={self.annotations}"
+        return None
 
-    def _coco_ids(self, items: list[Item]) -> tuple[list[int], dict[int, int]]:
-        """Image ids and category ids for the results: the ground truth's (``annotations=``,
-        matched by file name and class name; boxes of classes it does not annotate are left
-        out), else 1..N in file order and the model's labels."""
-        if self.annotations is None:
-            ids = list(range(1, len(items) + 1))
-            return ids, {i + 1: i + 1 for i in range(len(self.class_names))}
-        by_file, by_class = self._ground_truth()
-        categories = {i + 1: by_class[n] for i, n in enumerate(self.class_names) if n in by_class}
-        return [by_file[it.name] for it in items], categories
-
-    def write(self, output: Path, items: list[Item], records: list[dict[str, Any]]) -> list[Path]:
-        from torchvision.io import write_png
-        from torchvision.utils import draw_bounding_boxes
-
-        image_ids, category_ids = self._coco_ids(items)
-        results = []
-        drawn = output / "images"
-        drawn.mkdir(exist_ok=True)
-        for item, image_id, pred in zip(items, image_ids, records):
-            for (x1, y1, x2, y2), label, score in zip(
-                pred["boxes"].tolist(), pred["labels"].tolist(), pred["scores"].tolist()
-            ):
-                if int(label) not in category_ids:  # a class the ground truth does not annotate
-                    continue
-                results.append(
-                    {
-                        "image_id": image_id,
-                        "category_id": category_ids[int(label)],
-                        "bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)],
-                        "score": round(float(score), 5),
-                    }
-                )
-            keep = pred["scores"] >= self.score_threshold
-            boxed = image = torch.from_numpy(item.value).permute(2, 0, 1)
-            if keep.any():
-                boxed = draw_bounding_boxes(
-                    image,
-                    torch.from_numpy(pred["boxes"][keep]),
-                    [
-                        f"{self.class_names[int(c) - 1]} {s:.2f}"
-                        for c, s in zip(pred["labels"][keep], pred["scores"][keep])
-                    ],
-                    colors="red",
-                    width=2,
-                )
-            write_png(boxed, str(drawn / f"{Path(item.name).stem}.png"))
-        path = output / "detections.json"
-        _write_json(results, path)
-        return [path, drawn]
+    def writer(self, output: Path) -> CocoResultsWriter:
+        return CocoResultsWriter(self, output)
 
     def tensor_specs(self) -> tuple[Any, Any]:
         return (np.uint8, (-1, -1, -1, 3)), None  # a table of boxes out
+
+
+class CocoResultsWriter(Writer):
+    """``detections.json`` (COCO results) at the end, and each image with its boxes of score
+    >= ``score_threshold`` drawn into ``images/`` as it comes. Ids: the ground truth's
+    (``annotations=``: images by file name, classes by name or through the label maps; boxes
+    of classes it does not annotate are left out), else 1..N in file order and the model's
+    labels."""
+
+    def __init__(self, raw: DetectionImages, output: Path):
+        self.raw, self.output = raw, output
+        self.drawn = output / "images"
+        self.drawn.mkdir(exist_ok=True)
+        self.results: list[dict[str, Any]] = []
+        self.count = 0
+        n = len(raw.class_names)
+        self.categories = (
+            raw.ground_truth[1] if raw.ground_truth else {i: i for i in range(1, n + 1)}
+        )
+
+    def add(self, items: list[Item], records: list[dict[str, Any]]) -> None:
+        from torchvision.io import write_png
+        from torchvision.utils import draw_bounding_boxes
+
+        names = self.raw.class_names
+        for item, pred in zip(items, records):
+            self.count += 1
+            image_id = self.raw.ground_truth[0][item.name] if self.raw.ground_truth else self.count
+            for (x1, y1, x2, y2), label, score in zip(
+                pred["boxes"].tolist(), pred["labels"].tolist(), pred["scores"].tolist()
+            ):
+                if int(label) in self.categories:
+                    self.results.append(
+                        {
+                            "image_id": image_id,
+                            "category_id": self.categories[int(label)],
+                            "bbox": [round(v, 2) for v in (x1, y1, x2 - x1, y2 - y1)],
+                            "score": round(float(score), 5),
+                        }
+                    )
+            keep = pred["scores"] >= self.raw.score_threshold
+            image = torch.from_numpy(item.value).permute(2, 0, 1)
+            if keep.any():
+                labels = [
+                    f"{names[int(c) - 1]} {s:.2f}"
+                    for c, s in zip(pred["labels"][keep], pred["scores"][keep])
+                ]
+                boxes = torch.from_numpy(pred["boxes"][keep])
+                image = draw_bounding_boxes(image, boxes, labels, colors="red", width=2)
+            write_png(image, str(self.drawn / f"{Path(item.name).stem}.png"))
+
+    def close(self) -> list[Path]:
+        path = self.output / "detections.json"
+        _write_json(self.results, path)
+        return [path, self.drawn]
 
 
 def _write_json(data, path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from zoo.errors import DataError
-from zoo.inference import Item, RawInputs
+from zoo.inference import Item, RawInputs, TableWriter
 from zoo.models.classification import ClassificationModule
 from zoo.outputs import File, Section
 
@@ -289,11 +289,9 @@ class EEGTrials(RawInputs):
             start += n
         return records
 
-    def write(self, output: Path, items: list[Item], records: list[dict[str, Any]]) -> list[Path]:
-        rows = [{**it.meta, **r} for it, r in zip(items, records)]
-        path = output / "predictions.csv"
-        _csv_writer(rows)(path)
-        return [path]
+    def writer(self, output: Path) -> TableWriter:
+        """predictions.csv: file, trial, label (from the file's ratings), then the answer."""
+        return TableWriter(output / "predictions.csv")
 
     def example(self, datamodule: Any) -> np.ndarray:
         return datamodule.raw_example()

@@ -24,7 +24,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from zoo.inference import ImageInputs, Item
+from zoo.inference import ImageInputs, Item, Writer
 from zoo.models.base import OptimizerFactory, SchedulerFactory, ZooModule, scheduler_config
 from zoo.models.components.pix2pix_nets import init_weights
 from zoo.outputs import Figure, Section, Tag
@@ -395,19 +395,30 @@ class Pix2PixImages(ImageInputs):
             return np.stack(images)
         return images
 
-    def write(self, output: Path, items: list[Item], records: list[dict[str, Any]]) -> list[Path]:
-        from PIL import Image
-
-        written = []
-        for item, record in zip(items, records):
-            path = output / f"{Path(item.name).stem}.png"  # lossless, whatever came in
-            image = record["image"]
-            Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path)
-            written.append(path)
-        return written
+    def writer(self, output: Path) -> ImageWriter:
+        return ImageWriter(output)
 
     def tensor_specs(self) -> tuple[Any, Any]:
         return (np.uint8, (-1, -1, -1, self.channels)), (np.uint8, (-1, -1, -1, self.out_channels))
+
+
+class ImageWriter(Writer):
+    """Each translated image as ``<input name>.png`` (lossless, whatever came in)."""
+
+    def __init__(self, output: Path):
+        self.output, self.written = output, []
+
+    def add(self, items: list[Item], records: list[dict[str, Any]]) -> None:
+        from PIL import Image
+
+        for item, record in zip(items, records):
+            path = self.output / f"{Path(item.name).stem}.png"
+            image = record["image"]
+            Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(path)
+            self.written.append(path)
+
+    def close(self) -> list[Path]:
+        return self.written
 
 
 def grid_figure(grid, title: str):

@@ -36,7 +36,7 @@ from torch import nn
 from zoo import kernels, parallel
 from zoo.errors import ConfigError, DataError
 from zoo.fetch import fetch
-from zoo.inference import Item, RawInputs, Skipped
+from zoo.inference import Item, RawInputs, Skipped, TableWriter
 from zoo.models.base import OptimizerFactory, SchedulerFactory
 from zoo.models.classification import ClassificationModule
 from zoo.models.components.bert import BertConfig, BertMLMHead, BertModel
@@ -620,18 +620,15 @@ class TextInputs(RawInputs):
             f"{self.spec['text_columns']} nor {self.names}"
         )
 
-    def write(self, output: Path, items: list[Item], records: list[dict[str, Any]]) -> list[Path]:
-        import csv
+    def writer(self, output: Path) -> TableWriter:
+        """predictions.tsv: file, line, the texts (and the file's label), then the answer."""
+        return TableWriter(output / "predictions.tsv", sep="\t", clean=self._one_line)
 
-        import pandas as pd
-
-        rows = [{**it.meta, **r} for it, r in zip(items, records)]
-        frame = pd.DataFrame.from_records(rows)
-        for name in self.names:  # GLUE's TSV: unquoted, so no tab or line break in a field
+    def _one_line(self, frame):
+        """GLUE's TSV is unquoted: no tab or line break inside a field."""
+        for name in self.names:
             frame[name] = frame[name].str.replace(r"[\t\r\n]+", " ", regex=True)
-        path = output / "predictions.tsv"
-        frame.to_csv(path, sep="\t", index=False, quoting=csv.QUOTE_NONE)
-        return [path]
+        return frame
 
     def example(self, datamodule: Any) -> Any:
         texts = datamodule.raw_example()
