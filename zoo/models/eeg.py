@@ -228,9 +228,9 @@ class EEGTrials(RawInputs):
     def parse(self, model_input: Any) -> list[np.ndarray]:
         if hasattr(model_input, "to_numpy"):
             model_input = model_input.to_numpy()
-        if isinstance(model_input, dict) or isinstance(model_input, str):
+        if isinstance(model_input, dict | str):
             raise DataError(
-                "an EEG model takes trial arrays (channels, samples) or (trials, channels, "
+                "inputs: an EEG model takes trial arrays (channels, samples) or (trials, channels, "
                 f"samples), got {type(model_input).__name__}"
             )
         if isinstance(model_input, list | tuple) and any(
