@@ -367,8 +367,10 @@ def test_pyfunc_predict_py_and_the_served_endpoint_answer_raw_files_alike(
     model_uri = MlflowClient(tracking_uri).get_run(run_id).data.tags[tracking.TAG_MODEL_URI]
     values = write_raw_inputs(family, tmp_path / "in")
 
-    # 1. the logged model through mlflow.pyfunc
-    pyfunc = mlflow.pyfunc.load_model(model_uri)
+    # 1. the logged model through mlflow.pyfunc (a models:/ URI resolves through mlflow's
+    # global tracking URI, which an earlier test in this process may have set)
+    with tracking.global_tracking_uri(tracking_uri):
+        pyfunc = mlflow.pyfunc.load_model(model_uri)
     if family == "sparsebert":
         by_pyfunc = pyfunc.predict(pd.DataFrame(values, columns=["text", "text_pair"]))
     elif family == "pix2pix":

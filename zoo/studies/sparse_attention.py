@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from zoo.studies.common import REPO, StudyError, multirun, summary_run
+from zoo.tracking import global_tracking_uri
 
 STAGES = ("dense", "search", "finetune", "random")
 EXPERIMENTS = {
@@ -342,14 +343,16 @@ def summarise(client, experiment_id: str | None, study: str, out: Path, uri: str
     for name, fig in figures.items():
         fig.savefig(out / name, dpi=100)
         close(fig)
-    mlflow.set_tracking_uri(uri)
     # one summary run per study, brought up to date by every summary
     tags = {
         "zoo.study.runs": str(len(rows)),
         "mlflow.note.content": f"Test accuracy against attention density.\n\n{text}",
     }
-    with mlflow.start_run(
-        run_id=summary_run(client, experiment_id, study, f"{study}-summary", tags)
+    with (
+        global_tracking_uri(uri),
+        mlflow.start_run(
+            run_id=summary_run(client, experiment_id, study, f"{study}-summary", tags)
+        ),
     ):
         mlflow.log_artifacts(str(out), "study")
         for g in gs:

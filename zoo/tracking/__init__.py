@@ -35,6 +35,7 @@ from zoo.tracking.store import (
     client,
     create_run,
     ensure_experiment,
+    global_tracking_uri,
     open_store,
     resolve_tracking_uri,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "download_model",
     "ensure_experiment",
     "flatten_params",
+    "global_tracking_uri",
     "get_run",
     "load_run_config",
     "log_params",

@@ -16,10 +16,7 @@ INVALID_PARAMETER_VALUE, which ``mlflow models serve`` answers with HTTP 400 and
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import zoo
 from zoo.outputs import Servable
+from zoo.tracking.store import global_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -87,25 +85,6 @@ def example_batch(datamodule) -> Any:
     raise ValueError(f"{type(datamodule).__name__} yields no batch to take an input example from")
 
 
-@contextmanager
-def _tracking_uri(uri: str) -> Iterator[None]:
-    """mlflow's global tracking URI set to ``uri`` for a block (``Model.log`` reads only the
-    global one); the previous URI and MLFLOW_TRACKING_URI (which mlflow also sets) come back."""
-    import mlflow
-
-    env_before = os.environ.get("MLFLOW_TRACKING_URI")
-    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)  # None unsets the variable
-        if env_before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env_before
-
-
 def log_model(
     module: Any,
     cfg: DictConfig,
@@ -128,7 +107,7 @@ def log_model(
         config, weights = Path(tmp) / "config.yaml", Path(tmp) / "weights.pt"
         config.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         torch.save(module.state_dict(), weights)
-        with _tracking_uri(tracking_uri):
+        with global_tracking_uri(tracking_uri):
             # created here, in the run's experiment: left to Model.log, a model logged without
             # an active fluent run lands in the Default experiment
             client = mlflow.MlflowClient(tracking_uri)

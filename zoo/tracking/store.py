@@ -7,6 +7,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -26,6 +28,25 @@ def client(uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(open_store(uri))
+
+
+@contextmanager
+def global_tracking_uri(uri: str) -> Iterator[None]:
+    """mlflow's global tracking URI set to ``uri`` for a block (``Model.log`` reads only the
+    global one); the previous URI and MLFLOW_TRACKING_URI (which mlflow also sets) come back."""
+    import mlflow
+
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)  # None unsets the variable
+        if env_before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env_before
 
 
 # --------------------------------------------------------------------------- store start-up
