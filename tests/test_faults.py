@@ -235,6 +235,47 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, data_dir):
     assert (tmp_path / "resumed" / "checkpoints" / best_a).is_file()
 
 
+def _trainer_with_checkpoint_callback(dirpath: Path, fn: str):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    cb = ModelCheckpoint(dirpath=dirpath, monitor="val/loss")
+    state = SimpleNamespace(fn=TrainerFn(fn))
+    return cb, SimpleNamespace(checkpoint_callbacks=[cb], is_global_zero=True, state=state)
+
+
+@pytest.mark.parametrize("fn", ["fit", "test", "validate", "predict"])
+def test_only_a_resumed_fit_carries_checkpoints(tmp_path, fn):
+    """A resumed fit copies the earlier best checkpoint (here a distributed checkpoint's folder)
+    into its own folder. Restoring that carried checkpoint for ``trainer.test`` calls the hook
+    again with state that still names the first job's folder: nothing is touched then, so the
+    folder other ranks are reading is never deleted and copied under them."""
+    old, new = tmp_path / "first" / "checkpoints", tmp_path / "resumed" / "checkpoints"
+    (old / "best-epoch000.ckpt").mkdir(parents=True)
+    (old / "best-epoch000.ckpt" / "meta.pt").write_bytes(b"old shard")
+    (new / "best-epoch000.ckpt").mkdir(parents=True)
+    (new / "best-epoch000.ckpt" / "meta.pt").write_bytes(b"carried shard")
+    before = (new / "best-epoch000.ckpt").stat().st_ino
+    cb, trainer = _trainer_with_checkpoint_callback(new, fn)
+    best = str(old / "best-epoch000.ckpt")
+    state = {"dirpath": str(old), "best_model_path": best, "best_k_models": {best: 0.5}}
+    checkpoint = {"callbacks": {cb.state_key: dict(state)}}
+
+    faults.CarryCheckpoints(old / "last.ckpt").on_load_checkpoint(trainer, None, checkpoint)
+
+    saved = checkpoint["callbacks"][cb.state_key]
+    if fn == "fit":
+        assert saved["dirpath"] == str(new)
+        assert saved["best_model_path"] == str(new / "best-epoch000.ckpt")
+        assert (new / "best-epoch000.ckpt" / "meta.pt").read_bytes() == b"old shard"
+    else:
+        assert saved == state
+        assert (new / "best-epoch000.ckpt").stat().st_ino == before
+        assert (new / "best-epoch000.ckpt" / "meta.pt").read_bytes() == b"carried shard"
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 SAVE_SLOWLY = """

@@ -35,6 +35,7 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from zoo.errors import ZooError
@@ -277,12 +278,20 @@ class CarryCheckpoints(L.Callback):
     folder changed (a resumed job writes to a new output dir), so the resumed job's "best"
     restarts from scratch and the test uses a worse model. Before Lightning restores the
     callbacks, this copies (hard-links) the earlier best/top-k/last checkpoints into the new
-    folder and rewrites the saved state to point there."""
+    folder and rewrites the saved state to point there.
+
+    Only a resumed *fit* carries. Lightning calls this hook again whenever it restores a
+    checkpoint, and ``trainer.test(ckpt_path="best")`` restores a best checkpoint that was itself
+    carried, so its saved state still names the first job's folder: carrying it again would
+    replace (for a distributed checkpoint: delete and copy) the very file the other ranks are
+    reading at that moment."""
 
     def __init__(self, ckpt_path: str | Path | None):
         self.ckpt_path = Path(ckpt_path) if ckpt_path else None
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
         saved = checkpoint.get("callbacks") or {}
         for cb in trainer.checkpoint_callbacks:
             state = saved.get(cb.state_key)
