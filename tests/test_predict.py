@@ -216,7 +216,9 @@ BAD_INPUTS = [
     ("sparsebert", ["one text, but the task takes pairs"], "takes a (text, text_pair) pair"),
     ("sparsebert", [("a", "b"), np.zeros((4, 4))], "mixed kinds"),
     ("pix2pix", ["a sentence"], "mixed kinds"),
-    ("pix2pix", [np.full((8, 8, 3), 0.5)], "uint8 values"),
+    ("pix2pix", [np.full((8, 8, 3), 300.0)], "0..255 (uint8) or 0..1 (float)"),
+    ("pix2pix", [np.full((8, 8, 3), -1)], "values from -1 to -1"),
+    ("pix2pix", [np.full((8, 8, 3), np.nan)], "NaN"),
     ("detection", [np.zeros((8,), np.uint8)], "(height, width, 3) uint8 array"),
 ]
 
@@ -279,6 +281,68 @@ def _served(port: int, payload: dict) -> tuple[int, dict, float]:
             return response.status, json.loads(response.read()), time.perf_counter() - started
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read()), time.perf_counter() - started
+
+
+def pyfunc_forms(family: str, values: list) -> dict[str, tuple[object, list[int]]]:
+    """The input forms the README documents for the logged model's ``predict``, each with the
+    indices of ``values`` it holds (EEG trials as a DEAP file holds them, float64)."""
+    if family == "eeg":
+        trials = np.stack(values).astype(np.float64)
+        return {
+            "float64 batch": (trials, [0, 1]),
+            "float32 batch": (trials.astype(np.float32), [0, 1]),
+            "list of trials": (list(trials), [0, 1]),
+            "one trial": (trials[1], [1]),
+        }
+    if family == "sparsebert":
+        return {
+            "DataFrame": (pd.DataFrame(values, columns=["text", "text_pair"]), [0, 1, 2]),
+            "dict of columns": (
+                {"text": [a for a, _ in values], "text_pair": [b for _, b in values]},
+                [0, 1, 2],
+            ),
+            "list of pairs": ([list(v) for v in values], [0, 1, 2]),
+            "one pair": (tuple(values[2]), [2]),
+        }
+    ragged = np.empty(len(values), dtype=object)  # mlflow's form for images of two sizes
+    ragged[:] = values
+    return {
+        "one image": (values[0], [0]),
+        "batch of one": (values[1][None], [1]),
+        "float image in [0, 1]": (values[0] / 255.0, [0]),
+        "list of images": (list(values), [0, 1]),
+        "ragged array": (ragged, [0, 1]),
+    }
+
+
+def _one(family: str, value):
+    return pd.DataFrame([value], columns=["text", "text_pair"]) if family == "sparsebert" else value
+
+
+def _one_answer(family: str, answer):
+    return answer[0] if family == "pix2pix" else answer
+
+
+def _split(family: str, answer, n: int) -> list:
+    """A pyfunc answer to ``n`` values, one per value."""
+    if family == "pix2pix":
+        assert len(answer) == n
+        return list(answer)
+    if family == "detection":
+        assert set(answer.image) <= set(range(n))
+        return [answer[answer.image == i].assign(image=0) for i in range(n)]
+    assert len(answer) == n
+    return [answer.iloc[[i]] for i in range(n)]
+
+
+def _joined(family: str, answers: list):
+    """Answers to one value each, as one answer to all of them (comparable)."""
+    if family == "pix2pix":
+        return comparable(family, answers)
+    if family == "detection":
+        frames = [a.assign(image=i) for i, a in enumerate(answers)]
+        return comparable(family, pd.concat(frames)).drop(columns=["class"])
+    return comparable(family, pd.concat(answers))
 
 
 def _payload(family: str, values: list) -> dict:
@@ -367,27 +431,22 @@ def test_pyfunc_predict_py_and_the_served_endpoint_answer_raw_files_alike(
     model_uri = MlflowClient(tracking_uri).get_run(run_id).data.tags[tracking.TAG_MODEL_URI]
     values = write_raw_inputs(family, tmp_path / "in")
 
-    # 1. the logged model through mlflow.pyfunc (a models:/ URI resolves through mlflow's
-    # global tracking URI, which an earlier test in this process may have set)
+    # 1. the logged model through mlflow.pyfunc, in every documented input form (a models:/
+    # URI resolves through mlflow's global tracking URI, which an earlier test in this process
+    # may have set)
     with tracking.global_tracking_uri(tracking_uri):
         pyfunc = mlflow.pyfunc.load_model(model_uri)
-    if family == "sparsebert":
-        by_pyfunc = pyfunc.predict(pd.DataFrame(values, columns=["text", "text_pair"]))
-    elif family == "pix2pix":
-        by_pyfunc = [pyfunc.predict(v[None])[0] for v in values]
-    elif family == "detection":
-        ragged = np.empty(len(values), dtype=object)  # mlflow's form for images of two sizes
-        ragged[:] = values
-        assert set(pyfunc.predict(ragged).image) <= {0, 1}
-        # one image at a time, as the server is asked below (a batch pads images to one size,
-        # which moves boxes by float rounding)
-        frames = [pyfunc.predict(v[None]).assign(image=i) for i, v in enumerate(values)]
-        by_pyfunc = pd.concat(frames)
-    else:
-        by_pyfunc = pyfunc.predict(np.stack(values))
-    by_pyfunc = comparable(family, by_pyfunc)
-    if family == "detection":
-        by_pyfunc = by_pyfunc.drop(columns=["class"])
+    # one value at a time: the answer each form must give for the values it holds (detection
+    # pads a batch's images to one size, which moves boxes by float rounding)
+    alone = [_one_answer(family, pyfunc.predict(_one(family, v))) for v in values]
+    for form, (model_input, held) in pyfunc_forms(family, values).items():
+        answers = _split(family, pyfunc.predict(model_input), len(held))
+        for answer, i in zip(answers, held):
+            if family == "detection" and len(held) > 1:  # a padded batch: the same boxes, near
+                assert list(answer.columns) == list(alone[i].columns), form
+            else:
+                assert_same(family, comparable(family, answer), comparable(family, alone[i]))
+    by_pyfunc = _joined(family, alone)
 
     # 2. predict.py on the files, as a user runs it
     out = tmp_path / "out"
@@ -431,6 +490,34 @@ def test_pyfunc_predict_py_and_the_served_endpoint_answer_raw_files_alike(
     finally:
         server.terminate()
         server.wait(30)
+
+    # 4. python -m zoo.export in both formats, from the model URI in a process of its own and
+    # from the run id through main(); logged to the run under export/
+    assert_exports(family, run_id, model_uri, tracking_uri, tmp_path)
+
+
+def assert_exports(family: str, run_id: str, model_uri: str, tracking_uri: str, tmp_path: Path):
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import artifacts
+    from tests.test_export import export_cli
+    from zoo.export import TOLERANCE, main
+
+    onnx = export_cli(model_uri, "format=onnx", f"output={tmp_path / 'onnx'}", cwd=tmp_path)
+    code = main([run_id, "format=torch_export", f"output={tmp_path / 'pt2'}"])
+    if family == "detection":  # torchvision's detection models do not export: said in one line
+        assert onnx.returncode == 2 and code == 2, onnx.stderr[-3000:]
+        assert "detection models are not exported" in onnx.stderr
+        assert len(onnx.stderr.strip().splitlines()) == 1, onnx.stderr
+        return
+    assert onnx.returncode == 0 and code == 0, onnx.stderr[-3000:]
+    assert f"logged to run {run_id} under export/" in onnx.stdout
+    for folder, file in (("onnx", "model.onnx"), ("pt2", "model.pt2")):
+        record = json.loads((tmp_path / folder / "export.json").read_text())
+        assert record["file"] == file and record["max_abs_error"] <= TOLERANCE, record
+        assert record["dynamic"]  # a free batch dimension, traced from the logged example
+    client = MlflowClient(tracking_uri)
+    assert {"export/model.onnx", "export/model.pt2"} <= artifacts(client, run_id)
 
 
 @pytest.mark.e2e

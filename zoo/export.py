@@ -52,6 +52,7 @@ def export_module(module, example: Any, fmt: str, out_dir: str | Path) -> dict[s
         tensors = tuple(torch.as_tensor(np.asarray(example[name])) for name in inputs)
     else:
         tensors = (torch.as_tensor(np.asarray(example)),)
+    tensors = _unspecialised(tensors, inputs, dims)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FORMATS[fmt]
@@ -92,6 +93,19 @@ def export_module(module, example: Any, fmt: str, out_dir: str | Path) -> dict[s
             f"example (tolerance {TOLERANCE}); nothing was logged"
         )
     return record
+
+
+def _unspecialised(tensors: tuple, inputs: list[str], dims: dict[str, dict[int, Any]]) -> tuple:
+    """The example with every free dimension of size 1 doubled (the values repeated):
+    ``torch.export`` specialises a dimension it sees at size 1 to the constant 1, so a logged
+    example of one image would pin the exported batch to one."""
+    out = []
+    for name, t in zip(inputs, tensors):
+        for d in dims.get(name, {}):
+            if t.shape[d] == 1:
+                t = torch.cat([t, t], dim=d)
+        out.append(t)
+    return tuple(out)
 
 
 def _name(spec) -> str:
@@ -143,6 +157,8 @@ def load_logged(source: str, tracking_uri: str | None = None):
     if example is None:
         raise ConfigError(f"{model_uri}: the logged model has no input example to check against")
     module = load_module(_config(local), local.artifacts["weights"])
+    if hasattr(module, "export_network"):
+        module.export_network()  # a family that does not export says why, before anything else
     if getattr(module, "preprocessing", None):  # a raw example: the network's input from it
         raw = module.raw_inputs()
         if not raw.is_tensor_input(example):

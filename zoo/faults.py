@@ -203,8 +203,8 @@ class EpochAccumulators(L.Callback):
 
         metrics = {}
         for name, module in trainer.lightning_module.named_modules():
-            if isinstance(module, Metric) and module._update_count > 0:
-                metrics[name] = {"state": dict(module.metric_state), "count": module._update_count}
+            if isinstance(module, Metric) and module.update_count > 0:
+                metrics[name] = {"state": dict(module.metric_state), "count": module.update_count}
         logged = {}
         for key, result in trainer.fit_loop.epoch_loop._results.items():
             if result.is_tensor and result.meta.on_epoch and not result.has_reset:
@@ -231,6 +231,7 @@ class EpochAccumulators(L.Callback):
                 else:
                     value = value.to(metric.device)
                 setattr(metric, attr, value)
+            # torchmetrics has no public way to set a state back: its own attributes
             metric._update_count = int(saved["count"])
             metric._computed = None
 

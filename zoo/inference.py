@@ -108,11 +108,13 @@ class RawInputs:
         """A small raw input for the logged model's input example."""
         raise NotImplementedError
 
-    def tensor_specs(self) -> tuple[Any, Any]:
-        """The logged model's signature where it is a tensor, as (dtype, shape) with -1 for the
-        free dimensions, for the input and the output (None: inferred from the input example
-        and its answer); ``zoo.tracking.serving`` turns them into mlflow's TensorSpecs."""
-        return None, None
+    def output_spec(self) -> tuple[Any, tuple[int, ...]] | None:
+        """The logged model's output where it is a tensor, as (dtype, shape) with -1 for the
+        free dimensions (None: inferred from the answer to the input example);
+        ``zoo.tracking.serving`` turns it into mlflow's TensorSpec. The input has no schema:
+        ``parse`` checks it, so the forms a user holds (float64 or float32, one value or a
+        batch, a dict of columns, a list of pairs) all reach it."""
+        return None
 
 
 def batches(values: Sequence[Any], size: int) -> Iterable[list[Any]]:
@@ -157,6 +159,27 @@ def _as_numpy(model_input: Any) -> Any:
     if hasattr(model_input, "to_numpy"):  # a DataFrame from a JSON request
         return model_input.to_numpy()
     return np.asarray(model_input)
+
+
+def _as_uint8(x, where: str):
+    """An image's values as uint8: integers 0..255 as they are; floats in [0, 1] (the float
+    image convention of scikit-image and torchvision) scaled by 255; other floats in 0..255
+    rounded."""
+    import numpy as np
+
+    if x.dtype.kind not in "iuf" or not x.size:
+        raise DataError(f"{where}: an image holds numbers 0..255, got {x.dtype} values")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise DataError(f"{where}: the image contains NaN or inf values")
+    low, high = x.min(), x.max()
+    if low < 0 or high > 255:
+        raise DataError(
+            f"{where}: an image holds values 0..255 (uint8) or 0..1 (float), got {x.dtype} "
+            f"values from {low} to {high}"
+        )
+    if x.dtype.kind == "f":
+        x = (x * 255 if high <= 1 else x).round()
+    return x.astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- files
@@ -348,11 +371,7 @@ class ImageInputs(RawInputs):
                 f"{where}: an image is a (height, width, 3) uint8 array, got shape {x.shape}"
             )
         if x.dtype != np.uint8:
-            if x.dtype.kind not in "iu" or x.min() < 0 or x.max() > 255:
-                raise DataError(
-                    f"{where}: an image holds uint8 values 0..255, got {x.dtype} values"
-                )
-            x = x.astype(np.uint8)
+            x = _as_uint8(x, where)
         if x.shape[2] == 4:
             x = x[:, :, :3]
         if self.channels == 3 and x.shape[2] == 1:

@@ -474,7 +474,7 @@ def test_source(cfg: DictConfig, source: Source):
     limit = (
         cfg.get("limit_test_batches")
         or OmegaConf.select(train_cfg, "trainer.limit_test_batches")
-        or 1.0
+        or None  # every batch
     )
     outputs = TrackOutputs()  # collects the sections; nothing is logged while testing here
     counter = CountTested()

@@ -183,6 +183,8 @@ class ClassificationModule(ZooModule):
     def serve(self, inputs: np.ndarray) -> np.ndarray:
         """Class probabilities [B, classes] for a batch of inputs."""
         x = torch.as_tensor(inputs, device=self.device)
+        if x.is_floating_point():  # float64 from JSON or numpy: the weights' float32
+            x = x.float()
         return self(x).softmax(-1).cpu().numpy()
 
     def export_network(self):

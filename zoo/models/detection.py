@@ -742,9 +742,6 @@ class DetectionImages(ImageInputs):
     def writer(self, output: Path) -> CocoResultsWriter:
         return CocoResultsWriter(self, output)
 
-    def tensor_specs(self) -> tuple[Any, Any]:
-        return (np.uint8, (-1, -1, -1, 3)), None  # a table of boxes out
-
 
 class CocoResultsWriter(Writer):
     """``detections.json`` (COCO results) at the end, and each image with its boxes of score

@@ -295,7 +295,3 @@ class EEGTrials(RawInputs):
 
     def example(self, datamodule: Any) -> np.ndarray:
         return datamodule.raw_example()
-
-    def tensor_specs(self) -> tuple[Any, Any]:
-        # trials of any length and channel count (40, or the model's own); a table out
-        return (np.float32, (-1, -1, -1)), None

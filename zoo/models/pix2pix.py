@@ -328,7 +328,8 @@ class Pix2Pix(ZooModule):
     @torch.no_grad()
     def serve(self, inputs: np.ndarray) -> np.ndarray:
         """G(A) for input images A [B, input_nc, H, W] in [-1, 1]; outputs in [-1, 1]."""
-        return self.generator(torch.as_tensor(inputs, device=self.device)).cpu().numpy()
+        x = torch.as_tensor(inputs, device=self.device, dtype=torch.float32)
+        return self.generator(x).cpu().numpy()
 
     def export_network(self):
         """The generator: images A [B, input_nc, H, W] in [-1, 1] -> G(A)."""
@@ -398,8 +399,8 @@ class Pix2PixImages(ImageInputs):
     def writer(self, output: Path) -> ImageWriter:
         return ImageWriter(output)
 
-    def tensor_specs(self) -> tuple[Any, Any]:
-        return (np.uint8, (-1, -1, -1, self.channels)), (np.uint8, (-1, -1, -1, self.out_channels))
+    def output_spec(self) -> tuple[Any, tuple[int, ...]]:
+        return np.uint8, (-1, -1, -1, self.out_channels)
 
 
 class ImageWriter(Writer):

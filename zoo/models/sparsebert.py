@@ -482,6 +482,22 @@ class _TokenProbabilities(nn.Module):
 # --------------------------------------------------------------------------- raw text
 
 
+def _flat_texts(value: Any, n: int) -> bool:
+    """Whether ``value`` is ``n`` strings side by side (one pair, not a batch of pairs)."""
+    if isinstance(value, np.ndarray):
+        return (
+            value.ndim == 1
+            and value.dtype.kind in "OUS"
+            and len(value) == n
+            and all(isinstance(v, str) for v in value.tolist())
+        )
+    return (
+        isinstance(value, list | tuple)
+        and len(value) == n
+        and all(isinstance(v, str) for v in value)
+    )
+
+
 class TextInputs(RawInputs):
     """Raw text: single texts, or (text, text_pair) for the pair tasks (MRPC, QNLI, RTE, ...),
     tokenized with the tokenizer the model was trained with (carried in its preprocessing,
@@ -542,6 +558,8 @@ class TextInputs(RawInputs):
             return [self.check(tuple(r), f"inputs row {i}") for i, r in enumerate(rows)]
         if isinstance(model_input, str):
             model_input = [model_input]
+        if self.pair and _flat_texts(model_input, len(self.names)):  # one (text, text_pair)
+            model_input = [tuple(model_input)]
         if not isinstance(model_input, list | tuple | np.ndarray) or not len(model_input):
             raise DataError(f"inputs: expected texts, got {type(model_input).__name__}")
         return [self.check(v, f"inputs[{i}]") for i, v in enumerate(model_input)]

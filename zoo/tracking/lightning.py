@@ -36,6 +36,12 @@ class ZooMLFlowLogger(MLFlowLogger):
         self._resumed_at: int | None = None
         self._logged_after: set[tuple[str, int]] | None = None
 
+    @property
+    def run_created(self) -> bool:
+        """Whether the mlflow run exists yet: MLFlowLogger creates it on the first use of
+        ``experiment`` and keeps that in ``_initialized``, with no public accessor (the seam)."""
+        return self._initialized
+
     def resume_after(self, step: int) -> None:
         """This job resumes its run from a checkpoint of global step ``step``: the steps after
         it are trained again, and the points a killed job logged for them before dying (its

@@ -247,7 +247,9 @@ class TrainingRun:
             self.client.set_tag(self.run_id, key, value)
 
     def finish(self, status: str = "FINISHED") -> None:
-        if self.logger is not None and self.logger._initialized:
+        # a job that failed before its run was created leaves no empty run behind (another
+        # MLFlowLogger than the zoo's cannot say: its run is created to be marked)
+        if self.logger is not None and getattr(self.logger, "run_created", True):
             self.client.set_terminated(self.run_id, status)
 
     @contextmanager

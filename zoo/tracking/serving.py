@@ -6,8 +6,10 @@ The logged model holds the resolved training config and the weights (a state dic
 rebuilds the Lightning module from the config with Hydra, and ``predict`` answers
 what a user holds (a DEAP trial, sentences, uint8 images) through the family's raw inputs
 (``zoo.inference.respond``: the code ``predict.py`` runs), and the network's own tensor input
-through ``serve`` (``zoo.outputs.Servable``). The signature and input example describe the raw
-form (a model without recorded preprocessing: one real batch of the run's data module).
+through ``serve`` (``zoo.outputs.Servable``). The input example is the raw form, and the
+signature has no input schema, only the output's: the family's ``parse`` checks what comes in,
+in every form a user holds (a model without recorded preprocessing: one real batch of the run's
+data module, and the signature inferred from it).
 
 Bad input (``zoo.errors.DataError``) is raised as an ``MlflowException`` with
 INVALID_PARAMETER_VALUE, which ``mlflow models serve`` answers with HTTP 400 and the message.
@@ -146,12 +148,14 @@ def _example_and_signature(module: Any, datamodule, max_examples: int):
 
         raw = module.raw_inputs()
         example = raw.example(datamodule)
-        inferred = infer_signature(example, respond(module, example))
-        specs = [
-            Schema([TensorSpec(np.dtype(spec[0]), spec[1])]) if spec else default
-            for spec, default in zip(raw.tensor_specs(), (inferred.inputs, inferred.outputs))
-        ]
-        return example, ModelSignature(*specs)
+        spec = raw.output_spec()
+        if spec:
+            outputs = Schema([TensorSpec(np.dtype(spec[0]), spec[1])])
+        else:
+            outputs = infer_signature(None, respond(module, example)).outputs
+        # no input schema: mlflow's check is stricter than the family's own ``parse`` (a float64
+        # trial, one image without its batch axis, a dict of text columns, a list of pairs)
+        return example, ModelSignature(inputs=None, outputs=outputs)
     example = _head(module.serving_input(example_batch(datamodule)), max_examples)
     return example, infer_signature(example, module.serve(example))
 
