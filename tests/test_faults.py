@@ -222,9 +222,15 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, data_dir):
 
     client, a, b = _whole_and_resumed_runs(uri, tmp_path)
     assert b.info.status == "FINISHED"
+    # what would tell a lost write from a numeric difference, if the histories ever differ:
+    # writes the killed job queued (a sqlite lock wait past mlflow's timeout) and never sent
+    from zoo.tracking.queue import DeliveryQueue
+
+    queue = DeliveryQueue(tmp_path / "first" / "tracking-queue", uri)
+    assert not queue.pending, f"the killed job left {queue.pending} writes undelivered"
     for key in ("val/f1_macro", "val/acc", "val/loss", "val/f1_macro_best", "train/loss"):
         ha, hb = _history(client, a.info.run_id, key), _history(client, b.info.run_id, key)
-        assert len(ha) == 4 and len({s for s, _ in hb}) == len(hb), (key, hb)
+        assert len(ha) == len(hb) == 4 and len({s for s, _ in hb}) == 4, (key, ha, hb)
         assert hb == ha, f"{key} differs after a kill at epoch {killed_at}: {hb} vs {ha}"
     for key in ("test/acc", "test/f1_macro", "test/loss"):
         assert b.data.metrics[key] == a.data.metrics[key], key
@@ -618,6 +624,35 @@ def test_queued_calls_survive_the_journal(tmp_path):
     assert (ds.dataset.digest, ds.tags[0].value) == ("abc", "train")
     assert Path(ops[2]["kwargs"]["local_path"]).read_text() == "epoch 1"
     assert DeliveryQueue(tmp_path / "queue", "x").pending == 3  # a new process sees them
+
+
+def test_a_resume_delivers_what_the_killed_job_left_queued(tmp_path):
+    """A job killed with writes still queued (an outage, or a sqlite lock wait past mlflow's
+    timeout) and resumed into a new output dir: the resume delivers them into the run first,
+    leaves the run for the resumed job (not FAILED), and a second resume finds nothing left."""
+    from mlflow.entities import Metric
+
+    from zoo.tracking.delivery import deliver_before_resume
+    from zoo.tracking.queue import DeliveryQueue
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("zoo")).info.run_id
+    first = tmp_path / "first"
+    (first / "checkpoints").mkdir(parents=True)
+    last = first / "checkpoints" / "last.ckpt"
+    last.write_bytes(b"")
+    queue = DeliveryQueue(first / "tracking-queue", uri)
+    metrics = [Metric("val/f1_macro", v, 1700000000000, s) for s, v in ((19, 0.25), (29, 0.5))]
+    queue.append("log_batch", {"run_id": run_id, "metrics": metrics})
+    queue.close()  # killed: its lock goes with it
+
+    assert deliver_before_resume(last, first) == 0  # resumed in place: its own queue, its job
+    assert deliver_before_resume(last, tmp_path / "resumed") == 1
+    assert _history(client, run_id, "val/f1_macro") == [(19, 0.25), (29, 0.5)]
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING" and "zoo.failure" not in run.data.tags
+    assert deliver_before_resume(last, tmp_path / "resumed-again") == 0
 
 
 @pytest.mark.e2e

@@ -178,6 +178,10 @@ def train(cfg: DictConfig) -> float | None:
         L.seed_everything(cfg.seed, workers=True)
     resume = faults.resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir)
     ckpt = read_checkpoint(resume, weights=False) if resume else None
+    if ckpt is not None and mlflow_loggers and rank_zero_only.rank == 0:
+        from zoo.tracking.delivery import deliver_before_resume
+
+        deliver_before_resume(resume, cfg.paths.output_dir)
     datamodule = build(cfg.data, "data")
     model = build(cfg.model, "model")
     parallel.check_model(model, cfg.trainer)

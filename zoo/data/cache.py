@@ -72,6 +72,18 @@ def crc32(array: np.ndarray) -> int:
     return crc
 
 
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if missing) while the block runs: processes
+    that take it wait their turn. The kernel releases it if the holder dies."""
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 class ArrayCache:
     """Preprocessed arrays under ``root``; ``config_key`` names the setting that chose the folder
     (errors tell the user which key to change)."""
@@ -97,14 +109,8 @@ class ArrayCache:
                 "preprocess in memory on every job."
             ) from None
 
-    @contextlib.contextmanager
-    def _locked(self, stem: str) -> Iterator[None]:
-        with open(self.root / f"{stem}.lock", "a+") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)  # released by the kernel if this process dies
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+    def _locked(self, stem: str):
+        return file_lock(self.root / f"{stem}.lock")
 
     def _file(self, stem: str, field: str) -> Path:
         return self.root / (f"{stem}.npy" if field == "" else f"{stem}.{field}.npy")

@@ -16,6 +16,8 @@ from mlflow.tracking import MlflowClient
 from zoo.errors import TrackingError, ZooError
 from zoo.tracking.queue import LOCK, META, QUEUE_DIR, DeliveryQueue, flock
 
+log = logging.getLogger(__name__)
+
 
 def find_queue(path: str | Path) -> Path:
     path = Path(path)
@@ -27,8 +29,10 @@ def find_queue(path: str | Path) -> Path:
     )
 
 
-def deliver_later(path: str | Path, tracking_uri: str | None = None) -> int:
-    """Deliver a finished job's queue into its run; returns how many records were delivered."""
+def deliver_later(path: str | Path, tracking_uri: str | None = None, resumed: bool = False) -> int:
+    """Deliver a finished job's queue into its run; returns how many records were delivered.
+    ``resumed``: a job resuming that run delivers it, so a run the dead job left RUNNING is
+    left for the resumed job rather than marked FAILED."""
     from zoo import tracking
 
     folder = find_queue(path)
@@ -49,11 +53,37 @@ def deliver_later(path: str | Path, tracking_uri: str | None = None) -> int:
                 f"{queue.pending} records remain queued in {folder}"
             )
         run_id = meta.get("run_id")
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
+        if run_id and not resumed and client.get_run(run_id).info.status == "RUNNING":
             # the job died without ending its run (kill -9 during the outage)
             client.set_tag(run_id, "zoo.failure", "the job ended without finishing its run")
             client.set_terminated(run_id, "FAILED")
         return before
+
+
+def deliver_before_resume(checkpoint: str | Path, output_dir: str | Path) -> int:
+    """A job resumed from ``checkpoint`` into another output dir first delivers what the job
+    that wrote it left queued (a kill during an outage, or a sqlite lock wait past mlflow's
+    timeout): its writes would otherwise stay in the old folder, never sent. While the server
+    is still down they stay queued there, with a warning naming the delivery command."""
+    old = Path(checkpoint).resolve().parent.parent  # <output dir>/checkpoints/last.ckpt
+    folder = old / QUEUE_DIR
+    if old == Path(output_dir).resolve() or not (folder / META).is_file():
+        return 0
+    meta = json.loads((folder / META).read_text())
+    if not DeliveryQueue(folder, meta["tracking_uri"]).pending:
+        return 0
+    try:
+        n = deliver_later(folder, resumed=True)
+    except TrackingError as exc:
+        log.warning(
+            "the resumed job's earlier writes stay queued (%s); deliver them later with: "
+            "python -m zoo.tracking.delivery %s",
+            exc,
+            old,
+        )
+        return 0
+    log.info("delivered %d tracking records the job before the resume had queued in %s", n, old)
+    return n
 
 
 def _log_model_from_checkpoint(client, run_id, local_path, registered_model_name=None) -> None:

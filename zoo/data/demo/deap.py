@@ -108,9 +108,20 @@ def make_subject(subject: int, seed: int = 0, n_trials: int = 40, effect: float 
 def write_demo_deap(
     out_dir: str | Path, n_subjects: int = 4, seed: int = 0, n_trials: int = 40, effect: float = 0.6
 ) -> list[Path]:
-    """Write ``s01.dat`` ... into ``out_dir`` (skipped when an identical set is already there)."""
+    """Write ``s01.dat`` ... into ``out_dir`` (skipped when an identical set is already there).
+    Jobs started together take turns: the first writes, the others find its files (and so share
+    one preprocessing cache entry, keyed by the files' modification times)."""
+    from zoo.data.cache import file_lock
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with file_lock(out_dir / ".demo.lock"):
+        return _write_demo_deap(out_dir, n_subjects, seed, n_trials, effect)
+
+
+def _write_demo_deap(
+    out_dir: Path, n_subjects: int, seed: int, n_trials: int, effect: float
+) -> list[Path]:
     spec = {
         "generator": "zoo.data.demo.deap",
         "version": GENERATOR_VERSION,
