@@ -17,6 +17,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -278,6 +279,41 @@ inline void transpose_into(int64_t rows, int64_t cols, const scalar_t* src, int6
 
 // up to this many consecutive non-empty key tiles are handled by one GEMM + one softmax pass
 constexpr int64_t kMaxChunk = 4;
+// inside a tile the kernels work on slabs of kSlab query rows, and per slab only on the span from
+// the first to the last block of kBlock keys that keeps an entry (a band's edge tiles are mostly
+// empty); zoo.kernels._tiles.computed_fraction counts the same area
+constexpr int64_t kSlab = 16;
+constexpr int64_t kBlock = 16;
+constexpr int64_t kBlocksPerTile = kBK / kBlock;
+static_assert(kBK % kBlock == 0 && kBQ % kSlab == 0, "slabs and blocks must divide the tiles");
+
+// bit c: the mask keeps an entry of rows [q0, q0 + rows) x keys [k0 + c kBlock, ...) of the tile
+// at k0 (bk keys); every block of a full tile
+inline uint32_t kept_blocks(const Problem& p, int8_t occ, int64_t b, int64_t h, int64_t q0,
+                            int64_t rows, int64_t k0, int64_t bk) {
+  const int64_t nblocks = (bk + kBlock - 1) / kBlock;
+  if (occ == kTileEmpty) return 0;
+  if (occ == kTileFull) return (1u << nblocks) - 1;
+  uint32_t bits = 0;
+  for (int64_t c = 0; c < nblocks; ++c) {
+    const int64_t j0 = k0 + c * kBlock, n = std::min(kBlock, k0 + bk - j0);
+    for (int64_t i = 0; i < rows && !(bits >> c & 1); ++i) {
+      const bool* mrow = p.mask_row(b, h, q0 + i);
+      if (p.ms[3] == 1 && n == kBlock) {
+        uint64_t w[2];
+        std::memcpy(w, mrow + j0, sizeof(w));
+        if (w[0] | w[1]) bits |= 1u << c;
+      } else {
+        for (int64_t j = 0; j < n; ++j)
+          if (mrow[(j0 + j) * p.ms[3]]) {
+            bits |= 1u << c;
+            break;
+          }
+      }
+    }
+  }
+  return bits;
+}
 
 template <typename scalar_t, typename T = at::opmath_type<scalar_t>>
 void attention_forward(const Problem& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
@@ -356,50 +392,69 @@ void attention_forward(const Problem& p, const scalar_t* q, const scalar_t* k, c
           if (!v_direct) copy_rows<T>(tn, p.Dv, vh + t0 * p.Dv, p.Dv, Vn.data() + t0 * Dvp, Dvp, T(1));
           packed[kb] = 1;
         }
-        // S = (scale Q) K^T over the run's keys, leading dimension ncols
-        gemm(bq, ncols, Dp, Qs.data(), Dp, 1, Kt.data() + k0, Lkp, S.data(), ncols, false);
-        for (int64_t kb = kb0; kb < kb1; ++kb) {
-          if (p.occupancy(b, h, qb, kb) != kTilePartial) continue;
-          const int64_t t0 = kb * kBK;
-          mask_tile(p, b, h, q0, bq, t0, std::min(kBK, p.Lk - t0), S.data() + (t0 - k0), ncols);
-        }
-        for (int64_t i = 0; i < bq; ++i) {  // online softmax update; S becomes P
-          T* s = S.data() + i * ncols;
-          prefetch_row(i);
-          std::fill(s + nk_real, s + ncols, kNegInf);
-          Vec vmax(kNegInf);
-          for (int64_t j = 0; j < ncols; j += VS) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
-          const T mnew = std::max(m[i], hmax<T>(vmax));
-          if (mnew == kNegInf) {  // nothing allowed yet in this row
-            std::fill(s, s + ncols, T(0));
-            continue;
+        // per slab of rows, the span [lo, hi) of the run's columns that can keep an entry
+        for (int64_t r0 = 0; r0 < bq; r0 += kSlab) {
+          const int64_t rows = std::min(kSlab, bq - r0);
+          int64_t lo = -1, hi = 0;
+          for (int64_t kb = kb0; kb < kb1; ++kb) {
+            const int64_t t0 = kb * kBK;
+            uint32_t bits = kept_blocks(p, p.occupancy(b, h, qb, kb), b, h, q0 + r0, rows, t0,
+                                        std::min(kBK, p.Lk - t0));
+            if (!bits) continue;
+            if (lo < 0) lo = t0 - k0 + __builtin_ctz(bits) * kBlock;
+            hi = t0 - k0 + (32 - __builtin_clz(bits)) * kBlock;
           }
-          const Vec vm(mnew);
-          Vec vsum(T(0));
-          if (p.weight) {  // soft mask: P ~ w exp(S)
-            for (int64_t j = 0; j < ncols; j += VS) vexp(Vec::loadu(s + j) - vm).store(s + j);
-            const T* w = p.weight_row<T>(b, h, q0 + i) + k0 * p.ws[3];
-            for (int64_t j = 0; j < nk_real; ++j) s[j] *= w[j * p.ws[3]];
-            for (int64_t j = 0; j < ncols; j += VS) vsum = vsum + Vec::loadu(s + j);
-          } else {
-            for (int64_t j = 0; j < ncols; j += VS) {
-              const Vec e = vexp(Vec::loadu(s + j) - vm);
-              e.store(s + j);
-              vsum = vsum + e;
+          if (lo < 0) continue;  // nothing kept: these rows are unchanged by the run
+          hi = std::min(hi, ncols);
+          const int64_t hi_real = std::min(hi, nk_real), span = hi - lo;
+          T* Sr = S.data() + r0 * ncols + lo;
+          // S = (scale Q) K^T on the span, leading dimension ncols
+          gemm(rows, span, Dp, Qs.data() + r0 * Dp, Dp, 1, Kt.data() + k0 + lo, Lkp, Sr, ncols,
+               false);
+          for (int64_t kb = kb0; kb < kb1; ++kb) {
+            if (p.occupancy(b, h, qb, kb) != kTilePartial) continue;
+            const int64_t a = std::max(kb * kBK, k0 + lo), e = std::min((kb + 1) * kBK, k0 + hi_real);
+            if (a < e) mask_tile(p, b, h, q0 + r0, rows, a, e - a, Sr + (a - k0 - lo), ncols);
+          }
+          for (int64_t i = r0; i < r0 + rows; ++i) {  // online softmax update; S becomes P
+            T* s = S.data() + i * ncols + lo;
+            prefetch_row(i);
+            std::fill(s + (hi_real - lo), s + span, kNegInf);
+            Vec vmax(kNegInf);
+            for (int64_t j = 0; j < span; j += VS) vmax = at::vec::maximum(vmax, Vec::loadu(s + j));
+            const T mnew = std::max(m[i], hmax<T>(vmax));
+            if (mnew == kNegInf) {  // nothing allowed yet in this row
+              std::fill(s, s + span, T(0));
+              continue;
+            }
+            const Vec vm(mnew);
+            Vec vsum(T(0));
+            if (p.weight) {  // soft mask: P ~ w exp(S)
+              for (int64_t j = 0; j < span; j += VS) vexp(Vec::loadu(s + j) - vm).store(s + j);
+              const T* w = p.weight_row<T>(b, h, q0 + i) + (k0 + lo) * p.ws[3];
+              for (int64_t j = 0; j < hi_real - lo; ++j) s[j] *= w[j * p.ws[3]];
+              for (int64_t j = 0; j < span; j += VS) vsum = vsum + Vec::loadu(s + j);
+            } else {
+              for (int64_t j = 0; j < span; j += VS) {
+                const Vec e = vexp(Vec::loadu(s + j) - vm);
+                e.store(s + j);
+                vsum = vsum + e;
+              }
+            }
+            const T alpha = m[i] == mnew ? T(1) : std::exp(m[i] - mnew);  // 0 when m was -inf
+            l[i] = l[i] * alpha + hsum<T>(vsum);
+            m[i] = mnew;
+            if (alpha != T(1)) {
+              T* o = O.data() + i * Dvp;
+              const Vec va(alpha);
+              for (int64_t d = 0; d < Dvp; d += VS) (Vec::loadu(o + d) * va).store(o + d);
             }
           }
-          const T alpha = m[i] == mnew ? T(1) : std::exp(m[i] - mnew);  // 0 when m was -inf
-          l[i] = l[i] * alpha + hsum<T>(vsum);
-          m[i] = mnew;
-          if (alpha != T(1)) {
-            T* o = O.data() + i * Dvp;
-            const Vec va(alpha);
-            for (int64_t d = 0; d < Dvp; d += VS) (Vec::loadu(o + d) * va).store(o + d);
-          }
+          // O += P V over the span's real keys
+          const T* Vp = v_direct ? reinterpret_cast<const T*>(vh) + k0 * ldv : Vn.data() + k0 * ldv;
+          gemm(rows, Dvp, hi_real - lo, Sr, ncols, 1, Vp + lo * ldv, ldv, O.data() + r0 * Dvp,
+               Dvp, true);
         }
-        // O += P V over the run's real keys
-        const T* Vp = v_direct ? reinterpret_cast<const T*>(vh) + k0 * ldv : Vn.data() + k0 * ldv;
-        gemm(bq, Dvp, nk_real, S.data(), ncols, 1, Vp, ldv, O.data(), Dvp, true);
         kb0 = kb1;
       }
       scalar_t* oh = out + (bh * p.Lq + q0) * p.Dv;
