@@ -531,32 +531,71 @@ void attention_backward(const Problem& p, const scalar_t* q, const scalar_t* k,
           const int64_t q0 = qb0 * kBQ, rows = std::min(qb1 * kBQ, p.Lq) - q0;
           const T* Qb = Qs.data() + q0 * Dp;
           const T* dOb = dO + q0 * ldo;
-          gemm(rows, bkp, Dp, Qb, Dp, 1, Kt.data() + k0, Lkp, P.data(), bkp, false);
-          for (int64_t qb = qb0; qb < qb1; ++qb) {
-            const int64_t r0 = qb * kBQ - q0;
-            apply_mask(p, p.occupancy(b, h, qb, kb), b, h, qb * kBQ,
-                       std::min(kBQ, p.Lq - qb * kBQ), k0, bk, bkp, P.data() + r0 * bkp);
-          }
-          gemm(rows, bkp, Dvp, dOb, ldo, 1, Vt.data() + k0, Lkp, dS.data(), bkp, false);
-          for (int64_t i = 0; i < rows; ++i) {
-            T* pr = P.data() + i * bkp;
-            T* ds = dS.data() + i * bkp;
-            const T li = lh[q0 + i];
-            if (li == kNegInf) {
-              std::fill(pr, pr + bkp, T(0));
-              std::fill(ds, ds + bkp, T(0));
+          // per slab of rows, only the span [lo, hi) of the tile's key blocks that keep an entry;
+          // P and dS are zero elsewhere. rlo/rhi: the rows (from q0) each key block has spans in
+          int64_t rlo[kBlocksPerTile], rhi[kBlocksPerTile];
+          std::fill(rlo, rlo + kBlocksPerTile, rows);
+          std::fill(rhi, rhi + kBlocksPerTile, int64_t(0));
+          for (int64_t r0 = 0; r0 < rows; r0 += kSlab) {
+            const int64_t nr = std::min(kSlab, rows - r0);
+            const int8_t occ = p.occupancy(b, h, (q0 + r0) / kBQ, kb);
+            const uint32_t bits = kept_blocks(p, occ, b, h, q0 + r0, nr, k0, bk);
+            T* Pr = P.data() + r0 * bkp;
+            T* dSr = dS.data() + r0 * bkp;
+            if (!bits) {
+              std::fill(Pr, Pr + nr * bkp, T(0));
+              std::fill(dSr, dSr + nr * bkp, T(0));
               continue;
             }
-            const Vec vl(li), vd(Drow[q0 + i]);
-            for (int64_t j = 0; j < bkp; j += VS) {
-              const Vec e = vexp(Vec::loadu(pr + j) - vl);
-              e.store(pr + j);
-              (e * (Vec::loadu(ds + j) - vd)).store(ds + j);
+            const int64_t lo = __builtin_ctz(bits) * kBlock;
+            const int64_t hi = std::min<int64_t>((32 - __builtin_clz(bits)) * kBlock, bkp);
+            const int64_t hi_real = std::min(hi, bk), span = hi - lo;
+            gemm(nr, span, Dp, Qb + r0 * Dp, Dp, 1, Kt.data() + k0 + lo, Lkp, Pr + lo, bkp, false);
+            if (occ == kTilePartial) mask_tile(p, b, h, q0 + r0, nr, k0 + lo, hi_real - lo, Pr + lo, bkp);
+            gemm(nr, span, Dvp, dOb + r0 * ldo, ldo, 1, Vt.data() + k0 + lo, Lkp, dSr + lo, bkp,
+                 false);
+            for (int64_t i = 0; i < nr; ++i) {
+              T* pr = Pr + i * bkp;
+              T* ds = dSr + i * bkp;
+              std::fill(pr, pr + lo, T(0));
+              std::fill(ds, ds + lo, T(0));
+              std::fill(pr + hi_real, pr + bkp, T(0));
+              std::fill(ds + hi_real, ds + bkp, T(0));
+              const T li = lh[q0 + r0 + i];
+              if (li == kNegInf) {
+                std::fill(pr + lo, pr + hi_real, T(0));
+                std::fill(ds + lo, ds + hi_real, T(0));
+                continue;
+              }
+              const Vec vl(li), vd(Drow[q0 + r0 + i]);
+              int64_t j = lo;
+              for (; j + VS <= hi_real; j += VS) {
+                const Vec e = vexp(Vec::loadu(pr + j) - vl);
+                e.store(pr + j);
+                (e * (Vec::loadu(ds + j) - vd)).store(ds + j);
+              }
+              for (; j < hi_real; ++j) {
+                const T e = std::exp(pr[j] - li);
+                pr[j] = e;
+                ds[j] = e * (ds[j] - Drow[q0 + r0 + i]);
+              }
+            }
+            gemm(nr, Dp, hi_real - lo, dSr + lo, bkp, 1, Kr + (k0 + lo) * ldk, ldk,
+                 dQ.data() + (q0 + r0) * Dp, Dp, true);
+            for (int64_t c = lo / kBlock; c * kBlock < hi; ++c) {
+              rlo[c] = std::min(rlo[c], r0);
+              rhi[c] = std::max(rhi[c], r0 + nr);
             }
           }
-          gemm(bkp, Dvp, rows, P.data(), 1, bkp, dOb, ldo, dV.data(), Dvp, true);
-          gemm(bkp, Dp, rows, dS.data(), 1, bkp, Qb, Dp, dK.data(), Dp, true);
-          gemm(rows, Dp, bk, dS.data(), bkp, 1, Kr + k0 * ldk, ldk, dQ.data() + q0 * Dp, Dp, true);
+          // dV += P^T dO and dK += dS^T (scale Q), a key block at a time over its rows
+          for (int64_t c = 0; c < kBlocksPerTile && c * kBlock < bkp; ++c) {
+            if (rlo[c] >= rhi[c]) continue;
+            const int64_t j0 = c * kBlock, nj = std::min(kBlock, bkp - j0), nrow = rhi[c] - rlo[c];
+            gemm(nj, Dvp, nrow, P.data() + rlo[c] * bkp + j0, 1, bkp, dOb + rlo[c] * ldo, ldo,
+                 dV.data() + j0 * Dvp, Dvp, true);
+            gemm(nj, Dp, nrow, dS.data() + rlo[c] * bkp + j0, 1, bkp, Qb + rlo[c] * Dp, Dp,
+                 dK.data() + j0 * Dp, Dp, true);
+          }
           qb0 = qb1;
         }
         scalar_t* dkh = dk + (bh * p.Lk + k0) * p.D;
