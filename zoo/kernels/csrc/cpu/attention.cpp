@@ -44,6 +44,14 @@ constexpr int nv_max() {
 }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+// a cache-line prefetch the compiler keeps (GCC dropped __builtin_prefetch in the kernels here)
+inline void prefetch(const char* p) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  asm volatile("prefetcht0 %0" : : "m"(*p));
+#else
+  __builtin_prefetch(p);
+#endif
+}
 at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // C[mr x nv*VS] (+)= A(m, k) * B[k, :], A(m, k) = a[m * sm + k * sk] (so A may be transposed),
@@ -78,31 +86,36 @@ inline void micro_dispatch_nv(int nv, int64_t K, const T* a, int64_t sm, int64_t
       if constexpr (nv_max<T>() >= 3) micro_kernel<T, MR, 3>(K, a, sm, sk, b, ldb, c, ldc, acc);
       break;
     default:
-      if constexpr (nv_max<T>() >= 4) micro_kernel<T, MR, 4>(K, a, sm, sk, b, ldb, c, ldc, acc);
+      if constexpr (nv_max<T>() >= 4 && MR <= kMR) micro_kernel<T, MR, 4>(K, a, sm, sk, b, ldb, c, ldc, acc);
       break;
   }
 }
 
+template <typename T, int MR>
+inline void micro_call(int mr, int nv, int64_t K, const T* a, int64_t sm, int64_t sk, const T* b,
+                       int64_t ldb, T* c, int64_t ldc, bool acc) {
+  if constexpr (MR > 1) {
+    if (mr < MR) return micro_call<T, MR - 1>(mr, nv, K, a, sm, sk, b, ldb, c, ldc, acc);
+  }
+  micro_dispatch_nv<T, MR>(nv, K, a, sm, sk, b, ldb, c, ldc, acc);
+}
+
 // C[M x N] (+)= A[M x K] B[K x N]; N must be a multiple of the vector size (buffers are padded).
+// Blocks of MR rows x NV vectors: 8 x 3 with 512-bit vectors (24 of 32 registers; a slab of 16
+// rows is two blocks), 6 x 2 with 256-bit ones (12 of 16 registers).
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t sm, int64_t sk, const T* b,
           int64_t ldb, T* c, int64_t ldc, bool accumulate) {
   constexpr int64_t VS = VecT<T>::size();
-  constexpr int NV = nv_max<T>();
-  for (int64_t m0 = 0; m0 < M; m0 += kMR) {
-    const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
+  constexpr bool wide = nv_max<T>() >= 4;
+  constexpr int MR = wide ? 8 : kMR;
+  constexpr int NV = wide ? 3 : nv_max<T>();
+  for (int64_t m0 = 0; m0 < M; m0 += MR) {
+    const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
     for (int64_t n0 = 0; n0 < N; n0 += NV * VS) {
       const int nv = static_cast<int>(std::min<int64_t>(NV, (N - n0) / VS));
-      const T* ap = a + m0 * sm;
-      T* cp = c + m0 * ldc + n0;
-      switch (mr) {
-        case 1: micro_dispatch_nv<T, 1>(nv, K, ap, sm, sk, b + n0, ldb, cp, ldc, accumulate); break;
-        case 2: micro_dispatch_nv<T, 2>(nv, K, ap, sm, sk, b + n0, ldb, cp, ldc, accumulate); break;
-        case 3: micro_dispatch_nv<T, 3>(nv, K, ap, sm, sk, b + n0, ldb, cp, ldc, accumulate); break;
-        case 4: micro_dispatch_nv<T, 4>(nv, K, ap, sm, sk, b + n0, ldb, cp, ldc, accumulate); break;
-        case 5: micro_dispatch_nv<T, 5>(nv, K, ap, sm, sk, b + n0, ldb, cp, ldc, accumulate); break;
-        default: micro_dispatch_nv<T, 6>(nv, K, ap, sm, sk, b + n0, ldb, cp, ldc, accumulate); break;
-      }
+      micro_call<T, MR>(mr, nv, K, a + m0 * sm, sm, sk, b + n0, ldb, c + m0 * ldc + n0, ldc,
+                        accumulate);
     }
   }
 }
@@ -366,10 +379,10 @@ void attention_forward(const Problem& p, const scalar_t* q, const scalar_t* k, c
       const int64_t qrow_bytes = p.D * sizeof(scalar_t), vrow_bytes = p.Dv * sizeof(scalar_t);
       auto prefetch_row = [&](int64_t i) {
         if (i < pf_qrows)
-          for (int64_t c = 0; c < qrow_bytes; c += 64) __builtin_prefetch(pf_q + i * qrow_bytes + c);
+          for (int64_t c = 0; c < qrow_bytes; c += 64) prefetch(pf_q + i * qrow_bytes + c);
         if (i < pf_krows) {
-          for (int64_t c = 0; c < qrow_bytes; c += 64) __builtin_prefetch(pf_k + i * qrow_bytes + c);
-          for (int64_t c = 0; c < vrow_bytes; c += 64) __builtin_prefetch(pf_v + i * vrow_bytes + c);
+          for (int64_t c = 0; c < qrow_bytes; c += 64) prefetch(pf_k + i * qrow_bytes + c);
+          for (int64_t c = 0; c < vrow_bytes; c += 64) prefetch(pf_v + i * vrow_bytes + c);
         }
       };
       std::fill(O.begin(), O.end(), T(0));
@@ -463,11 +476,26 @@ void attention_forward(const Problem& p, const scalar_t* q, const scalar_t* k, c
         const T inv = l[i] > T(0) ? T(1) / l[i] : T(0);
         T* o = O.data() + i * Dvp;
         const Vec vi(inv);
+#if defined(CPU_CAPABILITY_AVX512)
+        // streaming stores: the output is not read again here, so skip reading its lines first
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          float* dst = oh + i * p.Dv;
+          if (p.Dv % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+            for (int64_t d = 0; d < p.Dv; d += 16)
+              _mm512_stream_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(o + d), _mm512_set1_ps(inv)));
+            lh[i] = l[i] > T(0) ? m[i] + std::log(l[i]) : kNegInf;
+            continue;
+          }
+        }
+#endif
         for (int64_t d = 0; d < Dvp; d += VS) (Vec::loadu(o + d) * vi).store(o + d);
         store_from_acc(o, p.Dv, oh + i * p.Dv);
         lh[i] = l[i] > T(0) ? m[i] + std::log(l[i]) : kNegInf;
       }
     }
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm_sfence();  // order the streaming stores before the caller reads the output
+#endif
   });
 }
 
