@@ -112,10 +112,13 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* a, int64_t sm, int64_t sk, c
   constexpr int NV = wide ? 3 : nv_max<T>();
   for (int64_t m0 = 0; m0 < M; m0 += MR) {
     const int mr = static_cast<int>(std::min<int64_t>(MR, M - m0));
-    for (int64_t n0 = 0; n0 < N; n0 += NV * VS) {
-      const int nv = static_cast<int>(std::min<int64_t>(NV, (N - n0) / VS));
+    for (int64_t n0 = 0; n0 < N;) {
+      // 4 vectors left: 2 + 2 rather than 3 + a load-bound 1
+      const int64_t left = (N - n0) / VS;
+      const int nv = static_cast<int>(left == 4 ? 2 : std::min<int64_t>(NV, left));
       micro_call<T, MR>(mr, nv, K, a + m0 * sm, sm, sk, b + n0, ldb, c + m0 * ldc + n0, ldc,
                         accumulate);
+      n0 += nv * VS;
     }
   }
 }
