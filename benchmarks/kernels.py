@@ -8,7 +8,8 @@ ratios measured in this one run (no absolute targets are asserted anywhere).
 Compared: compiled (zoo.kernels, backend=compiled: the C++ kernels on CPU, the Triton kernels
 on CUDA), the eager reference
 (zoo.kernels.reference), torch.compile of the reference, and for attention PyTorch's
-F.scaled_dot_product_attention with the same boolean mask (and F.gumbel_softmax for Gumbel).
+F.scaled_dot_product_attention with the same boolean mask (the targets: the same mask as an
+additive float mask, timed in alternation with ours) (and F.gumbel_softmax for Gumbel).
 Each op also reports the compiled kernel's achieved bandwidth (the least bytes it must move)
 against a measured copy bandwidth, i.e. how far it is from the memory-bound time.
 """

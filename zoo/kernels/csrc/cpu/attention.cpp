@@ -1,12 +1,18 @@
 // Flash-style masked attention, CPU.
 //
-// Forward: for each (batch, head, block of kBQ queries) stream over blocks of kBK keys with an
-// online softmax (running max m, running sum l, rescaled accumulator), so no [Lq, Lk] matrix
-// exists; memory is O(L * D) per head. Tiles the keep mask removes entirely are skipped
-// (tile_occupancy), tiles it keeps entirely skip the element-wise mask. Rows with no allowed key
-// give zeros and lse = -inf. Backward recomputes P = exp(S - lse) tile by tile (FlashAttention-2
-// style) with D_i = <dO_i, O_i>; heads run in parallel so dQ accumulates without atomics.
-// The small matrix products use a register-blocked at::vec micro-kernel.
+// Forward: for each (batch, head, block of kBQ queries) stream over the keys with an online
+// softmax (running max m, running sum l, rescaled accumulator), so no [Lq, Lk] matrix exists;
+// memory is O(L * D) per head. Key tiles (kBK keys) the keep mask removes entirely are skipped
+// (tile_occupancy); a run of up to kMaxChunk consecutive non-empty tiles is one QK^T GEMM, one
+// softmax pass and one PV GEMM. Inside a run, each slab of kSlab query rows computes only the
+// span from the first to the last block of kBlock keys that keeps an entry (a band's edge tiles
+// are mostly empty); partial tiles apply the mask element-wise, full tiles skip it. Rows with no
+// allowed key give zeros and lse = -inf. Backward recomputes P = exp(S - lse) (FlashAttention-2
+// style) with D_i = <dO_i, O_i>, per key tile over its run of non-empty query tiles, with the
+// same per-slab spans; heads run in parallel so dQ, dK and dV accumulate without atomics, in a
+// fixed order (deterministic). The matrix products use a register-blocked at::vec micro-kernel
+// (8 x 3 vectors with AVX-512, 6 x 2 with AVX2); K^T is packed once per head with register
+// transposes, V, dO and K are read in place when they are float rows of whole vectors.
 //
 // soft_masked_attention (the DAM mask search) shares the forward: P_ij ~ w_ij exp(S_ij) with a
 // float weight w, multiplied in after the exponential. Its backward also differentiates w, and w
@@ -293,6 +299,23 @@ inline void transpose_into(int64_t rows, int64_t cols, const scalar_t* src, int6
     }
 }
 
+// dst[0, n) = src[0, n) * mul; streaming stores for float rows of whole 64-byte lines (results
+// written once and not read again here: no need to read their cache lines first)
+template <typename T, typename scalar_t>
+inline void store_scaled(const T* src, int64_t n, scalar_t* dst, T mul) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<T, float>) {
+    if (n % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+      const __m512 vm = _mm512_set1_ps(mul);
+      for (int64_t d = 0; d < n; d += 16)
+        _mm512_stream_ps(dst + d, _mm512_mul_ps(_mm512_loadu_ps(src + d), vm));
+      return;
+    }
+  }
+#endif
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<scalar_t>(src[d] * mul);
+}
+
 // up to this many consecutive non-empty key tiles are handled by one GEMM + one softmax pass
 constexpr int64_t kMaxChunk = 4;
 // inside a tile the kernels work on slabs of kSlab query rows, and per slab only on the span from
@@ -520,10 +543,15 @@ void attention_backward(const Problem& p, const scalar_t* q, const scalar_t* k,
   const T scale = static_cast<T>(p.scale);
   const bool dO_direct = std::is_same_v<scalar_t, T> && p.Dv == Dvp;
   const bool k_direct = std::is_same_v<scalar_t, T> && p.D == Dp;
+  // Q read in place, the scale applied to S inside the exponential and to dK at the end (only for
+  // scale > 0: a masked -inf must stay -inf once scaled)
+  const bool q_direct = std::is_same_v<scalar_t, T> && p.D == Dp && scale > T(0);
+  const int64_t ldq = q_direct ? p.D : Dp;
+  const T s_mul = q_direct ? scale : T(1), dk_mul = q_direct ? scale : T(1);
   const int64_t ldo = dO_direct ? p.Dv : Dvp, ldk = k_direct ? p.D : Dp;
   const int64_t kMaxRows = kMaxChunk * kBQ;
   at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> Qs(p.Lq * Dp, T(0)), dOn(dO_direct ? 0 : p.Lq * Dvp, T(0)), Drow(p.Lq),
+    std::vector<T> Qs(q_direct ? 0 : p.Lq * Dp, T(0)), dOn(dO_direct ? 0 : p.Lq * Dvp, T(0)), Drow(p.Lq),
         dQ(p.Lq * Dp), Kt(Dp * Lkp, T(0)), Kn(k_direct ? 0 : p.Lk * Dp, T(0)),
         Vt(Dvp * Lkp, T(0)), dK(BKp * Dp), dV(BKp * Dvp), P(kMaxRows * BKp), dS(kMaxRows * BKp);
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -533,7 +561,8 @@ void attention_backward(const Problem& p, const scalar_t* q, const scalar_t* k,
       const scalar_t* oh = out + bh * p.Lq * p.Dv;
       const scalar_t* doh = dout + bh * p.Lq * p.Dv;
       const T* lh = lse + bh * p.Lq;
-      copy_rows<T>(p.Lq, p.D, q + bh * p.Lq * p.D, p.D, Qs.data(), Dp, scale);
+      if (!q_direct) copy_rows<T>(p.Lq, p.D, q + bh * p.Lq * p.D, p.D, Qs.data(), Dp, scale);
+      const T* Qh = q_direct ? reinterpret_cast<const T*>(q + bh * p.Lq * p.D) : Qs.data();
       if (!dO_direct) copy_rows<T>(p.Lq, p.Dv, doh, p.Dv, dOn.data(), Dvp, T(1));
       const T* dO = dO_direct ? reinterpret_cast<const T*>(doh) : dOn.data();
       for (int64_t i = 0; i < p.Lq; ++i) {
@@ -560,7 +589,7 @@ void attention_backward(const Problem& p, const scalar_t* q, const scalar_t* k,
           while (qb1 < p.nq && qb1 - qb0 < kMaxChunk && p.occupancy(b, h, qb1, kb) != kTileEmpty)
             ++qb1;
           const int64_t q0 = qb0 * kBQ, rows = std::min(qb1 * kBQ, p.Lq) - q0;
-          const T* Qb = Qs.data() + q0 * Dp;
+          const T* Qb = Qh + q0 * ldq;
           const T* dOb = dO + q0 * ldo;
           // per slab of rows, only the span [lo, hi) of the tile's key blocks that keep an entry;
           // P and dS are zero elsewhere. rlo/rhi: the rows (from q0) each key block has spans in
@@ -581,7 +610,8 @@ void attention_backward(const Problem& p, const scalar_t* q, const scalar_t* k,
             const int64_t lo = __builtin_ctz(bits) * kBlock;
             const int64_t hi = std::min<int64_t>((32 - __builtin_clz(bits)) * kBlock, bkp);
             const int64_t hi_real = std::min(hi, bk), span = hi - lo;
-            gemm(nr, span, Dp, Qb + r0 * Dp, Dp, 1, Kt.data() + k0 + lo, Lkp, Pr + lo, bkp, false);
+            gemm(nr, span, Dp, Qb + r0 * ldq, ldq, 1, Kt.data() + k0 + lo, Lkp, Pr + lo, bkp,
+                 false);
             if (occ == kTilePartial) mask_tile(p, b, h, q0 + r0, nr, k0 + lo, hi_real - lo, Pr + lo, bkp);
             gemm(nr, span, Dvp, dOb + r0 * ldo, ldo, 1, Vt.data() + k0 + lo, Lkp, dSr + lo, bkp,
                  false);
@@ -598,15 +628,15 @@ void attention_backward(const Problem& p, const scalar_t* q, const scalar_t* k,
                 std::fill(ds + lo, ds + hi_real, T(0));
                 continue;
               }
-              const Vec vl(li), vd(Drow[q0 + r0 + i]);
+              const Vec vl(li), vd(Drow[q0 + r0 + i]), vs(s_mul);
               int64_t j = lo;
               for (; j + VS <= hi_real; j += VS) {
-                const Vec e = vexp(Vec::loadu(pr + j) - vl);
+                const Vec e = vexp(at::vec::fmsub(Vec::loadu(pr + j), vs, vl));
                 e.store(pr + j);
                 (e * (Vec::loadu(ds + j) - vd)).store(ds + j);
               }
               for (; j < hi_real; ++j) {
-                const T e = std::exp(pr[j] - li);
+                const T e = std::exp(pr[j] * s_mul - li);
                 pr[j] = e;
                 ds[j] = e * (ds[j] - Drow[q0 + r0 + i]);
               }
@@ -624,7 +654,7 @@ void attention_backward(const Problem& p, const scalar_t* q, const scalar_t* k,
             const int64_t j0 = c * kBlock, nj = std::min(kBlock, bkp - j0), nrow = rhi[c] - rlo[c];
             gemm(nj, Dvp, nrow, P.data() + rlo[c] * bkp + j0, 1, bkp, dOb + rlo[c] * ldo, ldo,
                  dV.data() + j0 * Dvp, Dvp, true);
-            gemm(nj, Dp, nrow, dS.data() + rlo[c] * bkp + j0, 1, bkp, Qb + rlo[c] * Dp, Dp,
+            gemm(nj, Dp, nrow, dS.data() + rlo[c] * bkp + j0, 1, bkp, Qb + rlo[c] * ldq, ldq,
                  dK.data() + j0 * Dp, Dp, true);
           }
           qb0 = qb1;
@@ -632,18 +662,16 @@ void attention_backward(const Problem& p, const scalar_t* q, const scalar_t* k,
         scalar_t* dkh = dk + (bh * p.Lk + k0) * p.D;
         scalar_t* dvh = dv + (bh * p.Lk + k0) * p.Dv;
         for (int64_t j = 0; j < bk; ++j) {
-          store_from_acc(dK.data() + j * Dp, p.D, dkh + j * p.D);
-          store_from_acc(dV.data() + j * Dvp, p.Dv, dvh + j * p.Dv);
+          store_scaled(dK.data() + j * Dp, p.D, dkh + j * p.D, dk_mul);
+          store_scaled(dV.data() + j * Dvp, p.Dv, dvh + j * p.Dv, T(1));
         }
       }
       scalar_t* dqh = dq + bh * p.Lq * p.D;
-      for (int64_t i = 0; i < p.Lq; ++i) {
-        T* r = dQ.data() + i * Dp;
-        const Vec vs(scale);
-        for (int64_t d = 0; d < Dp; d += VS) (Vec::loadu(r + d) * vs).store(r + d);
-        store_from_acc(r, p.D, dqh + i * p.D);
-      }
+      for (int64_t i = 0; i < p.Lq; ++i) store_scaled(dQ.data() + i * Dp, p.D, dqh + i * p.D, scale);
     }
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm_sfence();  // order the streaming stores before the caller reads the gradients
+#endif
   });
 }
 
