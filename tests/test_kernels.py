@@ -410,7 +410,23 @@ MASKS = {
         None, None, None, :
     ].expand(b, 1, 1, lk),
     "causal_empty_rows": lambda b, h, lq, lk: torch.ones(lq, lk, dtype=torch.bool).tril(-3),
+    # kept blocks with gaps inside tiles and inside runs of tiles (the CPU kernels' slab spans)
+    "blocks": lambda b, h, lq, lk: (
+        (torch.arange(lq)[:, None] // 23 + torch.arange(lk)[None, :] // 17) % 3 == 0
+    ),
 }
+
+
+def test_computed_fraction_counts_the_slab_spans():
+    from zoo.kernels import _tiles
+
+    assert _tiles.computed_fraction(torch.ones(100, 70, dtype=torch.bool)) == 1.0
+    assert _tiles.computed_fraction(torch.zeros(64, 64, dtype=torch.bool)) == 0.0
+    wide = band(1024, 1024, 50)
+    tiles = (_tiles.compute_tile_map(wide, (1, 1, 1024, 1024)) != _tiles.EMPTY).float().mean()
+    # every 16 query rows of the band span 9 blocks of 16 keys (144 keys), not 3 tiles of 64
+    assert wide.float().mean() < _tiles.computed_fraction(wide) < tiles.item()
+    assert _tiles.computed_fraction(wide) == pytest.approx(0.1357, abs=1e-3)
 
 
 ATTENTION_SHAPES = [

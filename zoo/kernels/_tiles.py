@@ -85,3 +85,37 @@ def tile_map(
                 del _cache[k]
         _cache[key] = (weakref.ref(owner), owner._version, tiles)
     return tiles
+
+
+def computed_fraction(
+    mask: torch.Tensor, tile: int = TILE, slab: int = 16, block: int = 16, max_run: int = 4
+) -> float:
+    """Share of a [Lq, Lk] bool mask's score matrix the CPU forward kernel computes: per query
+    tile, runs of up to ``max_run`` non-empty key tiles; per ``slab`` query rows of a run, the
+    span from the first to the last ``block`` of keys that keeps an entry (csrc/cpu/attention.cpp,
+    kSlab / kBlock / kMaxChunk). Benchmarks count their FLOPs on this area."""
+    lq, lk = mask.shape[-2:]
+    mask = mask.reshape(-1, lq, lk)[0]
+    tiles = compute_tile_map(mask, (1, 1, lq, lk), tile)[0, 0].tolist()
+    nsl, nkb = -(-lq // slab), -(-lk // block)
+    m8 = F.pad(mask.to(torch.uint8), (0, nkb * block - lk, 0, nsl * slab - lq))
+    kept = m8.view(nsl, slab, nkb, block).amax(dim=(1, 3)).bool()
+    per_tile = tile // block
+    area = 0
+    for qb, row in enumerate(tiles):
+        kb = 0
+        while kb < len(row):
+            if row[kb] == EMPTY:
+                kb += 1
+                continue
+            kb1 = kb + 1
+            while kb1 < len(row) and kb1 - kb < max_run and row[kb1] != EMPTY:
+                kb1 += 1
+            for s in range(qb * tile // slab, min(nsl, (qb + 1) * tile // slab)):
+                hits = kept[s, kb * per_tile : kb1 * per_tile].nonzero().flatten().tolist()
+                if hits:
+                    lo = kb * tile + hits[0] * block
+                    hi = min(kb * tile + (hits[-1] + 1) * block, lk)
+                    area += min(slab, lq - s * slab) * (hi - lo)
+            kb = kb1
+    return area / (lq * lk)
