@@ -3,8 +3,10 @@ user holds (a DEAP trial, sentences, a photo), bad input, ``predict.py``, and th
 endpoint, for every family.
 
 The fast tests build each family's model with its data module's preprocessing (no training);
-the end-to-end test takes a trained run and checks that the logged model through
-``mlflow.pyfunc``, ``predict.py`` and ``mlflow models serve`` answer the same raw files alike.
+the end-to-end test takes each family's run trained at ``debug=fast`` through every path the
+README documents: the logged model through ``mlflow.pyfunc`` in each input form a user holds,
+``predict.py`` and ``mlflow models serve`` (the same answers to the same raw files), and
+``python -m zoo.export`` in both formats.
 """
 
 from __future__ import annotations
@@ -417,7 +419,7 @@ BAD_REQUESTS = {
 @pytest.mark.e2e
 @pytest.mark.services
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_pyfunc_predict_py_and_the_served_endpoint_answer_raw_files_alike(
+def test_a_trained_model_through_every_documented_path(
     make_cfg, tracking_uri, tmp_path, monkeypatch, family
 ):
     import mlflow.pyfunc
