@@ -7,10 +7,12 @@ import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, one_line
 
 
 def _call(path: str, *args: Any) -> Any:
@@ -162,3 +164,21 @@ def iter_flat(cfg: Any, prefix: str = "", sep: str = ".") -> Iterator[tuple[str,
             yield from iter_flat(v, f"{prefix}{sep}{k}" if prefix else str(k), sep)
     else:
         yield prefix, cfg
+
+
+def build(node: DictConfig, key: str, **kwargs) -> Any:
+    """hydra.utils.instantiate with errors that name the config key."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        raise ConfigError(f"could not build '{key}': {one_line(str(exc))}") from exc
+
+
+def build_all(group: DictConfig | None, key: str, **kwargs) -> list[Any]:
+    if not group:
+        return []
+    return [
+        build(node, f"{key}.{name}", **kwargs)
+        for name, node in group.items()
+        if isinstance(node, DictConfig) and "_target_" in node
+    ]

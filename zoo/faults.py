@@ -38,7 +38,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from zoo.errors import ZooError
+from zoo.errors import ConfigError, ZooError
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +341,27 @@ class CarryCheckpoints(L.Callback):
             "kth_best_model_path": carry(state.get("kth_best_model_path", "")),
             "last_model_path": carry(state.get("last_model_path", "")),
         }
+
+
+def read_checkpoint(path: str | Path, weights: bool = True) -> dict[str, Any]:
+    """Load a checkpoint safely (weights_only=True: tensors and plain containers only).
+    ``weights=False``: what a resuming job reads (step, the run id); a distributed checkpoint
+    then reads its metadata only."""
+    path = Path(path)
+    if path.is_dir():  # a distributed checkpoint (trainer=model_parallel): gathered whole
+        from zoo import parallel
+
+        return parallel.load_distributed_checkpoint(path, weights=weights)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={path}: checkpoint file not found")
+    try:
+        # mmap: reading the run id of a resumed checkpoint must not read all its tensors
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise ConfigError(
+            f"ckpt_path={path}: not a loadable checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0]})"
+        ) from None
 
 
 def _hpc_version(path: Path) -> int:

@@ -12,15 +12,15 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from zoo import cluster, console, faults, inference, kernels, legacy, parallel, tracking
+from zoo.config import build, build_all
 from zoo.errors import ConfigError, TrackingUndelivered, one_line
+from zoo.faults import read_checkpoint
 from zoo.outputs import File
 from zoo.reports import Report
 from zoo.tracking.lightning import RunInfo, TrackOutputs, ZooMLFlowLogger
@@ -29,43 +29,6 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def build(node: DictConfig, key: str, **kwargs) -> Any:
-    """hydra.utils.instantiate with errors that name the config key."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as exc:
-        raise ConfigError(f"could not build '{key}': {one_line(str(exc))}") from exc
-
-
-def build_all(group: DictConfig | None, key: str, **kwargs) -> list[Any]:
-    if not group:
-        return []
-    return [
-        build(node, f"{key}.{name}", **kwargs)
-        for name, node in group.items()
-        if isinstance(node, DictConfig) and "_target_" in node
-    ]
-
-
-def read_checkpoint(path: str | Path, weights: bool = True) -> dict[str, Any]:
-    """Load a checkpoint safely (weights_only=True: tensors and plain containers only).
-    ``weights=False``: what a resuming job reads (step, the run id); a distributed checkpoint
-    then reads its metadata only."""
-    path = Path(path)
-    if path.is_dir():  # a distributed checkpoint (trainer=model_parallel): gathered whole
-        return parallel.load_distributed_checkpoint(path, weights=weights)
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={path}: checkpoint file not found")
-    try:
-        # mmap: reading the run id of a resumed checkpoint must not read all its tensors
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        raise ConfigError(
-            f"ckpt_path={path}: not a loadable checkpoint ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0]})"
-        ) from None
 
 
 def _run_id_for(cfg: DictConfig, ckpt: dict | None) -> str | None:

@@ -90,7 +90,8 @@ def _log_model_from_checkpoint(client, run_id, local_path, registered_model_name
     from omegaconf import OmegaConf
 
     from zoo import tracking
-    from zoo.pipeline import build, read_checkpoint
+    from zoo.config import build
+    from zoo.faults import read_checkpoint
     from zoo.tracking.serving import log_model
 
     ckpt = read_checkpoint(local_path)

@@ -10,21 +10,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from zoo.errors import ConfigError, one_line
 from zoo.tracking.params import CONFIG_ARTIFACT
-from zoo.tracking.store import client, open_store, resolve_tracking_uri
+from zoo.tracking.store import client, global_tracking_uri, open_store, resolve_tracking_uri
 
 
 def download(artifact_uri: str, tracking_uri: str, failure: str, dst: str | None = None) -> Path:
-    """mlflow's download of ``artifact_uri``; a failure raises ConfigError("<failure> (why)")."""
+    """mlflow's download of ``artifact_uri``; a failure raises ConfigError("<failure> (why)").
+    mlflow resolves a ``models:/<model id>`` URI through its global tracking URI whatever
+    ``tracking_uri`` says, so that is set to ``tracking_uri`` for the call (in-process callers,
+    e.g. tests, may have pointed it at another store)."""
     import mlflow.artifacts
 
     try:
-        return Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=artifact_uri,
-                dst_path=dst or tempfile.mkdtemp(prefix="zoo-fetch-"),
-                tracking_uri=tracking_uri,
+        with global_tracking_uri(tracking_uri):
+            return Path(
+                mlflow.artifacts.download_artifacts(
+                    artifact_uri=artifact_uri,
+                    dst_path=dst or tempfile.mkdtemp(prefix="zoo-fetch-"),
+                    tracking_uri=tracking_uri,
+                )
             )
-        )
     except Exception as exc:
         raise ConfigError(f"{failure} ({type(exc).__name__}: {one_line(str(exc))[:300]})") from None
 
