@@ -23,6 +23,7 @@ from zoo.errors import ConfigError, TrackingUndelivered, one_line
 from zoo.faults import read_checkpoint
 from zoo.outputs import File
 from zoo.reports import Report
+from zoo.tracking.delivery import deliver_before_resume
 from zoo.tracking.lightning import RunInfo, TrackOutputs, ZooMLFlowLogger
 
 log = logging.getLogger(__name__)
@@ -142,8 +143,6 @@ def train(cfg: DictConfig) -> float | None:
     resume = faults.resume_checkpoint(cfg.get("ckpt_path"), cfg.paths.output_dir)
     ckpt = read_checkpoint(resume, weights=False) if resume else None
     if ckpt is not None and mlflow_loggers and rank_zero_only.rank == 0:
-        from zoo.tracking.delivery import deliver_before_resume
-
         deliver_before_resume(resume, cfg.paths.output_dir)
     datamodule = build(cfg.data, "data")
     model = build(cfg.model, "model")
