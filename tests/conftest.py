@@ -62,14 +62,20 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     """A plain run keeps the fast tier: tests with a tier marker are deselected unless --full
-    or an explicit -m chooses. Tests marked ``waits`` go first: under xdist their waiting then
-    overlaps the CPU-bound tests instead of ending the run on one busy worker."""
+    or an explicit -m chooses. The longest go first, so that the run does not end on one busy
+    worker while the other idles: tests marked ``waits`` (their waiting then overlaps the
+    CPU-bound tests), then the real-process tiers, then the fast tier's seconds-long tests."""
     if not config.getoption("--full") and not config.getoption("markexpr"):
         fast = [item for item in items if not any(item.get_closest_marker(t) for t in TIERS)]
         if len(fast) < len(items):
             config.hook.pytest_deselected(items=[i for i in items if i not in fast])
             items[:] = fast
-    items.sort(key=lambda item: item.get_closest_marker("waits") is None)
+    items.sort(
+        key=lambda item: (
+            item.get_closest_marker("waits") is None,
+            not any(item.get_closest_marker(t) for t in TIERS),
+        )
+    )
 
 
 @pytest.fixture(scope="session")
@@ -78,6 +84,30 @@ def data_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("zoo-data")
     os.environ["ZOO_DATA_DIR"] = str(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def store_template(tmp_path_factory) -> Path:
+    """An mlflow sqlite store with its schema made (one per pytest worker). A new store's
+    first process spends seconds creating and migrating the schema; the tests that are not
+    about that start from a copy (``sqlite_uri``), those that are use a new file."""
+    folder = tmp_path_factory.mktemp("store-template")
+    path = folder / "mlflow.db"
+    subprocess.run(
+        [sys.executable, "-c", f"import mlflow; mlflow.MlflowClient('sqlite:///{path}')"],
+        cwd=folder,  # the Default experiment's artifact folder: never used
+        check=True,
+        capture_output=True,
+    )
+    return path
+
+
+@pytest.fixture
+def sqlite_uri(tmp_path, store_template) -> str:
+    """A store of the test's own, ``<tmp_path>/mlflow.db``, copied from ``store_template``."""
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(store_template, path)
+    return f"sqlite:///{path}"
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,8 @@ def _runs(uri: str, experiment: str = "zoo"):
 
 
 @pytest.mark.multiprocess
-def test_ddp_two_cpu_processes_log_one_run(tmp_path, data_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_ddp_two_cpu_processes_log_one_run(sqlite_uri, tmp_path, data_dir):
+    uri = sqlite_uri
     proc = run_cli(
         "train.py",
         ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "debug=fast"],

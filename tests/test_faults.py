@@ -200,12 +200,12 @@ def _whole_and_resumed_runs(uri: str, tmp_path: Path):
 
 
 @pytest.mark.faults
-def test_kill_9_then_resume_equals_the_uninterrupted_run(tmp_path, data_dir):
+def test_kill_9_then_resume_equals_the_uninterrupted_run(sqlite_uri, tmp_path, data_dir):
     """kill -9 mid-epoch 3 (of 0-3), after epoch 2's checkpoint; resume from last.ckpt into a
     new output dir: the same mlflow run, one point per epoch, val/test metrics bit-equal to
     the uninterrupted run, and the best checkpoint and best score from before the kill kept
     (the resumed job used to forget them and test a worse model)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri
     env = {"MLFLOW_TRACKING_URI": uri}
     whole = start_cli(
         "train.py", [*RESUMABLE, f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path, env
@@ -336,8 +336,8 @@ def _run_of(uri: str):
 
 
 @pytest.mark.faults
-def test_ctrl_c_saves_last_ckpt_and_marks_the_run_killed(tmp_path, data_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_ctrl_c_saves_last_ckpt_and_marks_the_run_killed(sqlite_uri, tmp_path, data_dir):
+    uri = sqlite_uri
     out = tmp_path / "out"
     ready = tmp_path / "at-step-15"
     # the signal lands after step 15, the 5th batch of epoch 1 (a signal sent right after the
@@ -364,11 +364,13 @@ def test_ctrl_c_saves_last_ckpt_and_marks_the_run_killed(tmp_path, data_dir):
 
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.faults
-def test_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(tmp_path, data_dir, workers):
+def test_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(
+    sqlite_uri, tmp_path, data_dir, workers
+):
     """SIGTERM lands after step 15, the 5th batch of epoch 1, with or without workers: the
     resumed job trains the rest of epoch 1 on exactly the batches the uninterrupted job did
     (the loader's place is in last.ckpt), so every metric is bit-equal."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri
     env = {"MLFLOW_TRACKING_URI": uri}
     args = [*RESUMABLE, f"data.num_workers={workers}", "trainer.max_epochs=3"]
     whole = start_cli("train.py", [*args, f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path, env)
@@ -399,12 +401,12 @@ def test_stopped_mid_epoch_and_resumed_equals_the_uninterrupted_run(tmp_path, da
 
 
 @pytest.mark.faults
-def test_slurm_requeue_continues_the_same_run(tmp_path, data_dir):
+def test_slurm_requeue_continues_the_same_run(sqlite_uri, tmp_path, data_dir):
     """SLURM preemption through Lightning's SLURM environment: SIGUSR1 saves an HPC checkpoint
     and requeues the job (`scontrol requeue`); SLURM then sends SIGTERM (last.ckpt saved, exit
     143). The requeued job (same SLURM_JOB_ID: the same output dir) resumes from the newer
     checkpoint and finishes the same mlflow run."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     requeues = tmp_path / "scontrol.log"
@@ -452,8 +454,10 @@ def test_slurm_requeue_continues_the_same_run(tmp_path, data_dir):
 
 
 @pytest.mark.faults
-def test_a_nan_loss_stops_the_job_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_a_nan_loss_stops_the_job_and_keeps_the_last_good_checkpoint(
+    sqlite_uri, tmp_path, data_dir
+):
+    uri = sqlite_uri
     out = tmp_path / "out"
     proc = run_cli(
         "train.py",
@@ -626,7 +630,7 @@ def test_queued_calls_survive_the_journal(tmp_path):
     assert DeliveryQueue(tmp_path / "queue", "x").pending == 3  # a new process sees them
 
 
-def test_a_resume_delivers_what_the_killed_job_left_queued(tmp_path):
+def test_a_resume_delivers_what_the_killed_job_left_queued(sqlite_uri, tmp_path):
     """A job killed with writes still queued (an outage, or a sqlite lock wait past mlflow's
     timeout) and resumed into a new output dir: the resume delivers them into the run first,
     leaves the run for the resumed job (not FAILED), and a second resume finds nothing left."""
@@ -635,7 +639,7 @@ def test_a_resume_delivers_what_the_killed_job_left_queued(tmp_path):
     from zoo.tracking.delivery import deliver_before_resume
     from zoo.tracking.queue import DeliveryQueue
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("zoo")).info.run_id
     first = tmp_path / "first"
@@ -670,13 +674,13 @@ def test_delivery_of_a_folder_without_a_queue_is_a_clear_error(tmp_path, module)
     assert f"{tmp_path}: no tracking queue here" in proc.stderr
 
 
-def test_a_resumed_job_does_not_log_the_killed_jobs_last_points_twice(tmp_path):
+def test_a_resumed_job_does_not_log_the_killed_jobs_last_points_twice(sqlite_uri, tmp_path):
     """The killed job logged step 29's metrics but died before its checkpoint (step 19) was
     written: the resumed job trains steps 20-29 again and logs 29 and 39; step 29 stays one
     point (the first)."""
     from zoo.tracking.lightning import ZooMLFlowLogger
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri
     killed = ZooMLFlowLogger(experiment_name="zoo", tracking_uri=uri)
     for step, value in ((9, 0.1), (19, 0.2), (29, 0.3)):
         killed.log_metrics({"val/loss": value, "val/acc": 1 - value}, step=step)

@@ -71,8 +71,8 @@ def _train(tmp_path, uri, *overrides):
 
 
 @pytest.mark.multiprocess
-def test_model_parallel_search_resume_finetune_evaluate(tmp_path, data_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_model_parallel_search_resume_finetune_evaluate(sqlite_uri, tmp_path, data_dir):
+    uri = sqlite_uri
     client = MlflowClient(uri)
     search = _train(tmp_path, uri, "experiment=sparsebert_dam_search_demo")
     assert search.returncode == 0, failure_text(search)
@@ -153,12 +153,14 @@ def test_model_parallel_search_resume_finetune_evaluate(tmp_path, data_dir):
     ids=["heads", "world-size", "no-plan"],
 )
 @pytest.mark.e2e
-def test_bad_model_parallel_settings_are_one_paragraph(tmp_path, data_dir, overrides, expected):
+def test_bad_model_parallel_settings_are_one_paragraph(
+    sqlite_uri, tmp_path, data_dir, overrides, expected
+):
     proc = run_cli(
         "train.py",
         ["trainer=model_parallel", "trainer.accelerator=cpu", "debug=fast", *overrides],
         tmp_path,
-        {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        {"MLFLOW_TRACKING_URI": sqlite_uri},
     )
     assert proc.returncode == 2, proc.stderr[-3000:]  # a user error
     assert expected in proc.stderr, proc.stderr[-3000:]

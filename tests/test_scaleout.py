@@ -46,8 +46,8 @@ def _runs(uri: str, experiment: str = "zoo"):
 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
 @pytest.mark.e2e
-def test_a_multirun_through_a_launcher_is_one_run_per_job(launcher, tmp_path, data_dir):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_a_multirun_through_a_launcher_is_one_run_per_job(launcher, sqlite_uri, tmp_path, data_dir):
+    uri = sqlite_uri
     proc = run_cli(
         "train.py",
         [
@@ -111,9 +111,9 @@ def test_search_space_from_hydra_sweeps():
 
 
 @pytest.mark.multiprocess
-def test_two_workers_share_one_study(tmp_path, data_dir):
+def test_two_workers_share_one_study(sqlite_uri, tmp_path, data_dir):
     """Two processes, one sqlite study, 2 trials each: 4 distinct trials, 4 mlflow runs."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     args = [
         "hparams_search=eeg_optuna",
@@ -310,11 +310,11 @@ def test_team_server_on_postgresql_with_basic_auth(tmp_path, data_dir, postgres)
 
 
 @pytest.mark.multiprocess
-def test_two_torchrun_agents_train_one_ddp_job(tmp_path, data_dir):
+def test_two_torchrun_agents_train_one_ddp_job(sqlite_uri, tmp_path, data_dir):
     """Two torchrun agents on loopback, one process each: a 2-node DDP job. One output dir, one
     FINISHED run (rank 0), and its DDP-gathered test metrics equal one process's evaluation of
     the same weights over the same test windows (2 ranks x 2 batches = the first 4 batches)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = sqlite_uri
     port = free_port()
     agents = [
         subprocess.Popen(

@@ -136,10 +136,10 @@ def _study(tmp_path, uri: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.e2e
-def test_the_study_runs_every_stage_and_summarises_them(tmp_path, data_dir):
+def test_the_study_runs_every_stage_and_summarises_them(sqlite_uri, tmp_path, data_dir):
     """Dense, a DAM_s search, the fine-tune from its mask and a random mask of its density,
     each a train.py multirun on pretrained MiniLM (debug=fast), then the summary run."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_uri
     out = tmp_path / "summary"
     study = (
         *("--study", "tiny", "--seeds", "0", "--modes", "dam_s", "--lambdas", "100"),
@@ -252,11 +252,13 @@ def _parent(client, study: str):
 
 
 @pytest.mark.e2e
-def test_a_loso_study_runs_every_fold_through_joblib_and_summarises_them(tmp_path, data_dir):
+def test_a_loso_study_runs_every_fold_through_joblib_and_summarises_them(
+    sqlite_uri, tmp_path, data_dir
+):
     """3 subjects' LOSO through hydra/launcher=joblib with 2 jobs, plus a fourth listed subject
     whose file is missing: that fold fails naming the file, the others run, and the parent
     run's mean ± sd is the children's."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_uri
     args = (*CV, *CV_QUIET, "data.subjects=[1,2,3,4]", "hydra/launcher=joblib")
     proc = _cv(tmp_path, uri, "--study", "loso3", *args, "hydra.launcher.n_jobs=2")
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # a fold is missing
@@ -310,10 +312,10 @@ def test_a_loso_study_runs_every_fold_through_joblib_and_summarises_them(tmp_pat
 
 
 @pytest.mark.faults
-def test_a_rerun_trains_only_the_fold_that_was_killed(tmp_path, data_dir):
+def test_a_rerun_trains_only_the_fold_that_was_killed(sqlite_uri, tmp_path, data_dir):
     """Folds run one after another (Hydra's basic launcher); the last is SIGKILLed mid-way,
     which ends the multirun. Running the study again trains that fold alone."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = sqlite_uri
     kill = (
         "+callbacks.kill._target_=tests.faultinject.KillFoldAt",
         "+callbacks.kill.at_step=1",

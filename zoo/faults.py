@@ -177,6 +177,29 @@ class RandomState(L.Callback):
             self._pending = None
 
 
+# The two seams into other libraries' private state, for EpochAccumulators: neither library
+# offers a public way. Lightning keeps an epoch's accumulated ``on_epoch`` values in its epoch
+# loop's result collection; torchmetrics' ``merge_state`` keeps no update count (which its
+# mean-reduced states and ``compute`` read) and refuses full-state metrics.
+
+
+def _epoch_results(trainer: L.Trainer):
+    """Lightning's accumulators of the running training epoch (a ``_ResultCollection``)."""
+    return trainer.fit_loop.epoch_loop._results
+
+
+def _set_metric_state(metric, state: dict[str, Any], count: int) -> None:
+    """Set a torchmetrics metric back to a saved state after ``count`` updates."""
+    for attr, value in state.items():
+        if isinstance(value, list):
+            value = [v.to(metric.device) for v in value]
+        else:
+            value = value.to(metric.device)
+        setattr(metric, attr, value)  # states are the metric's registered attributes
+    metric._update_count = count
+    metric._computed = None  # the cached compute() of the state before
+
+
 class EpochAccumulators(L.Callback):
     """Carries what the interrupted epoch had accumulated for its epoch-level metrics across a
     mid-epoch checkpoint, so the resumed epoch's ``train/loss`` (and every ``on_epoch`` value)
@@ -206,7 +229,7 @@ class EpochAccumulators(L.Callback):
             if isinstance(module, Metric) and module.update_count > 0:
                 metrics[name] = {"state": dict(module.metric_state), "count": module.update_count}
         logged = {}
-        for key, result in trainer.fit_loop.epoch_loop._results.items():
+        for key, result in _epoch_results(trainer).items():
             if result.is_tensor and result.meta.on_epoch and not result.has_reset:
                 logged[key] = {"value": result.value.detach().cpu()}
                 if result.meta.is_mean_reduction:
@@ -225,21 +248,13 @@ class EpochAccumulators(L.Callback):
             metric = modules.get(name)
             if metric is None:
                 continue
-            for attr, value in saved["state"].items():
-                if isinstance(value, list):
-                    value = [v.to(metric.device) for v in value]
-                else:
-                    value = value.to(metric.device)
-                setattr(metric, attr, value)
-            # torchmetrics has no public way to set a state back: its own attributes
-            metric._update_count = int(saved["count"])
-            metric._computed = None
+            _set_metric_state(metric, saved["state"], int(saved["count"]))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         logged = self._pending.pop("logged", None)
         if not logged:
             return
-        results = trainer.fit_loop.epoch_loop._results
+        results = _epoch_results(trainer)
         for key, saved in logged.items():
             result = results.get(key)
             if result is None or not result.is_tensor:

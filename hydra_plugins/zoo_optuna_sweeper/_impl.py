@@ -13,6 +13,8 @@ Many workers (processes, machines, SLURM jobs) can work one study: give them the
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import socket
@@ -183,6 +185,15 @@ def claim_worker_id(storage, study_name: str) -> int:
     return ticket.number
 
 
+def _trial_ids(storage, study, trials) -> list[int]:
+    """The storage's ids of ``trials``, through the storage's public lookups (a heartbeat is
+    recorded by trial id, which Optuna's ``Trial`` keeps private)."""
+    if storage is None:
+        return []
+    study_id = storage.get_study_id_from_name(study.study_name)
+    return [storage.get_trial_id_from_study_id_trial_number(study_id, t.number) for t in trials]
+
+
 class Heartbeat:
     """Records Optuna heartbeats for the running trials while a batch runs."""
 
@@ -317,7 +328,7 @@ class OptunaSweep(Sweeper):
             for trial, overrides in zip(trials, batch):
                 log.info("Trial %d: %s", trial.number, " ".join(overrides))
             try:
-                with Heartbeat(storage, [t._trial_id for t in trials]):
+                with Heartbeat(storage, _trial_ids(storage, study, trials)):
                     results = self.launcher.launch(batch, initial_job_idx=self.job_idx)
             except BaseException as exc:  # Ctrl-C, SIGTERM, a job that exited the process
                 for trial in trials:
@@ -408,8 +419,12 @@ class OptunaSweep(Sweeper):
 
     def _values(self, result: JobReturn) -> tuple[list[float] | None, str | None]:
         if result.status != JobStatus.COMPLETED:
-            exc = result._return_value
-            return None, one_line(f"{type(exc).__name__}: {exc}")[:500]
+            try:  # re-raises the job's exception, after a line of its own on stderr: dropped
+                with contextlib.redirect_stderr(io.StringIO()):
+                    result.return_value  # noqa: B018
+            except Exception as exc:
+                return None, one_line(f"{type(exc).__name__}: {exc}")[:500]
+            return None, f"the job ended {result.status.name}"
         value = result.return_value
         if value is None:
             return None, "the job returned no value to optimise (is a metric monitored?)"

@@ -108,7 +108,7 @@ class _BatchIterator:
         inner = iter(self.owner.sampler)
         if self.inner_state is not None:
             inner.load_state_dict(self.inner_state)
-        self._batches = self.owner._group(inner)
+        self._batches = self.owner.group(inner)
         for _ in range(self.batches):
             next(self._batches, None)
         if self.epoch is None:
@@ -171,7 +171,7 @@ class GroupedBatchSampler(BatchSampler):
         if epoch is not None and hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
 
-    def _group(self, indices) -> Iterator[list[int]]:
+    def group(self, indices) -> Iterator[list[int]]:
         buffers: dict[int, list[int]] = {}
         for idx in indices:
             group = 0 if self.group_ids is None else int(self.group_ids[idx])

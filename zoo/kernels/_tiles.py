@@ -56,6 +56,8 @@ def tile_map(
     mask: torch.Tensor, shape: tuple[int, int, int, int], tile: int = TILE
 ) -> torch.Tensor:
     """``compute_tile_map`` with a cache keyed by the mask's storage, view and version."""
+    # torch's tensor attributes ``_base`` (a view's owner) and ``_version`` (its in-place edit
+    # counter) have no public spelling; autograd's own checks read the same two
     owner = mask._base if mask._base is not None else mask
     tracing = torch.compiler.is_compiling() or torch.compiler.is_exporting()
     if tracing or owner.is_inference() or mask.is_inference():

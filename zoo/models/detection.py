@@ -275,6 +275,12 @@ def build_faster_rcnn(
     if loss == "softmax":
         return model
     old = model.rpn
+    # the proposal counts per mode, through the RPN's public per-mode accessors
+    top_n = {}
+    for mode in ("training", "testing"):
+        old.train(mode == "training")
+        top_n[mode] = (old.pre_nms_top_n(), old.post_nms_top_n())
+    old.train(model.training)
     num_anchors = old.head.bbox_pred.out_channels // 4
     head = RPNHead(feature_net.out_channels, num_anchors)
     head.cls_logits = nn.Conv2d(feature_net.out_channels, num_anchors * (num_sources + 1), 1)
@@ -288,8 +294,8 @@ def build_faster_rcnn(
         old.proposal_matcher.low_threshold,
         old.fg_bg_sampler.batch_size_per_image,
         old.fg_bg_sampler.positive_fraction,
-        old._pre_nms_top_n,
-        old._post_nms_top_n,
+        {mode: pre for mode, (pre, _) in top_n.items()},
+        {mode: post for mode, (_, post) in top_n.items()},
         old.nms_thresh,
         old.score_thresh,
     )
