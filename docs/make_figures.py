@@ -4,11 +4,14 @@ Each figure comes from a real run or study: give its mlflow run id (and the stor
 ``--tracking-uri`` or ``$MLFLOW_TRACKING_URI``), or, for the figures whose run is short enough,
 leave the id out and the script trains it first, in a temporary folder with its own store.
 
-    python docs/make_figures.py cv [--run-id <study parent run>]      # cv_loso_folds.png
-    python docs/make_figures.py minilm --tracking-uri <store>         # minilm_*.png (the 2 h study)
-    python docs/make_figures.py pix2pix [--run-id <pix2pix_demo run>] # pix2pix_demo_test_grid.png
-    python docs/make_figures.py masks [--run-id <sparsebert_dam_search_demo run>]  # sparsebert_demo_masks.png
-    python docs/make_figures.py pr [--run-id <detection_groupsoftmax_demo run>]    # detection_demo_*.png
+    python docs/make_figures.py cv [--run-id <study parent run>]    # cv_loso_folds.png
+    python docs/make_figures.py minilm --tracking-uri <store>       # minilm_*.png (the 2 h study)
+    python docs/make_figures.py pix2pix [--run-id <run>]            # pix2pix_demo_test_grid.png
+    python docs/make_figures.py masks [--run-id <run>]              # sparsebert_demo_masks.png
+    python docs/make_figures.py pr [--run-id <run>]                 # detection_demo_*.png
+
+A ``--run-id`` names a run of the experiment the figure shows: ``pix2pix_demo``,
+``sparsebert_dam_search_demo``, ``detection_groupsoftmax_demo``.
 
 Without a run id: ``cv`` trains an 8-subject LOSO study (generated subjects, 3 epochs of 20
 batches, ~10 min on 2 cores), ``pix2pix`` the demo (~2 min), ``masks`` the DAM search demo
@@ -148,9 +151,7 @@ def pix2pix(args) -> None:
 
 def masks(args) -> None:
     uri, run = _run_or_train(args, ["experiment=sparsebert_dam_search_demo"])
-    _artifact(
-        uri, run, r"figures/val/attention_masks_epoch\d+\.png", "sparsebert_demo_masks.png"
-    )
+    _artifact(uri, run, r"figures/val/attention_masks_epoch\d+\.png", "sparsebert_demo_masks.png")
 
 
 def pr(args) -> None:

@@ -15,7 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 PAGE = "reference/config.md"
 
-_KEY = re.compile(r"^(?P<indent> *)(?P<key>[^\s#:'\"-][^:#]*?|'[^']*'|\"[^\"]*\"):(?:\s+|$)(?P<rest>.*)$")
+_KEY = re.compile(
+    r"^(?P<indent> *)(?P<key>[^\s#:'\"-][^:#]*?|'[^']*'|\"[^\"]*\"):(?:\s+|$)(?P<rest>.*)$"
+)
 _ITEM = re.compile(r"^(?P<indent> *)- ?(?P<rest>.*)$")
 
 
