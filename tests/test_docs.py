@@ -199,12 +199,15 @@ def test_the_config_reference_lists_every_group_option_and_key():
         assert f"### {option} " in page, option
         data = yaml.safe_load(path.read_text()) or {}
         section = page.split(f"### {option} ", 1)[1].split("\n### ", 1)[0]
+        prefix = config_reference.package(path)
         for key in _leaf_keys({k: v for k, v in data.items() if k != "defaults"}):
+            key = f"{prefix}.{key}" if prefix and key else key
             parts = key.split(".")  # a flow mapping ({a: 1, b: 2}) is one row, its parent key
             prefixes = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
             assert not key or any(f"| `{p}` |" in section for p in prefixes), (option, key)
     # a comment beside a key reaches the table
     assert "| `tracking.outage_wait` | `30` | at the end of a job" in page
+    assert "| `model.mask.mode` | `dense` |" in page and "| `data.cache` | `beside` |" in page
 
 
 def test_the_tags_the_tracking_reference_names_exist_in_the_code():

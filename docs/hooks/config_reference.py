@@ -100,6 +100,17 @@ def parse(path: Path) -> tuple[str, list[Entry]]:
     return " ".join(header), entries
 
 
+def package(path: Path) -> str:
+    """The dotted prefix a file's keys have in the composed config: its ``# @package``, else
+    its group's path (``model/eeg_cnn_lstm.yaml``: ``model``); the top-level configs: none."""
+    for line in path.read_text().splitlines()[:5]:
+        if line.startswith("# @package"):
+            name = line.split(None, 2)[2].strip()
+            return "" if name == "_global_" else name
+    group = path.parent.relative_to(CONF)
+    return "" if str(group) == "." else ".".join(group.parts)
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -116,7 +127,7 @@ def _code(text: str) -> str:
     return f"`{text}`" if text else ""
 
 
-def table(entries: list[Entry]) -> list[str]:
+def table(entries: list[Entry], prefix: str = "") -> list[str]:
     rows = ["| key | default | comment |", "|---|---|---|"]
     for e in entries:
         default = e.default
@@ -128,7 +139,8 @@ def table(entries: list[Entry]) -> list[str]:
             comment = e.comment
         if not default and not e.items:  # a mapping: its keys follow
             continue
-        rows.append(f"| `{_cell(e.key)}` | {_cell(_code(default))} | {_prose(comment)} |")
+        key = f"{prefix}.{e.key}" if prefix else e.key
+        rows.append(f"| `{_cell(key)}` | {_cell(_code(default))} | {_prose(comment)} |")
     return rows
 
 
@@ -151,11 +163,17 @@ def render() -> str:
         "# Configuration keys",
         "",
         "Every config group, option and key in `conf/`, with its default and the comment beside",
-        "it in the YAML file. This page is generated from `conf/` when the site is built",
+        "it in the YAML file, each key under the name it has on the command line. This page is",
+        "generated from `conf/` when the site is built",
         "(`docs/hooks/config_reference.py`), so it always matches the code. A key is set on the",
         "command line as `group.key=value` (e.g. `data.batch_size=32`), a group's option as",
         "`group=option` (e.g. `model=eeg_cnn_gru`); an `experiment/` file overrides several groups",
         "at once. `python train.py --cfg job [overrides]` prints the composed config.",
+        "",
+        "Hydra's own options, not files in `conf/`: `hydra/launcher=basic` (the default: a",
+        "multirun's jobs one after another) and `hydra/sweeper=basic` (the default grid sweep).",
+        "`paths/default` puts everything under the working directory (`$ZOO_ROOT`) and the data",
+        "under `data/` (`$ZOO_DATA_DIR`).",
         "",
     ]
     found = groups()
@@ -185,7 +203,7 @@ def render() -> str:
             defaults = [e for e in entries if e.key == "defaults"]
             if defaults and defaults[0].items:
                 lines += ["Defaults list: " + ", ".join(f"`{i}`" for i in defaults[0].items), ""]
-            rows = table([e for e in entries if e.key != "defaults"])
+            rows = table([e for e in entries if e.key != "defaults"], package(path))
             if len(rows) > 2:
                 lines += [*rows, ""]
     return "\n".join(lines) + "\n"
