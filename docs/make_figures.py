@@ -141,7 +141,7 @@ def _run_or_train(args, overrides: list[str]) -> tuple[str, str]:
         return args.tracking_uri, args.run_id
     tmp = Path(tempfile.mkdtemp(prefix="zoo-figures-"))
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    return uri, _train(tmp, uri, overrides)
+    return uri, _train(tmp, uri, overrides + list(args.overrides))
 
 
 def pix2pix(args) -> None:
@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("figure", choices=[*FIGURES, "all"])
+    parser.add_argument(
+        "overrides", nargs="*", help="extra train.py overrides for a run the script trains"
+    )
     parser.add_argument("--run-id", help="the run (or study parent run) to draw from")
     parser.add_argument(
         "--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
