@@ -10,6 +10,7 @@ the built pages render in headless chromium (``services``).
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -302,6 +303,16 @@ def test_the_site_builds_strictly_within_its_budget(built_site, tmp_path_factory
     assert "masked_attention" in api and "set_backend" in api
     for page in ("families/eeg", "troubleshooting", "upgrading", "how-to/own-data"):
         assert (built_site / page / "index.html").is_file(), page
+    # the site's search finds a config key, an error message and a family's real-data command
+    index = json.loads((built_site / "search" / "search_index.json").read_text(encoding="utf-8"))
+    text = " ".join(doc["text"] + " " + doc["title"] for doc in index["docs"])
+    for wanted in (
+        "model.mask.mode",
+        "is not in struct",
+        "is not an option of",
+        "data.data_dir=/data/DEAP/data_preprocessed_python",
+    ):
+        assert wanted in text, f"the search index lacks {wanted!r}"
 
 
 def _shared_run(tmp_path_factory) -> tuple[str, Path]:
