@@ -517,7 +517,8 @@ def test_a_60_s_tracking_server_outage_loses_nothing(tmp_path, data_dir):
         "train.py", [*short_args, f"hydra.run.dir={tmp_path / 'short'}"], tmp_path, env
     )
     try:
-        _wait_for_epoch(long, tmp_path / "long" / "checkpoints" / "last.ckpt", 1)
+        # the session's first test: its jobs may build the kernels and the demo data first
+        _wait_for_epoch(long, tmp_path / "long" / "checkpoints" / "last.ckpt", 1, timeout=600)
         assert short.poll() is None, "the short job must still be training when the server dies"
         stop_mlflow_server(server, signal.SIGKILL)
         down_at = time.monotonic()

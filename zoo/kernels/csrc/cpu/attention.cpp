@@ -12,7 +12,11 @@
 // same per-slab spans; heads run in parallel so dQ, dK and dV accumulate without atomics, in a
 // fixed order (deterministic). The matrix products use a register-blocked at::vec micro-kernel
 // (8 x 3 vectors with AVX-512, 6 x 2 with AVX2); K^T is packed once per head with register
-// transposes, V, dO and K are read in place when they are float rows of whole vectors.
+// transposes, V, dO and K are read in place when they are float rows of whole vectors; the packed
+// K^T rows are one cache line longer than the keys, so that 64 of them 4 KiB apart (L = 1024) do
+// not share a handful of L1 sets. Which 16-key blocks each slab keeps is found once per call
+// (fill_kept), and threads claim work items (heads, query tiles) as they finish their last
+// (parallel_claim), so a thread the OS preempts does not hold back its fixed half of the items.
 //
 // soft_masked_attention (the DAM mask search) shares the forward: P_ij ~ w_ij exp(S_ij) with a
 // float weight w, multiplied in after the exponential. Its backward also differentiates w, and w
@@ -23,6 +27,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstring>
 #include <optional>
 #include <type_traits>
@@ -137,6 +142,11 @@ struct Problem {
   at::Tensor occ;  // int8 [Bm, Hm, nq, nk]
   const int8_t* occ_p = nullptr;
   int64_t Bm = 1, Hm = 1;
+  // per slab of kSlab query rows and key tile, the bits of kept_blocks: [Bm, Hm, nslab, nk],
+  // filled once per call by fill_kept (a mask broadcast over batch and heads is scanned once,
+  // not once per head)
+  std::vector<uint32_t> kept;
+  int64_t nslab = 0;
   at::Tensor weight_holder;  // soft mask w in the compute type, [B, H, Lq, Lk] via strides
   const void* weight = nullptr;
   int64_t ws[4] = {0, 0, 0, 0};
@@ -145,6 +155,8 @@ struct Problem {
     if (!mask) return kTileFull;
     return occ_p[(((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h)) * nq + qb) * nk + kb];
   }
+  // kept_blocks of the kSlab query rows from q0 (a multiple of kSlab) and the key tile kb
+  uint32_t kept_bits(int64_t b, int64_t h, int64_t q0, int64_t kb) const;
   const bool* mask_row(int64_t b, int64_t h, int64_t i) const {
     return mask + b * ms[0] + h * ms[1] + i * ms[2];
   }
@@ -354,6 +366,74 @@ inline uint32_t kept_blocks(const Problem& p, int8_t occ, int64_t b, int64_t h, 
   return bits;
 }
 
+// A thread's items of [0, n): next(t) gives the next one, taking a new chunk of `chunk`
+// consecutive items from the shared counter when the last is done (false when none is left).
+class Claims {
+ public:
+  Claims(std::atomic<int64_t>& counter, int64_t n, int64_t chunk)
+      : counter_(counter), n_(n), chunk_(chunk) {}
+  bool next(int64_t& t) {
+    if (cur_ + 1 < end_) {
+      t = ++cur_;
+      return true;
+    }
+    cur_ = counter_.fetch_add(chunk_, std::memory_order_relaxed);
+    if (cur_ >= n_) return false;
+    end_ = std::min(n_, cur_ + chunk_);
+    t = cur_;
+    return true;
+  }
+  int64_t chunk_end() const { return end_; }  // the end of the chunk the last item is in
+
+ private:
+  std::atomic<int64_t>& counter_;
+  int64_t n_, chunk_, cur_ = 0, end_ = 0;
+};
+
+// Runs fn(claims) once on each intra-op thread, which takes its items with claims.next(t):
+// threads take chunks as they finish their last, so one the OS preempts (a machine shared with
+// other work) does not hold the call back with a fixed half of the items. Each item computes the
+// same outputs whichever thread runs it, so the results do not depend on the schedule (the
+// shared counter only hands out item numbers).
+template <typename F>
+void parallel_claim(int64_t n, int64_t chunk, const F& fn) {
+  std::atomic<int64_t> counter{0};
+  const int64_t nthreads = std::min<int64_t>(at::get_num_threads(), (n + chunk - 1) / chunk);
+  at::parallel_for(0, std::max<int64_t>(nthreads, 1), 1, [&](int64_t, int64_t) {
+    Claims claims(counter, n, chunk);
+    fn(claims);
+  });
+}
+
+uint32_t Problem::kept_bits(int64_t b, int64_t h, int64_t q0, int64_t kb) const {
+  if (!mask) return (1u << (std::min(kBK, Lk - kb * kBK) + kBlock - 1) / kBlock) - 1;
+  return kept[(((Bm == 1 ? 0 : b) * Hm + (Hm == 1 ? 0 : h)) * nslab + q0 / kSlab) * nk + kb];
+}
+
+void fill_kept(Problem& p) {
+  if (!p.mask) return;
+  p.nslab = (p.Lq + kSlab - 1) / kSlab;
+  p.kept.assign(p.Bm * p.Hm * p.nslab * p.nk, 0);
+  constexpr int64_t per_tile = kBQ / kSlab;
+  // items of at least ~1 MB of mask each: a mask broadcast over batch and heads is scanned inline
+  // (another parallel region costs more than the scan on a loaded machine)
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(kBQ * p.Lk, 1));
+  at::parallel_for(0, p.Bm * p.Hm * p.nq, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t qb = t % p.nq, bm = t / p.nq / p.Hm, hm = t / p.nq % p.Hm;
+      for (int64_t kb = 0; kb < p.nk; ++kb) {
+        const int8_t occ = p.occ_p[((bm * p.Hm + hm) * p.nq + qb) * p.nk + kb];
+        const int64_t k0 = kb * kBK, bk = std::min(kBK, p.Lk - k0);
+        for (int64_t s = qb * per_tile; s < std::min(p.nslab, (qb + 1) * per_tile); ++s) {
+          const int64_t rows = std::min(kSlab, p.Lq - s * kSlab);
+          p.kept[((bm * p.Hm + hm) * p.nslab + s) * p.nk + kb] =
+              kept_blocks(p, occ, bm, hm, s * kSlab, rows, k0, bk);
+        }
+      }
+    }
+  });
+}
+
 template <typename scalar_t, typename T = at::opmath_type<scalar_t>>
 void attention_forward(const Problem& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
                        scalar_t* out, T* lse) {
@@ -363,19 +443,26 @@ void attention_forward(const Problem& p, const scalar_t* q, const scalar_t* k, c
   static_assert(kBK % 16 == 0, "key tiles must hold whole vectors");
   const int64_t Dp = round_up(std::max<int64_t>(p.D, 1), VS);
   const int64_t Dvp = round_up(std::max<int64_t>(p.Dv, 1), VS);
-  const int64_t Lkp = round_up(std::max<int64_t>(p.Lk, 1), VS);
+  // leading dimension of the packed K^T (V^T): one cache line more than the padded length, so
+  // its rows (4 KiB apart for L = 1024) do not all fall in the same L1 sets
+  const int64_t Lkp = round_up(std::max<int64_t>(p.Lk, 1), VS) + 64 / sizeof(T);
   const T scale = static_cast<T>(p.scale);
   // V is read in place when it already is the GEMM's B operand (acc type, rows of whole vectors)
   const bool v_direct = std::is_same_v<scalar_t, T> && p.Dv == Dvp;
   const int64_t ldv = v_direct ? p.Dv : Dvp;
-  at::parallel_for(0, p.B * p.H * p.nq, 1, [&](int64_t begin, int64_t end) {
+  // a head's query tiles per claim (a thread packs K^T once per head it works on), fewer when
+  // there are few heads
+  const int64_t nitems = p.B * p.H * p.nq;
+  const int64_t chunk = std::max<int64_t>(
+      1, std::min<int64_t>(p.nq, nitems / (8 * std::max<int64_t>(at::get_num_threads(), 1))));
+  parallel_claim(nitems, chunk, [&](Claims& items) {
     // the head's K^T [Dp x Lkp] (padding zero) and, unless read in place, V [Lk x Dvp]; a tile
     // is packed on first use and reused by the head's later query tiles (items run in order)
     std::vector<T> Kt(Dp * Lkp), Vn(v_direct ? 0 : p.nk * kBK * Dvp, T(0));
     std::vector<char> packed(p.nk, 0);
     int64_t packed_bh = -1;
     std::vector<T> Qs(kBQ * Dp, T(0)), S(kBQ * kMaxChunk * kBK), O(kBQ * Dvp), m(kBQ), l(kBQ);
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t; items.next(t);) {
       const int64_t qb = t % p.nq, bh = t / p.nq, b = bh / p.H, h = bh % p.H;
       const int64_t q0 = qb * kBQ, bq = std::min(kBQ, p.Lq - q0);
       const scalar_t* kh = k + bh * p.Lk * p.D;
@@ -390,7 +477,7 @@ void attention_forward(const Problem& p, const scalar_t* q, const scalar_t* k, c
       // so their first use does not wait for memory
       const char *pf_q = nullptr, *pf_k = nullptr, *pf_v = nullptr;
       int64_t pf_qrows = 0, pf_krows = 0;
-      if (t + 1 < end) {
+      if (t + 1 < items.chunk_end()) {
         const int64_t qn = (t + 1) % p.nq, bhn = (t + 1) / p.nq;
         pf_q = reinterpret_cast<const char*>(q + (bhn * p.Lq + qn * kBQ) * p.D);
         pf_qrows = std::min(kBQ, p.Lq - qn * kBQ);
@@ -437,8 +524,7 @@ void attention_forward(const Problem& p, const scalar_t* q, const scalar_t* k, c
           int64_t lo = -1, hi = 0;
           for (int64_t kb = kb0; kb < kb1; ++kb) {
             const int64_t t0 = kb * kBK;
-            uint32_t bits = kept_blocks(p, p.occupancy(b, h, qb, kb), b, h, q0 + r0, rows, t0,
-                                        std::min(kBK, p.Lk - t0));
+            const uint32_t bits = p.kept_bits(b, h, q0 + r0, kb);
             if (!bits) continue;
             if (lo < 0) lo = t0 - k0 + __builtin_ctz(bits) * kBlock;
             hi = t0 - k0 + (32 - __builtin_clz(bits)) * kBlock;
@@ -539,7 +625,9 @@ void attention_backward(const Problem& p, const scalar_t* q, const scalar_t* k,
   const int64_t BKp = round_up(kBK, VS);
   const int64_t Dp = round_up(std::max<int64_t>(p.D, 1), VS);
   const int64_t Dvp = round_up(std::max<int64_t>(p.Dv, 1), VS);
-  const int64_t Lkp = round_up(std::max<int64_t>(p.Lk, 1), VS);
+  // leading dimension of the packed K^T (V^T): one cache line more than the padded length, so
+  // its rows (4 KiB apart for L = 1024) do not all fall in the same L1 sets
+  const int64_t Lkp = round_up(std::max<int64_t>(p.Lk, 1), VS) + 64 / sizeof(T);
   const T scale = static_cast<T>(p.scale);
   const bool dO_direct = std::is_same_v<scalar_t, T> && p.Dv == Dvp;
   const bool k_direct = std::is_same_v<scalar_t, T> && p.D == Dp;
@@ -550,11 +638,11 @@ void attention_backward(const Problem& p, const scalar_t* q, const scalar_t* k,
   const T s_mul = q_direct ? scale : T(1), dk_mul = q_direct ? scale : T(1);
   const int64_t ldo = dO_direct ? p.Dv : Dvp, ldk = k_direct ? p.D : Dp;
   const int64_t kMaxRows = kMaxChunk * kBQ;
-  at::parallel_for(0, p.B * p.H, 1, [&](int64_t begin, int64_t end) {
+  parallel_claim(p.B * p.H, 1, [&](Claims& items) {
     std::vector<T> Qs(q_direct ? 0 : p.Lq * Dp, T(0)), dOn(dO_direct ? 0 : p.Lq * Dvp, T(0)), Drow(p.Lq),
         dQ(p.Lq * Dp), Kt(Dp * Lkp, T(0)), Kn(k_direct ? 0 : p.Lk * Dp, T(0)),
         Vt(Dvp * Lkp, T(0)), dK(BKp * Dp), dV(BKp * Dvp), P(kMaxRows * BKp), dS(kMaxRows * BKp);
-    for (int64_t bh = begin; bh < end; ++bh) {
+    for (int64_t bh; items.next(bh);) {
       const int64_t b = bh / p.H, h = bh % p.H;
       const scalar_t* kh = k + bh * p.Lk * p.D;
       const scalar_t* vh = v + bh * p.Lk * p.Dv;
@@ -566,8 +654,15 @@ void attention_backward(const Problem& p, const scalar_t* q, const scalar_t* k,
       if (!dO_direct) copy_rows<T>(p.Lq, p.Dv, doh, p.Dv, dOn.data(), Dvp, T(1));
       const T* dO = dO_direct ? reinterpret_cast<const T*>(doh) : dOn.data();
       for (int64_t i = 0; i < p.Lq; ++i) {
+        int64_t d = 0;
         T acc = T(0);
-        for (int64_t d = 0; d < p.Dv; ++d)
+        if constexpr (std::is_same_v<scalar_t, T>) {  // vector partial sums
+          Vec vacc(T(0));
+          for (; d + VS <= p.Dv; d += VS)
+            vacc = at::vec::fmadd(Vec::loadu(doh + i * p.Dv + d), Vec::loadu(oh + i * p.Dv + d), vacc);
+          acc = hsum<T>(vacc);
+        }
+        for (; d < p.Dv; ++d)
           acc += static_cast<T>(doh[i * p.Dv + d]) * static_cast<T>(oh[i * p.Dv + d]);
         Drow[i] = acc;
       }
@@ -599,7 +694,7 @@ void attention_backward(const Problem& p, const scalar_t* q, const scalar_t* k,
           for (int64_t r0 = 0; r0 < rows; r0 += kSlab) {
             const int64_t nr = std::min(kSlab, rows - r0);
             const int8_t occ = p.occupancy(b, h, (q0 + r0) / kBQ, kb);
-            const uint32_t bits = kept_blocks(p, occ, b, h, q0 + r0, nr, k0, bk);
+            const uint32_t bits = p.kept_bits(b, h, q0 + r0, kb);
             T* Pr = P.data() + r0 * bkp;
             T* dSr = dS.data() + r0 * bkp;
             if (!bits) {
@@ -801,6 +896,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
   at::Tensor mask_holder;
   auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   Problem p = make_problem(q, k, v, keep_mask, tile_map, scale, mask_holder, weight);
+  fill_kept(p);
   auto out = at::empty({p.B, p.H, p.Lq, p.Dv}, q.options());
   auto lse = at::empty({p.B, p.H, p.Lq}, q.options().dtype(acc_dtype(q.scalar_type())));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "masked_attention_cpu", [&] {
@@ -834,6 +930,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_attention_backward_cpu(
   at::Tensor mask_holder;
   auto q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   Problem p = make_problem(q, k, v, keep_mask, tile_map, scale, mask_holder);
+  fill_kept(p);
   auto out = contiguous_as(out_, q.scalar_type());
   auto dout = contiguous_as(grad_out, q.scalar_type());
   auto lse = contiguous_as(lse_, acc_dtype(q.scalar_type()));
