@@ -62,20 +62,16 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     """A plain run keeps the fast tier: tests with a tier marker are deselected unless --full
-    or an explicit -m chooses. The longest go first, so that the run does not end on one busy
-    worker while the other idles: tests marked ``waits`` (their waiting then overlaps the
-    CPU-bound tests), then the real-process tiers, then the fast tier's seconds-long tests."""
+    or an explicit -m chooses. Tests marked ``waits`` go first: under xdist their waiting then
+    overlaps the CPU-bound tests instead of ending the run on one busy worker. The others keep
+    their file order, which mixes the multi-process tests with in-process ones: run together,
+    two multi-process tests oversubscribe the 2 cores (gloo ranks spin while they wait)."""
     if not config.getoption("--full") and not config.getoption("markexpr"):
         fast = [item for item in items if not any(item.get_closest_marker(t) for t in TIERS)]
         if len(fast) < len(items):
             config.hook.pytest_deselected(items=[i for i in items if i not in fast])
             items[:] = fast
-    items.sort(
-        key=lambda item: (
-            item.get_closest_marker("waits") is None,
-            not any(item.get_closest_marker(t) for t in TIERS),
-        )
-    )
+    items.sort(key=lambda item: item.get_closest_marker("waits") is None)
 
 
 @pytest.fixture(scope="session")
