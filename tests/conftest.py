@@ -64,8 +64,8 @@ def pytest_collection_modifyitems(config, items):
     """A plain run keeps the fast tier: tests with a tier marker are deselected unless --full
     or an explicit -m chooses. Tests marked ``waits`` go first: under xdist their waiting then
     overlaps the CPU-bound tests instead of ending the run on one busy worker. The others keep
-    their file order, which mixes the multi-process tests with in-process ones: run together,
-    two multi-process tests oversubscribe the 2 cores (gloo ranks spin while they wait)."""
+    their file order, which mixes the multi-process tests with in-process ones (sorted longest
+    first, two multi-process tests ran at once and the full tier took longer: 25:54)."""
     if not config.getoption("--full") and not config.getoption("markexpr"):
         fast = [item for item in items if not any(item.get_closest_marker(t) for t in TIERS)]
         if len(fast) < len(items):
