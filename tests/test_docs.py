@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import CONF, ROOT, chromium
+from tests.conftest import CONF, ROOT, chromium, run_cli
 
 DOCS = ROOT / "docs"
 DOC_FILES = sorted(DOCS.rglob("*.md")) + [ROOT / "README.md"]
@@ -323,14 +323,7 @@ def _shared_run(tmp_path_factory) -> tuple[str, Path]:
     folder = _shared_dir(tmp_path_factory, "docs-commands")
 
     def train() -> str:
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "train.py"), *SHARED_RUN.split()[2:]],
-            cwd=folder,
-            env=_env(folder),
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        proc = run_cli("train.py", SHARED_RUN.split()[2:], folder, _env(folder), timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return re.search(r"mlflow run id\s*:\s*(\w+)", proc.stdout + proc.stderr).group(1)
 
