@@ -401,8 +401,9 @@ def bench_gumbel(device: str, quick: bool) -> None:
 
 
 def bench_spec(spec, device: str, quick: bool) -> None:
-    """Any registered op: the compiled kernel against the eager reference, forward + backward,
-    on its spec's benchmark inputs (the dedicated benchmarks above add torch's alternatives)."""
+    """Any registered op: the compiled kernel against the eager reference, forward + backward
+    (forward only for an op with no gradient), on its spec's benchmark inputs (the dedicated
+    benchmarks above add torch's alternatives)."""
 
     variants = {"compiled": getattr(K, spec.name), "eager": spec.bind(K.REFERENCE)}
     runs = spec.bench(quick) if spec.bench else [("case", *c) for c in spec.cases()]
@@ -416,7 +417,13 @@ def bench_spec(spec, device: str, quick: bool) -> None:
         tensors = [*args, *kwargs.values()]
         moved = sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
         times = {
-            name: try_timeit(name, fwd_bwd(functools.partial(fn, *args, **kwargs), *leaves), device)
+            name: try_timeit(
+                name,
+                fwd_bwd(functools.partial(fn, *args, **kwargs), *leaves)
+                if spec.differentiable
+                else functools.partial(fn, *args, **kwargs),
+                device,
+            )
             for name, fn in variants.items()
         }
         ran = {k: v for k, v in times.items() if v is not None}

@@ -31,11 +31,14 @@ def define(ns: str) -> None:
         lib = torch.library.Library(ns, "DEF")
         for spec in REGISTRY:
             lib.define(spec.op + spec.schema)
-            lib.define(spec.backward_op + spec.backward_schema)
+            if spec.differentiable:
+                lib.define(spec.backward_op + spec.backward_schema)
         REGISTRY.libraries[ns] = lib
         ops = getattr(torch.ops, ns)
         for spec in REGISTRY:
             torch.library.register_fake(f"{ns}::{spec.op}", spec.fake, lib=lib)
+            if not spec.differentiable:
+                continue
             torch.library.register_fake(f"{ns}::{spec.backward_op}", spec.backward_fake, lib=lib)
             torch.library.register_autograd(
                 f"{ns}::{spec.op}",
@@ -62,7 +65,7 @@ def register_triton(ns: str, dispatch_keys: tuple[str, ...]) -> None:
     with REGISTRY.lock:
         lib = torch.library.Library(ns, "IMPL")
         for spec in REGISTRY:
-            for op, launcher in zip((spec.op, spec.backward_op), spec.triton):
+            for op, launcher in zip(spec.ops, spec.triton, strict=True):
                 for key in dispatch_keys:
                     lib.impl(op, triton_launcher(launcher), key)
         REGISTRY.impl_libraries.append(lib)

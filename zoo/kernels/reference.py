@@ -161,3 +161,92 @@ def soft_masked_attention(
     nonzero = total > 0
     probs = torch.where(nonzero, weights / torch.where(nonzero, total, torch.ones_like(total)), 0.0)
     return torch.matmul(probs, _acc(v)).to(q.dtype)
+
+
+# ------------------------------------------------------------------ sparse 3-D convolution
+
+
+def kernel_offsets(kernel_size, dilation) -> torch.Tensor:
+    """int64 [K, 3]: the (z, y, x) offset of each kernel tap times the dilation, in the order of
+    ``nn.Conv3d``'s weight flattened over (kz, ky, kx)."""
+    axes = [torch.arange(k, dtype=torch.int64) * d for k, d in zip(kernel_size, dilation)]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+
+
+def coordinate_keys(coords: torch.Tensor, spatial_shape) -> torch.Tensor:
+    """int64 key of each (batch, z, y, x) row: row-major over (batch, D, H, W)."""
+    c = coords.to(torch.int64)
+    d, h, w = spatial_shape
+    return ((c[:, 0] * d + c[:, 1]) * h + c[:, 2]) * w + c[:, 3]
+
+
+def conv_output_shape(spatial_shape, kernel_size, stride, padding, dilation) -> list[int]:
+    return [
+        (s + 2 * p - d * (k - 1) - 1) // st + 1
+        for s, k, st, p, d in zip(spatial_shape, kernel_size, stride, padding, dilation)
+    ]
+
+
+def sparse_kernel_map(coords, spatial_shape, kernel_size, stride, padding, dilation, subm):
+    """(output coordinates int32 [M, 4], neighbour table int32 [M, K]): ``nbr[o, k]`` is the row
+    of the input at ``out[o] * stride - padding + offset[k]`` (``kernel_offsets``), or -1.
+    Submanifold: the outputs are the inputs, in their order. Otherwise: every site of the output
+    grid that some input reaches, sorted by key (batch, z, y, x)."""
+    offsets = kernel_offsets(kernel_size, dilation)
+    stride_t = torch.tensor(stride, dtype=torch.int64)
+    pad = torch.tensor(padding, dtype=torch.int64)
+    c = coords.to(torch.int64)
+    if subm:
+        out = c
+    else:
+        out_shape = torch.tensor(
+            conv_output_shape(spatial_shape, kernel_size, stride, padding, dilation)
+        )
+        cand = c[:, None, 1:] + pad - offsets[None]  # [N, K, 3] = out * stride
+        ok = (cand % stride_t == 0).all(-1)
+        o = torch.div(cand, stride_t, rounding_mode="floor")
+        ok &= ((o >= 0) & (o < out_shape)).all(-1)
+        batch = c[:, None, :1].expand(-1, offsets.shape[0], 1)
+        sites = torch.cat([batch, o], -1)[ok]
+        keys = coordinate_keys(sites, out_shape.tolist())
+        keys, first = torch.unique(keys, sorted=True, return_inverse=True)
+        out = torch.zeros(len(keys), 4, dtype=torch.int64)
+        out[first] = sites
+    in_keys, perm = torch.sort(coordinate_keys(c, spatial_shape))
+    query = out[:, None, 1:] * stride_t - pad + offsets[None]  # [M, K, 3]
+    inside = ((query >= 0) & (query < torch.tensor(list(spatial_shape)))).all(-1)
+    batch = out[:, None, :1].expand(-1, offsets.shape[0], 1)
+    qkeys = coordinate_keys(torch.cat([batch, query], -1).reshape(-1, 4), spatial_shape)
+    pos = torch.searchsorted(in_keys, qkeys).clamp(max=max(len(in_keys) - 1, 0))
+    if len(in_keys):
+        found = inside.reshape(-1) & (in_keys[pos] == qkeys)
+        nbr = torch.where(found, perm[pos], -1)
+    else:
+        nbr = torch.full_like(qkeys, -1)
+    return out.to(torch.int32), nbr.reshape(len(out), len(offsets)).to(torch.int32)
+
+
+def sparse_conv(features: torch.Tensor, weight: torch.Tensor, nbr: torch.Tensor) -> torch.Tensor:
+    """out[o] = sum_k features[nbr[o, k]] @ weight[k] over the taps with nbr[o, k] >= 0
+    (weight [K, C_in, C_out]); accumulated in float32 for half inputs."""
+    acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+    out = features.new_zeros(nbr.shape[0], weight.shape[2], dtype=acc)
+    for k in range(nbr.shape[1]):
+        rows = nbr[:, k].long()
+        valid = (rows >= 0).nonzero().squeeze(1)
+        out = out.index_add(0, valid, features[rows[valid]].to(acc) @ weight[k].to(acc))
+    return out.to(features.dtype)
+
+
+def sparse_max_pool(features: torch.Tensor, nbr: torch.Tensor):
+    """(out [M, C], arg int32 [M, C]): the channel-wise max over each output's neighbours and
+    the tap it came from (the first tap on ties); 0 and -1 for an output with none."""
+    best = features.new_full((nbr.shape[0], features.shape[1]), float("-inf"))
+    arg = torch.full(best.shape, -1, dtype=torch.int32)
+    for k in range(nbr.shape[1]):
+        rows = nbr[:, k].long()
+        vals = features[rows.clamp(min=0)]
+        better = (rows >= 0)[:, None] & ((vals > best) | ((arg < 0) & (rows >= 0)[:, None]))
+        best = torch.where(better, vals, best)
+        arg = torch.where(better, torch.full_like(arg, k), arg)
+    return torch.where(arg >= 0, best, torch.zeros_like(best)), arg

@@ -54,13 +54,16 @@ class OpSpec:
         and ``"(Tensor logits, ...) -> (Tensor, Tensor)"``, and its fake (meta) kernel.
     backward_schema, backward_fake: the op ``<op>_backward`` its autograd calls.
     setup_context, backward: ``torch.library.register_autograd``'s pair; ``backward`` takes the
-        namespace's backward op first: ``backward(backward_op, ctx, *grads)``.
+        namespace's backward op first: ``backward(backward_op, ctx, *grads)``. An op with no
+        gradient (a kernel map: integer outputs) leaves these four None; it then has no
+        ``<op>_backward``, and its ``triton`` names one launcher.
     cpu_source: its C++ file under ``csrc/``.
-    triton: its Triton launchers (op, backward): names in ``zoo.kernels.triton``, or
-        ``<module>.<name>`` for a module of that package (a new op's own Triton file, named
-        ``_<op>.py``: a module named like the op would hide ``zoo.kernels.triton.<op>``).
+    triton: its Triton launchers (op, backward), or (op,) for an op with no gradient: names in
+        ``zoo.kernels.triton``, or ``<module>.<name>`` for a module of that package (a new op's
+        own Triton file, named ``_<op>.py``: a module named like the op would hide
+        ``zoo.kernels.triton.<op>``).
     cases: ``cases()`` -> [(args, kwargs)], inputs (on CPU) on which every implementation must
-        match the reference, gradients included.
+        match the reference, gradients included (an op with no gradient: exactly).
     opcheck: ``opcheck(ops, put)`` -> [(op, args)] for ``torch.library.opcheck`` of the op and
         its backward in the namespace ``ops`` (``put`` moves tensors to the implementation's
         device).
@@ -74,15 +77,37 @@ class OpSpec:
     op: str
     schema: str
     fake: Callable[..., Any]
-    backward_schema: str
-    backward_fake: Callable[..., Any]
-    setup_context: Callable[..., None]
-    backward: Callable[..., Any]
     cpu_source: str
-    triton: tuple[str, str]
+    triton: tuple[str, ...]
     cases: Callable[[], list[tuple[tuple, dict]]]
     opcheck: Callable[[Any, Callable], list[tuple[Any, tuple]]]
+    backward_schema: str | None = None
+    backward_fake: Callable[..., Any] | None = None
+    setup_context: Callable[..., None] | None = None
+    backward: Callable[..., Any] | None = None
     bench: Callable[[bool], list[tuple[str, tuple, dict]]] | None = None
+
+    def __post_init__(self) -> None:
+        parts = (self.backward_schema, self.backward_fake, self.setup_context, self.backward)
+        if any(p is None for p in parts) and any(p is not None for p in parts):
+            raise ValueError(
+                f"kernel op {self.name!r}: give all of backward_schema, backward_fake, "
+                "setup_context and backward, or none of them"
+            )
+        if len(self.triton) != (2 if self.differentiable else 1):
+            raise ValueError(
+                f"kernel op {self.name!r}: triton names (op, backward) launchers for an op "
+                "with a gradient, (op,) for one without"
+            )
+
+    @property
+    def differentiable(self) -> bool:
+        return self.backward is not None
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The op and, when it has a gradient, its backward op."""
+        return (self.op, self.backward_op) if self.differentiable else (self.op,)
 
     @property
     def backward_op(self) -> str:
