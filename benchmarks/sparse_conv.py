@@ -16,7 +16,9 @@ Measured (each the median of repeated calls after a warm-up):
    without a GPU (it calls ``torch.cuda.current_stream()``);
 4. GFLOP/s of the convolutions (2 x pairs x C_in x C_out) against this machine's float32 GEMM;
 5. the peak memory of a MinkUNet-W32 training step on the scan, against its features plus
-   kernel maps (in a fresh process, from ``ru_maxrss``).
+   kernel maps (in a fresh process, from ``ru_maxrss``);
+6. the SemanticKITTI loader on a generated sequence of full-size scans (``.bin`` + ``.label``,
+   read, learning-mapped, augmented and batched) and a MinkUNet-W32 training step on them.
 
 The scan is written by the SemanticKITTI demo generator (zoo.data.demo.semantickitti) into a
 temporary folder and read back as a ``.bin``, as the loader reads it.
@@ -274,6 +276,10 @@ def main() -> None:
             f"(8192x256 @ 256x256) {gemm:.0f} GFLOP/s"
         )
 
+        # 6. the loader and a training step at full size
+        if device == "cpu":
+            loader_and_step(Path(tmp), args.quick, args.voxel)
+
         # 5. memory
         if device == "cpu":
             scan = Path(tmp) / "000000.bin"
@@ -284,6 +290,54 @@ def main() -> None:
                 f"{step:.0f} MiB; input features {m['input_bytes'] / 2**20:.1f} MiB, kernel "
                 f"maps {m['maps_bytes'] / 2**20:.1f} MiB"
             )
+
+
+def loader_and_step(tmp: Path, quick: bool, voxel: float) -> None:
+    from zoo.data.demo.semantickitti import write_demo_semantickitti
+    from zoo.data.semantickitti import SemanticKITTIDataModule
+    from zoo.models.components.minkunet import MinkUNet
+
+    n = 4 if quick else 20
+    density = 30.0 if quick else 140.0
+    t0 = time.perf_counter()
+    root = write_demo_semantickitti(tmp / "kitti", {0: n, 8: 1}, extent=51.2, density=density)
+    written = time.perf_counter() - t0
+    dm = SemanticKITTIDataModule(
+        str(root), {"train": [0], "val": [8], "test": [8]}, voxel_size=voxel, batch_size=2
+    )
+    dm.setup("fit")
+    sizes = [f.stat().st_size // 16 for f in dm.datasets["train"].files]
+    t0 = time.perf_counter()
+    batches = list(dm.train_dataloader())
+    read = time.perf_counter() - t0
+    print(
+        f"loader: {n} scans of {np.mean(sizes):,.0f} points on average (written in {written:.1f} s)"
+        f": {n / read:.1f} scans/s read, mapped, augmented and batched in one process "
+        f"({read / n * 1e3:.0f} ms per scan)"
+    )
+    torch.manual_seed(0)
+    net = MinkUNet(4, 19, 32, (32, 64, 128, 256), (256, 128, 96, 96))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+
+    def step(batch):
+        vox = zs.voxelize(batch["points"], voxel, RANGE, batch["batch"], batch["batch_size"])
+        logits = zs.devoxelize(net(vox.tensor), vox.point_voxel)
+        labels = torch.where(vox.point_voxel >= 0, batch["labels"], -1)
+        loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    step(batches[0])  # warm-up
+    times = []
+    for batch in batches[1:4]:
+        t0 = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - t0)
+    print(
+        f"training step, MinkUNet-W32, batch of 2 full-size scans (voxelize, forward, backward, "
+        f"AdamW): {statistics.median(times):.2f} s (median of {len(times)})"
+    )
 
 
 def zs_keys(indices: torch.Tensor, shape) -> torch.Tensor:

@@ -9,14 +9,15 @@ leave the id out and the script trains it first, in a temporary folder with its 
     python docs/make_figures.py pix2pix [--run-id <run>]            # pix2pix_demo_test_grid.png
     python docs/make_figures.py masks [--run-id <run>]              # sparsebert_demo_masks.png
     python docs/make_figures.py pr [--run-id <run>]                 # detection_demo_*.png
+    python docs/make_figures.py lidar [--run-id <run>]              # minkunet_demo_*.png
 
 A ``--run-id`` names a run of the experiment the figure shows: ``pix2pix_demo``,
-``sparsebert_dam_search_demo``, ``detection_groupsoftmax_demo``.
+``sparsebert_dam_search_demo``, ``detection_groupsoftmax_demo``, ``minkunet_demo``.
 
 Without a run id: ``cv`` trains an 8-subject LOSO study (generated subjects, 3 epochs of 20
 batches, ~10 min on 2 cores), ``pix2pix`` the demo (~2 min), ``masks`` the DAM search demo
-(~1 min), ``pr`` the GroupSoftmax detection demo (~12 min). ``minilm`` needs the store the
-MiniLM density study ran in (see docs/families/sparsebert.md).
+(~1 min), ``pr`` the GroupSoftmax detection demo (~12 min), ``lidar`` the MinkUNet demo.
+``minilm`` needs the store the MiniLM density study ran in (see docs/families/sparsebert.md).
 """
 
 from __future__ import annotations
@@ -160,7 +161,20 @@ def pr(args) -> None:
     _artifact(uri, run, r"figures/test/ap_per_class[^/]*\.png", "detection_demo_ap_per_class.png")
 
 
-FIGURES = {"cv": cv, "minilm": minilm, "pix2pix": pix2pix, "masks": masks, "pr": pr}
+def lidar(args) -> None:
+    uri, run = _run_or_train(args, ["experiment=minkunet_demo"])
+    _artifact(uri, run, r"figures/test/bev\.png", "minkunet_demo_bev.png")
+    _artifact(uri, run, r"figures/test/confusion_matrix\.png", "minkunet_demo_confusion.png")
+
+
+FIGURES = {
+    "cv": cv,
+    "minilm": minilm,
+    "pix2pix": pix2pix,
+    "masks": masks,
+    "pr": pr,
+    "lidar": lidar,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -305,7 +305,7 @@ def bev_figure(shown: dict[str, Any], class_names: list[str], colors, title: str
     ]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
     return fig
 
 
