@@ -133,7 +133,7 @@ def _cases():
 
 
 def _opcheck(ops, put):
-    (coords,) = put(random_coords(20, (5, 6, 7)))
+    coords = put(random_coords(20, (5, 6, 7)))  # put gives one tensor as itself, not a 1-tuple
     return [
         (
             ops.sparse_kernel_map,
