@@ -156,8 +156,7 @@ logits = net(x)
 loss = torch.nn.functional.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long))
 loss.backward()
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-maps = sum(v[1].numel() * 4 for v in x.maps.maps.values() if isinstance(v, tuple) and len(v) == 4)
-maps += sum(v.numel() * 4 for v in x.maps.maps.values() if torch.is_tensor(v))
+maps = x.maps.nbytes()
 print(json.dumps({{"voxels": len(x.indices), "before_kib": before, "after_kib": after,
                   "maps_bytes": maps, "input_bytes": x.features.numel() * 4}}))
 """

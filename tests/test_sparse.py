@@ -75,8 +75,9 @@ def test_layers_equal_dense_conv_with_the_same_weights(layer, dense):
     i = out.indices.long()
     gd[i[:, 0], :, i[:, 1], i[:, 2], i[:, 3]] = grad.float()
     if not layer.subm:  # every dense output that sees an input is one of ours
-        reached = dense(x.dense(), layer.weight.detach().abs(), None).sum(1) > 0
-        assert int(reached.sum()) == len(out.indices)
+        occupied = SparseTensor(torch.ones(len(x.indices), 1), x.indices, SHAPE, 2).dense()
+        ones = torch.ones(1, 1, *layer.kernel_size)
+        assert int((dense(occupied, ones, None) > 0).sum()) == len(out.indices)
     yd.backward(gd)
     assert torch.equal(at_sites(xd.grad, x), feats.grad)
     assert torch.equal(w.grad, layer.weight.grad)
@@ -183,7 +184,10 @@ def test_layers_are_deterministic():
     x = x.replace_feature(torch.randn(x.features.shape, generator=torch.Generator().manual_seed(0)))
     torch.manual_seed(0)
     net = SparseSequential(
-        SubMConv3d(4, 16, 3), SparseConv3d(16, 16, 3, 2, 1), SparseMaxPool3d(2), SubMConv3d(16, 8, 3)
+        SubMConv3d(4, 16, 3),
+        SparseConv3d(16, 16, 3, 2, 1),
+        SparseMaxPool3d(2),
+        SubMConv3d(16, 8, 3),
     )
     runs = []
     for _ in range(2):
@@ -216,6 +220,69 @@ def test_torch_compile_and_export_trace_the_data_dependent_sizes():
     torch.testing.assert_close(compiled, eager)
     exported = torch.export.export(model, (x.features, x.indices))
     torch.testing.assert_close(exported.module()(x.features, x.indices), eager)
-    ops = {n.target.name() for n in exported.graph.nodes if n.op == "call_function"
-           and hasattr(n.target, "name")}
+    ops = {
+        n.target.name()
+        for n in exported.graph.nodes
+        if n.op == "call_function" and hasattr(n.target, "name")
+    }
     assert {"zoo::sparse_kernel_map", "zoo::sparse_conv"} <= ops or K.backend() == "reference"
+
+
+def test_matches_spconv_on_random_float_data():
+    """spconv 2.3.8's CPU build (the dev extra): the same output sites, and outputs within
+    1e-5, for submanifold, strided and inverse convolution and max-pooling with the same
+    weights (spconv keeps them as [out, kz, ky, kx, in]); each convolution has its own
+    indice_key."""
+    sp = pytest.importorskip("spconv.pytorch", reason="spconv is in the dev extra")
+    g = torch.Generator().manual_seed(11)
+    coords = random_coords(1500, (21, 40, 40), batch=2, seed=12)
+    features = torch.randn(len(coords), 8, generator=g)
+    ours = SparseTensor(features, coords, (21, 40, 40), 2)
+    theirs = sp.SparseConvTensor(features, coords, [21, 40, 40], 2)
+
+    def same(a: SparseTensor, b) -> None:
+        ka = zs_keys(a.indices, a.spatial_shape)
+        kb = zs_keys(b.indices.int(), a.spatial_shape)
+        assert list(b.spatial_shape) == a.spatial_shape
+        assert torch.equal(ka.sort().values, kb.sort().values)  # the same sites
+        torch.testing.assert_close(
+            a.features[ka.argsort()], b.features[kb.argsort()], atol=1e-5, rtol=1e-5
+        )
+
+    pairs = [
+        (SubMConv3d(8, 16, 3, indice_key="s"), sp.SubMConv3d(8, 16, 3, indice_key="s")),
+        (
+            SparseConv3d(8, 16, 3, 2, 1, indice_key="d"),
+            sp.SparseConv3d(8, 16, 3, 2, 1, indice_key="d"),
+        ),
+        (SparseConv3d(8, 16, 2, 2, indice_key="k2"), sp.SparseConv3d(8, 16, 2, 2, indice_key="k2")),
+    ]
+    for mine, spc in pairs:
+        with torch.no_grad():
+            spc.weight.copy_(mine.weight.permute(0, 2, 3, 4, 1))
+            spc.bias.copy_(mine.bias)
+        same(mine(ours), spc(theirs))
+    # the inverse of the k3 s2 conv, back to the input sites
+    down, sdown = pairs[1]
+    h, sh = down(ours), sdown(theirs)
+    up, sup = (
+        SparseInverseConv3d(16, 4, 3, indice_key="d"),
+        sp.SparseInverseConv3d(16, 4, 3, indice_key="d"),
+    )
+    with torch.no_grad():  # ConvTranspose3d's [in, out, k...] -> spconv's [out, k..., in]
+        sup.weight.copy_(up.weight.permute(1, 2, 3, 4, 0))
+        sup.bias.copy_(up.bias)
+    same(up(h), sup(sh))
+    # spconv's max-pool starts its max at 0 (a negative max comes out as 0); ours is
+    # F.max_pool3d's. They agree where every value is positive
+    positive = features.abs() + 0.1
+    same(
+        SparseMaxPool3d(3, 2, 1)(ours.replace_feature(positive)),
+        sp.SparseMaxPool3d(3, 2, 1)(theirs.replace_feature(positive)),
+    )
+
+
+def zs_keys(indices: torch.Tensor, shape) -> torch.Tensor:
+    from zoo.kernels.reference import coordinate_keys
+
+    return coordinate_keys(indices, shape)

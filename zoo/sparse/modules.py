@@ -101,10 +101,12 @@ class _Conv(SparseModule):
         )
         if self.indice_key is not None:  # what a SparseInverseConv3d with this key inverts
             # the input's sites, not the tensor: the cache must not hold features (and their graph)
-            x.maps.maps[("indice_key", self.indice_key)] = (
+            # (a later convolution with the same key replaces it, and the inverse made from it)
+            x.maps.maps[("indice_key", self.indice_key)] = [
                 (x.indices, x.spatial_shape, x.stride, x.coord_key),
                 nbr,
-            )
+                None,  # its inverse, made by the first SparseInverseConv3d that needs it
+            ]
         out = K.sparse_conv(x.features, self._op_weight().to(x.features.dtype), nbr)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
@@ -166,15 +168,16 @@ class SparseInverseConv3d(_Conv):
                 f"SparseInverseConv3d(indice_key={self.indice_key!r}): no convolution with that "
                 f"indice_key ran on this input's sites"
             )
-        (indices, shape, stride, coord_key), nbr = found
+        (indices, shape, stride, coord_key), nbr, inv = found
         if nbr.shape[0] != x.features.shape[0] or nbr.shape[1] != math.prod(self.kernel_size):
             raise ValueError(
                 f"SparseInverseConv3d(indice_key={self.indice_key!r}): the input has "
                 f"{x.features.shape[0]} sites and a {math.prod(self.kernel_size)}-tap kernel, "
                 f"the convolution it inverts gave {nbr.shape[0]} sites with {nbr.shape[1]} taps"
             )
-        key = ("inverse", self.indice_key, coord_key)
-        inv = x.maps.get(key, lambda: invert(nbr, indices.shape[0]))
+        if inv is None:
+            inv = found[2] = invert(nbr, indices.shape[0])
+            x.maps.built += 1
         out = K.sparse_conv(x.features, self._op_weight().to(x.features.dtype), inv)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)

@@ -25,6 +25,17 @@ class KernelMaps:
     maps: dict[Any, Any] = field(default_factory=dict)
     built: int = 0  # how many were computed (the rest were found here)
 
+    def nbytes(self) -> int:
+        """The bytes of the maps held: each map's output sites and neighbour table, and the
+        inverses made for transposed convolutions."""
+        total = 0
+        for value in self.maps.values():
+            if isinstance(value, tuple):  # (out indices, nbr, out shape, coord key)
+                total += value[0].nbytes + value[1].nbytes
+            elif value[2] is not None:  # an indice_key entry with its inverse
+                total += value[2].nbytes
+        return total
+
     def get(self, key, build):
         if key not in self.maps:
             self.maps[key] = build()
