@@ -94,11 +94,15 @@ at::Tensor strided_outputs(const int32_t* c, int64_t n, const Geometry& g,
     int64_t count = 1;
     for (int a = 0; a < 3; ++a) {
       reached[a].clear();
-      for (int64_t t = 0; t < g.ks[a]; ++t) {
-        const int64_t q = r[a + 1] + g.pad[a] - t * g.dil[a];  // = out * stride
-        if (q < 0 || q % g.st[a] != 0) continue;
-        const int64_t o = q / g.st[a];
-        if (o < out_shape[a]) reached[a].push_back(o);
+      // out * stride = c + pad - t * dilation for a tap t in [0, k): out runs over
+      // [ceil((c + pad - (k - 1) * dilation) / stride), floor((c + pad) / stride)] (two
+      // divisions an axis rather than one a tap), keeping the outs a whole number of
+      // dilations away
+      const int64_t q = r[a + 1] + g.pad[a], st = g.st[a], dil = g.dil[a];
+      const int64_t lo = std::max<int64_t>(0, -floor_div(-(q - (g.ks[a] - 1) * dil), st));
+      const int64_t hi = std::min(floor_div(q, st), out_shape[a] - 1);
+      for (int64_t o = lo; o <= hi; ++o) {
+        if (dil == 1 || (q - o * st) % dil == 0) reached[a].push_back(o);
       }
       count *= static_cast<int64_t>(reached[a].size());
     }
