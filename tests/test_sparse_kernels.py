@@ -166,7 +166,11 @@ def brute_force_map(coords, shape, ks, st, pad, dil, subm):
     return outputs, triples
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=[str(c) for c in CONFIGS])
+# the specs' configurations, and strided ones with dilation and mixed axes
+MAP_CONFIGS = (*CONFIGS, (3, 2, 2, 2, False), ((3, 2, 3), (2, 3, 1), (0, 1, 2), (2, 1, 1), False))
+
+
+@pytest.mark.parametrize("config", MAP_CONFIGS, ids=[str(c) for c in MAP_CONFIGS])
 def test_kernel_map_equals_brute_force(config):
     ks, st, pad, dil, subm = (triple(v) if not isinstance(v, bool) else v for v in config)
     if subm:  # the submanifold padding keeps the outputs on the inputs

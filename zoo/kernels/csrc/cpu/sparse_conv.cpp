@@ -138,10 +138,18 @@ void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
 int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 }
 
+// The loops below stand in for BLAS where it is missing; -DZOO_KERNELS_NO_BLAS (in
+// ZOO_KERNELS_EXTRA_CFLAGS) uses them everywhere, to test them.
+#ifdef ZOO_KERNELS_NO_BLAS
+constexpr bool kUseBlas = false;
+#else
+constexpr bool kUseBlas = true;
+#endif
+
 // Column-major C[m, n] = A B + beta C (ta, tb: 'N' or 'T'), or false when there is no BLAS.
 inline bool blas(char ta, char tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
                  const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (sgemm_ == nullptr) return false;
+  if (!kUseBlas || sgemm_ == nullptr) return false;
   const int im = m, in = n, ik = k, ia = lda, ib = ldb, ic = ldc;
   const float one = 1;
   sgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ia, b, &ib, &beta, c, &ic);
@@ -149,7 +157,7 @@ inline bool blas(char ta, char tb, int64_t m, int64_t n, int64_t k, const float*
 }
 inline bool blas(char ta, char tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
                  const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  if (dgemm_ == nullptr) return false;
+  if (!kUseBlas || dgemm_ == nullptr) return false;
   const int im = m, in = n, ik = k, ia = lda, ib = ldb, ic = ldc;
   const double one = 1;
   dgemm_(&ta, &tb, &im, &in, &ik, &one, a, &ia, b, &ib, &beta, c, &ic);

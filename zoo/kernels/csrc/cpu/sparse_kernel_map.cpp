@@ -1,11 +1,10 @@
 // Kernel map of a sparse 3-D convolution, CPU (reference.sparse_kernel_map defines the result).
 //
 // The input sites go into a hash table (sparse_hash.h), filled in parallel. Submanifold: the
-// outputs are the inputs. Strided: every output site some input reaches goes into a hash set,
-// also in parallel; the set's keys are collected and radix-sorted, which gives the reference's
-// order (ascending key) whatever order the threads inserted in. Then every (output, tap) looks
-// its input site up, outputs in parallel, each writing its own row of nbr: the result depends on
-// the inputs alone, not on the thread count.
+// outputs are the inputs. Strided: the output sites every input reaches are listed, radix-sorted
+// and deduplicated, which gives the reference's order (ascending key). Then every (output, tap)
+// looks its input site up, outputs in parallel. Each entry of nbr is written once, by one
+// thread: the result depends on the inputs alone, not on the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -37,18 +36,6 @@ std::array<int64_t, 3> triple(const char* name, at::IntArrayRef v, int64_t lo) {
 inline int64_t floor_div(int64_t a, int64_t b) {  // b > 0
   const int64_t q = a / b;
   return (a % b != 0 && a < 0) ? q - 1 : q;
-}
-
-// The largest number of taps t in [0, k) with (r - t * d) divisible by s, over every r: how many
-// outputs one input can reach along an axis.
-int64_t reach_per_axis(int64_t k, int64_t s, int64_t d) {
-  int64_t best = 0;
-  for (int64_t r = 0; r < s; ++r) {
-    int64_t n = 0;
-    for (int64_t t = 0; t < k; ++t) n += ((r - t * d) % s + s) % s == 0;
-    best = std::max(best, n);
-  }
-  return best;
 }
 
 // Sorts non-negative keys ascending: LSD radix, 11 bits a pass, as many passes as the largest
@@ -95,66 +82,67 @@ void fill_inputs(KeyTable& table, const int32_t* c, int64_t n, const Geometry& g
   });
 }
 
-// The output sites of a strided convolution, sorted by key, as int32 [M, 4].
+// The output sites of a strided convolution, sorted by key, as int32 [M, 4]: every (input, tap)
+// that lands on the output grid gives a candidate key; the candidates are sorted and the repeats
+// dropped. (A hash set would need sizing for all the candidates, up to K per input, and its
+// keys sorted anyway.)
 at::Tensor strided_outputs(const int32_t* c, int64_t n, const Geometry& g,
                            const std::array<int64_t, 3>& out_shape) {
-  int64_t reach = 1;
-  for (int a = 0; a < 3; ++a) reach *= reach_per_axis(g.ks[a], g.st[a], g.dil[a]);
-  KeyTable set(std::max<int64_t>(1, n * reach));
   const int64_t OD = out_shape[0], OH = out_shape[1], OW = out_shape[2];
-  at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
-    // per axis, the output indices this input reaches
+  // per axis, the output indices input row r reaches
+  auto reach = [&](const int32_t* r, std::array<std::vector<int64_t>, 3>& reached) {
+    int64_t count = 1;
+    for (int a = 0; a < 3; ++a) {
+      reached[a].clear();
+      // out * stride = c + pad - t * dilation for a tap t in [0, k): out runs over
+      // [ceil((c + pad - (k - 1) * dilation) / stride), floor((c + pad) / stride)] (two
+      // divisions an axis rather than one a tap), keeping the outs a whole number of
+      // dilations away
+      const int64_t q = r[a + 1] + g.pad[a], st = g.st[a], dil = g.dil[a];
+      const int64_t lo = std::max<int64_t>(0, -floor_div(-(q - (g.ks[a] - 1) * dil), st));
+      const int64_t hi = std::min(floor_div(q, st), out_shape[a] - 1);
+      for (int64_t o = lo; o <= hi; ++o) {
+        if (dil == 1 || (q - o * st) % dil == 0) reached[a].push_back(o);
+      }
+      count *= static_cast<int64_t>(reached[a].size());
+    }
+    return count;
+  };
+  // blocks of inputs: count their candidates, then write them at their offsets
+  constexpr int64_t kBlock = 4096;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  std::vector<int64_t> offset(blocks + 1, 0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     std::array<std::vector<int64_t>, 3> reached;
-    for (auto& v : reached) v.reserve(16);
-    for (int64_t i = begin; i < end; ++i) {
-      const int32_t* r = c + 4 * i;
-      bool any = true;
-      for (int a = 0; a < 3; ++a) {
-        reached[a].clear();
-        for (int64_t t = 0; t < g.ks[a]; ++t) {
-          const int64_t q = r[a + 1] + g.pad[a] - t * g.dil[a];  // = out * stride
-          if (q < 0 || q % g.st[a] != 0) continue;
-          const int64_t o = q / g.st[a];
-          if (o < out_shape[a]) reached[a].push_back(o);
-        }
-        any = any && !reached[a].empty();
+    for (int64_t b = b0; b < b1; ++b) {
+      int64_t count = 0;
+      for (int64_t i = b * kBlock, e = std::min(n, i + kBlock); i < e; ++i) {
+        count += reach(c + 4 * i, reached);
       }
-      if (!any) continue;
-      const int64_t base = int64_t{r[0]} * OD;
-      for (int64_t z : reached[0]) {
-        for (int64_t y : reached[1]) {
-          const int64_t row = ((base + z) * OH + y) * OW;
-          for (int64_t x : reached[2]) set.insert(row + x, 0);
-        }
-      }
+      offset[b + 1] = count;
     }
   });
-
-  // the keys, collected block by block in slot order, then sorted
-  constexpr int64_t kBlock = int64_t{1} << 14;
-  const int64_t slots = set.slots(), blocks = (slots + kBlock - 1) / kBlock;
-  std::vector<int64_t> counts(blocks + 1, 0);
+  for (int64_t b = 0; b < blocks; ++b) offset[b + 1] += offset[b];
+  std::vector<int64_t> keys(offset[blocks]);
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::array<std::vector<int64_t>, 3> reached;
     for (int64_t b = b0; b < b1; ++b) {
-      int64_t n_here = 0;
-      for (int64_t j = b * kBlock, e = std::min(slots, j + kBlock); j < e; ++j) {
-        n_here += set.key_at(j) != KeyTable::kEmpty;
-      }
-      counts[b + 1] = n_here;
-    }
-  });
-  for (int64_t b = 0; b < blocks; ++b) counts[b + 1] += counts[b];
-  std::vector<int64_t> keys(counts[blocks]);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      int64_t w = counts[b];
-      for (int64_t j = b * kBlock, e = std::min(slots, j + kBlock); j < e; ++j) {
-        const int64_t key = set.key_at(j);
-        if (key != KeyTable::kEmpty) keys[w++] = key;
+      int64_t w = offset[b];
+      for (int64_t i = b * kBlock, e = std::min(n, i + kBlock); i < e; ++i) {
+        const int32_t* r = c + 4 * i;
+        if (reach(r, reached) == 0) continue;
+        const int64_t base = int64_t{r[0]} * OD;
+        for (int64_t z : reached[0]) {
+          for (int64_t y : reached[1]) {
+            const int64_t line = ((base + z) * OH + y) * OW;
+            for (int64_t x : reached[2]) keys[w++] = line + x;
+          }
+        }
       }
     }
   });
   radix_sort(keys);
+  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
 
   const int64_t m = static_cast<int64_t>(keys.size());
   at::Tensor out = at::empty({m, 4}, at::kInt);
@@ -174,11 +162,18 @@ at::Tensor strided_outputs(const int32_t* c, int64_t n, const Geometry& g,
 }
 
 // nbr[o, k]: the input row at out[o] * stride - padding + tap_k * dilation, or -1.
+//
+// `symmetric`: the outputs are the inputs and the kernel is centred on them (submanifold). Then
+// nbr[o, k] = i exactly when nbr[i, K - 1 - k] = o (the mirrored tap), and nbr[o, K / 2] = o:
+// only the taps before the centre are looked up, each hit also filling its mirror, which halves
+// the lookups. Every entry is still written once, by one thread: the result does not depend on
+// the thread count.
 void lookup(const KeyTable& table, const int32_t* out, int64_t m, const Geometry& g,
-            int32_t* nbr) {
+            bool symmetric, int32_t* nbr) {
   const int64_t D = g.shape[0], H = g.shape[1], W = g.shape[2];
   const int64_t kz = g.ks[0], ky = g.ks[1], kx = g.ks[2], K = kz * ky * kx;
-  // Calls fn(k, key) for every tap k of output o whose site is inside the grid, and
+  const int64_t centre = K / 2, k_end = symmetric ? centre : K;
+  // Calls fn(k, key) for every tap k < k_end of output o whose site is inside the grid, and
   // outside(k0, k1) for runs of taps that are not.
   auto taps = [&](int64_t o, auto&& fn, auto&& outside) {
     const int32_t* r = out + 4 * o;
@@ -186,16 +181,17 @@ void lookup(const KeyTable& table, const int32_t* out, int64_t m, const Geometry
                   x0 = r[3] * g.st[2] - g.pad[2];
     const int64_t bD = int64_t{r[0]} * D;
     int64_t k = 0;
-    for (int64_t tz = 0; tz < kz; ++tz) {
+    for (int64_t tz = 0; tz < kz && k < k_end; ++tz) {
       const int64_t z = z0 + tz * g.dil[0];
-      for (int64_t ty = 0; ty < ky; ++ty, k += kx) {
+      for (int64_t ty = 0; ty < ky && k < k_end; ++ty, k += kx) {
         const int64_t y = y0 + ty * g.dil[1];
+        const int64_t n = std::min(kx, k_end - k);
         if (z < 0 || z >= D || y < 0 || y >= H) {
-          outside(k, k + kx);
+          outside(k, k + n);
           continue;
         }
         const int64_t line = ((bD + z) * H + y) * W;
-        for (int64_t tx = 0; tx < kx; ++tx) {
+        for (int64_t tx = 0; tx < n; ++tx) {
           const int64_t x = x0 + tx * g.dil[2];
           if (x >= 0 && x < W) {
             fn(k + tx, line + x);
@@ -219,14 +215,33 @@ void lookup(const KeyTable& table, const int32_t* out, int64_t m, const Geometry
         },
         [](int64_t, int64_t) {});
   };
+  if (symmetric) {
+    at::parallel_for(0, m * K, 1 << 16, [&](int64_t b, int64_t e) {
+      std::fill(nbr + b, nbr + e, -1);
+    });
+  }
   at::parallel_for(0, m, 512, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < std::min(end, begin + kAhead); ++o) prefetch(o);
     for (int64_t o = begin; o < end; ++o) {
       if (o + kAhead < end) prefetch(o + kAhead);
       int32_t* row = nbr + o * K;
-      taps(
-          o, [&](int64_t k, int64_t key) { row[k] = table.find(key); },
-          [&](int64_t k0, int64_t k1) { std::fill(row + k0, row + k1, -1); });
+      if (symmetric) {
+        row[centre] = static_cast<int32_t>(o);
+        taps(
+            o,
+            [&](int64_t k, int64_t key) {
+              const int32_t i = table.find(key);
+              if (i >= 0) {
+                row[k] = i;
+                nbr[int64_t{i} * K + (K - 1 - k)] = static_cast<int32_t>(o);
+              }
+            },
+            [](int64_t, int64_t) {});
+      } else {
+        taps(
+            o, [&](int64_t k, int64_t key) { row[k] = table.find(key); },
+            [&](int64_t k0, int64_t k1) { std::fill(row + k0, row + k1, -1); });
+      }
     }
   });
 }
@@ -274,7 +289,13 @@ std::tuple<at::Tensor, at::Tensor> sparse_kernel_map_cpu(
   }
   const int64_t m = out.size(0);
   at::Tensor nbr = at::empty({m, K}, at::kInt);
-  if (m > 0 && K > 0) lookup(table, out.data_ptr<int32_t>(), m, g, nbr.data_ptr<int32_t>());
+  bool symmetric = subm;
+  for (int a = 0; a < 3; ++a) {
+    symmetric = symmetric && g.st[a] == 1 && g.ks[a] % 2 == 1 && 2 * g.pad[a] == (g.ks[a] - 1) * g.dil[a];
+  }
+  if (m > 0 && K > 0) {
+    lookup(table, out.data_ptr<int32_t>(), m, g, symmetric, nbr.data_ptr<int32_t>());
+  }
   return {out, nbr};
 }
 
