@@ -173,7 +173,7 @@ def test_raw_scans_in_every_form_get_a_class_per_point(prepared):
     frame = respond(module, pd.DataFrame(a, columns=["x", "y", "z", "remission"]))
     assert frame.class_id.tolist() == one.class_id.tolist()
     same_size = respond(module, np.stack([a[:500], b[:500]]))
-    assert same_size.scan.bincount().tolist() == [500, 500]
+    assert np.bincount(same_size.scan).tolist() == [500, 500]
 
 
 @pytest.mark.parametrize(
