@@ -226,10 +226,9 @@ def test_a_few_steps_learn_a_scan(prepared):
     """The loss of one demo scan falls under a few optimiser steps (the model learns)."""
     module, dm = prepared
     module.train()
-    points = torch.from_numpy(make_scan(0, 3, extent=16.0, density=6.0)[0])
-    labels = torch.from_numpy(
-        read_learning_map()["lut"][make_scan(0, 3, extent=16.0, density=6.0)[1] & 0xFFFF]
-    )
+    raw_points, raw_labels = make_scan(0, 3, extent=10.0, density=4.0)
+    points = torch.from_numpy(raw_points)
+    labels = torch.from_numpy(read_learning_map()["lut"][raw_labels & 0xFFFF])
     batch = {
         "points": points,
         "labels": labels,
