@@ -246,8 +246,7 @@ class SemanticKITTIDataModule(SplitDataModule):
         ):
             if given is not None and (list(given) if key == "class_names" else given) != derived:
                 raise ConfigError(
-                    f"data.{key}={given} but the learning map {self.labels['path']} gives "
-                    f"{derived}"
+                    f"data.{key}={given} but the learning map {self.labels['path']} gives {derived}"
                 )
         self.augment, self.seed = augment, seed
         self.batch_size, self.num_workers = batch_size, num_workers
