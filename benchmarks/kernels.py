@@ -430,7 +430,7 @@ def bench_spec(spec, device: str, quick: bool) -> None:
         row(f"{spec.name} {label}", ran, device, moved)  # bytes: its inputs, read once
 
 
-# the ops with a dedicated benchmark (torch's alternatives and the README's targets)
+# the ops with a dedicated benchmark (torch's alternatives and the targets on docs/benchmarks.md)
 DEDICATED = {
     "group_softmax_cross_entropy": [bench_group_softmax],
     "masked_attention": [bench_attention_targets, bench_attention],

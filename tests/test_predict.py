@@ -4,9 +4,9 @@ endpoint, for every family.
 
 The fast tests build each family's model with its data module's preprocessing (no training);
 the end-to-end test takes each family's run trained at ``debug=fast`` through every path the
-README documents: the logged model through ``mlflow.pyfunc`` in each input form a user holds,
-``predict.py`` and ``mlflow models serve`` (the same answers to the same raw files), and
-``python -m zoo.export`` in both formats.
+docs (Predict, Serve and export) document: the logged model through ``mlflow.pyfunc`` in each
+input form a user holds, ``predict.py`` and ``mlflow models serve`` (the same answers to the
+same raw files), and ``python -m zoo.export`` in both formats.
 """
 
 from __future__ import annotations
@@ -286,7 +286,7 @@ def _served(port: int, payload: dict) -> tuple[int, dict, float]:
 
 
 def pyfunc_forms(family: str, values: list) -> dict[str, tuple[object, list[int]]]:
-    """The input forms the README documents for the logged model's ``predict``, each with the
+    """The input forms the docs (Predict) give for the logged model's ``predict``, each with the
     indices of ``values`` it holds (EEG trials as a DEAP file holds them, float64)."""
     if family == "eeg":
         trials = np.stack(values).astype(np.float64)
