@@ -240,9 +240,25 @@ class LidarSegmenter(ZooModule):
                 for i, (name, v, here) in enumerate(zip(self.class_names, iou, present))
             ],
         )
+        from zoo.plotting import confusion_matrix_figure
+
+        names, shown, colors = self.class_names, self._shown, self.preprocessing.get("colors")
+        pictures = Section("Test scans and confusion matrix")
+        if shown is not None:
+            pictures.image(
+                "bev",
+                f"{shown['name']} from above: ground truth (left) and prediction (right)",
+                lambda: bev_figure(shown, names, colors, f"{shown['name']} (test)"),
+            )
+        pictures.image(
+            "confusion_matrix",
+            "test confusion matrix (points; colour = fraction of the true class)",
+            lambda: confusion_matrix_figure(cm, names, "test confusion matrix"),
+        )
         data = {"class_names": self.class_names, "counts": cm.astype(int).tolist()}
         self.emit(
             section,
+            pictures,
             File(TEST_CONFUSION_ARTIFACT, write=lambda p: p.write_text(json.dumps(data))),
         )
 
