@@ -52,8 +52,8 @@ def test_every_width_builds_and_runs_forward_backward(name):
     net = instantiate(net_cfg(name))
     widths = {"minkunet_w16": 16, "minkunet_w20": 20, "minkunet_w32": 32}
     assert net.stem[0].out_channels == widths[name]
-    points = torch.from_numpy(make_scan(0, 1, extent=12.0, density=4.0)[0])
-    vox = voxelize(points, 0.2, (-12.8, -12.8, -3.2, 12.8, 12.8, 3.2))
+    points = torch.from_numpy(make_scan(0, 1, extent=8.0, density=3.0)[0])
+    vox = voxelize(points, 0.2, (-8.0, -8.0, -3.2, 8.0, 8.0, 3.2))
     logits = net(vox.tensor)
     assert logits.shape == (len(vox.tensor.indices), 19) and torch.isfinite(logits).all()
     logits.square().mean().backward()
