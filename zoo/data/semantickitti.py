@@ -142,7 +142,9 @@ def label_path(scan: Path) -> Path:
 
 class ScanDataset(Dataset):
     """Scans with their learned labels; training scans are augmented (a rotation about z, a
-    flip of y, a scale), drawn from a generator seeded by the scan's index and ``epoch``."""
+    flip of y, a scale), drawn from a generator seeded by ``seed``, ``epoch`` (the epoch the
+    training loader was made in, so one draw per scan for a job's epochs) and the scan's
+    index."""
 
     def __init__(self, files: list[Path], lut: np.ndarray, augment: bool, seed: int = 0):
         self.files, self.lut, self.augment, self.seed = files, lut, augment, seed
