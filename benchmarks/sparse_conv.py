@@ -27,6 +27,7 @@ temporary folder and read back as a ``.bin``, as the loader reads it.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -41,6 +42,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernels as kernel_bench  # noqa: E402  (benchmarks/kernels.py)
+
 import zoo.kernels as K  # noqa: E402
 import zoo.sparse as zs  # noqa: E402
 from zoo.data.demo.semantickitti import make_scan  # noqa: E402
@@ -50,22 +54,8 @@ RANGE = (-51.2, -51.2, -4.0, 51.2, 51.2, 2.4)  # mmdetection3d's SemanticKITTI r
 CHANNELS = [64, 96, 128, 160, 192, 224, 256]  # spconv's benchmark network
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def timeit(fn, device: str, min_time: float = 1.0, max_reps: int = 20) -> float:
-    fn()
-    sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < min_time and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+# the kernel benchmark's timer (median after warm-up calls), with a longer default budget
+timeit = functools.partial(kernel_bench.timeit, min_time=1.0, max_reps=20)
 
 
 def scan_voxels(quick: bool, folder: Path, voxel: float) -> tuple[np.ndarray, np.ndarray, list]:

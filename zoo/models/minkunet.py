@@ -164,16 +164,7 @@ class LidarSegmenter(ZooModule):
         }
 
     def on_validation_epoch_end(self) -> None:
-        cm = self.val_cm.compute().cpu().numpy()
-        self.val_cm.reset()
-        iou, present = iou_from_confusion(cm)
-        miou = float(iou[present].mean()) if present.any() else 0.0
-        acc = float(np.trace(cm) / max(cm.sum(), 1))
-        self.log("val/miou", miou, prog_bar=True, sync_dist=False)
-        self.log("val/acc", acc)
-        for name, value, here in zip(self.class_names, iou, present):
-            if here:
-                self.log(f"val/iou/{name}", float(value))
+        cm, _, _, miou, _ = self._log_scores("val", self.val_cm)
         if self.trainer.sanity_checking:
             return
         self.val_miou_best(torch.tensor(miou))
@@ -181,6 +172,22 @@ class LidarSegmenter(ZooModule):
         if self.epoch_due(self.figures_every):
             epoch = self.current_epoch
             self._emit_figures(cm, f"figures/val/{{}}_epoch{epoch:03d}.png", f"val, epoch {epoch}")
+
+    def _log_scores(self, split: str, confusion: MulticlassConfusionMatrix):
+        """Log ``<split>/miou``, ``/acc`` and ``/iou/<class>`` (classes the ground truth holds)
+        from the split's confusion matrix, which is then reset; returns (counts, per-class IoU,
+        present, mIoU, accuracy)."""
+        cm = confusion.compute().cpu().numpy()
+        confusion.reset()
+        iou, present = iou_from_confusion(cm)
+        miou = float(iou[present].mean()) if present.any() else 0.0
+        acc = float(np.trace(cm) / max(cm.sum(), 1))
+        self.log(f"{split}/miou", miou, prog_bar=split == "val")
+        self.log(f"{split}/acc", acc)
+        for name, value, here in zip(self.class_names, iou, present):
+            if here:
+                self.log(f"{split}/iou/{name}", float(value))
+        return cm, iou, present, miou, acc
 
     def _emit_figures(self, cm: np.ndarray, path: str, title: str) -> None:
         from zoo.plotting import confusion_matrix_figure
@@ -216,16 +223,7 @@ class LidarSegmenter(ZooModule):
             self._keep_first_scan(batch, logits)
 
     def on_test_epoch_end(self) -> None:
-        cm = self.test_cm.compute().cpu().numpy()
-        self.test_cm.reset()
-        iou, present = iou_from_confusion(cm)
-        miou = float(iou[present].mean()) if present.any() else 0.0
-        acc = float(np.trace(cm) / max(cm.sum(), 1))
-        self.log("test/miou", miou)
-        self.log("test/acc", acc)
-        for name, value, here in zip(self.class_names, iou, present):
-            if here:
-                self.log(f"test/iou/{name}", float(value))
+        cm, iou, present, miou, acc = self._log_scores("test", self.test_cm)
         self._emit_figures(cm, "figures/test/{}.png", "test")
         section = Section("Per-class IoU")
         section.paragraph(
