@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,15 @@ from omegaconf import DictConfig, OmegaConf
 from zoo.errors import ConfigError, one_line
 from zoo.tracking.params import CONFIG_ARTIFACT
 from zoo.tracking.store import client, global_tracking_uri, open_store, resolve_tracking_uri
+
+
+def _scratch() -> str:
+    """A fresh folder for one download, removed when the process exits: evaluate.py and
+    predict.py download a whole logged model (100+ MB) per call, which must not pile up in
+    /tmp."""
+    folder = tempfile.mkdtemp(prefix="zoo-fetch-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def download(artifact_uri: str, tracking_uri: str, failure: str, dst: str | None = None) -> Path:
@@ -25,7 +36,7 @@ def download(artifact_uri: str, tracking_uri: str, failure: str, dst: str | None
             return Path(
                 mlflow.artifacts.download_artifacts(
                     artifact_uri=artifact_uri,
-                    dst_path=dst or tempfile.mkdtemp(prefix="zoo-fetch-"),
+                    dst_path=dst or _scratch(),
                     tracking_uri=tracking_uri,
                 )
             )
