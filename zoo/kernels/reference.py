@@ -250,3 +250,30 @@ def sparse_max_pool(features: torch.Tensor, nbr: torch.Tensor):
         best = torch.where(better, vals, best)
         arg = torch.where(better, torch.full_like(arg, k), arg)
     return torch.where(arg >= 0, best, torch.zeros_like(best)), arg
+
+
+# --------------------------------------------------------------------------- token log-probs
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    ignore_index: int = -100,
+):
+    """log_softmax(hidden @ weight.T / temperature) at ``tokens`` ([N], float32 for half inputs)
+    and, when ``entropy``, the entropy of each row's distribution: the [N, V] logits are
+    materialised (the oracle the fused kernels are compared with). Rows whose token is
+    ``ignore_index`` give 0 with no gradient."""
+    logits = _acc(hidden) @ _acc(weight).T / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    valid = tokens != ignore_index
+    picked = logp.gather(1, torch.where(valid, tokens, 0).long()[:, None]).squeeze(1)
+    zero = picked.new_zeros(())
+    out = torch.where(valid, picked, zero)
+    if not entropy:
+        return out
+    ent = -(logp.exp() * logp).sum(-1)
+    return out, torch.where(valid, ent, zero)
