@@ -7,7 +7,7 @@ real token. Masks come from ``lengths``, never from pad ids, so pad may equal EO
 
 Where TRL has a defect, the callers here do better (see ``zoo.models.rlhf``): the rollout's
 log-probs come from the same computation as the update's, so the ratio is exactly 1 at the first
-update; ``tests/test_rlhf.py`` checks these functions against TRL's own code.
+update; ``tests/test_rlhf_trl_parity.py`` checks these functions against TRL's own trainer.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True):
                 f"whitening needs at least 2 unmasked values, got {int(count)}: use more "
                 "responses per minibatch"
             )
-        variance = variance * count / (count - 1)
+        variance = variance * (count / (count - 1))  # TRL's rounding: its Bessel factor first
     return variance
 
 
@@ -183,6 +183,13 @@ def ppo_losses(
     return {"pg_loss": pg_loss, "vf_loss": vf_loss, **stats}
 
 
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of the distributions ``logits`` [..., V] (temperature-scaled, as
+    the update's) -> [...], as TRL computes it: ``logsumexp - sum(softmax * logits)``. TRL's
+    ``policy/entropy_avg`` takes each micro-batch's mean over every position, padding included."""
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
 def step_statistics(
     kl: torch.Tensor,
     logprobs: torch.Tensor,
@@ -193,7 +200,8 @@ def step_statistics(
 ) -> dict[str, torch.Tensor]:
     """TRL's logged statistics of one PPO step (before the ``gather`` across ranks), under its
     names; ``per_update`` holds each statistic over the step's (epoch, minibatch, micro-batch)
-    updates: approxkl, pg_clipfrac, pg_loss, vf_loss, vf_clipfrac, entropy, ratio."""
+    updates: approxkl, pg_clipfrac, pg_loss, vf_loss, vf_clipfrac, ratio (``ppo_losses``) and
+    entropy (``entropy(logits).mean()``)."""
     mean_non_score = non_score_reward.sum(1).mean()
     return {
         "objective/kl": kl.sum(1).mean(),
