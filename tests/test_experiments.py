@@ -41,7 +41,8 @@ DEMO_EXPERIMENTS = sorted(FAMILY_OF)
 def family_tests(family: str):
     """A family's own test module, ``tests/test_<family>.py``: its ``check_experiment_run``
     checks what only that family logs, and its ``UPSTREAM`` names stage-2 experiments (the
-    stage-1 experiment and the key that takes its run id)."""
+    stage-1 experiment and the key that takes its run id), its ``E2E_ONLY`` the experiments
+    too slow for the fast tier (they run with ``--full``)."""
     return importlib.import_module(f"tests.test_{family}")
 
 
@@ -50,6 +51,11 @@ UPSTREAM = {
     for f in set(FAMILY_OF.values())
     for e, up in getattr(family_tests(f), "UPSTREAM", {}).items()
 }
+
+
+# experiments a family runs only in the e2e tier (its ``E2E_ONLY``): too slow for the fast one
+E2E_ONLY = {e for f in set(FAMILY_OF.values()) for e in getattr(family_tests(f), "E2E_ONLY", ())}
+CASES = [pytest.param(e, marks=pytest.mark.e2e) if e in E2E_ONLY else e for e in DEMO_EXPERIMENTS]
 
 
 def upstream_run(make_cfg, tracking_uri: str, experiment: str) -> str:
@@ -84,7 +90,7 @@ def test_every_family_has_a_demo_experiment_and_its_own_checks():
         assert callable(getattr(family_tests(family), "check_experiment_run", None)), family
 
 
-@pytest.mark.parametrize("experiment", DEMO_EXPERIMENTS)
+@pytest.mark.parametrize("experiment", CASES)
 def test_experiment_end_to_end(make_cfg, tracking_uri, tmp_path, monkeypatch, experiment):
     monkeypatch.setenv(
         "MLFLOW_TRACKING_URI", tracking_uri

@@ -56,6 +56,16 @@ class Count:
     value: float
 
 
+@dataclass(frozen=True)
+class Table:
+    """A table for the run, logged with ``mlflow.log_table`` at artifact path ``path`` (a
+    ``.json`` file the mlflow UI shows as a table, e.g. ``samples/step_0010.json``):
+    ``build()`` returns its columns, ``{name: [values]}``."""
+
+    path: str
+    build: Callable[[], dict[str, list[Any]]]
+
+
 @dataclass
 class Section:
     """A report section: a title, then paragraphs, tables and images, in order; ``metrics`` are
@@ -79,7 +89,7 @@ class Section:
         return self
 
 
-Output = Figure | File | Tag | Count | Section
+Output = Figure | File | Tag | Count | Table | Section
 
 
 class Outbox:

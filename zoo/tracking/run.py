@@ -150,8 +150,8 @@ class TrainingRun:
             log.warning("Could not log the last system metrics sample: %s", e)
 
     def log_output(self, item) -> None:
-        """Log one record a model emitted (``zoo.outputs``: Figure, File, Tag, Count)."""
-        from zoo.outputs import Count, Figure, File, Tag
+        """Log one record a model emitted (``zoo.outputs``: Figure, File, Tag, Count, Table)."""
+        from zoo.outputs import Count, Figure, File, Table, Tag
 
         if self.logger is None:
             return
@@ -177,6 +177,8 @@ class TrainingRun:
             c.set_tag(run_id, item.key, item.value)
         elif isinstance(item, Count):
             c.log_metric(run_id, item.key, float(item.value), step=0)
+        elif isinstance(item, Table):
+            c.log_table(run_id, data=item.build(), artifact_file=item.path)
         else:
             raise TypeError(f"cannot log {type(item).__name__} to mlflow")
 

@@ -220,9 +220,11 @@ class ScalarHeadModel(nn.Module):
     """A backbone and ``Linear(hidden, 1)``: one score per position (TRL's value model, and
     the reward model, which reads the score at the last real token)."""
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, share: bool = False):
+        """``share``: use ``lm``'s backbone itself (a reward model), else a copy (the value
+        model beside a policy)."""
         super().__init__()
-        self.backbone = copy.deepcopy(backbone(lm))
+        self.backbone = backbone(lm) if share else copy.deepcopy(backbone(lm))
         hidden = self.backbone.config.hidden_size
         self.score = nn.Linear(hidden, 1, bias=False)
         nn.init.normal_(self.score.weight, std=1 / (hidden + 1) ** 0.5)
