@@ -52,6 +52,7 @@ from zoo.models.components.causal_lm import (
     build_causal_lm,
     last_scores,
     load_weights,
+    plain,
     positions,
     tokenizer_from_files,
 )
@@ -168,7 +169,7 @@ class RewardModel(ZooModule):
         tiny: dict[str, Any] | None = None,  # in ``architecture`` already (source=tiny)
     ):
         super().__init__()
-        self.source, self.arch = str(source), dict(architecture)
+        self.source, self.arch = str(source), plain(architecture)
         self.save_hyperparameters(
             {"source": self.source, "freeze_layers": int(freeze_layers)}, logger=False
         )
@@ -410,7 +411,7 @@ class PPOPolicy(ZooModule):
             raise ConfigError(f"model.kl_estimator={kl_estimator!r}: expected k1 or k3")
         if stop_token not in ("eos", None):
             raise ConfigError(f"model.stop_token={stop_token!r}: expected eos or null")
-        self.source, self.arch = str(source), dict(architecture)
+        self.source, self.arch = str(source), plain(architecture)
         self.hp = {
             "kl_coef": float(kl_coef),
             "kl_estimator": kl_estimator,

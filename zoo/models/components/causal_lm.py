@@ -176,11 +176,21 @@ def architecture(source: str, tiny: dict[str, Any] | None = None) -> dict[str, A
     return config.to_dict()
 
 
+def plain(arch: Any) -> dict[str, Any]:
+    """``arch`` as plain Python values (Hydra hands nested dicts over as DictConfig, which
+    transformers' config classes refuse)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(arch, DictConfig):
+        return OmegaConf.to_container(arch, resolve=True)
+    return copy.deepcopy(dict(arch))
+
+
 def build_causal_lm(arch: dict[str, Any]) -> nn.Module:
     """A randomly initialised causal LM of ``arch`` (weights come from ``load_weights``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    arch = dict(arch)
+    arch = plain(arch)
     config = AutoConfig.for_model(arch.pop("model_type"), **arch)
     config.quantization_config = None
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
