@@ -253,3 +253,69 @@ def check_experiment_run(cfg, run, arts, html, evaluated, client):
     )
     assert {"prompt", "completion", "score", "reference"} <= set(table["columns"])
     assert "Completions" in html and "test/win_rate" in evaluated
+
+
+# --------------------------------------------------------------------------- faults
+
+PPO_RESUMABLE = [
+    "experiment=rlhf_ppo_tiny_demo",
+    "data.subset=1",
+    "trainer.max_epochs=3",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "seed=7",
+    "callbacks.rich_progress_bar=null",
+    "tracking.log_model=false",
+]
+
+
+@pytest.mark.faults
+def test_kill_9_mid_ppo_then_resume_continues_the_same_run_exactly(sqlite_uri, tmp_path):
+    """kill -9 in epoch 2 (after epoch 1's checkpoint, two PPO steps into epoch 2); resumed
+    from last.ckpt, the job continues the same mlflow run and every PPO statistic, held-out
+    score and test metric equals the uninterrupted job's: the sampling and minibatch-order
+    generators, the PPO step count and the optimizer travel in the checkpoint."""
+    from tests.conftest import start_cli
+    from tests.test_faults import (
+        _held_at,
+        _history,
+        _resume_then_finish,
+        _wait_until,
+        _whole_and_resumed_runs,
+    )
+
+    env = {"MLFLOW_TRACKING_URI": sqlite_uri}
+    args = PPO_RESUMABLE
+    whole = start_cli("train.py", [*args, f"hydra.run.dir={tmp_path / 'whole'}"], tmp_path, env)
+    ready = tmp_path / "held"
+    # 4 optimizer steps per PPO step (num_ppo_epochs); 3 PPO steps per epoch: after the
+    # second PPO step of epoch 2
+    first_args = [*args, *_held_at(32, ready), f"hydra.run.dir={tmp_path / 'first'}"]
+    first = start_cli("train.py", first_args, tmp_path, env)
+    _wait_until(first, ready.exists, ready.name, timeout=600)
+    import os
+    import signal
+
+    os.kill(first.pid, signal.SIGKILL)
+    first.communicate()
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 1 and state["ppo"]["ppo_step"] == 6
+    assert {"sample", "order"} <= set(state["ppo"]["rng"])
+    _resume_then_finish(args, last, whole, tmp_path, env)
+    client, a, b = _whole_and_resumed_runs(sqlite_uri, tmp_path)
+    assert b.info.status == "FINISHED"
+    for key in (
+        "objective/kl",
+        "objective/scores",
+        "loss/policy_avg",
+        "loss/value_avg",
+        "policy/first_ratio",
+        "val/score",
+        "val/kl",
+    ):
+        ha, hb = _history(client, a.info.run_id, key), _history(client, b.info.run_id, key)
+        assert ha and hb == ha, f"{key}: {hb} vs {ha}"
+    for key in ("test/score", "test/kl", "test/win_rate"):
+        assert b.data.metrics[key] == a.data.metrics[key], key

@@ -32,6 +32,15 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- helpers
 
 
+def logged_step(ckpt: dict) -> int:
+    """The step a checkpoint's metrics were logged at: Lightning's loggers count the batches
+    that stepped an optimizer (``_batches_that_stepped``), which is the checkpoint's
+    ``global_step`` only without gradient accumulation and with one optimizer step per batch
+    (a manual-optimisation module such as PPO steps several times per batch)."""
+    loop = ((ckpt.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.state_dict") or {}
+    return int(loop.get("_batches_that_stepped", ckpt.get("global_step", 0)))
+
+
 def _run_id_for(cfg: DictConfig, ckpt: dict | None) -> str | None:
     """run_id= wins; otherwise a resumed checkpoint's run, if the tracking store has it."""
     if cfg.get("run_id"):
@@ -205,7 +214,7 @@ def build_loggers(cfg: DictConfig, mlflow_loggers: set[str], ckpt: dict | None):
         loggers.append(build(node, f"logger.{name}", **extra))
     run = tracking.TrainingRun(next((lg for lg in loggers if isinstance(lg, MLFlowLogger)), None))
     if ckpt is not None and isinstance(run.logger, ZooMLFlowLogger):
-        run.logger.resume_after(int(ckpt.get("global_step", 0)))
+        run.logger.resume_after(logged_step(ckpt))
     return loggers, run
 
 

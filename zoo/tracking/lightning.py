@@ -43,10 +43,11 @@ class ZooMLFlowLogger(MLFlowLogger):
         return self._initialized
 
     def resume_after(self, step: int) -> None:
-        """This job resumes its run from a checkpoint of global step ``step``: the steps after
-        it are trained again, and the points a killed job logged for them before dying (its
-        last epoch's metrics may reach mlflow before its checkpoint is written) are kept once,
-        not logged twice."""
+        """This job resumes its run from a checkpoint logged up to step ``step`` (Lightning's
+        logging step, ``zoo.pipeline.logged_step``): the batches from there on are trained
+        again, and the points a killed job logged for them before dying (its last epoch's
+        metrics may reach mlflow before its checkpoint is written; a step's own metrics are
+        logged at the step count before it) are kept once, not logged twice."""
         self._resumed_at, self._logged_after = int(step), None
 
     def _points_after(self, step: int) -> set[tuple[str, int]]:
@@ -57,7 +58,7 @@ class ZooMLFlowLogger(MLFlowLogger):
                 (key, m.step)
                 for key in keys
                 for m in c.get_metric_history(self.run_id, key)
-                if m.step > step
+                if m.step >= step
             }
         except Exception as exc:  # server down: nothing known to skip
             if not is_outage(exc):
@@ -66,7 +67,7 @@ class ZooMLFlowLogger(MLFlowLogger):
 
     @rank_zero_only
     def log_metrics(self, metrics, step: int | None = None) -> None:
-        if self._resumed_at is not None and step is not None and step > self._resumed_at:
+        if self._resumed_at is not None and step is not None and step >= self._resumed_at:
             if self._logged_after is None:
                 self._logged_after = self._points_after(self._resumed_at)
             metrics = {k: v for k, v in metrics.items() if (k, step) not in self._logged_after}
