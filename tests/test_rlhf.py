@@ -18,7 +18,7 @@ from zoo.data.rlhf import PreferenceDataModule, PromptDataModule, read_jsonl
 from zoo.errors import ConfigError, DataError
 from zoo.models.components import ppo
 from zoo.models.components.causal_lm import architecture, source_folder
-from zoo.models.rlhf import PPOPolicy, check_scores, finished_sentence
+from zoo.models.rlhf import PPOPolicy, check_scores, finished_sentence, reward_from_file
 
 UPSTREAM = {"rlhf_ppo_demo": ("rlhf_reward_demo", "model.reward.from_run")}
 E2E_ONLY = ("rlhf_ppo_demo",)  # SmolLM2-135M: minutes of CPU per PPO step at debug=fast
@@ -213,6 +213,71 @@ def test_a_non_finite_reward_or_loss_stops_the_job_naming_it(demo, monkeypatch):
     module = _tiny_policy("zoo.models.rlhf.finished_sentence")
     with pytest.raises(FloatingPointError, match="the PPO loss is .* at PPO step 0"):
         _fit(module, demo, 1)
+
+
+def _with_preprocessing(module, chat: bool = False, **limits):
+    from zoo.models.components.causal_lm import load_tokenizer, tokenizer_files
+
+    module.preprocessing = {
+        "tokenizer": tokenizer_files(load_tokenizer("tiny")),
+        "chat": chat,
+        "truncation": "left",
+        **limits,
+    }
+    return module.eval()
+
+
+def test_prompts_in_completions_and_scores_out(tmp_path):
+    """The logged model's and predict.py's path: prompts (strings, chat messages, a JSONL and a
+    text file) answered with greedy completions, scored by a reward-model file when given."""
+    import pandas as pd
+
+    from zoo.inference import predict_path, respond
+    from zoo.models.rlhf import RewardModel
+
+    torch.manual_seed(0)
+    policy = _with_preprocessing(
+        _tiny_policy("zoo.models.rlhf.finished_sentence"), max_prompt_length=32
+    )
+    chat = [{"role": "user", "content": "Finish: the loop ends"}]
+    answered = respond(policy, pd.DataFrame({"prompt": ["The for statement", json.dumps(chat)]}))
+    assert list(answered.columns) == ["completion", "tokens"] and len(answered) == 2
+    assert (answered["tokens"] >= 1).all() and (answered["tokens"] <= 6).all()
+    again = respond(policy, ["The for statement"])  # greedy: the same answer every time
+    assert again["completion"][0] == answered["completion"][0]
+    with pytest.raises(DataError, match=r"inputs\[0\]: an empty prompt"):
+        respond(policy, ["  "])
+
+    reward = _with_preprocessing(
+        RewardModel("tiny", architecture("tiny", TINY), optimizer=None), max_length=64
+    )
+    reward_file = tmp_path / "reward_model.pt"
+    reward._write_reward_file(reward_file)
+    scores = respond(reward, pd.DataFrame({"prompt": ["a", "b"], "response": ["x.", "y"]}))
+    assert list(scores.columns) == ["score"] and np.isfinite(scores["score"]).all()
+
+    folder = tmp_path / "in"
+    write_lines(
+        folder / "a.jsonl", [json.dumps({"prompt": "Hello"}), json.dumps({"messages": chat})]
+    )
+    write_lines(folder / "b.txt", ["One prompt per line", "", "Another"])
+    raw = policy.raw_inputs()
+    raw.configure({"reward": str(reward_file)})
+    done = predict_path(raw, folder, tmp_path / "out", batch_size=2, progress=False)
+    rows = [
+        json.loads(x) for x in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()
+    ]
+    assert done.items == 4 and len(rows) == 4
+    assert [(r["file"], r["line"]) for r in rows] == [
+        ("a.jsonl", 1),
+        ("a.jsonl", 2),
+        ("b.txt", 1),
+        ("b.txt", 3),
+    ]
+    expected = reward_from_file(reward_file, "reward")(
+        [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    )
+    assert [r["score"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-6)
 
 
 # --------------------------------------------------------------------------- end to end
