@@ -26,6 +26,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "vec_utils.h"
@@ -35,7 +37,7 @@ namespace {
 
 constexpr int64_t kRows = 256;    // forward: rows per chunk
 constexpr int64_t kStripe = 512;  // backward: rows per stripe
-constexpr int64_t kVocab = 512;   // vocabulary entries per chunk
+constexpr int64_t kVocab = 1024;  // vocabulary entries per chunk
 constexpr int64_t kGroups = 16;   // most vocabulary groups (forward items per row chunk; the
                                   // backward's grad_hidden partials per stripe)
 
@@ -95,7 +97,9 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t
 }
 
 // MKL threads a GEMM called outside a parallel region (one torch thread) and may then split its
-// reduction: one thread per call keeps every sum in the same order.
+// reduction; and inside a parallel region, where it runs on one thread, it still picks its
+// blocking (the order of a sum) by the thread count it was allowed. One thread, set in every
+// thread that calls it, keeps every sum in the same order whatever the number of threads.
 struct SequentialBlas {
   int before = 0;
   SequentialBlas() {
@@ -105,6 +109,19 @@ struct SequentialBlas {
     if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(before);
   }
 };
+
+// Scratch memory aligned to a cache line, wherever it is allocated: MKL's results depend on its
+// operands' alignment, which must not depend on which thread (malloc arena) ran a chunk.
+template <typename T>
+using Scratch = std::unique_ptr<T[], void (*)(void*)>;
+
+template <typename T>
+Scratch<T> scratch(int64_t n) {
+  const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64 * 64;
+  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
+  TORCH_CHECK(p != nullptr, "token_logprobs: out of memory for ", bytes, " bytes of scratch");
+  return Scratch<T>(p, &std::free);
+}
 
 // The vocabulary in chunks of kVocab, the chunks in at most kGroups contiguous groups.
 struct VocabSplit {
@@ -181,7 +198,8 @@ void forward(const T* h, const T* w, const int64_t* tok, int64_t N, int64_t V, i
   std::vector<Online<T>> states(G * N);  // [group, row]
   std::vector<T> target(N, T(0));        // the token's logit / T (written by its group)
   at::parallel_for(0, row_chunks * G, 1, [&](int64_t i0, int64_t i1) {
-    std::vector<T> buf(kRows * kVocab);
+    const SequentialBlas sequential;
+    const Scratch<T> buf = scratch<T>(kRows * kVocab);
     for (int64_t item = i0; item < i1; ++item) {
       const int64_t rc = item / G, g = item % G;
       const int64_t r0 = rc * kRows, m = std::min(kRows, N - r0);
@@ -189,9 +207,9 @@ void forward(const T* h, const T* w, const int64_t* tok, int64_t N, int64_t V, i
       for (int64_t r = 0; r < m; ++r) st[r] = {neg_inf<T>(), T(0), T(0)};
       for (int64_t c = split.first_chunk(g); c < split.first_chunk(g + 1); ++c) {
         const int64_t v0 = split.begin(c), vc = split.size(c);
-        gemm<T>(false, true, m, vc, H, h + r0 * H, H, w + v0 * H, H, T(0), buf.data(), vc);
+        gemm<T>(false, true, m, vc, H, h + r0 * H, H, w + v0 * H, H, T(0), buf.get(), vc);
         for (int64_t r = 0; r < m; ++r) {
-          T* x = buf.data() + r * vc;
+          T* x = buf.get() + r * vc;
           fold<T, ENTROPY>(x, vc, inv_t, st[r]);
           const int64_t t = tok[r0 + r];
           if (t >= v0 && t < v0 + vc) target[r0 + r] = x[t - v0];
@@ -243,29 +261,30 @@ void backward(const T* h, const T* w, const int64_t* tok, const T* lse, const T*
               int64_t ignore, T* grad_h, T* grad_w) {
   const VocabSplit split(V);
   const int64_t G = split.groups;
-  std::vector<T> partial(G * kStripe * std::max<int64_t>(H, 1));  // [group, stripe row, H]
+  const Scratch<T> partial = scratch<T>(G * kStripe * H);  // [group, stripe row, H]
   for (int64_t s0 = 0; s0 < N; s0 += kStripe) {
     const int64_t m = std::min(kStripe, N - s0);
     const T* hs = h + s0 * H;
     at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
-      std::vector<T> buf(kStripe * kVocab);
+      const SequentialBlas sequential;  // in every thread (see SequentialBlas)
+      const Scratch<T> buf = scratch<T>(kStripe * kVocab);
       for (int64_t g = g0; g < g1; ++g) {
-        T* part = partial.data() + g * kStripe * H;
+        T* part = partial.get() + g * kStripe * H;
         for (int64_t c = split.first_chunk(g); c < split.first_chunk(g + 1); ++c) {
           const int64_t v0 = split.begin(c), vc = split.size(c);
           const T* wc = w + v0 * H;
-          gemm<T>(false, true, m, vc, H, hs, H, wc, H, T(0), buf.data(), vc);
+          gemm<T>(false, true, m, vc, H, hs, H, wc, H, T(0), buf.get(), vc);
           for (int64_t r = 0; r < m; ++r) {
             const int64_t row = s0 + r;
             const bool ignored = tok[row] == ignore;
-            logit_grad(buf.data() + r * vc, vc, tok[row] - v0, inv_t, lse[row],
+            logit_grad(buf.get() + r * vc, vc, tok[row] - v0, inv_t, lse[row],
                        ignored ? T(0) : g_lp[row], ignored || !g_ent ? T(0) : g_ent[row],
                        ent ? ent[row] : T(0));
           }
           // grad_weight[chunk] (+)= G^T h_stripe; grad_hidden partial (+)= G W_chunk
-          gemm<T>(true, false, vc, H, m, buf.data(), vc, hs, H, T(s0 == 0 ? 0 : 1),
+          gemm<T>(true, false, vc, H, m, buf.get(), vc, hs, H, T(s0 == 0 ? 0 : 1),
                   grad_w + v0 * H, H);
-          gemm<T>(false, false, m, H, vc, buf.data(), vc, wc, H,
+          gemm<T>(false, false, m, H, vc, buf.get(), vc, wc, H,
                   T(c == split.first_chunk(g) ? 0 : 1), part, H);
         }
       }
@@ -274,9 +293,9 @@ void backward(const T* h, const T* w, const int64_t* tok, const T* lse, const T*
       using Vec = VecT<T>;
       for (int64_t r = r0; r < r1; ++r) {
         T* out = grad_h + (s0 + r) * H;
-        std::copy(partial.data() + r * H, partial.data() + (r + 1) * H, out);
+        std::copy(partial.get() + r * H, partial.get() + (r + 1) * H, out);
         for (int64_t g = 1; g < G; ++g) {
-          const T* src = partial.data() + (g * kStripe + r) * H;
+          const T* src = partial.get() + (g * kStripe + r) * H;
           int64_t j = 0;
           for (; j + Vec::size() <= H; j += Vec::size()) {
             (Vec::loadu(out + j) + Vec::loadu(src + j)).store(out + j);
