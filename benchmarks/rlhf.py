@@ -4,6 +4,7 @@ run.
 
     python benchmarks/rlhf.py            # V=49152, H=576, N=16 x 512 = 8192 tokens, float32, CPU
     python benchmarks/rlhf.py --quick    # N=1024: a smoke run
+    python benchmarks/rlhf.py --ppo-step # a PPO step on SmolLM2-135M: zoo against trl 1.12.0
 
 The materialised path is what a training loop writes by hand::
 
@@ -21,6 +22,14 @@ forward + backward of ``logprobs.sum()`` (gradients to hidden and weight):
 3. that both give the same log-probs and gradients.
 
 Targets: time <= 1.2x and peak memory <= 0.35x the materialised path's.
+
+``--ppo-step``: one PPO step of SmolLM2-135M-Instruct (policy, reference, value model and a
+reward model of the same size, fp32, CPU) on 8 prompts of the demo × 48 new tokens, 4 PPO
+epochs, one minibatch, as trl 1.12.0's ``PPOTrainer.train()`` runs it and as zoo's
+``PPOPolicy`` does, each after one warm-up step, broken down into rollout (generation),
+scoring (log-probs of policy and reference, values, rewards, advantages) and update. TRL needs
+a pad token other than EOS: it gets ``<|endoftext|>`` (SmolLM2's pad is its EOS). Target: zoo's
+step <= 1.0x TRL's.
 """
 
 from __future__ import annotations
@@ -141,6 +150,184 @@ def bench_token_logprobs(n: int, v: int, h: int, temperature: float) -> None:
     )
 
 
+PPO_PROMPTS, PPO_NEW_TOKENS = 8, 48
+
+
+def _demo_prompts(tokenizer) -> tuple[list[list[int]], list[str]]:
+    import tempfile
+
+    from zoo.data.demo.rlhf import write_demo_rlhf
+    from zoo.data.rlhf import prompt_of, prompt_text, read_jsonl
+
+    folder = write_demo_rlhf(Path(tempfile.mkdtemp(prefix="zoo-bench-rlhf-")) / "demo", 64, 8, 8)
+    rows = [prompt_of(o, "") for _, o in read_jsonl(folder / "prompts" / "train.jsonl")]
+    texts = [prompt_text(tokenizer, p, True) for p in rows[:PPO_PROMPTS]]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], rows[:PPO_PROMPTS]
+
+
+def trl_ppo_step(steps: int = 2) -> dict[str, float]:
+    """Seconds of TRL's last PPO step (of ``steps``), by part."""
+    import tempfile
+    import time
+
+    import trl.experimental.ppo.ppo_trainer as trl_ppo
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from zoo.models.components.causal_lm import load_tokenizer, source_folder
+
+    folder = str(source_folder("smollm2"))
+    tokenizer = load_tokenizer("smollm2")
+    tokenizer.pad_token = "<|endoftext|>"  # TRL: pad must differ from EOS
+    prompts, _ = _demo_prompts(tokenizer)
+    lm = functools.partial(AutoModelForCausalLM.from_pretrained, folder, dtype=torch.float32)
+    head = functools.partial(
+        AutoModelForSequenceClassification.from_pretrained,
+        folder,
+        num_labels=1,
+        dtype=torch.float32,
+    )
+    marks: list[tuple[str, float]] = []
+
+    def mark(name, fn):
+        def wrapped(*args, **kwargs):
+            marks.append((name, time.perf_counter()))
+            out = fn(*args, **kwargs)
+            marks.append((name + "_end", time.perf_counter()))
+            return out
+
+        return wrapped
+
+    trl_ppo.batch_generation = mark("generate", trl_ppo.batch_generation)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = PPOConfig(
+            output_dir=tmp,
+            report_to=[],
+            use_cpu=True,
+            bf16=False,
+            disable_tqdm=True,
+            save_strategy="no",
+            num_sample_generations=0,
+            seed=0,
+            total_episodes=PPO_PROMPTS * steps,
+            per_device_train_batch_size=PPO_PROMPTS,
+            gradient_accumulation_steps=1,
+            num_mini_batches=1,
+            num_ppo_epochs=4,
+            local_rollout_forward_batch_size=PPO_PROMPTS,
+            response_length=PPO_NEW_TOKENS,
+            stop_token="eos",
+            missing_eos_penalty=1.0,
+            learning_rate=3e-6,
+        )
+        trainer = PPOTrainer(
+            args=args,
+            processing_class=tokenizer,
+            model=lm(),
+            ref_model=lm(),
+            reward_model=head(),
+            train_dataset=Dataset.from_dict({"input_ids": prompts * steps}),
+            value_model=head(),
+        )
+        wrapper = trainer.model
+        wrapper.forward = mark("update_forward", wrapper.forward)
+        trainer.optimizer.step = mark("step", trainer.optimizer.step)
+        t0 = time.perf_counter()
+        trainer.train()
+        end = time.perf_counter()
+    starts = [t for n, t in marks if n == "generate"]
+    last = starts[-1]
+    gen_end = next(t for n, t in marks if n == "generate_end" and t > last)
+    first_update = next(t for n, t in marks if n == "update_forward" and t > gen_end)
+    last_step = max(t for n, t in marks if n == "step_end")
+    del t0, end
+    return {
+        "rollout": gen_end - last,
+        "scoring": first_update - gen_end,
+        "update": last_step - first_update,
+    }
+
+
+def zoo_ppo_step(steps: int = 2) -> dict[str, float]:
+    """Seconds of zoo's last PPO step (of ``steps``), by part (the step's own timers)."""
+    import tempfile
+
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from zoo.data.rlhf import left_pad
+    from zoo.models.components.causal_lm import architecture, load_tokenizer, tokenizer_files
+    from zoo.models.rlhf import PPOPolicy, RewardModel
+
+    tokenizer = load_tokenizer("smollm2")
+    prompts, raw = _demo_prompts(tokenizer)
+    arch = architecture("smollm2")
+    spec = {"tokenizer": tokenizer_files(tokenizer), "chat": True, "truncation": "left"}
+    with tempfile.TemporaryDirectory() as tmp:
+        reward = RewardModel("smollm2", arch, optimizer=None)
+        reward.configure_model()
+        reward.preprocessing = spec | {"max_length": 512}
+        reward_file = Path(tmp) / "reward_model.pt"
+        reward._write_reward_file(reward_file)
+        del reward
+        policy = PPOPolicy(
+            "smollm2",
+            arch,
+            optimizer=lambda params: torch.optim.AdamW(params, lr=3e-6, eps=1e-5),
+            reward={"file": str(reward_file)},
+            response_length=PPO_NEW_TOKENS,
+            missing_eos_penalty=1.0,
+            samples_every_n_steps=0,
+        )
+        policy.preprocessing = spec | {"max_prompt_length": 512}
+        ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+        batch = {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "prompts": raw,
+            "index": torch.arange(len(prompts)),
+        }
+        loader = DataLoader([batch] * steps, batch_size=None)
+        times: list[dict[str, float]] = []
+
+        class Record(L.Callback):
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                m = trainer.callback_metrics
+                times.append({k: float(m[f"time/{k}"]) for k in ("rollout", "scoring", "update")})
+
+        trainer = L.Trainer(
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            accelerator="cpu",
+            callbacks=[Record()],
+        )
+        trainer.fit(policy, train_dataloaders=loader)
+    return times[-1]
+
+
+def bench_ppo_step() -> None:
+    print(
+        f"== a PPO step: SmolLM2-135M-Instruct, {PPO_PROMPTS} prompts x {PPO_NEW_TOKENS} new "
+        "tokens, 4 PPO epochs, fp32, CPU (the last of 2 steps)"
+    )
+    ours, theirs = zoo_ppo_step(), trl_ppo_step()
+    for part in ("rollout", "scoring", "update"):
+        print(
+            f"  {part:<8} zoo {ours[part]:7.2f} s   trl {theirs[part]:7.2f} s   "
+            f"ratio {ours[part] / theirs[part]:.2f}x"
+        )
+    total = sum(ours.values()) / sum(theirs.values())
+    print(
+        f"  step     zoo {sum(ours.values()):7.2f} s   trl {sum(theirs.values()):7.2f} s   "
+        f"ratio {total:.2f}x (target <= 1.0x: {'met' if total <= 1.0 else 'NOT met'})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N=1024")
@@ -148,6 +335,7 @@ def main() -> None:
     parser.add_argument("--v", type=int, default=49152, help="vocabulary")
     parser.add_argument("--h", type=int, default=576, help="hidden size")
     parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--ppo-step", action="store_true", help="a PPO step: zoo vs trl 1.12.0")
     parser.add_argument("--worker", choices=list(PATHS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     n = args.n or (1024 if args.quick else 16 * 512)
@@ -162,6 +350,9 @@ def main() -> None:
         f"torch {torch.__version__}, {kernel_bench.cpu_model()}, threads "
         f"{torch.get_num_threads()}, CPU capability {torch.backends.cpu.get_cpu_capability()}"
     )
+    if args.ppo_step:
+        bench_ppo_step()
+        return
     bench_token_logprobs(n, args.v, args.h, args.temperature)
 
 

@@ -324,7 +324,7 @@ def check_experiment_run(cfg, run, arts, html, evaluated, client):
 
 PPO_RESUMABLE = [
     "experiment=rlhf_ppo_tiny_demo",
-    "data.subset=1",
+    "data.subset=3",
     "trainer.max_epochs=3",
     "trainer.limit_train_batches=3",
     "trainer.limit_val_batches=2",

@@ -180,7 +180,7 @@ class _RlhfData(SplitDataModule):
 
     def _records(self, split: str) -> list[tuple[int, dict[str, Any]]]:
         records = read_jsonl(self.data_dir / SPLITS[split])
-        return records[: int(self.subset) * self.batch_size * 4] if self.subset else records
+        return records[: int(self.subset) * self.batch_size] if self.subset else records
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
