@@ -45,9 +45,27 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kernels as kernel_bench  # noqa: E402  (benchmarks/kernels.py)
+# the script's own folder leaves sys.path: its kernels.py would shadow the PyPI package
+# ``kernels`` that transformers imports (the PPO step's models)
+HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(HERE.parent))  # run from a checkout
+
+
+def _load_kernel_bench():
+    """benchmarks/kernels.py under its own name: on sys.path as ``kernels`` it would shadow the
+    PyPI package ``kernels`` that transformers imports (the PPO step's models)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent / "kernels.py"
+    spec = importlib.util.spec_from_file_location("zoo_benchmarks_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+kernel_bench = _load_kernel_bench()
 
 import zoo.kernels as K  # noqa: E402
 from zoo.kernels.ops.token_logprobs import inputs  # noqa: E402
