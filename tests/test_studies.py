@@ -1,5 +1,6 @@
-"""zoo.studies: the accuracy-vs-density study (sparse_attention) and cross-validation (cv), their
-jobs as real train.py multiruns, and their summaries (tables, figures, a study run in mlflow)."""
+"""zoo.studies: the accuracy-vs-density study (sparse_attention), cross-validation (cv) and RLHF's
+reward–KL frontier (rlhf_frontier), their jobs as real train.py multiruns, and their summaries
+(tables, figures, a study run in mlflow)."""
 
 from __future__ import annotations
 
@@ -374,3 +375,230 @@ def test_a_sweep_among_the_overrides_is_one_study_per_value():
         "+trainer.max_time=null",
     ]
     assert expand(["data.subjects=[1,2]"]) == [("", ["data.subjects=[1,2]"])]
+
+
+# --------------------------------------------------------------------------- RLHF frontier
+
+
+def _frontier_row(coef, seed, score, kl, reward=None, win=0.5, ref=0.1):
+    from zoo.studies.rlhf_frontier import Row
+
+    reward = score - coef * kl if reward is None else reward
+    return Row(coef, seed, score, kl, reward, win, ref, f"r{coef}-{seed}", "finished_sentence")
+
+
+def test_the_frontier_table_pools_seeds_per_kl_coef():
+    from zoo.plotting import close, reward_kl_frontier_figure
+    from zoo.studies.rlhf_frontier import groups, reference_score, table
+
+    rows = [
+        _frontier_row(0.5, 1, 0.20, 1.0),
+        _frontier_row(0.01, 0, 0.60, 8.0, win=0.9),
+        _frontier_row(0.5, 0, 0.30, 2.0),
+        _frontier_row(0.01, 1, 0.40, 6.0, win=0.7),
+        _frontier_row(0.2, 0, 0.35, 3.0, ref=0.3),
+    ]
+    gs = groups(rows)
+    assert [g["kl_coef"] for g in gs] == [0.01, 0.2, 0.5]
+    low = gs[0]["stats"]
+    assert gs[0]["seeds"] == [0, 1] and low["test/score"]["mean"] == pytest.approx(0.5)
+    assert low["test/score"]["sd"] == pytest.approx(np.std([0.6, 0.4], ddof=1))
+    assert low["test/kl"]["mean"] == pytest.approx(7.0)
+    assert low["test/win_rate"]["mean"] == pytest.approx(0.8)
+    assert low["test/rlhf_reward"]["mean"] == pytest.approx(np.mean([0.6 - 0.08, 0.4 - 0.06]))
+    reference = reference_score(rows)
+    assert reference == pytest.approx(0.14)
+    text = table(gs, reference, [(0.2, 1)]).splitlines()
+    assert text[0].startswith("| kl_coef | test/score (mean ± sd) | test/kl (mean ± sd) |")
+    assert text[2].startswith("| 0.01 | 0.5000 ± 0.1414 | 7.0000 ± 1.4142 |")
+    assert text[3] == (
+        "| 0.2 | 0.3500 (one seed) | 3.0000 (one seed) | -0.2500 (one seed) "
+        "| 0.5000 (one seed) | 0 |"
+    )
+    assert "test/reference_score 0.1400" in text[-3]
+    assert text[-1] == "Jobs without a finished run: kl_coef=0.2 seed=1."
+    fig = reward_kl_frontier_figure(rows, reference)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts] == ["kl_coef=0.5", "kl_coef=0.2", "kl_coef=0.01"]
+    assert any(list(line.get_ydata()) == [reference, reference] for line in ax.lines)
+    close(fig)
+
+
+def _fake_frontier_jobs(uri: str, calls: list):
+    """A stand-in for ``train.py -m``: records the overrides and writes the FINISHED runs the
+    jobs would (a stage-1 run; PPO runs whose test metrics follow from kl_coef and seed)."""
+    client = MlflowClient(uri)
+
+    def multirun(overrides, train_script, env, check=True):
+        calls.append(list(overrides))
+        o = dict(x.lstrip("+").split("=", 1) for x in overrides)
+        exp = client.get_experiment_by_name(o["tracking.experiment_name"])
+        exp_id = (
+            exp.experiment_id if exp else client.create_experiment(o["tracking.experiment_name"])
+        )
+        base = {"zoo.kind": "train", "zoo.tag.study": o["tags.study"]}
+        if o["experiment"] == "rlhf_reward_demo":
+            r = client.create_run(exp_id, tags={**base, "zoo.experiment": o["experiment"]})
+            client.set_terminated(r.info.run_id, "FINISHED")
+            return 0
+        for coef in o["model.kl_coef"].split(","):
+            for seed in o["seed"].split(","):
+                r = client.create_run(exp_id, tags={**base, "zoo.experiment": o["experiment"]})
+                run_id, c, s = r.info.run_id, float(coef), int(seed)
+                client.log_param(run_id, "model.kl_coef", coef)
+                client.log_param(run_id, "seed", seed)
+                client.log_param(run_id, "model.reward.from_run", o["model.reward.from_run"])
+                score, kl = 0.5 - c + 0.01 * s, 2.0 - c - 0.1 * s
+                metrics = {
+                    "test/score": score,
+                    "test/kl": kl,
+                    "test/rlhf_reward": score - c * kl,
+                    "test/win_rate": 0.6 + 0.05 * s,
+                    "test/reference_score": 0.2,
+                }
+                for k, v in metrics.items():
+                    client.log_metric(run_id, k, v)
+                client.set_terminated(run_id, "FINISHED")
+        return 0
+
+    return multirun
+
+
+def test_the_frontier_trains_stage_one_once_and_only_the_missing_ppo_jobs(
+    sqlite_uri, tmp_path, monkeypatch, capsys
+):
+    """rlhf_ppo_demo needs a stage-1 reward run: the study trains it once, gives its id to
+    every PPO job (one multirun over kl_coef × seed), summarises; run again with one more
+    seed, it reuses the reward run and trains only that seed's jobs."""
+    from zoo.studies import rlhf_frontier
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_uri)
+    calls: list[list[str]] = []
+    monkeypatch.setattr(rlhf_frontier, "multirun", _fake_frontier_jobs(sqlite_uri, calls))
+    out = tmp_path / "out"
+    argv = ["--kl-coefs", "0.01", "0.2", "--out", str(out), "--", "data.batch_size=4"]
+    assert rlhf_frontier.main(["--seeds", "0", "1", *argv]) == 0
+    reward, ppo = calls
+    assert reward[0] == "experiment=rlhf_reward_demo" and reward[-1] == "data.batch_size=4"
+    client = MlflowClient(sqlite_uri)
+    exp = client.get_experiment_by_name("frontier-rlhf_ppo_demo")
+    (stage1,) = client.search_runs(
+        [exp.experiment_id], "tags.`zoo.experiment` = 'rlhf_reward_demo'"
+    )
+    assert f"model.reward.from_run={stage1.info.run_id}" in ppo
+    assert ppo[-3:] == ["data.batch_size=4", "model.kl_coef=0.01,0.2", "seed=0,1"]
+    summary = json.loads((out / "frontier.json").read_text())
+    assert summary["rewards"] == [f"run {stage1.info.run_id}"]
+    high = next(g for g in summary["kl_coefs"] if g["kl_coef"] == 0.2)["stats"]
+    assert high["test/score"]["mean"] == pytest.approx(0.305)
+    assert high["test/kl"]["sd"] == pytest.approx(np.std([1.8, 1.7], ddof=1))
+
+    calls.clear()
+    capsys.readouterr()
+    assert rlhf_frontier.main(["--seeds", "0", "1", "2", *argv]) == 0
+    (ppo,) = calls  # no stage 1: its FINISHED run is found by the study's tag
+    assert ppo[-2:] == ["model.kl_coef=0.01,0.2", "seed=2"]
+    assert f"model.reward.from_run={stage1.info.run_id}" in ppo
+    printed = capsys.readouterr().out
+    assert f"run {stage1.info.run_id} already finished, used" in printed
+    assert "4 job(s) already finished, skipped" in printed
+    (study,) = client.search_runs([exp.experiment_id], "tags.`zoo.kind` = 'study'")
+    assert study.info.status == "FINISHED" and study.data.tags["zoo.study.runs"] == "6"
+    assert (out / "frontier.md").read_text().strip() in study.data.tags["mlflow.note.content"]
+    assert study.data.metrics["kl_coef_0.01/score_mean"] == pytest.approx(0.5)  # seeds 0-2
+    assert {"study/frontier.md", "study/frontier.json", "study/frontier.png"} <= artifacts(
+        client, study.info.run_id
+    )
+    # a seed whose jobs are missing, as after a killed job: exit 1, the table names them
+    calls.clear()
+    monkeypatch.setattr(rlhf_frontier, "multirun", lambda *a, **k: calls.append(a) or 1)
+    assert rlhf_frontier.main(["--seeds", "0", "3", *argv]) == 1
+    assert "kl_coef=0.01 seed=3, kl_coef=0.2 seed=3" in (out / "frontier.md").read_text()
+    assert "2 job(s) without a finished run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ppo-experiment", "nope"], "--ppo-experiment nope: there is no such experiment"),
+        (["--ppo-experiment", "rlhf_reward_demo"], "its model is zoo.models.rlhf.RewardModel"),
+        (["--kl-coefs"], "--kl-coefs: no KL coefficient given"),
+        (["--kl-coefs", "0.1", "-0.5"], "--kl-coefs -0.5: a KL coefficient weighs the penalty"),
+        (["--seeds"], "--seeds: no seed given"),
+        (["--", "model.kl_coef=0.3"], "the study sets model.kl_coef for every job; choose it"),
+        (["--", "model.nope=1"], "do not compose with experiment=rlhf_ppo_demo"),
+    ],
+)
+def test_the_frontier_refuses_bad_input_in_one_paragraph(argv, message, capsys, monkeypatch):
+    from zoo.studies import rlhf_frontier
+
+    monkeypatch.setattr(rlhf_frontier, "multirun", lambda *a, **k: pytest.fail("ran a job"))
+    assert rlhf_frontier.main(["--collect-only", *argv]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _frontier(tmp_path, uri: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "zoo.studies.rlhf_frontier", *args],
+        cwd=tmp_path,
+        env=cli_env({"MLFLOW_TRACKING_URI": uri}),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+@pytest.mark.e2e
+def test_the_frontier_study_runs_ppo_per_kl_coef_and_seed_and_summarises(
+    sqlite_uri, tmp_path, data_dir
+):
+    """Four real PPO jobs of the tiny demo (2 kl_coefs × 2 seeds, debug=fast, programmatic
+    reward: no stage 1) as one train.py multirun, then the summary run; a rerun trains none."""
+    uri, out = sqlite_uri, tmp_path / "summary"
+    study = (
+        *("--ppo-experiment", "rlhf_ppo_tiny_demo", "--kl-coefs", "0.01", "0.5"),
+        *("--seeds", "0", "1", "--out", str(out), "--", "debug=fast", "tracking.log_model=false"),
+    )
+    proc = _frontier(tmp_path, uri, *study)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("train.py -m") == 1  # one multirun for the whole grid
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("frontier-rlhf_ppo_tiny_demo")
+    tagged = "tags.`zoo.tag.study` = 'frontier-rlhf_ppo_tiny_demo'"
+    runs = client.search_runs([exp.experiment_id], f"{tagged} and tags.`zoo.kind` = 'train'")
+    grid = {(float(r.data.params["model.kl_coef"]), int(r.data.params["seed"])) for r in runs}
+    assert len(runs) == 4 and grid == {(0.01, 0), (0.01, 1), (0.5, 0), (0.5, 1)}
+    for r in runs:
+        m, coef = r.data.metrics, float(r.data.params["model.kl_coef"])
+        assert r.info.status == "FINISHED" and r.data.tags["zoo.experiment"] == "rlhf_ppo_tiny_demo"
+        assert r.data.params["model.reward.callable"] == "zoo.models.rlhf.finished_sentence"
+        assert m["test/kl"] >= 0  # the sweep's kl_coef is the one the job's penalty used
+        assert m["test/rlhf_reward"] == pytest.approx(m["test/score"] - coef * m["test/kl"])
+    (summary,) = client.search_runs([exp.experiment_id], f"{tagged} and tags.`zoo.kind` = 'study'")
+    assert summary.info.status == "FINISHED"
+    text = (out / "frontier.md").read_text()
+    assert text.strip() in summary.data.tags["mlflow.note.content"]
+    assert {"study/frontier.md", "study/frontier.json", "study/frontier.png"} <= artifacts(
+        client, summary.info.run_id
+    )
+    table = json.loads((out / "frontier.json").read_text())
+    assert [g["kl_coef"] for g in table["kl_coefs"]] == [0.01, 0.5]
+    for g in table["kl_coefs"]:
+        mine = [r for r in runs if float(r.data.params["model.kl_coef"]) == g["kl_coef"]]
+        assert sorted(g["run_ids"]) == sorted(r.info.run_id for r in mine)
+        for metric in ("test/score", "test/kl", "test/rlhf_reward", "test/win_rate"):
+            values = np.array([r.data.metrics[metric] for r in mine])
+            assert g["stats"][metric]["mean"] == pytest.approx(values.mean(), abs=1e-12)
+            assert g["stats"][metric]["sd"] == pytest.approx(values.std(ddof=1), abs=1e-12)
+            key = f"kl_coef_{g['kl_coef']:g}/{metric[5:]}_mean"
+            assert summary.data.metrics[key] == pytest.approx(values.mean(), abs=1e-12)
+    reference = [r.data.metrics["test/reference_score"] for r in runs]
+    assert table["reference_score"] == pytest.approx(np.mean(reference))
+
+    # the same command again: every job has a FINISHED run, so nothing is trained twice
+    again = _frontier(tmp_path, uri, *study)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "train.py" not in again.stdout and "4 job(s) already finished" in again.stdout
+    assert (out / "frontier.md").read_text() == text
+    assert len(client.search_runs([exp.experiment_id], "")) == 5  # 4 jobs, 1 summary, updated

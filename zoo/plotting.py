@@ -178,6 +178,54 @@ def density_accuracy_figure(rows, chance: float = 0.5, x: str = "density"):
     return fig
 
 
+def reward_kl_frontier_figure(rows, reference: float | None = None):
+    """RLHF's reward–KL frontier: the mean test score (y) against the mean KL to the reference
+    (x) of each KL coefficient, ± one sd over seeds both ways, labelled by the coefficient and
+    joined in order of KL; every run a faint dot; the reference policy's score as a dashed
+    line. ``rows`` have ``kl_coef``, ``kl``, ``score`` (zoo.studies.rlhf_frontier.Row)."""
+    fig, ax = plt.subplots(figsize=(7.0, 4.6), dpi=100)
+    pooled: dict[float, list] = {}
+    for r in rows:
+        pooled.setdefault(r.kl_coef, []).append(r)
+    ax.scatter([r.kl for r in rows], [r.score for r in rows], s=14, color="tab:blue", alpha=0.3)
+    points = []
+    for coef in sorted(pooled):
+        kls, scores = [r.kl for r in pooled[coef]], [r.score for r in pooled[coef]]
+        points.append((float(np.mean(kls)), float(np.mean(scores)), coef))
+        ax.errorbar(
+            points[-1][0],
+            points[-1][1],
+            xerr=_sd(kls),
+            yerr=_sd(scores),
+            color="tab:blue",
+            marker="o",
+            capsize=3,
+        )
+    points.sort()
+    for i, (x, y, coef) in enumerate(points):  # neighbours' labels above and below, alternately
+        ax.annotate(
+            f"kl_coef={coef:g}",
+            (x, y),
+            fontsize=8,
+            xytext=(5, 6 if i % 2 == 0 else -13),
+            textcoords="offset points",
+        )
+    ax.plot([p[0] for p in points], [p[1] for p in points], color="tab:blue", lw=1, alpha=0.6)
+    ax.errorbar([], [], color="tab:blue", marker="o", capsize=3, label="mean over seeds ± sd")
+    ax.scatter([], [], s=14, color="tab:blue", alpha=0.3, label="one run")
+    if reference is not None and np.isfinite(reference):
+        ax.axhline(reference, color="0.4", lw=1, ls="--", label="reference (initial policy)")
+    ax.margins(x=0.12)  # room for the labels of the outermost points
+    ax.set_xlabel("test KL to the reference (summed over the completion)")
+    ax.set_ylabel("test score (mean reward, greedy completions)")
+    ax.set_title("Reward–KL frontier over PPO's KL coefficient")
+    ax.title.set_fontsize(10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
 def _sd(values) -> float:
     """The sample standard deviation (0 for a single value)."""
     return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
