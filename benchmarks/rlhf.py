@@ -292,7 +292,7 @@ def zoo_ppo_step(steps: int = 2) -> dict[str, float]:
         policy = PPOPolicy(
             "smollm2",
             arch,
-            optimizer=lambda params: torch.optim.AdamW(params, lr=3e-6, eps=1e-5),
+            optimizer=lambda params: torch.optim.AdamW(params, lr=3e-6, eps=1e-5, fused=True),
             reward={"file": str(reward_file)},
             response_length=PPO_NEW_TOKENS,
             missing_eos_penalty=1.0,
