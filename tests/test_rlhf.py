@@ -337,10 +337,10 @@ PPO_RESUMABLE = [
 
 @pytest.mark.faults
 def test_kill_9_mid_ppo_then_resume_continues_the_same_run_exactly(sqlite_uri, tmp_path):
-    """kill -9 in epoch 2 (after epoch 1's checkpoint, two PPO steps into epoch 2); resumed
-    from last.ckpt, the job continues the same mlflow run and every PPO statistic, held-out
-    score and test metric equals the uninterrupted job's: the sampling and minibatch-order
-    generators, the PPO step count and the optimizer travel in the checkpoint."""
+    """kill -9 in epoch 2, two PPO steps into it; resumed from last.ckpt, the job continues the
+    same mlflow run and every PPO statistic, held-out score and test metric equals the
+    uninterrupted job's: the sampling and minibatch-order generators, the PPO step count and
+    the optimizer travel in the checkpoint."""
     from tests.conftest import start_cli
     from tests.test_faults import (
         _held_at,
@@ -366,7 +366,9 @@ def test_kill_9_mid_ppo_then_resume_continues_the_same_run_exactly(sqlite_uri, t
     first.communicate()
     last = tmp_path / "first" / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=True)
-    assert state["epoch"] == 1 and state["ppo"]["ppo_step"] == 6
+    # Lightning 2.6 rewrites last.ckpt only in an epoch whose monitored score improved, so the
+    # checkpoint may be older than epoch 1's end: the resume must be exact from wherever it is
+    assert state["ppo"]["ppo_step"] == 3 * (state["epoch"] + 1)
     assert {"sample", "order"} <= set(state["ppo"]["rng"])
     _resume_then_finish(args, last, whole, tmp_path, env)
     client, a, b = _whole_and_resumed_runs(sqlite_uri, tmp_path)

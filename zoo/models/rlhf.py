@@ -566,11 +566,9 @@ class PPOPolicy(ZooModule):
         return out[:, ids.shape[1] :]
 
     def _lengths(self, responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        stop = self._stop_id() if self.hp["stop_token"] == "eos" else None
-        post, lengths = ppo.truncate_after_stop(
-            responses, stop if stop is not None else self._stop_id(), self.tokenizer().pad_token_id
-        )
-        return post, lengths
+        """Responses padded after their EOS, and their lengths (EOS included). Generation
+        already ends a row at EOS, so TRL's ``stop_token`` eos and null end it alike here."""
+        return ppo.truncate_after_stop(responses, self._stop_id(), self.tokenizer().pad_token_id)
 
     def _full(self, ids, mask, responses, lengths):
         t = responses.shape[1]
