@@ -551,7 +551,7 @@ class PPOPolicy(ZooModule):
         if sample:
             kwargs |= {
                 "do_sample": True,
-                "temperature": self.hp["temperature"] + 1e-7,
+                "temperature": self.temp,
                 "top_k": 0,
                 "top_p": 1.0,
             }
@@ -575,11 +575,15 @@ class PPOPolicy(ZooModule):
         rmask = (torch.arange(t, device=responses.device)[None] < lengths[:, None]).long()
         return torch.cat([ids, responses], 1), torch.cat([mask, rmask], 1)
 
-    def logprobs(
-        self, lm: nn.Module, full_ids, full_mask, context: int, responses, entropy: bool = False
-    ):
-        """Per-token log-probs [B, T] of ``responses`` under ``lm`` at the temperature (and the
-        entropies), from the hidden states through ``zoo.kernels.token_logprobs``."""
+    @property
+    def temp(self) -> float:
+        """The sampling temperature as TRL divides logits by it (+1e-7)."""
+        return self.hp["temperature"] + 1e-7
+
+    @staticmethod
+    def response_hidden(lm: nn.Module, full_ids, full_mask, context: int):
+        """The backbone's last hidden states at the positions that predict the response tokens,
+        flattened to [B * T, H], and (B, T)."""
         out = backbone(lm)(
             input_ids=full_ids,
             attention_mask=full_mask,
@@ -588,12 +592,16 @@ class PPOPolicy(ZooModule):
         )
         hidden = out.last_hidden_state[:, context - 1 : -1]
         b, t, h = hidden.shape
+        return hidden.reshape(b * t, h), (b, t)
+
+    def logprobs(
+        self, lm: nn.Module, full_ids, full_mask, context: int, responses, entropy: bool = False
+    ):
+        """Per-token log-probs [B, T] of ``responses`` under ``lm`` at the temperature (and the
+        entropies), from the hidden states through ``zoo.kernels.token_logprobs``."""
+        hidden, (b, t) = self.response_hidden(lm, full_ids, full_mask, context)
         res = token_logprobs(
-            hidden.reshape(b * t, h),
-            lm.get_output_embeddings().weight,
-            responses.reshape(-1),
-            self.hp["temperature"] + 1e-7,
-            entropy,
+            hidden, lm.get_output_embeddings().weight, responses.reshape(-1), self.temp, entropy
         )
         if entropy:
             return res[0].view(b, t), res[1].view(b, t)
@@ -605,23 +613,16 @@ class PPOPolicy(ZooModule):
         next-token distributions (at the temperature) over the whole vocabulary, summed over
         the completion's tokens; computed ``chunk`` positions at a time. Unlike the sampled
         estimate TRL logs (``objective/kl``), it is never negative, also on greedy text."""
-        flat = []
-        for lm in (self.policy, self.reference()):
-            out = backbone(lm)(
-                input_ids=full_ids,
-                attention_mask=full_mask,
-                position_ids=positions(full_mask),
-                use_cache=False,
-            )
-            h = out.last_hidden_state[:, context - 1 : -1]
-            b, t, width = h.shape
-            flat.append((h.reshape(b * t, width), lm.get_output_embeddings().weight))
-        temp = self.hp["temperature"] + 1e-7
+        (hp_, (b, t)), (hq, _) = (
+            self.response_hidden(lm, full_ids, full_mask, context)
+            for lm in (self.policy, self.reference())
+        )
+        wp = self.policy.get_output_embeddings().weight
+        wq = self.reference().get_output_embeddings().weight
         kl = torch.zeros(b * t, device=full_ids.device)
-        (hp_, wp), (hq, wq) = flat
         for s in range(0, b * t, chunk):
-            logp = torch.log_softmax((hp_[s : s + chunk] @ wp.T).float() / temp, -1)
-            logq = torch.log_softmax((hq[s : s + chunk] @ wq.T).float() / temp, -1)
+            logp = torch.log_softmax((hp_[s : s + chunk] @ wp.T).float() / self.temp, -1)
+            logq = torch.log_softmax((hq[s : s + chunk] @ wq.T).float() / self.temp, -1)
             kl[s : s + chunk] = (logp.exp() * (logp - logq)).sum(-1)
         return kl.view(b, t).masked_fill(masks.padding, 0).sum(1)
 
